@@ -1,0 +1,50 @@
+"""Every error flowd raises on purpose; each builds a sentence a person understands."""
+
+from __future__ import annotations
+
+
+class FlowdError(Exception):
+    """Base of flowd's own errors; ``str(err)`` is the one-line message shown to people."""
+
+
+class ConfigError(FlowdError):
+    """The configuration file or one of its keys is wrong."""
+
+    def __init__(self, message: str, *, key: str | None = None, path: str | None = None):
+        where = []
+        if key:
+            where.append(f"key '{key}'")
+        if path:
+            where.append(f"in {path}")
+        prefix = f"config error ({' '.join(where)}): " if where else "config error: "
+        super().__init__(prefix + message)
+        self.key = key
+        self.path = path
+
+
+class InputError(FlowdError):
+    """Something a user or a device sent is not acceptable (bad routine, bad payload...)."""
+
+
+class NotFoundError(InputError):
+    """A named thing (task, routine, flow, script) does not exist."""
+
+    def __init__(self, kind: str, name: object, hint: str = ""):
+        message = f"{kind} '{name}' does not exist"
+        if hint:
+            message += f"; {hint}"
+        super().__init__(message)
+        self.kind = kind
+        self.name = name
+
+
+class StoreUnavailable(FlowdError):
+    """The database or the queue cannot be reached (missing, locked, unreadable)."""
+
+
+class TaskScriptError(FlowdError):
+    """A task script cannot be found, imported, or is not a Task."""
+
+
+class StepError(FlowdError):
+    """A step produced something flowd cannot pass on (e.g. a value that is not JSON)."""

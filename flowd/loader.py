@@ -1,0 +1,166 @@
+"""Finds task scripts (``task_<module>.py``) in the configured task folders and loads them.
+
+A reference is ``"<module>.<Class>"`` and nothing else: no dotted paths to arbitrary
+modules, no ``..``, only files named ``task_*.py`` directly inside a task folder, and
+only classes deriving :class:`flowd.task.Task`. A file is re-imported when it changes
+on disk, so a new or edited script is picked up without a restart.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Iterable
+
+from flowd.errors import TaskScriptError
+from flowd.task import Task
+
+_REFERENCE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)$")
+_MODULE_PREFIX = "flowd_tasks."
+
+
+@dataclass(frozen=True)
+class ScriptInfo:
+    """One Task class found in a task folder, without running the file."""
+
+    reference: str
+    path: str
+    doc: str
+
+
+def parse_reference(reference: str) -> tuple[str, str]:
+    """Split ``"module.Class"``; raises TaskScriptError for anything else."""
+    match = _REFERENCE.match(reference or "")
+    if not match:
+        raise TaskScriptError(
+            f"'{reference}' is not a task script reference; write it as module.Class, e.g. "
+            "'example.VeryLong' for class VeryLong in task_example.py")
+    return match.group(1), match.group(2)
+
+
+def find_script_file(module: str, task_paths: Iterable[str]) -> Path:
+    """The first ``task_<module>.py`` in the task folders."""
+    paths = list(task_paths)
+    for folder in paths:
+        candidate = Path(folder) / f"task_{module}.py"
+        if candidate.is_file():
+            return candidate
+    raise TaskScriptError(f"no file task_{module}.py in the task folders ({', '.join(paths) or 'none configured'})")
+
+
+class ScriptLoader:
+    """Loads Task classes by reference, re-importing a file when it changes on disk."""
+
+    def __init__(self, task_paths: Iterable[str]):
+        self.task_paths = tuple(task_paths)
+        self._modules: dict[Path, tuple[tuple[int, int], ModuleType]] = {}
+
+    def load(self, reference: str) -> type[Task]:
+        """The Task subclass behind ``reference``; raises TaskScriptError naming file and line."""
+        module_name, class_name = parse_reference(reference)
+        path = find_script_file(module_name, self.task_paths)
+        module = self._import(path, module_name)
+        cls = getattr(module, class_name, None)
+        if cls is None:
+            raise TaskScriptError(f"{path} has no class {class_name} (reference '{reference}')")
+        if not (isinstance(cls, type) and issubclass(cls, Task)) or cls is Task:
+            raise TaskScriptError(f"{path}: {class_name} is not a subclass of flowd.task.Task "
+                                  f"(reference '{reference}')")
+        return cls
+
+    def _import(self, path: Path, module_name: str) -> ModuleType:
+        stat = path.stat()
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        cached = self._modules.get(path)
+        if cached and cached[0] == stamp:
+            return cached[1]
+        qualified = _MODULE_PREFIX + module_name
+        spec = importlib.util.spec_from_file_location(qualified, path)
+        if spec is None or spec.loader is None:
+            raise TaskScriptError(f"{path} cannot be loaded as a Python file")
+        module = importlib.util.module_from_spec(spec)
+        try:
+            source = path.read_bytes()
+            code = compile(source, str(path), "exec", dont_inherit=True)
+            sys.modules[qualified] = module
+            exec(code, module.__dict__)  # noqa: S102 - task scripts are code the operator installed
+        except SyntaxError as exc:
+            sys.modules.pop(qualified, None)
+            raise TaskScriptError(f"{path}, line {exc.lineno}: syntax error: {exc.msg}") from exc
+        except Exception as exc:
+            sys.modules.pop(qualified, None)
+            line = _innermost_line(exc, str(path))
+            raise TaskScriptError(f"{path}{f', line {line}' if line else ''}: importing the script raised "
+                                  f"{type(exc).__name__}: {exc}") from exc
+        self._modules[path] = (stamp, module)
+        return module
+
+
+def _innermost_line(exc: BaseException, filename: str) -> int | None:
+    tb = exc.__traceback__
+    line = None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == filename:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+def list_scripts(task_paths: Iterable[str]) -> list[ScriptInfo]:
+    """Every Task class in the task folders, found by reading (not running) the files."""
+    found: list[ScriptInfo] = []
+    seen: set[str] = set()
+    for folder in task_paths:
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError:
+            continue
+        for name in names:
+            if not (name.startswith("task_") and name.endswith(".py")):
+                continue
+            module = name[len("task_"):-3]
+            path = Path(folder) / name
+            for class_name, doc in _task_classes(path):
+                reference = f"{module}.{class_name}"
+                if reference not in seen:
+                    seen.add(reference)
+                    found.append(ScriptInfo(reference, str(path), doc))
+    return found
+
+
+def check_reference(reference: str, task_paths: Iterable[str]) -> Path:
+    """Check, without running it, that ``reference`` names a Task class in a script file."""
+    module, class_name = parse_reference(reference)
+    path = find_script_file(module, task_paths)
+    classes = {name for name, _ in _task_classes(path)}
+    if class_name not in classes:
+        available = ", ".join(sorted(f"{module}.{c}" for c in classes)) or "none"
+        raise TaskScriptError(f"{path} has no Task class {class_name}; it defines: {available}")
+    return path
+
+
+def _task_classes(path: Path) -> list[tuple[str, str]]:
+    """Classes in ``path`` that derive from Task (directly or from another Task class there)."""
+    try:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+    except SyntaxError as exc:
+        raise TaskScriptError(f"{path}, line {exc.lineno}: syntax error: {exc.msg}") from exc
+    except OSError as exc:
+        raise TaskScriptError(f"{path} cannot be read: {exc.strerror}") from exc
+    task_names = {"Task"}
+    result: list[tuple[str, str]] = []
+    for node in tree.body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        bases = {b.attr if isinstance(b, ast.Attribute) else getattr(b, "id", None) for b in node.bases}
+        if bases & task_names:
+            task_names.add(node.name)
+            doc = (ast.get_docstring(node) or "").strip().splitlines()
+            result.append((node.name, doc[0] if doc else ""))
+    return result

@@ -1,0 +1,341 @@
+"""Peewee models and the database seam (SQLite by default, PostgreSQL by URL).
+
+flowd's own tables are the source of truth for every flow: the huey queue only says
+"look at flow N". Every process (daemon, workers, flowctl, scripts using ``flowd.api``)
+calls :func:`init_database` once and then uses these models.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import sqlite3
+from enum import Enum
+from pathlib import Path
+from typing import Any, Iterator
+from contextlib import contextmanager
+
+import peewee
+from peewee import (
+    AutoField,
+    BooleanField,
+    CharField,
+    DatabaseProxy,
+    DateTimeField,
+    FloatField,
+    ForeignKeyField,
+    IntegerField,
+    Model,
+    TextField,
+)
+
+from flowd.config import DatabaseSection
+from flowd.errors import StoreUnavailable
+
+database = DatabaseProxy()
+BUSY_TIMEOUT_S = 15
+
+
+class FlowState(str, Enum):
+    """States of a flow (SPEC 1)."""
+
+    INIT = "INIT"
+    RUNNING = "RUNNING"
+    WAITING = "WAITING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+class StepState(str, Enum):
+    """States of one attempt of one step (a TaskResult)."""
+
+    RUNNING = "RUNNING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+ENDED_STATES = (FlowState.DONE.value, FlowState.FAILED.value, FlowState.CANCELLED.value)
+ACTIVE_STATES = (FlowState.INIT.value, FlowState.RUNNING.value, FlowState.WAITING.value)
+MODES = ("parallel", "queued", "single", "restart")
+TRIGGERS = ("mqtt", "schedule", "cli", "api", "flow")
+
+
+def utcnow() -> dt.datetime:
+    """Naive UTC now: every timestamp in the database is naive UTC."""
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def isoformat(value: dt.datetime | None) -> str | None:
+    """ISO 8601 UTC with a ``Z``, as published on MQTT."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON, the one encoding used in the database and on MQTT."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+class JSONField(TextField):
+    """JSON stored as text; works on SQLite and PostgreSQL alike."""
+
+    def db_value(self, value: Any) -> str | None:
+        return None if value is None else dumps(value)
+
+    def python_value(self, value: Any) -> Any:
+        return None if value is None else json.loads(value)
+
+
+class BaseModel(Model):
+    class Meta:
+        database = database
+        legacy_table_names = False
+
+
+class Task(BaseModel):
+    """A named, stored use of a task script with its defaults."""
+
+    id = AutoField()
+    name = CharField(unique=True)
+    script = CharField()
+    options = JSONField(default=dict)
+    retries = IntegerField(default=0)
+    retry_delay = FloatField(default=1.0)
+    retry_backoff_max = FloatField(default=300.0)
+    timeout = FloatField(null=True)
+    created_at = DateTimeField(default=utcnow)
+    updated_at = DateTimeField(default=utcnow)
+
+
+class Routine(BaseModel):
+    """A named ordered list of Tasks, with its schedule and concurrency rules."""
+
+    id = AutoField()
+    name = CharField(unique=True)
+    schedule = CharField(null=True)
+    timezone = CharField(null=True)
+    jitter = FloatField(null=True)
+    mqtt = BooleanField(default=True)
+    mode = CharField(default="parallel")
+    max = IntegerField(default=10)
+    timeout = FloatField(null=True)
+    enabled = BooleanField(default=True)
+    last_scheduled_run = DateTimeField(null=True)
+    created_at = DateTimeField(default=utcnow)
+    updated_at = DateTimeField(default=utcnow)
+
+    def task_names(self) -> list[str]:
+        """The routine's steps, in order, as task names."""
+        query = (RoutineStep.select(RoutineStep.position, Task.name).join(Task)
+                 .where(RoutineStep.routine == self).order_by(RoutineStep.position))
+        return [row.task.name for row in query]
+
+
+class RoutineStep(BaseModel):
+    """Position ``position`` of a routine runs ``task`` (a task may appear twice)."""
+
+    id = AutoField()
+    routine = ForeignKeyField(Routine, backref="steps", on_delete="CASCADE")
+    position = IntegerField()
+    task = ForeignKeyField(Task, backref="uses", on_delete="RESTRICT")
+
+    class Meta:
+        indexes = ((("routine", "position"), True),)
+
+
+class Flow(BaseModel):
+    """One execution of a routine.
+
+    ``steps`` freezes the routine's task names at submit, so editing a routine never
+    changes a flow under way. ``dispatch_token`` is bumped every time the flow is put
+    in the queue; a worker only runs a queue message whose token still matches, so a
+    message duplicated by recovery runs nothing twice.
+    """
+
+    id = AutoField()
+    uid = CharField(unique=True)
+    routine = CharField(index=True)
+    steps = JSONField()
+    state = CharField(default=FlowState.INIT.value, index=True)
+    position = IntegerField(default=0)
+    args = JSONField(default=list)
+    kwargs = JSONField(default=dict)
+    request_id = CharField(null=True, unique=True)
+    trigger = CharField(default="api")
+    reply_to = CharField(null=True)
+    correlation_data = TextField(null=True)
+    admitted = BooleanField(default=False)
+    dispatch_token = IntegerField(default=0)
+    worker_pid = IntegerField(null=True)
+    step_attempt = IntegerField(default=0)
+    interruptions = IntegerField(default=0)
+    next_attempt_at = DateTimeField(null=True)
+    deadline = DateTimeField(null=True)
+    result = JSONField(null=True)
+    error = TextField(null=True)
+    created_at = DateTimeField(default=utcnow)
+    started_at = DateTimeField(null=True)
+    finished_at = DateTimeField(null=True)
+    updated_at = DateTimeField(default=utcnow)
+    # Added in schema v2 (waits and sub-flows, SPEC 2.1).
+    parent = ForeignKeyField("self", null=True, backref="children", on_delete="SET NULL")
+    depth = IntegerField(default=0)
+    wait_topic = CharField(null=True)
+    wait_match = JSONField(null=True)
+    wait_until = DateTimeField(null=True)
+
+    class Meta:
+        indexes = ((("routine", "state"), False),)
+
+    @property
+    def is_ended(self) -> bool:
+        return self.state in ENDED_STATES
+
+
+class TaskResult(BaseModel):
+    """One attempt of one step of a flow."""
+
+    id = AutoField()
+    flow = ForeignKeyField(Flow, backref="task_results", on_delete="CASCADE")
+    position = IntegerField()
+    task = CharField()
+    attempt = IntegerField()
+    state = CharField(default=StepState.RUNNING.value)
+    input = JSONField(null=True)
+    output = JSONField(null=True)
+    error = TextField(null=True)
+    worker_pid = IntegerField(null=True)
+    started_at = DateTimeField(default=utcnow)
+    finished_at = DateTimeField(null=True)
+
+    class Meta:
+        indexes = ((("flow", "position", "attempt"), True),)
+
+
+class Outbox(BaseModel):
+    """A message waiting for the broker's PUBACK; deleted only once acknowledged."""
+
+    id = AutoField()
+    topic = CharField()
+    payload = TextField()
+    qos = IntegerField(default=1)
+    retain = BooleanField(default=False)
+    correlation_data = TextField(null=True)
+    created_at = DateTimeField(default=utcnow)
+
+
+class NodeStatus(BaseModel):
+    """What the daemon says about itself, for ``flowctl status``."""
+
+    node_id = CharField(primary_key=True)
+    pid = IntegerField()
+    version = CharField()
+    started_at = DateTimeField()
+    heartbeat_at = DateTimeField()
+    broker_connected = BooleanField(default=False)
+    stopped_at = DateTimeField(null=True)
+
+
+class Meta(BaseModel):
+    """Small key/value facts: schema version, definitions version, counters."""
+
+    key = CharField(primary_key=True)
+    value = TextField()
+
+
+ALL_MODELS: list[type[Model]] = [Task, Routine, RoutineStep, Flow, TaskResult, Outbox, NodeStatus, Meta]
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a ``sqlite:///path`` URL, or None for another backend."""
+    if url.startswith("sqlite:///"):
+        return Path(url[len("sqlite:///"):])
+    return None
+
+
+def init_database(section: DatabaseSection, *, create: bool = True) -> peewee.Database:
+    """Open the database for this process and bring its schema up to date.
+
+    ``create=False`` refuses to create a missing SQLite file (flowctl reading a
+    database that is not there yet). Raises StoreUnavailable when it cannot be used.
+    """
+    path = sqlite_path(section.url)
+    if path is not None:
+        if not create and not path.exists():
+            raise StoreUnavailable(f"the database {path} does not exist yet; start flowd once or check "
+                                   "[database] url / [flowd] state_dir")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot create the state folder {path.parent}: {exc.strerror}") from None
+        db: peewee.Database = peewee.SqliteDatabase(
+            str(path),
+            timeout=BUSY_TIMEOUT_S,
+            pragmas={
+                "journal_mode": "wal",
+                "synchronous": section.synchronous,
+                "foreign_keys": 1,
+                "auto_vacuum": "incremental",
+                "busy_timeout": BUSY_TIMEOUT_S * 1000,
+            },
+        )
+    else:
+        from playhouse.db_url import connect
+
+        db = connect(section.url)
+    database.initialize(db)
+    try:
+        old_umask = os.umask(0o077)
+        try:
+            db.connect(reuse_if_open=True)
+        finally:
+            os.umask(old_umask)
+        from flowd.migrations import upgrade_schema
+
+        upgrade_schema(db)
+    except (peewee.OperationalError, sqlite3.OperationalError, peewee.InterfaceError) as exc:
+        raise StoreUnavailable(f"the database {path or section.url} cannot be used: {exc}") from exc
+    return db
+
+
+def reconnect_after_fork() -> None:
+    """Forked processes must open their own connection (SQLite handles are per process)."""
+    db = database.obj
+    if db is not None:
+        db._state.reset()  # drop the parent's handle without closing it under the parent
+
+
+@contextmanager
+def write_transaction() -> Iterator[None]:
+    """A short IMMEDIATE transaction: takes the write lock first, so read-then-write
+    under contention never fails with "database is locked"."""
+    db = database.obj
+    if isinstance(db, peewee.SqliteDatabase):
+        with db.atomic(lock_type="IMMEDIATE"):
+            yield
+    else:
+        with db.atomic():
+            yield
+
+
+def get_meta(key: str, default: str | None = None) -> str | None:
+    row = Meta.get_or_none(Meta.key == key)
+    return row.value if row else default
+
+
+def set_meta(key: str, value: str) -> None:
+    Meta.insert(key=key, value=value).on_conflict(conflict_target=[Meta.key], update={Meta.value: value}).execute()
+
+
+def bump_definitions_version() -> None:
+    """Tell a running daemon that tasks or routines changed (it rebuilds schedules)."""
+    current = int(get_meta("definitions_version", "0") or 0)
+    set_meta("definitions_version", str(current + 1))
+
+
+def definitions_version() -> int:
+    return int(get_meta("definitions_version", "0") or 0)
