@@ -1,0 +1,884 @@
+"""flowctl: the command line of flowd (SPEC 6).
+
+Parses a command, calls the catalog, the engine or the models, prints for people (or
+JSON with ``--json``) and turns flowd's errors into exit codes. It works whether or
+not the daemon runs: a submitted flow waits in the queue until workers take it.
+
+Start-up time matters on a Pi, so nothing heavy is imported before a command needs
+it: ``--help`` loads argparse only, read-only commands load peewee but never huey,
+paho or APScheduler.
+
+Exit codes:
+  0    success
+  1    the flow ended FAILED or CANCELLED (``submit --wait``)
+  2    bad usage or bad input (one line on stderr)
+  3    the database or the queue cannot be used (one line on stderr)
+  124  ``submit --wait --timeout S``: S passed before the flow ended (it goes on)
+  130  Ctrl-C during ``submit --wait`` (stops waiting; the flow goes on)
+
+With ``--json`` every command prints JSON on stdout; an error is still one line on
+stderr, and also ``{"error": "...", "exit_code": N}`` on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import sqlite3
+import sys
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from flowd.errors import ConfigError, InputError, StoreUnavailable, TaskScriptError
+
+if TYPE_CHECKING:
+    from flowd.config import Config
+    from flowd.engine import Engine
+    from flowd.models import Flow, Routine, Task, TaskResult
+
+EXIT_OK, EXIT_FLOW_FAILED, EXIT_USAGE, EXIT_STORE = 0, 1, 2, 3
+EXIT_WAIT_TIMEOUT, EXIT_INTERRUPTED = 124, 130
+HEARTBEAT_STALE_S = 90.0
+POLL_INTERVAL_S = 0.15
+STATES = ("INIT", "RUNNING", "WAITING", "DONE", "FAILED", "CANCELLED")
+
+
+class UsageError(InputError):
+    """The command line itself is wrong (argparse's complaints end up here)."""
+
+
+# --------------------------------------------------------------------------- parsing helpers
+def parse_value(text: str) -> Any:
+    """A ``k=v`` value or a positional argument: JSON when it parses, else the string.
+
+    NaN and Infinity stay strings: they cannot travel as JSON.
+    """
+    def refuse(constant: str) -> Any:
+        raise ValueError(constant)
+
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except ValueError:
+        return text
+
+
+def parse_pairs(pairs: Sequence[str] | None, option: str) -> dict[str, Any]:
+    """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}``; raises UsageError for a pair without '='."""
+    result: dict[str, Any] = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"{option} {pair!r} is not key=value; write it like {option} city=Oslo "
+                             f"or {option} 'limits={{\"max\": 3}}'")
+        result[key.strip()] = parse_value(value)
+    return result
+
+
+def _duration(text: str) -> float:
+    from flowd.config import parse_duration
+
+    try:
+        return parse_duration(parse_value(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, not {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = _count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _flow_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a flow id is a whole number (see 'flowctl flows'), not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a flow id is a positive number, not {value}")
+    return value
+
+
+def _state(text: str) -> str:
+    if text.upper() not in STATES:
+        raise argparse.ArgumentTypeError(f"unknown state {text!r}; states are {', '.join(STATES)}")
+    return text.upper()
+
+
+# --------------------------------------------------------------------------- formatting helpers
+def iso(value: dt.datetime | None) -> str | None:
+    from flowd.models import isoformat
+
+    return isoformat(value)
+
+
+def local_time(value: dt.datetime | None) -> str:
+    """A naive-UTC database time shown in the machine's time zone, to the second."""
+    if value is None:
+        return "-"
+    return value.replace(tzinfo=dt.UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def human_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours}h{minutes:02d}m"
+    return f"{hours // 24}d{hours % 24}h"
+
+
+def span(start: dt.datetime | None, end: dt.datetime | None, now: dt.datetime | None = None) -> float | None:
+    if start is None:
+        return None
+    from flowd.models import utcnow
+
+    return max(((end or now or utcnow()) - start).total_seconds(), 0.0)
+
+
+def shorten(text: str, width: int) -> str:
+    """One line of at most ``width`` characters, cut with an ellipsis."""
+    text = " ".join(text.split()) if "\n" in text else text
+    return text if len(text) <= width else text[:max(width - 1, 0)] + "…"
+
+
+def compact(value: Any, width: int) -> str:
+    return shorten(json.dumps(value, separators=(",", ":"), ensure_ascii=False), width)
+
+
+def terminal_width() -> int:
+    return max(shutil.get_terminal_size((80, 24)).columns, 40)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], flex: int, width: int | None = None) -> str:
+    """Left-aligned columns; column ``flex`` is cut so a line fits ``width`` (80 columns by default)."""
+    width = (width or terminal_width()) - 1
+    cells = [[str(c) for c in headers]] + [["-" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    over = sum(widths) + 2 * (len(widths) - 1) - width
+    if over > 0:
+        widths[flex] = max(widths[flex] - over, len(headers[flex]), 6)
+    lines = []
+    for row in cells:
+        parts = [shorten(cell, widths[i]).ljust(widths[i]) for i, cell in enumerate(row)]
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- dicts for --json
+def flow_dict(flow: Flow) -> dict[str, Any]:
+    steps = list(flow.steps or [])
+    children = [{"id": c.id, "routine": c.routine, "state": c.state}
+                for c in flow.children.order_by(flow.__class__.id)]
+    waiting = None
+    if flow.wait_topic:
+        waiting = {"topic": flow.wait_topic, "match": flow.wait_match, "until": iso(flow.wait_until)}
+    return {
+        "id": flow.id, "uid": flow.uid, "routine": flow.routine, "state": flow.state,
+        "position": flow.position, "steps": steps,
+        "task": steps[flow.position] if 0 <= flow.position < len(steps) else None,
+        "args": flow.args, "kwargs": flow.kwargs, "request_id": flow.request_id, "trigger": flow.trigger,
+        "reply_to": flow.reply_to, "result": flow.result, "error": flow.error,
+        "created_at": iso(flow.created_at), "started_at": iso(flow.started_at),
+        "finished_at": iso(flow.finished_at), "parent": flow.parent_id, "children": children,
+        "waiting_for": waiting,
+    }
+
+
+def attempt_dict(result: TaskResult) -> dict[str, Any]:
+    return {
+        "position": result.position, "task": result.task, "attempt": result.attempt, "state": result.state,
+        "input": result.input, "output": result.output, "error": result.error,
+        "started_at": iso(result.started_at), "finished_at": iso(result.finished_at),
+        "duration": span(result.started_at, result.finished_at),
+    }
+
+
+def task_dict(task: Task) -> dict[str, Any]:
+    from flowd.models import Routine, RoutineStep
+
+    users = sorted({r.name for r in Routine.select(Routine.name).join(RoutineStep).where(RoutineStep.task == task)})
+    return {
+        "name": task.name, "script": task.script, "options": task.options, "retries": task.retries,
+        "retry_delay": task.retry_delay, "retry_backoff_max": task.retry_backoff_max, "timeout": task.timeout,
+        "routines": users, "created_at": iso(task.created_at), "updated_at": iso(task.updated_at),
+    }
+
+
+def routine_dict(routine: Routine) -> dict[str, Any]:
+    return {
+        "name": routine.name, "tasks": routine.task_names(), "schedule": routine.schedule,
+        "timezone": routine.timezone, "jitter": routine.jitter, "mqtt": routine.mqtt, "mode": routine.mode,
+        "max": routine.max, "timeout": routine.timeout, "enabled": routine.enabled,
+        "last_scheduled_run": iso(routine.last_scheduled_run),
+        "created_at": iso(routine.created_at), "updated_at": iso(routine.updated_at),
+    }
+
+
+# --------------------------------------------------------------------------- context
+class Context:
+    """What every command needs: the parsed arguments, the config, the database."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.json: bool = bool(args.json)
+        self._config: Config | None = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            from flowd.config import load_config
+
+            self._config = load_config(self.args.config)
+        return self._config
+
+    def open_database(self, *, create: bool = False) -> None:
+        """Open the database without the queue (reads; catalog changes)."""
+        from flowd.models import init_database
+
+        init_database(self.config.database, create=create)
+
+    def engine(self) -> Engine:
+        """Open the database and the queue (submitting, cancelling, retrying)."""
+        from flowd import api
+
+        return api.configure(self.config)
+
+    def emit(self, data: Any, text: str) -> None:
+        if self.json:
+            print(json.dumps(data, ensure_ascii=False, indent=2))
+        elif text:
+            print(text)
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_status(ctx: Context) -> int:
+    """Daemon, broker, queue depth, flows by state, outbox size."""
+    from peewee import fn
+
+    from flowd.models import Flow, NodeStatus, Outbox, utcnow
+
+    ctx.open_database()
+    now = utcnow()
+    nodes = []
+    for node in NodeStatus.select().order_by(NodeStatus.node_id):
+        alive = is_node_alive(node, now, ctx.config.flowd.node_id)
+        nodes.append({
+            "node_id": node.node_id, "running": alive, "pid": node.pid, "version": node.version,
+            "started_at": iso(node.started_at), "heartbeat_at": iso(node.heartbeat_at),
+            "stopped_at": iso(node.stopped_at), "broker_connected": bool(node.broker_connected) if alive else None,
+            "heartbeat_age": span(node.heartbeat_at, now),
+        })
+    counts = {state: 0 for state in STATES}
+    for row in Flow.select(Flow.state, fn.COUNT(Flow.id).alias("n")).group_by(Flow.state):
+        counts[row.state] = row.n
+    outbox = Outbox.select().count()
+    depth, queue_error = None, None
+    try:
+        from flowd import queue
+
+        queue.configure_queue(ctx.config)
+        depth = queue.queue_depth()
+    except (StoreUnavailable, OSError, sqlite3.Error) as exc:
+        queue_error = str(exc)
+    data = {"node_id": ctx.config.flowd.node_id, "nodes": nodes,
+            "daemon_running": any(n["running"] for n in nodes if n["node_id"] == ctx.config.flowd.node_id),
+            "queue_depth": depth, "queue_error": queue_error, "flows": counts, "outbox": outbox,
+            "database": ctx.config.database.url, "config": ctx.config.path}
+    lines = []
+    if not nodes:
+        lines.append(f"{'daemon':<9} not running (never started with this database)")
+    for n in nodes:
+        label = "daemon" if n["node_id"] == ctx.config.flowd.node_id else "node"
+        if n["running"]:
+            since = local_time(_parse_iso(n["started_at"]))
+            lines.append(f"{label:<9} running on {n['node_id']} (pid {n['pid']}, flowd {n['version']}) "
+                         f"since {since}")
+            lines.append(f"{'broker':<9} {'connected' if n['broker_connected'] else 'NOT connected'}")
+        elif n["stopped_at"]:
+            lines.append(f"{label:<9} stopped on {n['node_id']} at {local_time(_parse_iso(n['stopped_at']))}")
+        else:
+            lines.append(f"{label:<9} not running on {n['node_id']} (last heartbeat "
+                         f"{human_duration(n['heartbeat_age'])} ago, pid {n['pid']})")
+    lines.append(f"{'queue':<9} " + (f"{depth} waiting" if queue_error is None else f"unreachable: {queue_error}"))
+    lines.append(f"{'flows':<9} " + "  ".join(f"{state} {counts[state]}" for state in STATES))
+    lines.append(f"{'outbox':<9} {outbox} message{'s' if outbox != 1 else ''} to publish")
+    lines.append(f"{'database':<9} {ctx.config.database.url}")
+    ctx.emit(data, "\n".join(lines))
+    return EXIT_STORE if queue_error else EXIT_OK
+
+
+def _parse_iso(text: str | None) -> dt.datetime | None:
+    return dt.datetime.fromisoformat(text.rstrip("Z")) if text else None
+
+
+def is_node_alive(node: Any, now: dt.datetime, local_node_id: str) -> bool:
+    """A daemon is alive when it has not stopped, its heartbeat is recent and, on this
+    machine, its pid still exists."""
+    if node.stopped_at is not None:
+        return False
+    if (now - node.heartbeat_at).total_seconds() > HEARTBEAT_STALE_S:
+        return False
+    if node.node_id == local_node_id:
+        try:
+            os.kill(node.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True  # exists, owned by another user
+    return True
+
+
+def cmd_scripts(ctx: Context) -> int:
+    """Every Task class in the task folders; a file that cannot be read is listed with its error."""
+    from flowd import loader
+
+    data: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for folder in ctx.config.flowd.task_paths:
+        try:
+            names = sorted(n for n in os.listdir(folder) if n.startswith("task_") and n.endswith(".py"))
+        except OSError:
+            continue
+        for name in names:
+            path = os.path.join(folder, name)
+            try:
+                # list_scripts stops at the first broken file; one file at a time keeps the others listed.
+                classes = loader._task_classes(loader.Path(path))
+            except TaskScriptError as exc:
+                data.append({"script": None, "path": path, "doc": "", "error": str(exc)})
+                continue
+            for class_name, doc in classes:
+                reference = f"{name[len('task_'):-3]}.{class_name}"
+                if reference not in seen:
+                    seen.add(reference)
+                    data.append({"script": reference, "path": path, "doc": doc, "error": None})
+    if not data:
+        text = f"no task scripts (task_*.py) in {', '.join(ctx.config.flowd.task_paths)}"
+    else:
+        rows = [(d["script"] or "(broken)", os.path.basename(d["path"]),
+                 d["doc"] if d["script"] else d["error"].removeprefix(d["path"]).lstrip(", :"))
+                for d in data]
+        text = table(("SCRIPT", "FILE", "DESCRIPTION"), rows, flex=2)
+    ctx.emit(data, text)
+    return EXIT_OK
+
+
+def cmd_task_add(ctx: Context) -> int:
+    from flowd import catalog
+    from flowd.models import Task
+
+    a = ctx.args
+    options = parse_pairs(a.option, "--option") if a.option is not None else None
+    ctx.open_database(create=True)
+    existed = Task.get_or_none(Task.name == a.name) is not None
+    task, changed = catalog.save_task(a.name, a.script, options=options, retries=a.retries,
+                                      retry_delay=a.retry_delay, timeout=a.timeout,
+                                      task_paths=ctx.config.flowd.task_paths)
+    what = "updated" if existed and changed else "unchanged" if existed else "created"
+    ctx.emit({"action": what, "task": task_dict(task)}, f"task {task.name} {what} ({task.script})")
+    return EXIT_OK
+
+
+def cmd_task_list(ctx: Context) -> int:
+    from flowd.models import Task
+
+    ctx.open_database()
+    tasks = [task_dict(t) for t in Task.select().order_by(Task.name)]
+    rows = [(t["name"], t["script"], t["retries"], human_duration(t["timeout"]), ", ".join(t["routines"]))
+            for t in tasks]
+    text = table(("NAME", "SCRIPT", "RETRIES", "TIMEOUT", "USED BY"), rows, flex=4) if tasks else \
+        "no tasks; add one with 'flowctl task add NAME SCRIPT' or 'flowctl apply FILE.toml'"
+    ctx.emit(tasks, text)
+    return EXIT_OK
+
+
+def cmd_task_show(ctx: Context) -> int:
+    from flowd import catalog
+
+    ctx.open_database()
+    t = task_dict(catalog.get_task(ctx.args.name))
+    width = terminal_width() - 15
+    lines = [f"task {t['name']}",
+             f"  script       {t['script']}",
+             f"  options      {compact(t['options'], width)}",
+             f"  retries      {t['retries']} (delay {t['retry_delay']:g}s, doubling up to "
+             f"{t['retry_backoff_max']:g}s)",
+             f"  timeout      {human_duration(t['timeout']) if t['timeout'] else 'none'}",
+             f"  used by      {', '.join(t['routines']) or 'no routine'}",
+             f"  updated      {local_time(_parse_iso(t['updated_at']))}"]
+    ctx.emit(t, "\n".join(lines))
+    return EXIT_OK
+
+
+def cmd_task_remove(ctx: Context) -> int:
+    from flowd import catalog
+
+    ctx.open_database()
+    catalog.remove_task(ctx.args.name)
+    ctx.emit({"action": "removed", "task": ctx.args.name}, f"task {ctx.args.name} removed")
+    return EXIT_OK
+
+
+def cmd_routine_add(ctx: Context) -> int:
+    from flowd import catalog
+    from flowd.models import Routine
+
+    a = ctx.args
+    ctx.open_database(create=True)
+    existing = Routine.get_or_none(Routine.name == a.name)
+    routine, changed = catalog.save_routine(
+        a.name, list(a.tasks), schedule=a.schedule, timezone=a.timezone, jitter=a.jitter, mqtt=not a.no_mqtt,
+        mode=a.mode, max=a.max, timeout=a.timeout, enabled=existing.enabled if existing is not None else True)
+    what = "updated" if existing is not None and changed else "unchanged" if existing is not None else "created"
+    ctx.emit({"action": what, "routine": routine_dict(routine)},
+             f"routine {routine.name} {what}: {' -> '.join(routine.task_names())}")
+    return EXIT_OK
+
+
+def cmd_routine_list(ctx: Context) -> int:
+    from flowd.models import Routine
+
+    ctx.open_database()
+    routines = [routine_dict(r) for r in Routine.select().order_by(Routine.name)]
+    rows = [(r["name"], "yes" if r["enabled"] else "no", r["mode"], r["schedule"], " -> ".join(r["tasks"]))
+            for r in routines]
+    text = table(("NAME", "ENABLED", "MODE", "SCHEDULE", "TASKS"), rows, flex=4) if routines else \
+        "no routines; add one with 'flowctl routine add NAME TASK...' or 'flowctl apply FILE.toml'"
+    ctx.emit(routines, text)
+    return EXIT_OK
+
+
+def cmd_routine_show(ctx: Context) -> int:
+    from flowd import catalog
+
+    ctx.open_database()
+    r = routine_dict(catalog.get_routine(ctx.args.name))
+    schedule = r["schedule"] or "none (started by MQTT or flowctl only)"
+    if r["schedule"]:
+        schedule += f" ({r['timezone'] or 'system time zone'})" + (f", jitter {r['jitter']:g}s" if r["jitter"] else "")
+    lines = [f"routine {r['name']} ({'enabled' if r['enabled'] else 'DISABLED'})",
+             f"  tasks        {' -> '.join(r['tasks'])}",
+             f"  schedule     {schedule}",
+             f"  mode         {r['mode']} (max {r['max']})",
+             f"  mqtt         {'may start it' if r['mqtt'] else 'may not start it'}",
+             f"  timeout      {human_duration(r['timeout']) if r['timeout'] else 'none'}",
+             f"  last run     {local_time(_parse_iso(r['last_scheduled_run']))} (schedule)",
+             f"  updated      {local_time(_parse_iso(r['updated_at']))}"]
+    ctx.emit(r, "\n".join(lines))
+    return EXIT_OK
+
+
+def cmd_routine_remove(ctx: Context) -> int:
+    from flowd import catalog
+
+    ctx.open_database()
+    catalog.remove_routine(ctx.args.name)
+    ctx.emit({"action": "removed", "routine": ctx.args.name}, f"routine {ctx.args.name} removed")
+    return EXIT_OK
+
+
+def cmd_routine_enable(ctx: Context) -> int:
+    from flowd import catalog
+
+    enabled = ctx.args.routine_command == "enable"
+    ctx.open_database()
+    routine = catalog.set_routine_enabled(ctx.args.name, enabled)
+    word = "enabled" if enabled else "disabled"
+    ctx.emit({"action": word, "routine": routine_dict(routine)}, f"routine {routine.name} {word}")
+    return EXIT_OK
+
+
+def cmd_apply(ctx: Context) -> int:
+    from flowd.apply import apply_file
+
+    ctx.open_database(create=True)
+    report = apply_file(ctx.args.file, ctx.config.flowd.task_paths, prune=ctx.args.prune)
+    ctx.emit(report.as_dict(), report.summary())
+    return EXIT_OK
+
+
+def cmd_submit(ctx: Context) -> int:
+    a = ctx.args
+    args = [parse_value(v) for v in a.args]
+    kwargs = parse_pairs(a.kw, "--kw")
+    if a.request_id is not None and not a.request_id:
+        raise UsageError("--request-id must not be empty")
+    engine = ctx.engine()
+    flow, created = engine.submit(a.routine, args, kwargs, request_id=a.request_id, trigger="cli")
+    if not a.wait:
+        if created:
+            text = f"flow {flow.id} submitted ({flow.routine}, {flow.state})"
+        else:
+            text = f"flow {flow.id} already exists for request id {a.request_id!r} ({flow.state})"
+        ctx.emit({**flow_dict(flow), "created": created}, text)
+        return EXIT_OK
+    return wait_for_flow(ctx, flow.id, a.timeout)
+
+
+def wait_for_flow(ctx: Context, flow_id: int, timeout: float | None) -> int:
+    """Follow a flow in the database until it ends; the exit code is its outcome.
+
+    On a terminal one line is redrawn in place; piped, a line is printed per change.
+    Ctrl-C or ``timeout`` stop the waiting, never the flow.
+    """
+    from flowd.models import Flow, Task, TaskResult, utcnow
+
+    stream = sys.stderr if ctx.json else sys.stdout
+    live = stream.isatty()
+    quiet = ctx.json and not live
+    retries: dict[str, int] = {}
+    started = time.monotonic()
+    last_line = None
+    flow = Flow.get_by_id(flow_id)
+    try:
+        while True:
+            flow = Flow.get_by_id(flow_id)
+            if flow.is_ended:
+                break
+            attempt = (TaskResult.select(TaskResult.attempt)
+                       .where((TaskResult.flow == flow_id) & (TaskResult.position == flow.position))
+                       .order_by(TaskResult.attempt.desc()).scalar()) or 0
+            task_name = flow.steps[flow.position] if flow.position < len(flow.steps) else "?"
+            if task_name not in retries:
+                task = Task.get_or_none(Task.name == task_name)
+                retries[task_name] = task.retries if task else 0
+            line = progress_line(flow, task_name, attempt, retries[task_name])
+            if live:
+                elapsed = human_duration(span(flow.created_at, None, utcnow()))
+                stream.write("\r" + shorten(f"{line}  {elapsed}", terminal_width() - 1) + "\x1b[K")
+                stream.flush()
+            elif line != last_line and not quiet:
+                print(line, file=stream, flush=True)
+            last_line = line
+            if timeout is not None and time.monotonic() - started >= timeout:
+                _end_live(stream, live)
+                print(f"flowctl: stopped waiting after {human_duration(timeout)}; flow {flow_id} goes on "
+                      f"({flow.state}); follow it with: flowctl flow show {flow_id}", file=sys.stderr)
+                if ctx.json:
+                    ctx.emit({**flow_dict(flow), "waited": "timeout"}, "")
+                return EXIT_WAIT_TIMEOUT
+            time.sleep(POLL_INTERVAL_S)
+    except KeyboardInterrupt:
+        _end_live(stream, live)
+        print(f"flowctl: stopped waiting; flow {flow_id} goes on ({flow.state}); follow it with: "
+              f"flowctl flow show {flow_id}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    _end_live(stream, live)
+    took = human_duration(span(flow.started_at or flow.created_at, flow.finished_at))
+    text = f"flow {flow.id} ({flow.routine}) {flow.state} after {took}"
+    if flow.state == "DONE":
+        text += f"\nresult: {compact(flow.result, terminal_width() - 9)}"
+    elif flow.error:
+        text += f"\nerror: {flow.error.strip().splitlines()[-1] if flow.error.strip() else ''}"
+    ctx.emit(flow_dict(flow), text)
+    return EXIT_OK if flow.state == "DONE" else EXIT_FLOW_FAILED
+
+
+def _end_live(stream: Any, live: bool) -> None:
+    if live:
+        stream.write("\r\x1b[K")
+        stream.flush()
+
+
+def progress_line(flow: Flow, task_name: str, attempt: int, retries: int) -> str:
+    """``flow 12 (fetch-weather) RUNNING step 2/3 digest, try 2/4``."""
+    head = f"flow {flow.id} ({flow.routine}) {flow.state}"
+    if flow.state == "INIT" and attempt == 0 and flow.position == 0:
+        return f"{head}: queued, waiting for a worker"
+    line = f"{head} step {flow.position + 1}/{len(flow.steps)} {task_name}"
+    if attempt > 1:
+        line += f", try {attempt}/{retries + 1}"
+    if flow.state == "WAITING":
+        line += f", waiting for a message on '{flow.wait_topic}'" if flow.wait_topic else ", waiting for a sub-flow"
+    return line
+
+
+def cmd_flows(ctx: Context) -> int:
+    from flowd.models import Flow, utcnow
+
+    a = ctx.args
+    ctx.open_database()
+    query = Flow.select().order_by(Flow.id.desc()).limit(a.limit)
+    if a.state:
+        query = query.where(Flow.state == a.state)
+    if a.routine:
+        query = query.where(Flow.routine == a.routine)
+    flows = list(query)
+    now = utcnow()
+    data = [{"id": f.id, "routine": f.routine, "state": f.state, "position": f.position, "steps": len(f.steps or []),
+             "trigger": f.trigger, "request_id": f.request_id, "created_at": iso(f.created_at),
+             "started_at": iso(f.started_at), "finished_at": iso(f.finished_at), "error": f.error} for f in flows]
+    rows = [(f.id, f.routine, f.state, f"{min(f.position + 1, len(f.steps or []))}/{len(f.steps or [])}", f.trigger,
+             local_time(f.created_at), human_duration(span(f.started_at, f.finished_at, now)))
+            for f in flows]
+    text = table(("ID", "ROUTINE", "STATE", "STEP", "TRIGGER", "CREATED", "TIME"), rows, flex=1) if flows \
+        else "no flows" + (" match" if a.state or a.routine else " yet")
+    ctx.emit(data, text)
+    return EXIT_OK
+
+
+def cmd_flow_show(ctx: Context) -> int:
+    from flowd.models import Flow, TaskResult
+
+    ctx.open_database()
+    flow = Flow.get_or_none(Flow.id == ctx.args.id)
+    if flow is None:
+        from flowd.errors import NotFoundError
+
+        raise NotFoundError("flow", ctx.args.id, "list flows with 'flowctl flows'")
+    trace = list(TaskResult.select().where(TaskResult.flow == flow.id)
+                 .order_by(TaskResult.position, TaskResult.attempt))
+    data = {**flow_dict(flow), "trace": [attempt_dict(r) for r in trace]}
+    ctx.emit(data, render_flow(data))
+    return EXIT_OK
+
+
+def render_flow(data: dict[str, Any]) -> str:
+    """The flow and every attempt of every step, readable on an 80-column terminal."""
+    width = terminal_width() - 1
+    value_width = width - 13
+    at = _parse_iso
+    took = span(at(data["started_at"]), at(data["finished_at"]))
+    lines = [f"flow {data['id']}  {data['routine']}  {data['state']}"
+             + (f"  step {min(data['position'] + 1, len(data['steps']))}/{len(data['steps'])}"
+                if data["state"] not in ("DONE",) else ""),
+             f"  uid        {data['uid']}",
+             f"  trigger    {data['trigger']}" + (f"   request id {data['request_id']}" if data["request_id"] else "")
+             + (f"   reply to {data['reply_to']}" if data["reply_to"] else ""),
+             f"  created    {local_time(at(data['created_at']))}"
+             + (f"   took {human_duration(took)}" if data["finished_at"] else ""),
+             f"  input      {compact({'args': data['args'], 'kwargs': data['kwargs']}, value_width)}"]
+    if data["result"] is not None:
+        lines.append(f"  result     {compact(data['result'], value_width)}")
+    if data["error"]:
+        lines.append(f"  error      {shorten(data['error'].strip().splitlines()[-1], value_width)}")
+    if data["waiting_for"]:
+        w = data["waiting_for"]
+        until = f" until {local_time(at(w['until']))}" if w["until"] else ""
+        lines.append(f"  waiting    for a message on '{w['topic']}'"
+                     + (f" matching {compact(w['match'], 40)}" if w["match"] else "") + until)
+    if data["parent"]:
+        lines.append(f"  parent     flow {data['parent']} (flowctl flow show {data['parent']})")
+    for child in data["children"]:
+        lines.append(f"  child      flow {child['id']} ({child['routine']}, {child['state']})")
+    lines.append("")
+    lines.append(" #  TASK                 TRY  STATE      TIME     STARTED")
+    seen = set()
+    for r in data["trace"]:
+        seen.add(r["position"])
+        lines.append(f"{r['position'] + 1:>2}  {shorten(r['task'], 20):<20} {r['attempt']:>3}  {r['state']:<9}  "
+                     f"{human_duration(r['duration']):<7}  {local_time(at(r['started_at']))}")
+        if r["attempt"] == 1 or r["position"] == 0:
+            lines.append(f"      in    {compact(r['input'], width - 12)}")
+        if r["output"] is not None:
+            lines.append(f"      out   {compact(r['output'], width - 12)}")
+        if r["error"]:
+            error_lines = r["error"].rstrip().splitlines()
+            lines.append(f"      error {shorten(error_lines[-1], width - 12)}")
+            for extra in error_lines[-8:-1] if r["state"] == "FAILED" else ():
+                lines.append(f"            {shorten(extra, width - 12)}")
+    for position, name in enumerate(data["steps"]):
+        if position not in seen:
+            lines.append(f"{position + 1:>2}  {shorten(name, 20):<20}   -  not run")
+    return "\n".join(lines)
+
+
+def cmd_flow_cancel(ctx: Context) -> int:
+    flow = ctx.engine().cancel(ctx.args.id, reason="cancelled with flowctl")
+    ctx.emit(flow_dict(flow), f"flow {flow.id} ({flow.routine}) {flow.state}")
+    return EXIT_OK
+
+
+def cmd_flow_retry(ctx: Context) -> int:
+    flow = ctx.engine().retry(ctx.args.id)
+    steps = len(flow.steps or [])
+    ctx.emit(flow_dict(flow), f"flow {flow.id} ({flow.routine}) {flow.state} again from step "
+                              f"{flow.position + 1}/{steps} ({flow.steps[flow.position]})")
+    return EXIT_OK
+
+
+def cmd_prune(ctx: Context) -> int:
+    from flowd import api
+
+    older_than = ctx.args.older_than if ctx.args.older_than is not None else ctx.config.flowd.retention
+    ctx.engine()
+    removed = api.prune(older_than)
+    ctx.emit({"removed": removed, "older_than": older_than},
+             f"pruned {removed} flow{'s' if removed != 1 else ''} ended more than {human_duration(older_than)} ago")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- argument parser
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage and exiting, so flowctl owns the output."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                        help="config file (default: $FLOWD_CONFIG, /etc/flowd/flowd.toml, ./config/flowd.toml)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print JSON on stdout (errors too, as {\"error\": ...})")
+    parser = _Parser(prog="flowctl", description="Manage flowd: tasks, routines and flows.",
+                     epilog="exit codes: 0 ok, 1 flow FAILED/CANCELLED (submit --wait), 2 bad usage or input, "
+                            "3 database or queue unreachable, 124 submit --wait --timeout ran out, "
+                            "130 Ctrl-C while waiting")
+    parser.add_argument("--config", metavar="PATH", default=None,
+                        help="config file (default: $FLOWD_CONFIG, /etc/flowd/flowd.toml, ./config/flowd.toml)")
+    parser.add_argument("--json", action="store_true", default=False,
+                        help="print JSON on stdout, for programs (also after the command)")
+    parser.add_argument("--version", action="version", version=_version())
+    parser.usage = "flowctl [--config PATH] [--json] COMMAND ..."
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+
+    def add(sub: Any, name: str, func: Any, help_text: str, **kw: Any) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=help_text,
+                                                    parents=[common], **kw)
+        p.set_defaults(func=func)
+        return p
+
+    add(commands, "status", cmd_status, "daemon, broker, queue depth, flows by state")
+    add(commands, "scripts", cmd_scripts, "task scripts found in the task folders")
+
+    task = commands.add_parser("task", help="add, list, show or remove stored tasks", parents=[common])
+    task_cmds = task.add_subparsers(dest="task_command", metavar="ACTION", required=True, parser_class=_Parser)
+    p = add(task_cmds, "add", cmd_task_add, "create a task (or update it in place)")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("script", metavar="SCRIPT", help="module.Class, e.g. example.VeryLong")
+    p.add_argument("--retries", type=_count, metavar="N")
+    p.add_argument("--retry-delay", type=_duration, metavar="S", help="seconds before the first retry (doubles)")
+    p.add_argument("--timeout", type=_duration, metavar="S", help="seconds one attempt may run")
+    p.add_argument("--option", action="append", metavar="K=V", help="default keyword argument (repeatable; "
+                                                                   "V is JSON or a string)")
+    add(task_cmds, "list", cmd_task_list, "list tasks")
+    add(task_cmds, "show", cmd_task_show, "show one task").add_argument("name", metavar="NAME")
+    add(task_cmds, "remove", cmd_task_remove, "remove a task no routine uses").add_argument("name", metavar="NAME")
+
+    routine = commands.add_parser("routine", help="add, list, show, remove, enable or disable routines",
+                                  parents=[common])
+    routine_cmds = routine.add_subparsers(dest="routine_command", metavar="ACTION", required=True,
+                                          parser_class=_Parser)
+    p = add(routine_cmds, "add", cmd_routine_add, "create a routine (or replace its definition)")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("tasks", metavar="TASK", nargs="+")
+    p.add_argument("--schedule", metavar="CRON", help="'*/5 * * * *' or '@every 30s'")
+    p.add_argument("--timezone", metavar="TZ", help="IANA zone of the schedule (default: the system's)")
+    p.add_argument("--jitter", type=_duration, metavar="S", help="spread scheduled runs by up to S seconds")
+    p.add_argument("--no-mqtt", action="store_true", help="MQTT may not start this routine")
+    p.add_argument("--mode", choices=("parallel", "queued", "single", "restart"), default="parallel")
+    p.add_argument("--max", type=_positive, default=10, metavar="N", help="concurrency limit of the mode")
+    p.add_argument("--timeout", type=_duration, metavar="S", help="seconds the whole flow may take")
+    add(routine_cmds, "list", cmd_routine_list, "list routines")
+    for name, func, text in (("show", cmd_routine_show, "show one routine"),
+                             ("remove", cmd_routine_remove, "remove a routine (its flows stay)"),
+                             ("enable", cmd_routine_enable, "let schedules, MQTT and flowctl start it"),
+                             ("disable", cmd_routine_enable, "stop schedules, MQTT and flowctl from starting it")):
+        add(routine_cmds, name, func, text).add_argument("name", metavar="NAME")
+
+    p = add(commands, "apply", cmd_apply, "create or update tasks and routines from a TOML file; idempotent")
+    p.add_argument("file", metavar="FILE.toml")
+    p.add_argument("--prune", action="store_true", help="also remove tasks and routines the file does not name")
+
+    p = add(commands, "submit", cmd_submit, "start a flow of a routine")
+    p.add_argument("routine", metavar="ROUTINE")
+    p.add_argument("args", metavar="ARG", nargs="*", help="positional arguments (JSON or strings)")
+    p.add_argument("--kw", action="append", metavar="K=V", help="keyword argument (repeatable; V is JSON or a string)")
+    p.add_argument("--request-id", metavar="ID", help="idempotency key: a repeat returns the existing flow")
+    p.add_argument("--wait", action="store_true", help="follow the flow and exit with its outcome")
+    p.add_argument("--timeout", type=_duration, metavar="S", help="with --wait: stop waiting after S seconds")
+
+    p = add(commands, "flows", cmd_flows, "list flows, newest first")
+    p.add_argument("--state", type=_state, metavar="S", help=f"one of {', '.join(STATES)}")
+    p.add_argument("--routine", metavar="R")
+    p.add_argument("--limit", type=_positive, default=20, metavar="N", help="at most N flows (default 20)")
+
+    flow = commands.add_parser("flow", help="show, cancel or retry one flow", parents=[common])
+    flow_cmds = flow.add_subparsers(dest="flow_command", metavar="ACTION", required=True, parser_class=_Parser)
+    for name, func, text in (("show", cmd_flow_show, "every step and attempt of a flow"),
+                             ("cancel", cmd_flow_cancel, "cancel a flow that has not ended"),
+                             ("retry", cmd_flow_retry, "resume a FAILED or CANCELLED flow from its failed step")):
+        add(flow_cmds, name, func, text).add_argument("id", metavar="ID", type=_flow_id)
+
+    p = add(commands, "prune", cmd_prune, "delete ended flows and their results now")
+    p.add_argument("--older-than", type=_duration, metavar="AGE", help="e.g. 30d, 12h (default: the retention)")
+    return parser
+
+
+def _version() -> str:
+    from flowd import __version__
+
+    return f"flowctl {__version__}"
+
+
+# --------------------------------------------------------------------------- main
+def store_failure(exc: BaseException) -> str | None:
+    """The reason, when ``exc`` says the database cannot be used (locked, read-only,
+    not a database); None for anything else (a bug, which keeps its traceback)."""
+    import peewee
+
+    if isinstance(exc, (sqlite3.OperationalError, peewee.OperationalError)):
+        return str(exc)
+    if type(exc) in (sqlite3.DatabaseError, peewee.DatabaseError):  # "file is not a database"
+        return str(exc)
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one flowctl command; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    want_json = "--json" in argv
+    ctx: Context | None = None
+    try:
+        args = build_parser().parse_args(argv)
+        ctx = Context(args)
+        want_json = ctx.json
+        return int(args.func(ctx))
+    except (ConfigError, InputError, TaskScriptError) as exc:
+        return _fail(str(exc), EXIT_USAGE, want_json)
+    except StoreUnavailable as exc:
+        return _fail(f"{exc}", EXIT_STORE, want_json)
+    except Exception as exc:
+        reason = store_failure(exc) if "peewee" in sys.modules else (
+            str(exc) if isinstance(exc, sqlite3.OperationalError) else None)
+        if reason is None:
+            raise
+        where = ctx.config.database.url if ctx is not None and ctx._config is not None else "the database"
+        return _fail(f"{where} cannot be used: {reason}; check that no other program holds it locked and "
+                     "that this user may write the state folder", EXIT_STORE, want_json)
+
+
+def _fail(message: str, code: int, want_json: bool) -> int:
+    print(f"flowctl: {message}", file=sys.stderr)
+    if want_json:
+        print(json.dumps({"error": message, "exit_code": code}))
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
