@@ -253,7 +253,7 @@ class Scheduler:
         anchor = None
         if isinstance(schedule, cron.IntervalSchedule):
             # Keep the cadence over restarts: slots continue from the last run.
-            anchor = (last or now) + dt.timedelta(seconds=schedule.seconds)
+            anchor = (last or now.replace(microsecond=0)) + dt.timedelta(seconds=schedule.seconds)
         inner = cron.build_trigger(expr, tz, start_date=anchor)
         trigger = SlotTrigger(inner, tz, fixed_time=schedule.is_fixed_time, last_slot=last,
                               jitter=routine.jitter, seed=f"{self.config.flowd.node_id}/{routine.name}")
