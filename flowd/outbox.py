@@ -1,19 +1,38 @@
 """Store and forward: everything flowd publishes is a row here first (SPEC 4.4).
 
 ``add_message`` is called inside the transaction that changes state, so a message
-exists if and only if the change it reports was committed. The daemon's publisher
-sends rows in id order and deletes each only after the broker's PUBACK.
+exists if and only if the change it reports was committed. The daemon's
+:class:`OutboxPublisher` sends rows in id order and deletes each only after the
+broker's PUBACK, so a message survives a broker outage and a daemon crash (it is sent
+again at the next start: at-least-once).
 """
 
 from __future__ import annotations
 
+import logging
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from flowd.models import Outbox, dumps
-from flowd.wakeup import send_wakeup
+from peewee import fn
+
+from flowd.config import Config
+from flowd.models import Outbox, dumps, get_meta, set_meta, write_transaction
+from flowd.wakeup import WakeSocket, send_wakeup
+
+log = logging.getLogger(__name__)
 
 WAKE_SOCKET_NAME = "wake-outbox.sock"
+MAX_HANDED = 500          # rows handed to the MQTT client and not yet deleted
+READ_BATCH = 200          # rows read per query
+DELETE_BATCH = 100        # delete acknowledged rows once this many are waiting...
+DELETE_AFTER_S = 0.5      # ...or once the oldest has waited this long
+CAP_CHECK_EVERY_S = 5.0
+IDLE_WAIT_S = 1.0
 
 
 def add_message(topic: str, payload: Any, *, qos: int = 1, retain: bool = False,
@@ -27,3 +46,249 @@ def add_message(topic: str, payload: Any, *, qos: int = 1, retain: bool = False,
 def notify(state_dir: str | Path) -> None:
     """Wake the daemon's publisher (no-op when the daemon is not running)."""
     send_wakeup(Path(state_dir) / WAKE_SOCKET_NAME)
+
+
+class Sender(Protocol):
+    """The MQTT side the publisher hands rows to (``mqtt_bridge.MqttBridge``)."""
+
+    def is_connected(self) -> bool: ...
+
+    def send(self, topic: str, payload: bytes, qos: int, retain: bool, correlation_data: bytes | None) -> int | None:
+        """Hand one message to the client: its mid, or None when it cannot take it now.
+        Raises ValueError for a message no broker will ever take (bad topic, too big)."""
+        ...
+
+
+def _correlation_bytes(value: str | None) -> bytes | None:
+    if not value:
+        return None
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        return value.encode("utf-8")
+
+
+class OutboxPublisher:
+    """Thread that moves Outbox rows to the broker and deletes them once acknowledged.
+
+    Rows are handed to the client in id order while it is connected, at most
+    ``MAX_HANDED`` at a time; paho itself re-sends what it holds after a reconnect.
+    A row is identified by the set of ids handed over, not by a high-water mark:
+    SQLite reuses the highest ids once they are deleted.
+
+    >>> publisher = OutboxPublisher(config, bridge, on_wake=bridge.refresh_wait_topics)
+    >>> publisher.start(); ...; publisher.drain(3.0); publisher.stop()
+    """
+
+    def __init__(self, config: Config, sender: Sender, on_wake: Callable[[], None] | None = None):
+        self.config = config
+        self.sender = sender
+        self.on_wake = on_wake
+        self.dropped = 0
+        self._lock = threading.Lock()
+        self._handed: set[int] = set()               # touched only by the publisher thread
+        self._inflight: dict[int, tuple[int, int]] = {}   # mid -> (row id, qos)
+        self._early_acks: dict[int, bool] = {}       # PUBACKs that beat publish()'s return
+        self._acked: list[int] = []                  # row ids to delete
+        self._oldest_ack = 0.0
+        self._stopping = threading.Event()
+        self._wake: WakeSocket | None = None
+        self._poke_r, self._poke_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._poke_r.setblocking(False)
+        self._poke_w.setblocking(False)
+        self._thread: threading.Thread | None = None
+        self._next_cap_check = 0.0
+        self._idle = threading.Event()
+        self._reconnected = False
+
+    # ------------------------------------------------------------------ called by other threads
+    def start(self) -> None:
+        """Bind the wake socket (workers poke it after each commit) and start the thread."""
+        self._wake = WakeSocket(self.config.state_dir / WAKE_SOCKET_NAME)
+        self._thread = threading.Thread(target=self._run, name="flowd-outbox", daemon=True)
+        self._thread.start()
+
+    def poke(self) -> None:
+        """Wake the thread now (connected, or room in the window again)."""
+        try:
+            self._poke_w.send(b"!")
+        except OSError:
+            pass  # buffer full: the thread is awake with work already
+
+    def acknowledged(self, mid: int, delivered: bool = True) -> None:
+        """PUBACK for ``mid`` (QoS 0: written out), from the MQTT client's thread; the row may go."""
+        with self._lock:
+            entry = self._inflight.pop(mid, None)
+            if entry is None:
+                self._early_acks[mid] = delivered
+                return
+            self._ack_row(entry[0], delivered)
+            batch_ready = len(self._acked) == DELETE_BATCH
+        if batch_ready:
+            self.poke()  # free the window without waiting for the timer
+
+    def connected(self) -> None:
+        """The client (re)connected: send at once. paho re-sends the QoS 1 messages it
+        holds; QoS 0 ones it dropped with the connection are handed over again."""
+        with self._lock:
+            self._reconnected = True
+        self.poke()
+
+    def _ack_row(self, row_id: int, delivered: bool) -> None:
+        if not delivered:
+            log.warning("outbox: the broker refused message %d; dropping it", row_id)
+        if not self._acked:
+            self._oldest_ack = time.monotonic()
+        self._acked.append(row_id)
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every row was acknowledged and deleted; False at the timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._idle.clear()
+            self.poke()
+            if self._idle.wait(min(0.2, max(deadline - time.monotonic(), 0))) and self.is_empty():
+                return True
+            if not self.sender.is_connected():
+                time.sleep(0.05)
+        return self.is_empty()
+
+    def is_empty(self) -> bool:
+        with self._lock:
+            if self._inflight or self._acked:
+                return False
+        return not Outbox.select(Outbox.id).limit(1).exists()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.poke()
+        if self._thread is not None:
+            self._thread.join(10)
+        if self._wake is not None:
+            self._wake.close()
+        self._poke_r.close()
+        self._poke_w.close()
+
+    # ------------------------------------------------------------------ the thread
+    def _run(self) -> None:
+        busy = False
+        while not self._stopping.is_set():
+            try:
+                self._wait(0.01 if busy else IDLE_WAIT_S)
+                if self._stopping.is_set():
+                    break
+                if self.on_wake is not None:
+                    self.on_wake()  # e.g. subscribe new wait topics before their status goes out
+                self._forget_dropped_qos0()
+                busy = self._send_rows() if self.sender.is_connected() else False
+                self._delete_acked(force=not busy)
+                self._check_cap()
+                if not busy:
+                    self._idle.set()
+            except Exception:
+                busy = False
+                log.exception("outbox publisher: unexpected error; retrying in 1s")
+                self._stopping.wait(1.0)
+        try:
+            self._delete_acked(force=True)
+        except Exception:
+            log.exception("outbox publisher: could not delete acknowledged messages at stop")
+
+    def _wait(self, timeout: float) -> None:
+        assert self._wake is not None
+        try:
+            readable, _, _ = select.select([self._wake.sock, self._poke_r], [], [], timeout)
+        except InterruptedError:
+            return
+        if self._poke_r in readable:
+            try:
+                while self._poke_r.recv(64):
+                    pass
+            except OSError:
+                pass
+        if self._wake.sock in readable:
+            self._wake.wait(0)
+
+    def _send_rows(self) -> bool:
+        """Hand waiting rows to the client; True when more are waiting than it could take."""
+        while True:
+            room = MAX_HANDED - len(self._handed)
+            if room <= 0:
+                return True
+            query = (Outbox.select(Outbox.id, Outbox.topic, Outbox.payload, Outbox.qos, Outbox.retain,
+                                   Outbox.correlation_data).order_by(Outbox.id).limit(min(room, READ_BATCH)))
+            if self._handed:
+                query = query.where(Outbox.id.not_in(list(self._handed)))
+            rows = list(query.tuples())
+            if not rows:
+                return False
+            for row_id, topic, payload, qos, retain, correlation in rows:
+                if not self._hand_over(row_id, topic, payload, qos, bool(retain), correlation):
+                    return True
+            if len(rows) < min(room, READ_BATCH):
+                return False
+
+    def _hand_over(self, row_id: int, topic: str, payload: str, qos: int, retain: bool,
+                   correlation: str | None) -> bool:
+        try:
+            mid = self.sender.send(topic, payload.encode("utf-8"), qos, retain, _correlation_bytes(correlation))
+        except ValueError as exc:
+            log.error("outbox: message %d to '%s' can never be sent (%s); dropping it", row_id, topic, exc)
+            self._handed.add(row_id)
+            with self._lock:
+                self._ack_row(row_id, True)
+            return True
+        if mid is None:
+            return False
+        self._handed.add(row_id)
+        with self._lock:
+            if mid in self._early_acks:
+                self._ack_row(row_id, self._early_acks.pop(mid))
+            else:
+                self._inflight[mid] = (row_id, qos)
+        return True
+
+    def _forget_dropped_qos0(self) -> None:
+        with self._lock:
+            if not self._reconnected:
+                return
+            self._reconnected = False
+            lost = [mid for mid, (_, qos) in self._inflight.items() if qos == 0]
+            rows = [self._inflight.pop(mid)[0] for mid in lost]
+        self._handed.difference_update(rows)
+
+    def _delete_acked(self, force: bool) -> None:
+        with self._lock:
+            if not self._acked:
+                return
+            if not force and len(self._acked) < DELETE_BATCH and time.monotonic() - self._oldest_ack < DELETE_AFTER_S:
+                return
+            done, self._acked = self._acked, []
+        for start in range(0, len(done), 500):
+            chunk = done[start:start + 500]
+            with write_transaction():
+                Outbox.delete().where(Outbox.id.in_(chunk)).execute()
+        self._handed.difference_update(done)
+
+    def _check_cap(self) -> None:
+        """Past ``mqtt.outbox_max`` rows, drop the oldest not handed over; count and log them."""
+        now = time.monotonic()
+        if now < self._next_cap_check:
+            return
+        self._next_cap_check = now + CAP_CHECK_EVERY_S
+        limit = self.config.mqtt.outbox_max
+        bounds = Outbox.select(fn.MIN(Outbox.id), fn.MAX(Outbox.id)).tuples().first()
+        if not bounds or bounds[0] is None or bounds[1] - bounds[0] + 1 <= limit:
+            return  # ids span no more than the cap, so the rows cannot exceed it
+        excess = Outbox.select().count() - limit
+        if excess <= 0:
+            return
+        oldest = Outbox.select(Outbox.id).order_by(Outbox.id).limit(excess)
+        if self._handed:
+            oldest = oldest.where(Outbox.id.not_in(list(self._handed)))
+        with write_transaction():
+            removed = Outbox.delete().where(Outbox.id.in_(oldest)).execute()
+            self.dropped += removed
+            set_meta("outbox_dropped", str(int(get_meta("outbox_dropped", "0") or 0) + removed))
+        log.warning("outbox: more than %d messages wait for the broker; dropped the %d oldest "
+                    "(%d dropped since start)", limit, removed, self.dropped)

@@ -1,0 +1,498 @@
+"""The paho client: submits in, outbox out, Last Will, and messages for waiting flows.
+
+One client per node with a fixed client id and a persistent session (clean start off
+plus a Session Expiry Interval in MQTT 5, clean session off in 3.1.1), so submits sent
+while flowd was away are delivered when it reconnects. Subscriptions are renewed on
+every connect. A submit is acknowledged (``manual_ack``) only once its flow is
+committed or it was refused, so a crash in between loses nothing: the broker sends it
+again. Nothing from the network is ever unpickled or evaluated; every payload is
+checked (size, UTF-8, nesting depth, JSON, field types) before it touches the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import socket
+import ssl
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from flowd import __version__, outbox
+from flowd.config import Config
+from flowd.engine import Engine, flow_status_payload
+from flowd.errors import ConfigError, InputError
+from flowd.models import isoformat, utcnow, write_transaction
+from flowd.topics import is_valid_filter, is_valid_publish_topic, topic_matches
+
+log = logging.getLogger(__name__)
+
+MAX_JSON_DEPTH = 32
+MAX_ID_LENGTH = 256
+SUBMIT_FIELDS = ("routine", "args", "kwargs", "request_id", "reply_to")
+RECONNECT_MIN_S = 1
+RECONNECT_MAX_S = 30
+PAHO_INFLIGHT = 100
+_JSON_SPECIAL = re.compile(r'[\[\]{}"\\]')
+
+
+# ---------------------------------------------------------------------- payload checks
+class SubmitRefused(InputError):
+    """A submit flowd will not run; ``str()`` is the sentence published on ``flow/error``."""
+
+    def __init__(self, message: str, request_id: str | None = None, reply_to: str | None = None):
+        super().__init__(message)
+        self.request_id = request_id
+        self.reply_to = reply_to
+
+
+@dataclass(frozen=True)
+class SubmitRequest:
+    """A checked submit (SPEC 4.1)."""
+
+    routine: str
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    request_id: str | None = None
+    reply_to: str | None = None
+
+
+def is_nested_deeper(text: str, limit: int) -> bool:
+    """True when the JSON ``text`` nests arrays/objects deeper than ``limit``.
+
+    Runs before ``json.loads``, whose recursion a 10,000-deep payload would exhaust.
+    Counting brackets first keeps the usual small payload on the fast path.
+    """
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth = 0
+    in_string = False
+    skip = -1
+    for match in _JSON_SPECIAL.finditer(text):
+        position = match.start()
+        if position == skip:
+            continue
+        char = match.group()
+        if in_string:
+            if char == "\\":
+                skip = position + 1
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json_payload(payload: bytes, max_payload: int) -> Any:
+    """Decode an MQTT payload as JSON safely; raises InputError with the reason."""
+    if len(payload) > max_payload:
+        raise InputError(f"the payload is {len(payload)} bytes; the limit is {max_payload} bytes (mqtt.max_payload)")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"the payload is not UTF-8 text (byte 0x{payload[exc.start]:02x} at offset "
+                         f"{exc.start})") from None
+    if is_nested_deeper(text, MAX_JSON_DEPTH):
+        raise InputError(f"the JSON is nested more than {MAX_JSON_DEPTH} levels deep")
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"the payload is not valid JSON: {exc.msg} (line {exc.lineno} column {exc.colno})") from None
+    except (ValueError, RecursionError) as exc:
+        raise InputError(f"the payload is not valid JSON: {exc}") from None
+
+
+def _describe_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def parse_submit(payload: bytes, max_payload: int) -> SubmitRequest:
+    """Check a ``flow/submit`` payload (SPEC 4.1/4.3); raises SubmitRefused saying what is wrong."""
+    try:
+        data = parse_json_payload(payload, max_payload)
+    except InputError as exc:
+        raise SubmitRefused(str(exc)) from None
+    if not isinstance(data, dict):
+        raise SubmitRefused(f'the payload must be a JSON object like {{"routine": "name"}}, not '
+                            f"{_describe_type(data)}")
+    request_id = data.get("request_id")
+    request_id = request_id if isinstance(request_id, str) and 0 < len(request_id) <= MAX_ID_LENGTH else None
+    reply_to = data.get("reply_to")
+    reply_to = reply_to if is_valid_publish_topic(reply_to) and not str(reply_to).startswith("$") else None
+
+    def refuse(message: str) -> SubmitRefused:
+        return SubmitRefused(message, request_id, reply_to)
+
+    unknown = sorted(str(key) for key in data if key not in SUBMIT_FIELDS)
+    if unknown:
+        raise refuse(f"unknown field '{unknown[0]}' in the submit; the fields are {', '.join(SUBMIT_FIELDS)}")
+    routine = data.get("routine")
+    if routine is None:
+        raise refuse("the submit has no 'routine'; send at least {\"routine\": \"name\"}")
+    if not isinstance(routine, str) or not routine.strip():
+        raise refuse(f"'routine' must be a non-empty string, not {_describe_type(routine)}")
+    args = data.get("args")
+    if args is not None and not isinstance(args, list):
+        raise refuse(f"'args' must be an array, not {_describe_type(args)}")
+    kwargs = data.get("kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise refuse(f"'kwargs' must be an object, not {_describe_type(kwargs)}")
+    raw_id = data.get("request_id")
+    if raw_id is not None and request_id is None:
+        raise refuse(f"'request_id' must be a non-empty string of at most {MAX_ID_LENGTH} characters, "
+                     f"not {_describe_type(raw_id) if not isinstance(raw_id, str) else repr(raw_id[:40])}")
+    raw_reply = data.get("reply_to")
+    if raw_reply is not None and reply_to is None:
+        raise refuse(f"'reply_to' must be a topic to publish to (no '+', '#', leading '$' or NUL), "
+                     f"not {raw_reply!r:.80}")
+    return SubmitRequest(routine=routine, args=args or [], kwargs=kwargs or {}, request_id=request_id,
+                         reply_to=reply_to)
+
+
+# ---------------------------------------------------------------------- connection problems
+def describe_connect_error(exc: BaseException, host: str, port: int) -> tuple[int, str]:
+    """(log level, sentence) for a failed connection attempt."""
+    where = f"{host}:{port}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return logging.ERROR, f"TLS: the broker's certificate at {where} was not accepted: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return logging.ERROR, f"TLS handshake with the broker at {where} failed: {exc.reason or exc}"
+    if isinstance(exc, ConnectionRefusedError):
+        return logging.WARNING, f"the broker at {where} refused the connection (nothing listening?)"
+    if isinstance(exc, socket.gaierror):
+        return logging.ERROR, f"cannot resolve the broker host '{host}': {exc.strerror}"
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return logging.WARNING, f"connecting to the broker at {where} timed out"
+    return logging.WARNING, f"cannot connect to the broker at {where}: {exc}"
+
+
+class _Client(mqtt.Client):
+    """paho's client, remembering why the last connection attempt failed (paho's own
+    retry loop swallows the exception)."""
+
+    last_error: BaseException | None = None
+
+    def reconnect(self) -> MQTTErrorCode:
+        try:
+            return super().reconnect()
+        except OSError as exc:
+            self.last_error = exc
+            raise
+
+
+# ---------------------------------------------------------------------- the bridge
+class MqttBridge:
+    """Connects flowd to the broker; owns the outbox publisher that feeds it.
+
+    >>> bridge = MqttBridge(config, engine)
+    >>> bridge.start()              # returns at once; connects and reconnects in the background
+    >>> bridge.stop_intake(); bridge.publish_offline(); bridge.stop(drain=3.0)
+    """
+
+    def __init__(self, config: Config, engine: Engine):
+        self.config = config
+        self.engine = engine
+        m = config.mqtt
+        self.is_v5 = m.protocol == "5"
+        self.status_topic = config.topic(f"flowd/{config.flowd.node_id}/status")
+        self.error_topic = config.topic("flow/error")
+        self.submit_topics = {config.topic("flow/submit"), config.topic(f"flowd/{config.flowd.node_id}/submit")}
+        self.started_at = utcnow()
+        self._connected = threading.Event()
+        self._intake = True
+        self._problem: str | None = None
+        self._wait_lock = threading.Lock()
+        self._wait_filters: set[str] = set()
+        self._bad_filters: set[str] = set()
+        self.publisher = outbox.OutboxPublisher(config, self, on_wake=self.refresh_wait_topics)
+        self.client = self._build_client()
+
+    # ------------------------------------------------------------------ set-up
+    def _subscriptions(self) -> list[str]:
+        node_submit = self.config.topic(f"flowd/{self.config.flowd.node_id}/submit")
+        group = self.config.mqtt.shared_group
+        # With a shared group, each submit goes to exactly one node of the group (SPEC 10);
+        # a plain subscription as well would hand this node a second copy.
+        common = f"$share/{group}/{self.config.topic('flow/submit')}" if group else self.config.topic("flow/submit")
+        return [common, node_submit]
+
+    def _build_client(self) -> _Client:
+        m = self.config.mqtt
+        if self.is_v5:
+            client = _Client(CallbackAPIVersion.VERSION2, client_id=m.client_id, protocol=mqtt.MQTTv5,
+                             manual_ack=True)
+        else:
+            client = _Client(CallbackAPIVersion.VERSION2, client_id=m.client_id, protocol=mqtt.MQTTv311,
+                             clean_session=False, manual_ack=True)
+        client.max_inflight_messages_set(PAHO_INFLIGHT)
+        client.max_queued_messages_set(0)  # the outbox publisher bounds what it hands over
+        client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
+        if m.username:
+            client.username_pw_set(m.username, m.password)
+        if m.tls is not None:
+            try:
+                client.tls_set(ca_certs=m.tls.ca, certfile=m.tls.cert, keyfile=m.tls.key)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"cannot load the TLS files: {exc}", key="mqtt.tls", path=self.config.path) from None
+            if m.tls.insecure:
+                client.tls_insecure_set(True)
+        client.will_set(self.status_topic, self._status_payload("offline"), qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.on_socket_open = self._on_socket_open
+        return client
+
+    def _status_payload(self, state: str) -> str:
+        return json.dumps({"state": state, "version": __version__, "since": isoformat(utcnow())},
+                          separators=(",", ":"))
+
+    def start(self) -> None:
+        """Start the publisher and the network thread; a broker that is down is retried."""
+        m = self.config.mqtt
+        self.publisher.start()
+        if self.is_v5:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = min(int(m.session_expiry), 0xFFFFFFFF)
+            self.client.connect_async(m.host, m.port, m.keepalive, clean_start=False, properties=properties)
+        else:
+            self.client.connect_async(m.host, m.port, m.keepalive)
+        self.client.loop_start()
+        log.info("MQTT: connecting to %s:%d as '%s' (MQTT %s%s%s)", m.host, m.port, m.client_id, m.protocol,
+                 ", TLS" if m.tls else "", f", user '{m.username}'" if m.username else "")
+
+    def is_connected(self) -> bool:
+        return self._connected.is_set()
+
+    def stop_intake(self) -> None:
+        """Stop taking submits; they stay unacknowledged in the session for the next start."""
+        self._intake = False
+
+    def publish_offline(self) -> None:
+        """Queue the retained ``offline`` status (a clean disconnect sends no Last Will)."""
+        with write_transaction():
+            outbox.add_message(self.status_topic, self._status_payload("offline"), retain=True)
+        self.publisher.poke()
+
+    def stop(self, drain: float = 3.0) -> bool:
+        """Send what the outbox holds for up to ``drain`` s, then disconnect; True if it all went."""
+        drained = self.publisher.drain(drain) if self.is_connected() else False
+        self.publisher.stop()
+        self.client.disconnect()
+        self.client.loop_stop()
+        self._connected.clear()
+        return drained
+
+    # ------------------------------------------------------------------ paho callbacks (network thread)
+    def _report_problem(self, level: int, text: str) -> None:
+        """Log a connection problem once, not at every retry."""
+        if text != self._problem:
+            self._problem = text
+            log.log(level, "MQTT: %s; retrying with backoff up to %ds", text, RECONNECT_MAX_S)
+
+    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        # Without TCP_NODELAY every request/answer waits ~40 ms for Nagle + delayed ACK.
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            pass
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        exc = self.client.last_error
+        m = self.config.mqtt
+        if exc is None:
+            self._report_problem(logging.WARNING, f"cannot connect to the broker at {m.host}:{m.port}")
+        else:
+            self._report_problem(*describe_connect_error(exc, m.host, m.port))
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
+                    properties: Any) -> None:
+        try:
+            m = self.config.mqtt
+            if reason.is_failure:
+                level = logging.ERROR if reason.value in (0x04, 0x05, 0x86, 0x87, 0x8C) else logging.WARNING
+                self._report_problem(level, f"the broker at {m.host}:{m.port} refused the connection: {reason}")
+                return
+            self._problem = None
+            self._connected.set()
+            log.info("MQTT: connected to %s:%d (session present: %s)", m.host, m.port,
+                     "yes" if flags.session_present else "no")
+            self._subscribe(self._subscriptions())
+            with self._wait_lock:
+                self._wait_filters.clear()
+            self.refresh_wait_topics()
+            with write_transaction():
+                outbox.add_message(self.status_topic, self._status_payload("online"), retain=True)
+            self.publisher.connected()
+        except Exception:
+            log.exception("MQTT: error while setting up the connection")
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
+                       properties: Any) -> None:
+        if self._connected.is_set():
+            self._connected.clear()
+            if reason.is_failure or self._intake:
+                log.warning("MQTT: lost the connection to the broker (%s); reconnecting", reason)
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode,
+                    properties: Any) -> None:
+        try:
+            self.publisher.acknowledged(mid, not reason.is_failure)
+        except Exception:
+            log.exception("MQTT: error handling the acknowledgement of message %d", mid)
+
+    def _subscribe(self, topics: list[str]) -> None:
+        if not topics:
+            return
+        if self.is_v5:
+            self.client.subscribe([(t, SubscribeOptions(qos=1)) for t in topics])
+        else:
+            self.client.subscribe([(t, 1) for t in topics])
+
+    def refresh_wait_topics(self) -> None:
+        """Subscribe the topics waiting flows listen on; drop the ones nobody waits for."""
+        if not self.is_connected():
+            return
+        wanted = {t for t in self.engine.waiting_topics() if t}
+        with self._wait_lock:
+            new = sorted(wanted - self._wait_filters - self._bad_filters)
+            gone = sorted(self._wait_filters - wanted)
+            for topic in new:
+                if not is_valid_filter(topic):
+                    log.error("MQTT: a flow waits on '%s', which is not a valid topic filter", topic)
+                    self._bad_filters.add(topic)
+            new = [t for t in new if t not in self._bad_filters]
+            self._subscribe(new)
+            keep = set(self._subscriptions())
+            gone = [t for t in gone if t not in keep]
+            if gone:
+                self.client.unsubscribe(gone)
+            self._wait_filters = (self._wait_filters | set(new)) - set(gone)
+
+    # ------------------------------------------------------------------ messages
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if not self._intake:
+            return  # not acknowledged: the broker keeps it for the next session
+        try:
+            if message.topic in self.submit_topics:
+                self.handle_submit(message.topic, message.payload, message.properties)
+            else:
+                self.handle_event(message.topic, message.payload, bool(message.retain))
+        except Exception:
+            # Not acknowledged either: the broker delivers it again on the next connection.
+            log.exception("MQTT: could not handle a message on '%s'", message.topic)
+            return
+        try:
+            client.ack(message.mid, message.qos)
+        except Exception:
+            log.exception("MQTT: could not acknowledge message %d on '%s'", message.mid, message.topic)
+
+    def handle_submit(self, topic: str, payload: bytes, properties: Any = None) -> None:
+        """Start a flow for a submit, or refuse it with one message on ``flow/error``."""
+        response_topic = getattr(properties, "ResponseTopic", None) if properties is not None else None
+        if response_topic is not None and not (is_valid_publish_topic(response_topic)
+                                               and not response_topic.startswith("$")):
+            response_topic = None
+        correlation = getattr(properties, "CorrelationData", None) if properties is not None else None
+        correlation_hex = bytes(correlation).hex() if correlation else None
+        try:
+            request = parse_submit(payload, self.config.mqtt.max_payload)
+        except SubmitRefused as exc:
+            self._refuse(topic, str(exc), exc.request_id, exc.reply_to or response_topic, correlation_hex)
+            return
+        reply_to = request.reply_to or response_topic
+        try:
+            flow, created = self.engine.submit(
+                request.routine, request.args, request.kwargs, request_id=request.request_id, reply_to=reply_to,
+                correlation_data=correlation_hex, trigger="mqtt", require_mqtt=True)
+        except InputError as exc:
+            self._refuse(topic, str(exc), request.request_id, reply_to, correlation_hex)
+            return
+        if created:
+            log.debug("flow %d (%s) submitted on '%s'", flow.id, flow.routine, topic,
+                      extra={"FLOW_ID": flow.id, "ROUTINE": flow.routine})
+            return
+        log.info("flow %d (%s): request_id '%s' seen again on '%s'; answering with its status", flow.id,
+                 flow.routine, request.request_id, topic, extra={"FLOW_ID": flow.id, "ROUTINE": flow.routine})
+        answer_to = reply_to or self.config.topic(f"flow/{flow.id}/status")
+        with write_transaction():
+            outbox.add_message(answer_to, flow_status_payload(flow), correlation_data=correlation_hex)
+        self.publisher.poke()
+
+    def _refuse(self, topic: str, error: str, request_id: str | None, reply_to: str | None,
+                correlation_hex: str | None) -> None:
+        log.warning("MQTT: submit on '%s'%s refused: %s", topic,
+                    f" (request_id '{request_id}')" if request_id else "", error)
+        payload: dict[str, Any] = {"error": error, "topic": topic}
+        if request_id is not None:
+            payload["request_id"] = request_id
+        with write_transaction():
+            outbox.add_message(self.error_topic, payload)
+            if reply_to and reply_to != self.error_topic:
+                outbox.add_message(reply_to, payload, correlation_data=correlation_hex)
+        self.publisher.poke()
+
+    def handle_event(self, topic: str, payload: bytes, retained: bool = False) -> None:
+        """A message on a topic a waiting flow listens on (SPEC 2.1).
+
+        A retained message replayed at subscribe time is old news, not the event waited for.
+        JSON payloads are passed decoded, other UTF-8 text as a string.
+        """
+        with self._wait_lock:
+            watched = any(topic_matches(f, topic) for f in self._wait_filters)
+        if not watched or retained:
+            log.debug("MQTT: ignoring a %smessage on '%s'", "retained " if retained else "", topic)
+            return
+        limit = self.config.mqtt.max_payload
+        if len(payload) > limit:
+            log.warning("MQTT: ignoring a message on '%s' for a waiting flow: %d bytes is over mqtt.max_payload "
+                        "(%d)", topic, len(payload), limit)
+            return
+        try:
+            event: Any = parse_json_payload(payload, limit)
+        except InputError:
+            try:
+                event = payload.decode("utf-8")
+            except UnicodeDecodeError:
+                log.warning("MQTT: ignoring a message on '%s' for a waiting flow: it is not UTF-8 text", topic)
+                return
+        resumed = self.engine.deliver_event(topic, event)
+        if resumed:
+            log.debug("MQTT: message on '%s' resumed flow(s) %s", topic, ", ".join(map(str, resumed)))
+
+    # ------------------------------------------------------------------ outbox.Sender
+    def send(self, topic: str, payload: bytes, qos: int, retain: bool, correlation_data: bytes | None) -> int | None:
+        """Hand one outbox row to paho; its mid, or None when paho cannot take it now."""
+        properties = None
+        if correlation_data and self.is_v5:
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.CorrelationData = correlation_data
+        info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            return None
+        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos == 0:
+            return None  # paho dropped it; send again once connected
+        return int(info.mid)

@@ -1,0 +1,371 @@
+"""``flowd run``: wires the daemon together, handles signals and talks to systemd.
+
+Start order matters. Recovery runs before the worker pool exists, so no step can be
+running while the queue is rebuilt; the pool is forked before any thread starts
+(huey re-forks the pool process to replace a dead worker, and forking a process
+that runs paho or APScheduler threads can deadlock the child); only then start the
+MQTT bridge, the outbox publisher and the scheduler. Signal handlers only set a flag
+and wake the main loop, which does the work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fcntl
+import importlib.util
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from types import FrameType
+from typing import Any
+
+from flowd import __version__
+from flowd.config import Config, load_config
+from flowd.errors import ConfigError, FlowdError, StoreUnavailable
+from flowd.logs import set_level, setup_logging
+from flowd.models import utcnow
+from flowd.sdnotify import Notifier
+
+log = logging.getLogger(__name__)
+
+LOOP_INTERVAL_S = 1.0
+SCHEDULE_CHECK_EVERY_S = 2.0
+HEARTBEAT_EVERY_S = 30.0
+STOP_DRAIN_S = 5.0
+LOCK_FILE = "flowd.pid"
+# Keys that take effect on SIGHUP; the rest are read once by a thread or process
+# that lives as long as the daemon, so they wait for a restart.
+LIVE_KEYS = ("flowd.log_level",)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console script ``flowd`` (and ``python -m flowd``)."""
+    parser = argparse.ArgumentParser(prog="flowd", description="flowd: runs Python tasks as durable flows.")
+    parser.add_argument("--version", action="version", version=f"flowd {__version__}")
+    parser.add_argument("--config", metavar="PATH", help="configuration file (TOML)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = commands.add_parser("run", help="run the daemon in the foreground")
+    run.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="configuration file (TOML)")
+    args = parser.parse_args(argv)
+    if args.command != "run":
+        parser.print_usage(sys.stderr)
+        print("flowd: error: say what to do, e.g. 'flowd run --config /etc/flowd/flowd.toml'", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"flowd: {exc}", file=sys.stderr)
+        return 2
+    return Service(config, config_arg=args.config).run()
+
+
+def config_changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old, new) for every key that differs; secrets shown masked."""
+    changes: list[tuple[str, Any, Any]] = []
+
+    def walk(prefix: str, a: Any, b: Any) -> None:
+        if dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b):
+            for f in dataclasses.fields(a):
+                walk(f"{prefix}.{f.name}" if prefix else f.name, getattr(a, f.name), getattr(b, f.name))
+        elif a != b:
+            secret = prefix.endswith("password")
+            changes.append((prefix, "***" if secret and a else a, "***" if secret and b else b))
+
+    for section in ("flowd", "mqtt", "scheduler", "database", "queue"):
+        walk(section, getattr(old, section), getattr(new, section))
+    return changes
+
+
+class Service:
+    """The running daemon.
+
+    >>> raise SystemExit(Service(load_config("/etc/flowd/flowd.toml")).run())
+    """
+
+    def __init__(self, config: Config, config_arg: str | None = None, notifier: Notifier | None = None):
+        self.config = config
+        self.config_arg = config_arg if config_arg is not None else config.path
+        self.notifier = notifier or Notifier()
+        self.engine: Any = None
+        self.pool: Any = None
+        self.bridge: Any = None
+        self.scheduler: Any = None
+        self.reaper: Any = None
+        self.started_at = utcnow()
+        self._stop_signal: int | None = None
+        self._reload_requested = False
+        self._exit_code = 0
+        self._lock_fd: int | None = None
+        self._sig_r: socket.socket | None = None
+        self._sig_w: socket.socket | None = None
+        self._last_heartbeat = 0.0
+        self._last_connected: bool | None = None
+        self._last_error: str | None = None
+
+    # ------------------------------------------------------------------ life cycle
+    def run(self) -> int:
+        """Start everything, serve until SIGTERM/SIGINT, stop cleanly; the exit code."""
+        setup_logging(self.config)
+        self._log_config()
+        try:
+            self._take_lock()
+        except FlowdError as exc:
+            log.error("%s", exc)
+            return 1
+        try:
+            return self._run_locked()
+        finally:
+            self._release_lock()
+
+    def _run_locked(self) -> int:
+        from flowd import api, recovery
+        from flowd.queue import WorkerPool
+
+        try:
+            self.engine = api.configure(self.config)
+            recovered = recovery.recover(self.config, self.engine)
+        except StoreUnavailable as exc:
+            log.error("cannot start: %s", exc)
+            return 3
+        self.pool = WorkerPool(self.config)
+        self.pool.start()  # fork: before any thread exists in this process
+        try:
+            self._install_signal_handlers()
+            self._start_threads()
+            self._write_heartbeat(force=True)
+            self.notifier.ready()
+            log.info("flowd %s ready: node '%s', %d worker(s), %d flow(s) recovered", __version__,
+                     self.config.flowd.node_id, self.config.flowd.workers, recovered)
+            self._main_loop()
+        except FlowdError as exc:
+            log.error("cannot run: %s", exc)
+            self._exit_code = 2
+        finally:
+            self._shutdown()
+        return self._exit_code
+
+    def _start_threads(self) -> None:
+        from flowd.mqtt_bridge import MqttBridge
+        from flowd.reaper import Reaper
+
+        self.reaper = Reaper(self.config, self.engine)
+        self.bridge = MqttBridge(self.config, self.engine)
+        self.bridge.start()
+        if importlib.util.find_spec("flowd.scheduler") is not None:
+            from flowd.scheduler import Scheduler
+
+            self.scheduler = Scheduler(self.config, self.engine)
+            self.scheduler.start()
+        else:
+            log.warning("schedules are off: this installation has no flowd.scheduler module")
+
+    def _shutdown(self) -> None:
+        """Stop taking work, let running steps finish, publish offline, disconnect."""
+        self.notifier.stopping()
+        grace = self.config.flowd.shutdown_grace
+        why = signal.Signals(self._stop_signal).name if self._stop_signal else "error"
+        log.info("stopping (%s): taking no new work; running steps get up to %.0fs", why, grace)
+        if self.bridge is not None:
+            self.bridge.stop_intake()
+        if self.scheduler is not None:
+            self._guard("stopping the scheduler", self.scheduler.shutdown)
+        if self.pool is not None:
+            self._guard("stopping the worker pool", lambda: self.pool.stop(grace=grace))
+        if self.bridge is not None:
+            self._guard("publishing the offline status", self.bridge.publish_offline)
+            drained = self._guard("disconnecting from the broker", lambda: self.bridge.stop(drain=STOP_DRAIN_S))
+            if not drained:
+                log.warning("MQTT: stopped with messages still in the outbox; they are sent at the next start")
+        if self.engine is not None:
+            self._guard("recording the stop", self._write_stopped)
+        signal.set_wakeup_fd(-1)
+        log.info("flowd stopped")
+
+    def _guard(self, what: str, action: Any) -> Any:
+        try:
+            return action()
+        except Exception:
+            log.exception("while %s", what)
+            return None
+
+    # ------------------------------------------------------------------ the main loop
+    def _main_loop(self) -> None:
+        next_tick = 0.0
+        next_schedule_check = time.monotonic() + SCHEDULE_CHECK_EVERY_S
+        while self._stop_signal is None:
+            now = time.monotonic()
+            timeout = max(0.0, next_tick - now)
+            if self.notifier.watchdog_interval is not None:
+                timeout = min(timeout, self.notifier.watchdog_interval / 2)
+            self._wait_for_signal(timeout)
+            if self._stop_signal is not None:
+                break
+            if self._reload_requested:
+                self._reload_requested = False
+                self._reload()
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + LOOP_INTERVAL_S
+                self._guarded_tick()
+            if self.scheduler is not None and now >= next_schedule_check:
+                next_schedule_check = now + SCHEDULE_CHECK_EVERY_S
+                self._guarded("schedule check", self.scheduler.check_for_changes)
+            if not self.pool.is_alive():
+                log.error("the worker pool (pid %s) has died; stopping so the service manager can restart flowd",
+                          self.pool.pid)
+                self.pool.pid = None
+                self._exit_code = 1
+                return
+            if self.notifier.watchdog_due():
+                self.notifier.watchdog()
+
+    def _guarded(self, what: str, action: Any) -> None:
+        """Run a periodic duty; an error is logged (once while it repeats) and the loop goes on."""
+        try:
+            action()
+            self._last_error = None
+        except Exception as exc:
+            text = f"{what}: {type(exc).__name__}: {exc}"
+            if text != self._last_error:
+                self._last_error = text
+                log.exception("%s failed", what)
+
+    def _guarded_tick(self) -> None:
+        self._guarded("reaper", self.reaper.run_once)
+        self._guarded("heartbeat", self._write_heartbeat)
+        self._guarded("status", self._send_status)
+
+    def _send_status(self) -> None:
+        from peewee import fn
+
+        from flowd.models import ACTIVE_STATES, Flow
+
+        counts = {state: 0 for state in ACTIVE_STATES}
+        query = (Flow.select(Flow.state, fn.COUNT(Flow.id).alias("n")).where(Flow.state.in_(ACTIVE_STATES))
+                 .group_by(Flow.state))
+        for row in query:
+            counts[row.state] = row.n
+        parts = [f"{counts['RUNNING']} running", f"{counts['INIT']} queued"]
+        if counts["WAITING"]:
+            parts.append(f"{counts['WAITING']} waiting")
+        parts.append("broker connected" if self.bridge.is_connected() else "broker unreachable")
+        self.notifier.status(", ".join(parts))
+
+    def _write_heartbeat(self, force: bool = False) -> None:
+        """The NodeStatus row flowctl reads: on start, when the broker link changes, every 30 s."""
+        from flowd.models import NodeStatus, utcnow, write_transaction
+
+        connected = self.bridge.is_connected() if self.bridge is not None else False
+        now = time.monotonic()
+        if not force and connected == self._last_connected and now - self._last_heartbeat < HEARTBEAT_EVERY_S:
+            return
+        self._last_heartbeat = now
+        self._last_connected = connected
+        values = {"pid": os.getpid(), "version": __version__, "started_at": self.started_at,
+                  "heartbeat_at": utcnow(), "broker_connected": connected, "stopped_at": None}
+        with write_transaction():
+            (NodeStatus.insert(node_id=self.config.flowd.node_id, **values)
+             .on_conflict(conflict_target=[NodeStatus.node_id], update=values).execute())
+
+    def _write_stopped(self) -> None:
+        from flowd.models import NodeStatus, utcnow, write_transaction
+
+        with write_transaction():
+            (NodeStatus.update(stopped_at=utcnow(), heartbeat_at=utcnow(), broker_connected=False)
+             .where(NodeStatus.node_id == self.config.flowd.node_id).execute())
+
+    # ------------------------------------------------------------------ signals
+    def _install_signal_handlers(self) -> None:
+        self._sig_r, self._sig_w = socket.socketpair()
+        self._sig_r.setblocking(False)
+        self._sig_w.setblocking(False)
+        # The C-level handler writes to this socket, so select() below returns at once.
+        signal.set_wakeup_fd(self._sig_w.fileno(), warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
+        signal.signal(signal.SIGHUP, self._on_hup)
+
+    def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._stop_signal = signum
+
+    def _on_hup(self, signum: int, frame: FrameType | None) -> None:
+        self._reload_requested = True
+
+    def _wait_for_signal(self, timeout: float) -> None:
+        assert self._sig_r is not None
+        try:
+            readable, _, _ = select.select([self._sig_r], [], [], timeout)
+        except InterruptedError:
+            return
+        if readable:
+            try:
+                while self._sig_r.recv(64):
+                    pass
+            except OSError:
+                pass
+
+    def _reload(self) -> None:
+        """SIGHUP: re-read the configuration; rebuild schedules. Task scripts reload on change."""
+        self.notifier.reloading()
+        log.info("reloading (SIGHUP)")
+        try:
+            new = load_config(self.config_arg)
+        except ConfigError as exc:
+            log.error("reload: %s; keeping the running configuration", exc)
+        else:
+            changes = config_changes(self.config, new)
+            for key, before, after in changes:
+                log.info("reload: %s changed from %r to %r", key, before, after)
+            later = [key for key, _, _ in changes if key not in LIVE_KEYS]
+            if later:
+                log.warning("reload: %s take(s) effect at the next restart", ", ".join(later))
+            set_level(new.flowd.log_level)
+            if not changes:
+                log.info("reload: the configuration is unchanged")
+            self.config = dataclasses.replace(self.config, flowd=dataclasses.replace(
+                self.config.flowd, log_level=new.flowd.log_level))
+        if self.scheduler is not None:
+            self._guarded("schedule reload", self.scheduler.reload)
+        self.notifier.ready()
+
+    # ------------------------------------------------------------------ one daemon per state folder
+    def _take_lock(self) -> None:
+        """Refuse to start twice on one state folder (a POSIX lock: forked children do not
+        inherit it, and the kernel drops it when this process dies)."""
+        folder = self.config.state_dir
+        try:
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot use the state folder {folder}: {exc.strerror}") from None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise FlowdError(f"another flowd (pid {other}) is already running with state_dir {folder}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            try:
+                os.ftruncate(self._lock_fd, 0)
+            finally:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    def _log_config(self) -> None:
+        c = self.config
+        m = c.mqtt
+        log.info("flowd %s starting (pid %d): config %s; node '%s'; state_dir %s; task_paths %s; %d worker(s); "
+                 "database %s; queue %s; broker %s:%d (MQTT %s%s%s); log level %s", __version__, os.getpid(),
+                 c.path or "(defaults)", c.flowd.node_id, c.state_dir, ", ".join(c.flowd.task_paths),
+                 c.flowd.workers, c.database.url, c.queue.backend, m.host, m.port, m.protocol,
+                 ", TLS" if m.tls else "", f", user '{m.username}'" if m.username else "", c.flowd.log_level)
