@@ -162,8 +162,6 @@ class SlotTrigger(BaseTrigger):  # type: ignore[misc]
         """The slot of the firing happening now (the latest one due), or None when it ran already."""
         with self._lock:
             due = [slot for fire, slot in self._fires.items() if fire <= now]
-            if not due and self._fires:
-                due = [min(self._fires.values())]  # clocks disagree by a hair: take the earliest
             if not due:
                 return None
             slot = max(due)
@@ -346,7 +344,7 @@ class Scheduler:
             flow, created = self.engine.submit(routine, trigger="schedule", request_id=f"schedule:{routine}:{stamp}")
             flow_id = flow.id
             if created:
-                log.info("schedule: routine %s slot %s started flow %d (%s)", routine, stamp, flow.id, flow.state,
+                log.debug("schedule: routine %s slot %s started flow %d (%s)", routine, stamp, flow.id, flow.state,
                          extra={"FLOW_ID": flow.id, "ROUTINE": routine})
             else:
                 log.info("schedule: routine %s slot %s had started flow %d already", routine, stamp, flow.id,
