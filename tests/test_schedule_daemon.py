@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 from conftest import wait_for
 
 from flowd import catalog
-from flowd.models import Flow, FlowState, Routine
+from flowd.models import Flow, FlowState, Routine, write_transaction
 
 UTC = dt.UTC
 
@@ -148,3 +149,17 @@ def test_missed_run_older_than_the_grace_is_skipped(
     assert missed not in slots
     assert slots[1] > missed and (slots[1] - last).total_seconds() % 8 == 0
 
+
+
+def test_sighup_reloads_schedules_written_behind_the_daemons_back(
+        broker: Any, config_file: Callable[..., Path], flowd_proc: Any, tasks: Path) -> None:
+    # A schedule written straight into the database (no definitions version bump) is
+    # picked up on SIGHUP.
+    catalog.save_routine("hup", ["noop"])
+    proc = flowd_proc(config_file(broker=broker))
+    wait_for(lambda: " ready: " in proc.log_text(), timeout=30, message="the daemon to be ready")
+    with write_transaction():
+        Routine.update(schedule="@every 1s").where(Routine.name == "hup").execute()
+    proc.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: len(scheduled("hup")) >= 2, timeout=30, message="runs of the schedule after SIGHUP")
+    assert proc.proc.poll() is None
