@@ -63,8 +63,9 @@ done
 ROOT=$(cd "$ROOT" && pwd)
 P=${ROOT%/}                       # prefix for every target path: "" when installing into /
 if [ -n "$P" ]; then
-    [ -f "$P/etc/passwd" ] && [ -f "$P/etc/group" ] \
-        || die "--root $ROOT must hold etc/passwd and etc/group (the users of that system)"
+    if [ ! -f "$P/etc/passwd" ] || [ ! -f "$P/etc/group" ]; then
+        die "--root $ROOT must hold etc/passwd and etc/group (the users of that system)"
+    fi
     ACCOUNT_ARGS=(--prefix "$ROOT")   # useradd/userdel/groupdel edit $ROOT/etc, not the host's
 else
     ACCOUNT_ARGS=()
@@ -174,7 +175,9 @@ if [ "$UNINSTALL" = 1 ]; then
 fi
 
 # --- checks before touching anything ---
-[ -f "$SRC/pyproject.toml" ] && [ -d "$SRC/flowd" ] || die "$SRC does not look like the flowd source tree"
+if [ ! -f "$SRC/pyproject.toml" ] || [ ! -d "$SRC/flowd" ]; then
+    die "$SRC does not look like the flowd source tree"
+fi
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
     || die "$PYTHON is missing or older than Python 3.11 (flowd needs tomllib)"
 if ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then

@@ -167,8 +167,9 @@ def test_installed_venv_runs_flowd_and_loads_the_installed_config(installed: tup
     venv = root / "opt/flowd/venv"
     for script in ("flowd", "flowctl"):
         assert os.access(venv / "bin" / script, os.X_OK), f"no {script} entry point"
-    code = ("import flowd, flowd.config as c, sys; cfg = c.load_config(sys.argv[1], env={'STATE_DIRECTORY': '/var/lib/flowd'});"
-            "print(flowd.__file__); print(cfg.state_dir, cfg.flowd.task_paths[0], cfg.flowd.shutdown_grace)")
+    code = ("import flowd, flowd.config as c, sys\n"
+            "cfg = c.load_config(sys.argv[1], env={'STATE_DIRECTORY': '/var/lib/flowd'})\n"
+            "print(flowd.__file__)\nprint(cfg.state_dir, cfg.flowd.task_paths[0], cfg.flowd.shutdown_grace)")
     result = subprocess.run([str(venv / "bin/python"), "-c", code, str(root / "etc/flowd/flowd.toml")],
                             capture_output=True, text=True, timeout=60, cwd="/")
     assert result.returncode == 0, result.stderr
