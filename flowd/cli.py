@@ -188,6 +188,13 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], flex: int, widt
 
 
 # --------------------------------------------------------------------------- dicts for --json
+def reload_flow(flow_id: int) -> Flow:
+    """The flow as a model (the engine hands back plain rows)."""
+    from flowd.models import Flow
+
+    return Flow.get_by_id(flow_id)
+
+
 def flow_dict(flow: Flow) -> dict[str, Any]:
     steps = list(flow.steps or [])
     children = [{"id": c.id, "routine": c.routine, "state": c.state}
@@ -527,7 +534,8 @@ def cmd_submit(ctx: Context) -> int:
     if a.request_id is not None and not a.request_id:
         raise UsageError("--request-id must not be empty")
     engine = ctx.engine()
-    flow, created = engine.submit(a.routine, args, kwargs, request_id=a.request_id, trigger="cli")
+    submitted, created = engine.submit(a.routine, args, kwargs, request_id=a.request_id, trigger="cli")
+    flow = reload_flow(submitted.id)
     if not a.wait:
         if created:
             text = f"flow {flow.id} submitted ({flow.routine}, {flow.state})"
@@ -707,13 +715,13 @@ def render_flow(data: dict[str, Any]) -> str:
 
 
 def cmd_flow_cancel(ctx: Context) -> int:
-    flow = ctx.engine().cancel(ctx.args.id, reason="cancelled with flowctl")
+    flow = reload_flow(ctx.engine().cancel(ctx.args.id, reason="cancelled with flowctl").id)
     ctx.emit(flow_dict(flow), f"flow {flow.id} ({flow.routine}) {flow.state}")
     return EXIT_OK
 
 
 def cmd_flow_retry(ctx: Context) -> int:
-    flow = ctx.engine().retry(ctx.args.id)
+    flow = reload_flow(ctx.engine().retry(ctx.args.id).id)
     steps = len(flow.steps or [])
     ctx.emit(flow_dict(flow), f"flow {flow.id} ({flow.routine}) {flow.state} again from step "
                               f"{flow.position + 1}/{steps} ({flow.steps[flow.position]})")
