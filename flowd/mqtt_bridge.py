@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import socket
 import ssl
@@ -102,6 +103,13 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"the number {text[:40]} is too large")
+    return value
+
+
 def parse_json_payload(payload: bytes, max_payload: int) -> Any:
     """Decode an MQTT payload as JSON safely; raises InputError with the reason."""
     if len(payload) > max_payload:
@@ -114,7 +122,7 @@ def parse_json_payload(payload: bytes, max_payload: int) -> Any:
     if is_nested_deeper(text, MAX_JSON_DEPTH):
         raise InputError(f"the JSON is nested more than {MAX_JSON_DEPTH} levels deep")
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         raise InputError(f"the payload is not valid JSON: {exc.msg} (line {exc.lineno} column {exc.colno})") from None
     except (ValueError, RecursionError) as exc:

@@ -345,3 +345,88 @@ def mqtt_client(broker: Broker) -> Iterator[Callable[..., MqttClient]]:
     yield make
     for client in clients:
         client.close()
+
+
+# ---------------------------------------------------------------------------
+# Daemon / MQTT area (flowd run, outbox, systemd): a test client whose session
+# survives broker restarts, so nothing flowd publishes while it reconnects is missed.
+
+
+class SessionClient:
+    """An MQTT 5 test client with a fixed id and a persistent session that re-subscribes
+    on every connect; messages are kept in arrival order with their properties."""
+
+    def __init__(self, broker: Broker, client_id: str, topics: list[str], tls: dict[str, Any] | None = None,
+                 username: str | None = None, password: str | None = None):
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        self.topics = topics
+        self.messages: list[tuple[str, bytes, Any, bool]] = []
+        self.lock = threading.Lock()
+        self.subscribed = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        if tls:
+            self.client.tls_set(**tls)
+        if username:
+            self.client.username_pw_set(username, password)
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = lambda *a: self.subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(0.2, 1)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        self.client.connect_async(broker.host, broker.port, clean_start=False, properties=props)
+        self.client.loop_start()
+        if not self.subscribed.wait(10):
+            raise RuntimeError("session test client could not connect and subscribe")
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if not reason.is_failure:
+            client.subscribe([(t, 1) for t in self.topics])
+
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        with self.lock:
+            self.messages.append((message.topic, message.payload, message.properties, bool(message.retain)))
+
+    def publish(self, topic: str, payload: Any, qos: int = 1, retain: bool = False, properties: Any = None) -> None:
+        data = payload if isinstance(payload, (bytes, str)) else json.dumps(payload)
+        info = self.client.publish(topic, data, qos=qos, retain=retain, properties=properties)
+        info.wait_for_publish(10)
+
+    def received(self, topic_filter: str) -> list[tuple[str, bytes, Any, bool]]:
+        from flowd.topics import topic_matches
+
+        with self.lock:
+            return [m for m in self.messages if topic_matches(topic_filter, m[0])]
+
+    def json_on(self, topic_filter: str) -> list[Any]:
+        found = []
+        for _, payload, _, _ in self.received(topic_filter):
+            try:
+                found.append(json.loads(payload))
+            except ValueError:
+                found.append(payload)
+        return found
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.fixture
+def session_client(broker: Broker) -> Iterator[Callable[..., SessionClient]]:
+    """Factory: ``session_client(topics=["flow/#"], client_id="watcher")``."""
+    clients: list[SessionClient] = []
+
+    def make(topics: list[str], client_id: str = "test-watcher", target: Broker | None = None,
+             **kwargs: Any) -> SessionClient:
+        client = SessionClient(target or broker, client_id, topics, **kwargs)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
