@@ -404,6 +404,8 @@ class MqttBridge:
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if not self._intake:
             return  # not acknowledged: the broker keeps it for the next session
+        log.debug("MQTT: message %d on '%s' (%d bytes%s)", message.mid, message.topic, len(message.payload),
+                  ", again" if message.dup else "")
         try:
             if message.topic in self.submit_topics:
                 self.handle_submit(message.topic, message.payload, message.properties)
