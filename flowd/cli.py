@@ -23,19 +23,20 @@ stderr, and also ``{"error": "...", "exit_code": N}`` on stdout.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
-import shutil
-import sqlite3
 import sys
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
 
 from flowd.errors import ConfigError, InputError, StoreUnavailable, TaskScriptError
 
+# typing, json, datetime, shutil and sqlite3 cost ~20 ms together on a PC, several
+# times that on a Pi: --help needs none of them, so they are imported where used.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import datetime as dt
+    from collections.abc import Sequence
+    from typing import Any, NoReturn
+
     from flowd.config import Config
     from flowd.engine import Engine
     from flowd.models import Flow, Routine, Task, TaskResult
@@ -59,6 +60,8 @@ def parse_value(text: str) -> Any:
     """
     def refuse(constant: str) -> Any:
         raise ValueError(constant)
+
+    import json
 
     try:
         return json.loads(text, parse_constant=refuse)
@@ -131,6 +134,8 @@ def local_time(value: dt.datetime | None) -> str:
     """A naive-UTC database time shown in the machine's time zone, to the second."""
     if value is None:
         return "-"
+    import datetime as dt
+
     return value.replace(tzinfo=dt.UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
@@ -165,11 +170,23 @@ def shorten(text: str, width: int) -> str:
 
 
 def compact(value: Any, width: int) -> str:
+    import json
+
     return shorten(json.dumps(value, separators=(",", ":"), ensure_ascii=False), width)
 
 
 def terminal_width() -> int:
-    return max(shutil.get_terminal_size((80, 24)).columns, 40)
+    """Columns of the terminal: $COLUMNS, else the terminal's width, else 80 (piped)."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.stdout.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 80
+    return max(columns, 40)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], flex: int, width: int | None = None) -> str:
@@ -275,6 +292,8 @@ class Context:
 
     def emit(self, data: Any, text: str) -> None:
         if self.json:
+            import json
+
             print(json.dumps(data, ensure_ascii=False, indent=2))
         elif text:
             print(text)
@@ -283,6 +302,8 @@ class Context:
 # --------------------------------------------------------------------------- commands
 def cmd_status(ctx: Context) -> int:
     """Daemon, broker, queue depth, flows by state, outbox size."""
+    import sqlite3
+
     from peewee import fn
 
     from flowd.models import Flow, NodeStatus, Outbox, utcnow
@@ -338,6 +359,8 @@ def cmd_status(ctx: Context) -> int:
 
 
 def _parse_iso(text: str | None) -> dt.datetime | None:
+    import datetime as dt
+
     return dt.datetime.fromisoformat(text.rstrip("Z")) if text else None
 
 
@@ -747,7 +770,37 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
-def build_parser() -> argparse.ArgumentParser:
+COMMANDS = {
+    "status": "daemon, broker, queue depth, flows by state",
+    "scripts": "task scripts found in the task folders",
+    "task": "add, list, show or remove stored tasks",
+    "routine": "add, list, show, remove, enable or disable routines",
+    "apply": "create or update tasks and routines from a TOML file; idempotent",
+    "submit": "start a flow of a routine",
+    "flows": "list flows, newest first",
+    "flow": "show, cancel or retry one flow",
+    "prune": "delete ended flows and their results now",
+}
+
+
+def command_of(argv: Sequence[str]) -> str | None:
+    """The command word of ``argv`` (skipping global options), to build only its parser."""
+    skip = False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--config":
+            skip = True
+        elif not token.startswith("-"):
+            return token
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """flowctl's parser; with ``command`` only that command's arguments are built.
+
+    Every sub-parser costs ~0.4 ms here (several on a Pi), and flowctl has thirty.
+    """
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
                         help="config file (default: $FLOWD_CONFIG, /etc/flowd/flowd.toml, ./config/flowd.toml)")
@@ -762,36 +815,77 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", default=False,
                         help="print JSON on stdout, for programs (also after the command)")
     parser.add_argument("--version", action="version", version=_version())
-    parser.usage = "flowctl [--config PATH] [--json] COMMAND ..."
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+    parser.usage = "flowctl [--config PATH] [--json] COMMAND ..."  # after: sub-commands read it for their prog
 
-    def add(sub: Any, name: str, func: Any, help_text: str, **kw: Any) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=help_text,
-                                                    parents=[common], **kw)
+    def add(sub: Any, name: str, func: Any, help_text: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
         p.set_defaults(func=func)
         return p
 
-    add(commands, "status", cmd_status, "daemon, broker, queue depth, flows by state")
-    add(commands, "scripts", cmd_scripts, "task scripts found in the task folders")
+    def group(name: str, dest: str) -> Any:
+        p = commands.add_parser(name, help=COMMANDS[name], description=COMMANDS[name], parents=[common])
+        return p.add_subparsers(dest=dest, metavar="ACTION", required=True, parser_class=_Parser)
 
-    task = commands.add_parser("task", help="add, list, show or remove stored tasks", parents=[common])
-    task_cmds = task.add_subparsers(dest="task_command", metavar="ACTION", required=True, parser_class=_Parser)
+    for name, help_text in COMMANDS.items():
+        if name != command:
+            commands.add_parser(name, help=help_text, add_help=False)
+            continue
+        if name == "status":
+            add(commands, "status", cmd_status, help_text)
+        elif name == "scripts":
+            add(commands, "scripts", cmd_scripts, help_text)
+        elif name == "task":
+            _add_task_parsers(group("task", "task_command"), add)
+        elif name == "routine":
+            _add_routine_parsers(group("routine", "routine_command"), add)
+        elif name == "apply":
+            p = add(commands, "apply", cmd_apply, help_text)
+            p.add_argument("file", metavar="FILE.toml")
+            p.add_argument("--prune", action="store_true", help="also remove tasks and routines the file does not name")
+        elif name == "submit":
+            p = add(commands, "submit", cmd_submit, help_text)
+            p.add_argument("routine", metavar="ROUTINE")
+            p.add_argument("args", metavar="ARG", nargs="*", help="positional arguments (JSON or strings)")
+            p.add_argument("--kw", action="append", metavar="K=V",
+                           help="keyword argument (repeatable; V is JSON or a string)")
+            p.add_argument("--request-id", metavar="ID", help="idempotency key: a repeat returns the existing flow")
+            p.add_argument("--wait", action="store_true", help="follow the flow and exit with its outcome")
+            p.add_argument("--timeout", type=_duration, metavar="S", help="with --wait: stop waiting after S seconds")
+        elif name == "flows":
+            p = add(commands, "flows", cmd_flows, help_text)
+            p.add_argument("--state", type=_state, metavar="S", help=f"one of {', '.join(STATES)}")
+            p.add_argument("--routine", metavar="R")
+            p.add_argument("--limit", type=_positive, default=20, metavar="N", help="at most N flows (default 20)")
+        elif name == "flow":
+            flow_cmds = group("flow", "flow_command")
+            for action, func, text in (
+                    ("show", cmd_flow_show, "every step and attempt of a flow"),
+                    ("cancel", cmd_flow_cancel, "cancel a flow that has not ended"),
+                    ("retry", cmd_flow_retry, "resume a FAILED or CANCELLED flow from its failed step")):
+                add(flow_cmds, action, func, text).add_argument("id", metavar="ID", type=_flow_id)
+        elif name == "prune":
+            p = add(commands, "prune", cmd_prune, help_text)
+            p.add_argument("--older-than", type=_duration, metavar="AGE",
+                           help="e.g. 30d, 12h (default: the retention)")
+    return parser
+
+
+def _add_task_parsers(task_cmds: Any, add: Any) -> None:
     p = add(task_cmds, "add", cmd_task_add, "create a task (or update it in place)")
     p.add_argument("name", metavar="NAME")
     p.add_argument("script", metavar="SCRIPT", help="module.Class, e.g. example.VeryLong")
     p.add_argument("--retries", type=_count, metavar="N")
     p.add_argument("--retry-delay", type=_duration, metavar="S", help="seconds before the first retry (doubles)")
     p.add_argument("--timeout", type=_duration, metavar="S", help="seconds one attempt may run")
-    p.add_argument("--option", action="append", metavar="K=V", help="default keyword argument (repeatable; "
-                                                                   "V is JSON or a string)")
+    p.add_argument("--option", action="append", metavar="K=V",
+                   help="default keyword argument (repeatable; V is JSON or a string)")
     add(task_cmds, "list", cmd_task_list, "list tasks")
     add(task_cmds, "show", cmd_task_show, "show one task").add_argument("name", metavar="NAME")
     add(task_cmds, "remove", cmd_task_remove, "remove a task no routine uses").add_argument("name", metavar="NAME")
 
-    routine = commands.add_parser("routine", help="add, list, show, remove, enable or disable routines",
-                                  parents=[common])
-    routine_cmds = routine.add_subparsers(dest="routine_command", metavar="ACTION", required=True,
-                                          parser_class=_Parser)
+
+def _add_routine_parsers(routine_cmds: Any, add: Any) -> None:
     p = add(routine_cmds, "add", cmd_routine_add, "create a routine (or replace its definition)")
     p.add_argument("name", metavar="NAME")
     p.add_argument("tasks", metavar="TASK", nargs="+")
@@ -809,34 +903,6 @@ def build_parser() -> argparse.ArgumentParser:
                              ("disable", cmd_routine_enable, "stop schedules, MQTT and flowctl from starting it")):
         add(routine_cmds, name, func, text).add_argument("name", metavar="NAME")
 
-    p = add(commands, "apply", cmd_apply, "create or update tasks and routines from a TOML file; idempotent")
-    p.add_argument("file", metavar="FILE.toml")
-    p.add_argument("--prune", action="store_true", help="also remove tasks and routines the file does not name")
-
-    p = add(commands, "submit", cmd_submit, "start a flow of a routine")
-    p.add_argument("routine", metavar="ROUTINE")
-    p.add_argument("args", metavar="ARG", nargs="*", help="positional arguments (JSON or strings)")
-    p.add_argument("--kw", action="append", metavar="K=V", help="keyword argument (repeatable; V is JSON or a string)")
-    p.add_argument("--request-id", metavar="ID", help="idempotency key: a repeat returns the existing flow")
-    p.add_argument("--wait", action="store_true", help="follow the flow and exit with its outcome")
-    p.add_argument("--timeout", type=_duration, metavar="S", help="with --wait: stop waiting after S seconds")
-
-    p = add(commands, "flows", cmd_flows, "list flows, newest first")
-    p.add_argument("--state", type=_state, metavar="S", help=f"one of {', '.join(STATES)}")
-    p.add_argument("--routine", metavar="R")
-    p.add_argument("--limit", type=_positive, default=20, metavar="N", help="at most N flows (default 20)")
-
-    flow = commands.add_parser("flow", help="show, cancel or retry one flow", parents=[common])
-    flow_cmds = flow.add_subparsers(dest="flow_command", metavar="ACTION", required=True, parser_class=_Parser)
-    for name, func, text in (("show", cmd_flow_show, "every step and attempt of a flow"),
-                             ("cancel", cmd_flow_cancel, "cancel a flow that has not ended"),
-                             ("retry", cmd_flow_retry, "resume a FAILED or CANCELLED flow from its failed step")):
-        add(flow_cmds, name, func, text).add_argument("id", metavar="ID", type=_flow_id)
-
-    p = add(commands, "prune", cmd_prune, "delete ended flows and their results now")
-    p.add_argument("--older-than", type=_duration, metavar="AGE", help="e.g. 30d, 12h (default: the retention)")
-    return parser
-
 
 def _version() -> str:
     from flowd import __version__
@@ -848,6 +914,8 @@ def _version() -> str:
 def store_failure(exc: BaseException) -> str | None:
     """The reason, when ``exc`` says the database cannot be used (locked, read-only,
     not a database); None for anything else (a bug, which keeps its traceback)."""
+    import sqlite3
+
     import peewee
 
     if isinstance(exc, (sqlite3.OperationalError, peewee.OperationalError)):
@@ -863,7 +931,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     want_json = "--json" in argv
     ctx: Context | None = None
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(command_of(argv)).parse_args(argv)
         ctx = Context(args)
         want_json = ctx.json
         return int(args.func(ctx))
@@ -872,8 +940,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoreUnavailable as exc:
         return _fail(f"{exc}", EXIT_STORE, want_json)
     except Exception as exc:
-        reason = store_failure(exc) if "peewee" in sys.modules else (
-            str(exc) if isinstance(exc, sqlite3.OperationalError) else None)
+        reason = store_failure(exc) if "sqlite3" in sys.modules else None
         if reason is None:
             raise
         where = ctx.config.database.url if ctx is not None and ctx._config is not None else "the database"
@@ -884,6 +951,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _fail(message: str, code: int, want_json: bool) -> int:
     print(f"flowctl: {message}", file=sys.stderr)
     if want_json:
+        import json
+
         print(json.dumps({"error": message, "exit_code": code}))
     return code
 
