@@ -348,3 +348,86 @@ def test_uninstall_keeps_data_reinstall_adopts_it_purge_removes_it(installed: tu
     run_install(root, "--uninstall", "--purge")
     assert not (root / "var/lib/flowd").exists() and not (root / "etc/flowd").exists()
     assert account(root, "other") is not None                       # only flowd's account went
+
+
+SANDBOX = r'''
+"""exec a command under flowd.service's system call filter, as systemd would set it up:
+SystemCallFilter=@system-service ~@privileged @resources, SystemCallErrorNumber=EPERM,
+SystemCallArchitectures=native, NoNewPrivileges=yes, MemoryDenyWriteExecute=yes (PR_SET_MDWE)."""
+import ctypes, errno, os, subprocess, sys
+import seccomp
+
+def expand(group):
+    out = subprocess.run(["systemd-analyze", "syscall-filter", group], capture_output=True, text=True,
+                         check=True).stdout
+    names = set()
+    for line in out.splitlines()[1:]:
+        line = line.strip()
+        if line.startswith("@"):
+            names |= expand(line)
+        elif line and not line.startswith("#"):
+            names.add(line)
+    return names
+
+allowed = expand("@system-service") - expand("@privileged") - expand("@resources")
+rules = seccomp.SyscallFilter(defaction=seccomp.ERRNO(errno.EPERM))
+for name in sorted(allowed):
+    try:
+        rules.add_rule(seccomp.ALLOW, name)
+    except (RuntimeError, ValueError, OSError):
+        pass                       # not a system call on this architecture
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(38, 1, 0, 0, 0) != 0:          # PR_SET_NO_NEW_PRIVS
+    sys.exit("no_new_privs refused")
+mdwe = libc.prctl(65, 1, 0, 0, 0) == 0       # PR_SET_MDWE (Linux 6.3+)
+rules.load()
+print(f"sandbox: seccomp on, MDWE {'on' if mdwe else 'unsupported'}", file=sys.stderr, flush=True)
+os.execv(sys.argv[1], sys.argv[1:])
+'''
+
+
+def has_seccomp() -> bool:
+    probe = subprocess.run(["/usr/bin/python3", "-c", "import seccomp"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not Path("/usr/bin/python3").exists() or not has_seccomp(),
+                    reason="needs libseccomp's Python binding for /usr/bin/python3 (apt-get install python3-seccomp)")
+def test_daemon_runs_a_flow_and_stops_cleanly_under_the_units_syscall_filter(
+        broker: Any, config_file: Any, db: Any, task_dir: Path, flowctl: Any, tmp_path: Path) -> None:
+    # flowd run, sandboxed with the unit's system call filter, runs a two-step flow
+    # submitted by flowctl, then stops with exit 0 on SIGTERM: nothing it needs is refused.
+    import signal
+    import time
+
+    from conftest import flowd_env, wait_for
+
+    from flowd import catalog
+
+    catalog.save_task("step-a", "example.Step", options={"key": "a"}, task_paths=[str(task_dir)])
+    catalog.save_task("step-b", "example.Step", options={"key": "b", "source": "a"}, task_paths=[str(task_dir)])
+    catalog.save_routine("pair", ["step-a", "step-b"])
+    helper = tmp_path / "sandbox.py"
+    helper.write_text(SANDBOX)
+    path = config_file(broker=broker)
+    log_path = tmp_path / "flowd-sandboxed.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(["/usr/bin/python3", str(helper), sys.executable, "-m", "flowd", "run",
+                                 "--config", str(path)], stdout=log, stderr=subprocess.STDOUT, env=flowd_env(),
+                                cwd=str(ROOT), start_new_session=True)
+    try:
+        wait_for(lambda: "sandbox: seccomp on" in log_path.read_text(), timeout=30, message="the sandbox")
+        done = flowctl("--json", "submit", "pair", "--wait", "--timeout", "60", config=path, timeout=90)
+        assert done.returncode == 0, done.stdout + done.stderr + log_path.read_text()
+        assert '"b": 2' in done.stdout.replace('"b":2', '"b": 2'), done.stdout
+        deadline = time.monotonic() + 30
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(max(1.0, deadline - time.monotonic()))
+        log_text = log_path.read_text()
+        assert code == 0, log_text
+        assert "Operation not permitted" not in log_text, log_text
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
