@@ -302,8 +302,6 @@ class Context:
 # --------------------------------------------------------------------------- commands
 def cmd_status(ctx: Context) -> int:
     """Daemon, broker, queue depth, flows by state, outbox size."""
-    import sqlite3
-
     from peewee import fn
 
     from flowd.models import Flow, NodeStatus, Outbox, utcnow
@@ -329,8 +327,11 @@ def cmd_status(ctx: Context) -> int:
 
         queue.configure_queue(ctx.config)
         depth = queue.queue_depth()
-    except (StoreUnavailable, OSError, sqlite3.Error) as exc:
-        queue_error = str(exc)
+    except Exception as exc:
+        # status is how people diagnose: report the queue's trouble and show the rest.
+        queue_error = str(exc) if isinstance(exc, (StoreUnavailable, OSError)) else store_failure(exc)
+        if queue_error is None:
+            raise
     data = {"node_id": ctx.config.flowd.node_id, "nodes": nodes,
             "daemon_running": any(n["running"] for n in nodes if n["node_id"] == ctx.config.flowd.node_id),
             "queue_depth": depth, "queue_error": queue_error, "flows": counts, "outbox": outbox,
@@ -362,6 +363,14 @@ def _parse_iso(text: str | None) -> dt.datetime | None:
     import datetime as dt
 
     return dt.datetime.fromisoformat(text.rstrip("Z")) if text else None
+
+
+def any_daemon_alive(local_node_id: str) -> bool:
+    """True when some flowd writes fresh heartbeats into this database."""
+    from flowd.models import NodeStatus, utcnow
+
+    now = utcnow()
+    return any(is_node_alive(node, now, local_node_id) for node in NodeStatus.select())
 
 
 def is_node_alive(node: Any, now: dt.datetime, local_node_id: str) -> bool:
@@ -584,6 +593,8 @@ def wait_for_flow(ctx: Context, flow_id: int, timeout: float | None) -> int:
     started = time.monotonic()
     last_line = None
     flow = Flow.get_by_id(flow_id)
+    if not flow.is_ended and not any_daemon_alive(ctx.config.flowd.node_id):
+        print("flowctl: note: flowd is not running; the flow waits in the queue until it starts", file=sys.stderr)
     try:
         while True:
             flow = Flow.get_by_id(flow_id)
@@ -637,6 +648,8 @@ def _end_live(stream: Any, live: bool) -> None:
 def progress_line(flow: Flow, task_name: str, attempt: int, retries: int) -> str:
     """``flow 12 (fetch-weather) RUNNING step 2/3 digest, try 2/4``."""
     head = f"flow {flow.id} ({flow.routine}) {flow.state}"
+    if flow.state == "INIT" and not flow.admitted:
+        return f"{head}: waiting for its turn (the routine's mode limits how many run)"
     if flow.state == "INIT" and attempt == 0 and flow.position == 0:
         return f"{head}: queued, waiting for a worker"
     line = f"{head} step {flow.position + 1}/{len(flow.steps)} {task_name}"
@@ -912,8 +925,9 @@ def _version() -> str:
 
 # --------------------------------------------------------------------------- main
 def store_failure(exc: BaseException) -> str | None:
-    """The reason, when ``exc`` says the database cannot be used (locked, read-only,
-    not a database); None for anything else (a bug, which keeps its traceback)."""
+    """The reason, when ``exc`` says the database or the queue cannot be used (locked,
+    read-only, not a database, Redis away); None for anything else (a bug, which keeps
+    its traceback)."""
     import sqlite3
 
     import peewee
@@ -922,6 +936,9 @@ def store_failure(exc: BaseException) -> str | None:
         return str(exc)
     if type(exc) in (sqlite3.DatabaseError, peewee.DatabaseError):  # "file is not a database"
         return str(exc)
+    redis = sys.modules.get("redis.exceptions")
+    if redis is not None and isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        return f"the queue (Redis) cannot be reached: {exc}"
     return None
 
 
@@ -940,7 +957,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoreUnavailable as exc:
         return _fail(f"{exc}", EXIT_STORE, want_json)
     except Exception as exc:
-        reason = store_failure(exc) if "sqlite3" in sys.modules else None
+        reason = store_failure(exc) if "sqlite3" in sys.modules or "redis" in sys.modules else None
         if reason is None:
             raise
         where = ctx.config.database.url if ctx is not None and ctx._config is not None else "the database"

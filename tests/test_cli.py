@@ -488,3 +488,34 @@ def test_status_without_and_with_a_daemon_heartbeat(cli: Run, with_routine: Run,
         conn.execute("UPDATE node_status SET pid = 999999999")
     assert data(cli("--json", "status"))["daemon_running"] is False
     conn.close()
+
+
+def test_status_and_wait_with_the_real_daemon(cli: Run, with_routine: Run, broker: Any,
+                                              config_file: Callable[..., Path], flowd_proc: Any) -> None:
+    # flowd runs with its broker: status shows it alive and connected, a flow submitted
+    # with --wait runs to DONE; the broker goes away and status says so; SIGTERM leaves
+    # the daemon "stopped".
+    path = config_file(broker=broker)
+    daemon = flowd_proc(path)
+
+    def status() -> Any:
+        return data(cli("--json", "status", config=path))
+
+    wait_for(lambda: status()["daemon_running"] and status()["nodes"][0]["broker_connected"], timeout=30,
+             message="flowctl status to see the daemon connected")
+    node = status()["nodes"][0]
+    assert node["node_id"] == "testnode" and node["pid"] == daemon.pid
+    text = ok(cli("status", config=path)).stdout
+    assert "running on testnode" in text and "connected" in text
+
+    done = data(cli("--json", "submit", "sum", "--wait", "--timeout", "30", config=path, timeout=90))
+    assert done["state"] == "DONE" and done["result"]["kwargs"]["total"] == 4
+
+    broker.stop()
+    wait_for(lambda: status()["nodes"][0]["broker_connected"] is False, timeout=30,
+             message="status to show the broker link down")
+    assert "NOT connected" in ok(cli("status", config=path)).stdout
+    assert daemon.terminate() == 0
+    stopped = status()
+    assert stopped["daemon_running"] is False and stopped["nodes"][0]["stopped_at"]
+    assert "stopped on testnode" in ok(cli("status", config=path)).stdout
