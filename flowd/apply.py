@@ -69,8 +69,8 @@ class ApplyReport:
 
     def summary(self) -> str:
         """A line per change (``task fetch: created``), then the counts."""
-        lines = []
-        counts = []
+        lines: list[str] = []
+        counts: list[str] = []
         for kind, changes in (("task", self.tasks), ("routine", self.routines)):
             for what in ("created", "updated", "removed"):
                 lines.extend(f"{kind} {name}: {what}" for name in getattr(changes, what))

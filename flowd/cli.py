@@ -214,8 +214,10 @@ def reload_flow(flow_id: int) -> Flow:
 
 def flow_dict(flow: Flow) -> dict[str, Any]:
     steps = list(flow.steps or [])
+    from flowd.models import Flow
+
     children = [{"id": c.id, "routine": c.routine, "state": c.state}
-                for c in flow.children.order_by(flow.__class__.id)]
+                for c in Flow.select().where(Flow.parent == flow.id).order_by(Flow.id)]
     waiting = None
     if flow.wait_topic:
         waiting = {"topic": flow.wait_topic, "match": flow.wait_match, "until": iso(flow.wait_until)}
@@ -226,7 +228,8 @@ def flow_dict(flow: Flow) -> dict[str, Any]:
         "args": flow.args, "kwargs": flow.kwargs, "request_id": flow.request_id, "trigger": flow.trigger,
         "reply_to": flow.reply_to, "result": flow.result, "error": flow.error,
         "created_at": iso(flow.created_at), "started_at": iso(flow.started_at),
-        "finished_at": iso(flow.finished_at), "parent": flow.parent_id, "children": children,
+        "finished_at": iso(flow.finished_at), "parent": flow.parent_id,  # type: ignore[attr-defined]
+        "children": children,
         "waiting_for": waiting,
     }
 
@@ -308,7 +311,7 @@ def cmd_status(ctx: Context) -> int:
 
     ctx.open_database()
     now = utcnow()
-    nodes = []
+    nodes: list[dict[str, Any]] = []
     for node in NodeStatus.select().order_by(NodeStatus.node_id):
         alive = is_node_alive(node, now, ctx.config.flowd.node_id)
         nodes.append({
@@ -318,8 +321,8 @@ def cmd_status(ctx: Context) -> int:
             "heartbeat_age": span(node.heartbeat_at, now),
         })
     counts = {state: 0 for state in STATES}
-    for row in Flow.select(Flow.state, fn.COUNT(Flow.id).alias("n")).group_by(Flow.state):
-        counts[row.state] = row.n
+    rows: Any = Flow.select(Flow.state, fn.COUNT(Flow.id)).group_by(Flow.state).tuples()
+    counts.update({state: count for state, count in rows})
     outbox = Outbox.select().count()
     depth, queue_error = None, None
     try:
@@ -566,6 +569,7 @@ def cmd_submit(ctx: Context) -> int:
     if a.request_id is not None and not a.request_id:
         raise UsageError("--request-id must not be empty")
     engine = ctx.engine()
+    submitted: Any
     submitted, created = engine.submit(a.routine, args, kwargs, request_id=a.request_id, trigger="cli")
     flow = reload_flow(submitted.id)
     if not a.wait:
@@ -751,13 +755,15 @@ def render_flow(data: dict[str, Any]) -> str:
 
 
 def cmd_flow_cancel(ctx: Context) -> int:
-    flow = reload_flow(ctx.engine().cancel(ctx.args.id, reason="cancelled with flowctl").id)
+    cancelled: Any = ctx.engine().cancel(ctx.args.id, reason="cancelled with flowctl")
+    flow = reload_flow(cancelled.id)
     ctx.emit(flow_dict(flow), f"flow {flow.id} ({flow.routine}) {flow.state}")
     return EXIT_OK
 
 
 def cmd_flow_retry(ctx: Context) -> int:
-    flow = reload_flow(ctx.engine().retry(ctx.args.id).id)
+    retried: Any = ctx.engine().retry(ctx.args.id)
+    flow = reload_flow(retried.id)
     steps = len(flow.steps or [])
     ctx.emit(flow_dict(flow), f"flow {flow.id} ({flow.routine}) {flow.state} again from step "
                               f"{flow.position + 1}/{steps} ({flow.steps[flow.position]})")
@@ -814,7 +820,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     Every sub-parser costs ~0.4 ms here (several on a Pi), and flowctl has thirty.
     """
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
                         help="config file (default: $FLOWD_CONFIG, /etc/flowd/flowd.toml, ./config/flowd.toml)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
