@@ -962,6 +962,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), EXIT_USAGE, want_json)
     except StoreUnavailable as exc:
         return _fail(f"{exc}", EXIT_STORE, want_json)
+    except KeyboardInterrupt:
+        print("flowctl: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `flowctl flows | head -3`: the reader left; say nothing more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except Exception as exc:
         reason = store_failure(exc) if "sqlite3" in sys.modules or "redis" in sys.modules else None
         if reason is None:
