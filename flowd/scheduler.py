@@ -133,12 +133,17 @@ class SlotTrigger(BaseTrigger):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ jitter and firing
     def fire_time(self, slot: dt.datetime, not_before: dt.datetime | None = None) -> dt.datetime:
-        """The slot plus its jitter (or ``not_before`` if later), remembered so the
-        firing maps back to the slot."""
-        offset = random.Random(f"{self.seed}|{slot.timestamp()}").uniform(0, self.jitter) if self.jitter else 0.0
-        fire = (slot + dt.timedelta(seconds=offset)).astimezone(self.timezone)
+        """The slot plus its jitter, remembered so the firing maps back to the slot.
+
+        A slot already past ``not_before`` (a missed run) fires at ``not_before`` plus
+        the same jitter: devices that boot together after a power cut still spread out.
+        """
+        offset = dt.timedelta(seconds=random.Random(f"{self.seed}|{slot.timestamp()}").uniform(0, self.jitter)
+                              if self.jitter else 0.0)
+        fire = slot + offset
         if not_before is not None and fire < not_before:
-            fire = not_before.astimezone(self.timezone)
+            fire = to_utc(not_before) + offset
+        fire = fire.astimezone(self.timezone)
         with self._lock:
             self._fires[fire] = slot
             while len(self._fires) > 16:

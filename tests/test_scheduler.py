@@ -6,6 +6,7 @@ APScheduler thread in this process on ``@every 1s`` and wait on conditions with 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections import Counter
 from typing import Any
@@ -167,6 +168,24 @@ def test_missed_slot_within_grace_runs_once_not_per_slot(db: Any, routines: Any)
     assert plan.first_fire == now
     assert plan.trigger.take_due_slot(now) == plan.missed_slot
     assert plan.trigger.take_due_slot(now) is None  # taken: a second firing runs nothing
+
+
+def test_missed_slot_with_jitter_fires_after_start_plus_its_jitter(db: Any, routines: Any) -> None:
+    # Devices that boot together after a power cut must not all catch up at once.
+    routines("spread", "* * * * *", timezone="UTC", jitter=30)
+    row = set_times("spread", last=dt.datetime(2026, 5, 1, 10, 0, tzinfo=UTC),
+                    created=dt.datetime(2026, 4, 1, tzinfo=UTC))
+    now = dt.datetime(2026, 5, 1, 10, 1, 50, tzinfo=UTC)
+    delays = set()
+    for node in range(5):
+        config = dataclasses.replace(db.config, flowd=dataclasses.replace(db.config.flowd, node_id=f"n{node}"))
+        plan = Scheduler(config, db, now=lambda: now).plan(row)
+        assert plan.missed_slot == dt.datetime(2026, 5, 1, 10, 1, tzinfo=UTC)
+        delay = (plan.first_fire - now).total_seconds()
+        assert 0 <= delay <= 30
+        assert plan.trigger.take_due_slot(plan.first_fire) == plan.missed_slot
+        delays.add(round(delay, 3))
+    assert len(delays) == 5
 
 
 def test_missed_slot_outside_grace_is_skipped(db: Any, routines: Any) -> None:
