@@ -314,42 +314,6 @@ def test_refuses_bad_usage(tmp_path: Path) -> None:
     assert purge.returncode == 1 and "--purge only goes with --uninstall" in purge.stderr
 
 
-def test_uninstall_keeps_data_reinstall_adopts_it_purge_removes_it(installed: tuple[Path, str]) -> None:
-    # Runs last: it removes the shared install.
-    root, _ = installed
-    database = root / "var/lib/flowd/flowd.db"
-    database.write_bytes(b"flows")
-    old_uid = int(account(root, "flowd")[2])  # type: ignore[index]
-    os.chown(database, old_uid, old_uid)
-
-    out = run_install(root, "--uninstall").stdout
-    assert not (root / "etc/systemd/system/flowd.service").exists()
-    assert not (root / "etc/systemd/system/multi-user.target.wants/flowd.service").is_symlink()
-    assert not (root / "opt/flowd").exists() and not (root / "usr/local/bin/flowctl").exists()
-    assert account(root, "flowd") is None and account(root, "flowd", "group") is None
-    assert database.read_bytes() == b"flows" and (root / "etc/flowd/flowd.toml").exists()
-    assert "kept " in out
-    again = run_install(root, "--uninstall")                        # nothing left to remove: still fine
-    assert "no unit at" in again.stdout
-
-    # Another system account takes the old uid, so the reinstalled flowd gets a new one
-    # and must be given the kept database and configuration.
-    subprocess.run(["useradd", "--prefix", str(root), "--system", "--user-group", "--uid", str(old_uid),
-                    "--no-create-home", "other"], check=True, capture_output=True)
-    run_install(root)
-    new_uid = int(account(root, "flowd")[2])  # type: ignore[index]
-    new_gid = int(account(root, "flowd", "group")[2])  # type: ignore[index]
-    assert new_uid != old_uid
-    assert database.read_bytes() == b"flows"
-    assert owner_mode(database)[:2] == (new_uid, new_gid)
-    assert owner_mode(root / "var/lib/flowd") == (new_uid, new_gid, "0o700")
-    assert owner_mode(root / "etc/flowd/flowd.toml")[:2] == (0, new_gid)
-
-    run_install(root, "--uninstall", "--purge")
-    assert not (root / "var/lib/flowd").exists() and not (root / "etc/flowd").exists()
-    assert account(root, "other") is not None                       # only flowd's account went
-
-
 SANDBOX = r'''
 """exec a command under flowd.service's system call filter, as systemd would set it up:
 SystemCallFilter=@system-service ~@privileged @resources, SystemCallErrorNumber=EPERM,
@@ -394,8 +358,10 @@ def has_seccomp() -> bool:
 @pytest.mark.skipif(not Path("/usr/bin/python3").exists() or not has_seccomp(),
                     reason="needs libseccomp's Python binding for /usr/bin/python3 (apt-get install python3-seccomp)")
 def test_daemon_runs_a_flow_and_stops_cleanly_under_the_units_syscall_filter(
-        broker: Any, config_file: Any, db: Any, task_dir: Path, flowctl: Any, tmp_path: Path) -> None:
-    # flowd run, sandboxed with the unit's system call filter, runs a two-step flow
+        installed: tuple[Path, str], broker: Any, config_file: Any, db: Any, task_dir: Path, flowctl: Any,
+        tmp_path: Path) -> None:
+    # The installed binary (/opt/flowd/venv/bin/flowd of the scratch root, /usr/bin/python3's
+    # virtualenv), sandboxed with the unit's system call filter, runs a two-step flow
     # submitted by flowctl, then stops with exit 0 on SIGTERM: nothing it needs is refused.
     import signal
     import time
@@ -411,10 +377,12 @@ def test_daemon_runs_a_flow_and_stops_cleanly_under_the_units_syscall_filter(
     helper.write_text(SANDBOX)
     path = config_file(broker=broker)
     log_path = tmp_path / "flowd-sandboxed.log"
+    binary = installed[0] / "opt/flowd/venv/bin/flowd"
+    env = flowd_env()
+    env.pop("PYTHONPATH")                      # the installed flowd, not the source tree
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(["/usr/bin/python3", str(helper), sys.executable, "-m", "flowd", "run",
-                                 "--config", str(path)], stdout=log, stderr=subprocess.STDOUT, env=flowd_env(),
-                                cwd=str(ROOT), start_new_session=True)
+        proc = subprocess.Popen(["/usr/bin/python3", str(helper), str(binary), "run", "--config", str(path)],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd="/", start_new_session=True)
     try:
         wait_for(lambda: "sandbox: seccomp on" in log_path.read_text(), timeout=30, message="the sandbox")
         done = flowctl("--json", "submit", "pair", "--wait", "--timeout", "60", config=path, timeout=90)
@@ -431,3 +399,39 @@ def test_daemon_runs_a_flow_and_stops_cleanly_under_the_units_syscall_filter(
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_uninstall_keeps_data_reinstall_adopts_it_purge_removes_it(installed: tuple[Path, str]) -> None:
+    # Runs last: it removes the shared install.
+    root, _ = installed
+    database = root / "var/lib/flowd/flowd.db"
+    database.write_bytes(b"flows")
+    old_uid = int(account(root, "flowd")[2])  # type: ignore[index]
+    os.chown(database, old_uid, old_uid)
+
+    out = run_install(root, "--uninstall").stdout
+    assert not (root / "etc/systemd/system/flowd.service").exists()
+    assert not (root / "etc/systemd/system/multi-user.target.wants/flowd.service").is_symlink()
+    assert not (root / "opt/flowd").exists() and not (root / "usr/local/bin/flowctl").exists()
+    assert account(root, "flowd") is None and account(root, "flowd", "group") is None
+    assert database.read_bytes() == b"flows" and (root / "etc/flowd/flowd.toml").exists()
+    assert "kept " in out
+    again = run_install(root, "--uninstall")                        # nothing left to remove: still fine
+    assert "no unit at" in again.stdout
+
+    # Another system account takes the old uid, so the reinstalled flowd gets a new one
+    # and must be given the kept database and configuration.
+    subprocess.run(["useradd", "--prefix", str(root), "--system", "--user-group", "--uid", str(old_uid),
+                    "--no-create-home", "other"], check=True, capture_output=True)
+    run_install(root)
+    new_uid = int(account(root, "flowd")[2])  # type: ignore[index]
+    new_gid = int(account(root, "flowd", "group")[2])  # type: ignore[index]
+    assert new_uid != old_uid
+    assert database.read_bytes() == b"flows"
+    assert owner_mode(database)[:2] == (new_uid, new_gid)
+    assert owner_mode(root / "var/lib/flowd") == (new_uid, new_gid, "0o700")
+    assert owner_mode(root / "etc/flowd/flowd.toml")[:2] == (0, new_gid)
+
+    run_install(root, "--uninstall", "--purge")
+    assert not (root / "var/lib/flowd").exists() and not (root / "etc/flowd").exists()
+    assert account(root, "other") is not None                       # only flowd's account went
