@@ -79,6 +79,7 @@ class SlotTrigger(BaseTrigger):  # type: ignore[misc]
         self.jitter = jitter or 0.0
         self.seed = seed
         self._fires: dict[dt.datetime, dt.datetime] = {}
+        self._taken: dt.datetime | None = None
         self._lock = threading.Lock()
 
     def __str__(self) -> str:
@@ -143,7 +144,8 @@ class SlotTrigger(BaseTrigger):  # type: ignore[misc]
         fire = slot + offset
         if not_before is not None and fire < not_before:
             fire = to_utc(not_before) + offset
-        fire = fire.astimezone(self.timezone)
+        # UTC keys: two zone-local times that differ only in fold compare equal (PEP 495).
+        fire = to_utc(fire)
         with self._lock:
             self._fires[fire] = slot
             while len(self._fires) > 16:
@@ -158,7 +160,7 @@ class SlotTrigger(BaseTrigger):  # type: ignore[misc]
                 slot = self.slot_after(slot)
         else:
             with self._lock:
-                previous = self._fires.get(previous_fire_time, to_utc(previous_fire_time))
+                previous = self._fires.get(to_utc(previous_fire_time), to_utc(previous_fire_time))
             reference = max(previous, self.last_slot) if self.last_slot else previous
             slot = self.slot_after(previous, reference)
         return self.fire_time(slot) if slot is not None else None
@@ -166,12 +168,17 @@ class SlotTrigger(BaseTrigger):  # type: ignore[misc]
     def take_due_slot(self, now: dt.datetime) -> dt.datetime | None:
         """The slot of the firing happening now (the latest one due), or None when it ran already."""
         with self._lock:
-            due = [slot for fire, slot in self._fires.items() if fire <= now]
+            # Entries stay: APScheduler may still look up this firing to compute the next one.
+            floor = max((s for s in (self.last_slot, self._taken) if s is not None), default=None)
+            now = to_utc(now)
+            due = [(fire, slot) for fire, slot in self._fires.items()
+                   if fire <= now and (floor is None or slot > floor)]
             if not due:
                 return None
-            slot = max(due)
-            for fire in [f for f, s in self._fires.items() if s <= slot]:
-                del self._fires[fire]
+            # The firing under way is the latest fire time reached (jitter may have put a
+            # later slot's fire time before it; that one fires next, on its own).
+            slot = max(due)[1]
+            self._taken = slot
         return slot if self.is_allowed(slot, self.last_slot) else None
 
     def mark_run(self, slot: dt.datetime) -> None:

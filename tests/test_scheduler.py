@@ -34,16 +34,22 @@ def slot_trigger(expr: str, zone: str = "Europe/Berlin", last: dt.datetime | Non
 
 
 def simulate(trigger: SlotTrigger, start: dt.datetime, end: dt.datetime) -> list[dt.datetime]:
-    """Drive the trigger as APScheduler does, on an explicit clock: ask for the next fire
-    time, let the clock reach it, take the due slot, record it. Returns the slots run."""
+    """Drive the trigger as APScheduler 3 does, on an explicit clock. Returns the slots run.
+
+    At a firing APScheduler asks for the next fire time while collecting due run times,
+    hands the job to a worker thread (which may take its slot at once), then asks again.
+    """
     ran: list[dt.datetime] = []
     fire = trigger.get_next_fire_time(None, start)
     while fire is not None and fire <= end:
+        first_answer = trigger.get_next_fire_time(fire, fire)
         slot = trigger.take_due_slot(fire)
         if slot is not None:
             trigger.mark_run(slot)
             ran.append(slot)
-        fire = trigger.get_next_fire_time(fire, fire)
+        following = trigger.get_next_fire_time(fire, fire)
+        assert following == first_answer
+        fire = following
     return ran
 
 
@@ -133,6 +139,23 @@ def test_interval_with_jitter_does_not_drift() -> None:
     last = dt.datetime(2026, 5, 1, tzinfo=UTC)
     ran = simulate(slot_trigger("@every 10s", last=last, jitter=5), last, last + dt.timedelta(seconds=100))
     assert [(s - last).total_seconds() for s in ran] == [10 * i for i in range(1, 10)]
+
+
+def test_late_missed_run_with_jitter_does_not_lose_the_next_slot() -> None:
+    # Caught up at 10:01:50 + 25 s jitter = 10:02:15: the 10:02 slot must still run.
+    trigger = slot_trigger("* * * * *", zone="UTC", last=dt.datetime(2026, 5, 1, 10, 0, tzinfo=UTC), jitter=30)
+    missed = dt.datetime(2026, 5, 1, 10, 1, tzinfo=UTC)
+    fire = trigger.fire_time(missed, not_before=dt.datetime(2026, 5, 1, 10, 1, 50, tzinfo=UTC))
+    ran = []
+    for _ in range(3):
+        nxt = trigger.get_next_fire_time(fire, fire)
+        slot = trigger.take_due_slot(fire)
+        assert slot is not None
+        trigger.mark_run(slot)
+        ran.append(slot.strftime("%H:%M"))
+        assert trigger.get_next_fire_time(fire, fire) == nxt
+        fire = nxt
+    assert ran == ["10:01", "10:02", "10:03"]
 
 
 # ---------------------------------------------------------------------- with the database
