@@ -184,8 +184,9 @@ def test_online_retained_offline_on_sigterm_and_as_last_will(
     proc.kill9()
     wait_for(lambda: watcher.json_on("flowd/testnode/status")[-1]["state"] == "offline", timeout=10,
              message="Last Will after kill -9")
-    retained = [m for m in watcher.received("flowd/testnode/status") if m[3]]
-    assert retained, "the status is retained"
+    newcomer = session_client(["flowd/#"], client_id="newcomer")
+    retained = wait_for(lambda: newcomer.received("flowd/testnode/status"), message="retained status")
+    assert retained[-1][3] is True and json.loads(retained[-1][1])["state"] == "offline"
 
 
 def test_mqtt_3_1_1_end_to_end(broker: Any, config_file: Callable[..., Path], flowd_proc: Any,

@@ -150,7 +150,7 @@ def test_sighup_picks_up_a_new_script_while_a_flow_runs(
     assert api.get_flow(fresh.id).result["kwargs"]["stamp"] == token
     wait_for(lambda: api.get_flow(running.id).state == FlowState.DONE.value, timeout=20,
              message="the running flow finished")
-    assert api.get_flow(running.id).result["kwargs"] == {"napped": 3, "marker": str(marker), "value": 2}
+    assert api.get_flow(running.id).result["kwargs"] == {"napped": 3, "value": 2}
     assert marker.read_text().count("\n") == 1  # its step ran once, not restarted by the reload
     assert "reloading (SIGHUP)" in proc.log_text()
     assert proc.proc.poll() is None
@@ -172,7 +172,7 @@ def test_sighup_logs_what_changed_and_survives_a_broken_file(
     path.write_text("[flowd\nbroken")
     os.kill(proc.pid, signal.SIGHUP)
     wait_for(lambda: "keeping the running configuration" in proc.log_text(), timeout=10, message="bad reload")
-    assert notify_socket.count("READY=1") == 3
+    wait_for(lambda: notify_socket.count("READY=1") == 3, timeout=5, message="READY=1 after the failed reload")
     assert proc.proc.poll() is None
     assert proc.terminate() == 0
 
