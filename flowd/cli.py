@@ -604,14 +604,15 @@ def wait_for_flow(ctx: Context, flow_id: int, timeout: float | None) -> int:
             flow = Flow.get_by_id(flow_id)
             if flow.is_ended:
                 break
-            attempt = (TaskResult.select(TaskResult.attempt)
-                       .where((TaskResult.flow == flow_id) & (TaskResult.position == flow.position))
-                       .order_by(TaskResult.attempt.desc()).scalar()) or 0
+            latest: Any = (TaskResult.select(TaskResult.attempt, TaskResult.state)
+                           .where((TaskResult.flow == flow_id) & (TaskResult.position == flow.position))
+                           .order_by(TaskResult.attempt.desc()).tuples().first())
+            attempt, attempt_state = latest if latest else (0, None)
             task_name = flow.steps[flow.position] if flow.position < len(flow.steps) else "?"
             if task_name not in retries:
                 task = Task.get_or_none(Task.name == task_name)
                 retries[task_name] = task.retries if task else 0
-            line = progress_line(flow, task_name, attempt, retries[task_name])
+            line = progress_line(flow, task_name, attempt, attempt_state, retries[task_name])
             if live:
                 elapsed = human_duration(span(flow.created_at, None, utcnow()))
                 stream.write("\r" + shorten(f"{line}  {elapsed}", terminal_width() - 1) + "\x1b[K")
@@ -649,15 +650,18 @@ def _end_live(stream: Any, live: bool) -> None:
         stream.flush()
 
 
-def progress_line(flow: Flow, task_name: str, attempt: int, retries: int) -> str:
-    """``flow 12 (fetch-weather) RUNNING step 2/3 digest, try 2/4``."""
+def progress_line(flow: Flow, task_name: str, attempt: int, attempt_state: str | None, retries: int) -> str:
+    """``flow 12 (fetch-weather) RUNNING step 2/3 digest, try 2/4``: changes only when
+    something happens, so piped output gets one line per change."""
     head = f"flow {flow.id} ({flow.routine}) {flow.state}"
     if flow.state == "INIT" and not flow.admitted:
         return f"{head}: waiting for its turn (the routine's mode limits how many run)"
     if flow.state == "INIT" and attempt == 0 and flow.position == 0:
         return f"{head}: queued, waiting for a worker"
     line = f"{head} step {flow.position + 1}/{len(flow.steps)} {task_name}"
-    if attempt > 1:
+    if attempt_state == "FAILED" and flow.state in ("RUNNING", "INIT"):
+        line += f", try {attempt}/{retries + 1} failed, retrying"
+    elif attempt > 1:
         line += f", try {attempt}/{retries + 1}"
     if flow.state == "WAITING":
         line += f", waiting for a message on '{flow.wait_topic}'" if flow.wait_topic else ", waiting for a sub-flow"
@@ -744,14 +748,24 @@ def render_flow(data: dict[str, Any]) -> str:
         if r["output"] is not None:
             lines.append(f"      out   {compact(r['output'], width - 12)}")
         if r["error"]:
-            error_lines = r["error"].rstrip().splitlines()
-            lines.append(f"      error {shorten(error_lines[-1], width - 12)}")
-            for extra in error_lines[-8:-1] if r["state"] == "FAILED" else ():
-                lines.append(f"            {shorten(extra, width - 12)}")
+            lines.append(f"      error {shorten(r['error'].rstrip().splitlines()[-1], width - 12)}")
+            where = script_frame(r["error"])
+            if where:
+                lines.append(f"      at    {shorten(where, width - 12)}")
+    if any(r["error"] for r in data["trace"]):
+        lines.append(f"(whole tracebacks: flowctl --json flow show {data['id']})")
     for position, name in enumerate(data["steps"]):
         if position not in seen:
             lines.append(f"{position + 1:>2}  {shorten(name, 20):<20}   -  not run")
     return "\n".join(lines)
+
+
+def script_frame(error: str) -> str | None:
+    """``task_http.py:21 in perform``: the innermost traceback frame in a task script."""
+    import re
+
+    found = re.findall(r'File "[^"]*?([^"/]*task_[^"/]+\.py)", line (\d+), in (\S+)', error)
+    return f"{found[-1][0]}:{found[-1][1]} in {found[-1][2]}" if found else None
 
 
 def cmd_flow_cancel(ctx: Context) -> int:
