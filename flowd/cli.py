@@ -962,13 +962,25 @@ def store_failure(exc: BaseException) -> str | None:
     return None
 
 
+def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse ``argv``; ``submit`` also takes ARGs after its options (``submit r --kw a=1 x y``)."""
+    command = command_of(argv)
+    parser = build_parser(command)
+    args, extra = parser.parse_known_args(argv)
+    if command == "submit" and not any(token.startswith("-") for token in extra):
+        args.args = [*args.args, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one flowctl command; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     want_json = "--json" in argv
     ctx: Context | None = None
     try:
-        args = build_parser(command_of(argv)).parse_args(argv)
+        args = parse_arguments(argv)
         ctx = Context(args)
         want_json = ctx.json
         return int(args.func(ctx))

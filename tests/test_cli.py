@@ -116,6 +116,9 @@ def test_help_and_reading_flows_import_no_mqtt_scheduler_or_queue(cli: Run, conf
     (["flow", "cancel"], ["required", "ID"]),
     (["prune", "--older-than", "soon"], ["--older-than"]),
     (["apply"], ["required", "FILE.toml"]),
+    (["flows", "--bogus"], ["unrecognized arguments: --bogus"]),
+    (["submit", "sum", "x", "--bogus"], ["unrecognized arguments: --bogus"]),
+    (["status", "extra"], ["unrecognized arguments: extra"]),
 ])
 def test_bad_usage_exits_2_with_one_line(cli: Run, argv: list[str], words: list[str]) -> None:
     refused(cli(*argv), 2, *words)
@@ -319,6 +322,8 @@ def test_submit_without_daemon_queues_the_flow(cli: Run, with_routine: Run) -> N
     assert flow["kwargs"] == {"n": 3, "x": {"a": 1}, "city": "Oslo", "flag": True, "big": "NaN"}
     assert flow["steps"] == ["add", "echo", "add"]
     assert f"flow {flow['id'] + 1} submitted (sum, INIT)" in ok(cli("submit", "sum")).stdout
+    mixed = data(cli("--json", "submit", "sum", "1", "--kw", "n=3", "2", "three"))
+    assert mixed["args"] == [1, 2, "three"] and mixed["kwargs"] == {"n": 3}
 
     first = data(cli("--json", "submit", "sum", "--request-id", "r-17"))
     again = data(cli("--json", "submit", "sum", "--request-id", "r-17", "--kw", "n=9"))
