@@ -146,6 +146,16 @@ def test_config_mistakes_exit_2(cli: Run, tmp_path: Path) -> None:
     refused(cli("status", config=bad), 2, "not valid TOML")
 
 
+def test_config_found_through_flowd_config(cli: Run, config_file: Callable[..., Path], tmp_path: Path) -> None:
+    # SPEC 8: without --config, $FLOWD_CONFIG names the file.
+    path = config_file()
+    ok(cli("task", "add", "echo", "example.Echo"))
+    proc = subprocess.run([sys.executable, "-m", "flowd.cli", "--json", "task", "list"], capture_output=True,
+                          text=True, env=flowd_env({"FLOWD_CONFIG": str(path)}), cwd=str(tmp_path), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert [t["name"] for t in json.loads(proc.stdout)] == ["echo"]
+
+
 def test_missing_database_exits_3_for_reads(cli: Run, config_file: Callable[..., Path]) -> None:
     path = db_path(config_file)
     assert not path.exists()
@@ -433,6 +443,35 @@ def test_submit_wait_exits_1_when_the_flow_fails(cli: Run, worker_pool: Any, tmp
     again = data(cli("--json", "flow", "show", str(flow["id"])))
     assert again["state"] == "DONE", again
     assert [t["attempt"] for t in again["trace"]] == [1, 2, 3]  # retry resumed the step as a new attempt
+
+
+def test_waiting_flows_and_sub_flows_are_shown(cli: Run, with_routine: Run, worker_pool: Any) -> None:
+    # A step that waits for an MQTT message parks its flow WAITING: --wait says on what,
+    # flow show shows the topic and match. A SubFlow step links parent and child.
+    ok(cli("task", "add", "door", "t.WaitFor", "--option", "topic=sensors/door/+",
+           "--option", 'match={"open": true}'))
+    ok(cli("routine", "add", "door", "door", "echo"))
+    result = cli("submit", "door", "--wait", "--timeout", "3")
+    assert result.returncode == 124, result
+    assert "WAITING step 1/2 door, waiting for a message on 'sensors/door/+'" in result.stdout
+    flow = data(cli("--json", "flows"))[0]
+    shown = data(cli("--json", "flow", "show", str(flow["id"])))
+    assert shown["state"] == "WAITING"
+    assert shown["waiting_for"] == {"topic": "sensors/door/+", "match": {"open": True}, "until": None}
+    text = ok(cli("flow", "show", str(flow["id"]))).stdout
+    assert "waiting    for a message on 'sensors/door/+' matching {\"open\":true}" in text
+    assert data(cli("--json", "flow", "cancel", str(flow["id"])))["state"] == "CANCELLED"
+
+    ok(cli("task", "add", "spawn", "t.Spawn", "--option", "child=sum"))
+    ok(cli("routine", "add", "parent", "spawn", "echo"))
+    parent = data(cli("--json", "submit", "parent", "--kw", "total=10", "--wait", "--timeout", "30", timeout=90))
+    assert parent["state"] == "DONE" and parent["result"]["kwargs"]["total"] == 14
+    assert len(parent["children"]) == 1 and parent["children"][0]["routine"] == "sum"
+    child_id = parent["children"][0]["id"]
+    child = data(cli("--json", "flow", "show", str(child_id)))
+    assert child["parent"] == parent["id"] and child["trigger"] == "flow"
+    assert f"child      flow {child_id} (sum, DONE)" in ok(cli("flow", "show", str(parent["id"]))).stdout
+    assert f"parent     flow {parent['id']}" in ok(cli("flow", "show", str(child_id))).stdout
 
 
 def test_wait_redraws_one_line_on_a_terminal(with_routine: Run, worker_pool: Any,
