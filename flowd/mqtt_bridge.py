@@ -233,7 +233,7 @@ class MqttBridge:
         self._wait_lock = threading.Lock()
         self._wait_filters: set[str] = set()
         self._bad_filters: set[str] = set()
-        self.publisher = outbox.OutboxPublisher(config, self, on_wake=self.refresh_wait_topics)
+        self.publisher = outbox.OutboxPublisher(config, self, before_send=self.check_rows)
         self.client = self._build_client()
 
     # ------------------------------------------------------------------ set-up
@@ -379,6 +379,12 @@ class MqttBridge:
             self.client.subscribe([(t, SubscribeOptions(qos=1)) for t in topics])
         else:
             self.client.subscribe([(t, 1) for t in topics])
+
+    def check_rows(self, rows: list[tuple[Any, ...]]) -> None:
+        """Before a flow's WAITING status goes out, subscribe what it waits for, so an
+        answer sent on seeing that status cannot arrive before the subscription."""
+        if any('"WAITING"' in row[2] for row in rows):
+            self.refresh_wait_topics()
 
     def refresh_wait_topics(self) -> None:
         """Subscribe the topics waiting flows listen on; drop the ones nobody waits for."""

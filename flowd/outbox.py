@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from peewee import fn
 
 from flowd.config import Config
-from flowd.models import Outbox, dumps, get_meta, set_meta, write_transaction
+from flowd.models import Outbox, database, dumps, get_meta, set_meta, write_transaction
 from flowd.wakeup import WakeSocket, send_wakeup
 
 log = logging.getLogger(__name__)
@@ -76,17 +76,19 @@ class OutboxPublisher:
     A row is identified by the set of ids handed over, not by a high-water mark:
     SQLite reuses the highest ids once they are deleted.
 
-    >>> publisher = OutboxPublisher(config, bridge, on_wake=bridge.refresh_wait_topics)
+    >>> publisher = OutboxPublisher(config, bridge, before_send=bridge.check_rows)
     >>> publisher.start(); ...; publisher.drain(3.0); publisher.stop()
     """
 
-    def __init__(self, config: Config, sender: Sender, on_wake: Callable[[], None] | None = None):
+    def __init__(self, config: Config, sender: Sender,
+                 before_send: Callable[[list[tuple[Any, ...]]], None] | None = None):
         self.config = config
         self.sender = sender
-        self.on_wake = on_wake
+        self.before_send = before_send
         self.dropped = 0
         self._lock = threading.Lock()
         self._handed: set[int] = set()               # touched only by the publisher thread
+        self._cursor = 0                             # every row with id <= cursor was handed over
         self._inflight: dict[int, tuple[int, int]] = {}   # mid -> (row id, qos)
         self._early_acks: dict[int, bool] = {}       # PUBACKs that beat publish()'s return
         self._acked: list[int] = []                  # row ids to delete
@@ -100,6 +102,7 @@ class OutboxPublisher:
         self._next_cap_check = 0.0
         self._idle = threading.Event()
         self._reconnected = False
+        self._sql: str | None = None
 
     # ------------------------------------------------------------------ called by other threads
     def start(self) -> None:
@@ -177,8 +180,6 @@ class OutboxPublisher:
                 self._wait(0.01 if busy else IDLE_WAIT_S)
                 if self._stopping.is_set():
                     break
-                if self.on_wake is not None:
-                    self.on_wake()  # e.g. subscribe new wait topics before their status goes out
                 self._forget_dropped_qos0()
                 busy = self._send_rows() if self.sender.is_connected() else False
                 self._delete_acked(force=not busy)
@@ -209,23 +210,32 @@ class OutboxPublisher:
         if self._wake.sock in readable:
             self._wake.wait(0)
 
+    def _select_sql(self) -> str:
+        # Plain SQL on the hot path: building the peewee query costs more than running it.
+        param = database.obj.param
+        return (f"SELECT id, topic, payload, qos, retain, correlation_data FROM {Outbox._meta.table_name} "
+                f"WHERE id > {param} ORDER BY id LIMIT {param}")
+
     def _send_rows(self) -> bool:
-        """Hand waiting rows to the client; True when more are waiting than it could take."""
+        """Hand waiting rows to the client in id order; True when more wait than it could take."""
+        if self._sql is None:
+            self._sql = self._select_sql()
         while True:
-            room = MAX_HANDED - len(self._handed)
-            if room <= 0:
+            if len(self._handed) >= MAX_HANDED:
                 return True
-            query = (Outbox.select(Outbox.id, Outbox.topic, Outbox.payload, Outbox.qos, Outbox.retain,
-                                   Outbox.correlation_data).order_by(Outbox.id).limit(min(room, READ_BATCH)))
-            if self._handed:
-                query = query.where(Outbox.id.not_in(list(self._handed)))
-            rows = list(query.tuples())
+            rows = database.obj.execute_sql(self._sql, (self._cursor, READ_BATCH)).fetchall()
             if not rows:
                 return False
+            if self.before_send is not None:
+                self.before_send(rows)
             for row_id, topic, payload, qos, retain, correlation in rows:
-                if not self._hand_over(row_id, topic, payload, qos, bool(retain), correlation):
-                    return True
-            if len(rows) < min(room, READ_BATCH):
+                if row_id not in self._handed:
+                    if len(self._handed) >= MAX_HANDED:
+                        return True
+                    if not self._hand_over(row_id, topic, payload, qos, bool(retain), correlation):
+                        return True
+                self._cursor = row_id
+            if len(rows) < READ_BATCH:
                 return False
 
     def _hand_over(self, row_id: int, topic: str, payload: str, qos: int, retain: bool,
@@ -256,6 +266,8 @@ class OutboxPublisher:
             lost = [mid for mid, (_, qos) in self._inflight.items() if qos == 0]
             rows = [self._inflight.pop(mid)[0] for mid in lost]
         self._handed.difference_update(rows)
+        if rows:
+            self._cursor = min(self._cursor, min(rows) - 1)
 
     def _delete_acked(self, force: bool) -> None:
         with self._lock:
@@ -269,6 +281,18 @@ class OutboxPublisher:
             with write_transaction():
                 Outbox.delete().where(Outbox.id.in_(chunk)).execute()
         self._handed.difference_update(done)
+        if self._cursor in done:
+            # SQLite hands out max(id) + 1: with the top rows gone, new rows may reuse ids
+            # up to the cursor. Everything at or below the highest row still held was handed.
+            self._cursor = max(self._handed, default=0)
+
+    def _sweep_gaps(self) -> None:
+        """Rows below the cursor never handed over (a backend that commits ids out of
+        order, e.g. PostgreSQL sequences): move the cursor back so they are sent."""
+        below = [row_id for (row_id,) in Outbox.select(Outbox.id).where(Outbox.id <= self._cursor).tuples()
+                 if row_id not in self._handed]
+        if below:
+            self._cursor = min(below) - 1
 
     def _check_cap(self) -> None:
         """Past ``mqtt.outbox_max`` rows, drop the oldest not handed over; count and log them."""
@@ -276,6 +300,7 @@ class OutboxPublisher:
         if now < self._next_cap_check:
             return
         self._next_cap_check = now + CAP_CHECK_EVERY_S
+        self._sweep_gaps()
         limit = self.config.mqtt.outbox_max
         bounds = Outbox.select(fn.MIN(Outbox.id), fn.MAX(Outbox.id)).tuples().first()
         if not bounds or bounds[0] is None or bounds[1] - bounds[0] + 1 <= limit:

@@ -212,9 +212,11 @@ class Service:
             if now >= next_tick:
                 next_tick = now + LOOP_INTERVAL_S
                 self._guarded_tick()
-            if self.scheduler is not None and now >= next_schedule_check:
+            if now >= next_schedule_check:
                 next_schedule_check = now + SCHEDULE_CHECK_EVERY_S
-                self._guarded("schedule check", self.scheduler.check_for_changes)
+                if self.scheduler is not None:
+                    self._guarded("schedule check", self.scheduler.check_for_changes)
+                self._guarded("wait topics", self.bridge.refresh_wait_topics)
             if not self.pool.is_alive():
                 log.error("the worker pool (pid %s) has died; stopping so the service manager can restart flowd",
                           self.pool.pid)

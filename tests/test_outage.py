@@ -196,3 +196,35 @@ def test_outbox_cap_drops_the_oldest_counts_and_logs_them(
     wait_for(lambda: Outbox.select().count() == 0, timeout=60, message="outbox drained")
     delivered = [(topic, payload.decode()) for topic, payload, _, _ in watcher.received("flow/#")]
     assert delivered == kept
+
+
+def test_publisher_sends_rows_whose_ids_sqlite_reuses(broker: Any, db: Any, session_client: Any,
+                                                      config_file: Callable[..., Path]) -> None:
+    # SQLite gives a new row max(id) + 1, so once the outbox is drained the next message
+    # gets id 1 again. The publisher must still send it (no high-water mark on ids).
+    from flowd import outbox
+    from flowd.config import load_config
+    from flowd.models import write_transaction
+    from flowd.mqtt_bridge import MqttBridge
+
+    config = load_config(config_file(broker=broker))
+    watcher = session_client(["app/#"])
+    bridge = MqttBridge(config, db)
+    bridge.start()
+    try:
+        wait_for(bridge.is_connected, timeout=10, message="bridge connected")
+        for round_no in range(3):
+            with write_transaction():
+                for n in range(3):
+                    outbox.add_message(f"app/round{round_no}", {"n": n})
+            ids = [row.id for row in Outbox.select().where(Outbox.topic == f"app/round{round_no}")]
+            assert ids[0] <= 3  # reused ids after the first round
+            outbox.notify(config.state_dir)
+            # Well inside the publisher's 5 s gap sweep, which would otherwise hide a miss.
+            wait_for(lambda r=round_no: len(watcher.json_on(f"app/round{r}")) == 3, timeout=4,
+                     message=f"round {round_no} delivered")
+            wait_for(lambda: bridge.publisher.is_empty(), timeout=10, message="outbox drained")
+        assert [m["n"] for m in watcher.json_on("app/#")] == [0, 1, 2] * 3
+    finally:
+        bridge.stop_intake()
+        bridge.stop(drain=2)
