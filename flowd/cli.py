@@ -14,7 +14,7 @@ Exit codes:
   2    bad usage or bad input (one line on stderr)
   3    the database or the queue cannot be used (one line on stderr)
   124  ``submit --wait --timeout S``: S passed before the flow ended (it goes on)
-  130  Ctrl-C during ``submit --wait`` (stops waiting; the flow goes on)
+  130  Ctrl-C (during ``submit --wait`` it stops the waiting, never the flow)
 
 With ``--json`` every command prints JSON on stdout; an error is still one line on
 stderr, and also ``{"error": "...", "exit_code": N}`` on stdout.
