@@ -144,6 +144,9 @@ def test_config_mistakes_exit_2(cli: Run, tmp_path: Path) -> None:
     refused(cli("status", config=bad), 2, "flowd.workerz", "bad.toml")
     bad.write_text("[flowd\n")
     refused(cli("status", config=bad), 2, "not valid TOML")
+    refused(cli("status", config=tmp_path), 2, "is a folder")
+    bad.write_bytes(b"\xff\xfe[flowd]")
+    refused(cli("status", config=bad), 2, "not UTF-8")
 
 
 def test_config_found_through_flowd_config(cli: Run, config_file: Callable[..., Path], tmp_path: Path) -> None:
