@@ -332,13 +332,13 @@ def cmd_status(ctx: Context) -> int:
         depth = queue.queue_depth()
     except Exception as exc:
         # status is how people diagnose: report the queue's trouble and show the rest.
-        queue_error = str(exc) if isinstance(exc, (StoreUnavailable, OSError)) else store_failure(exc)
+        queue_error = str(exc) if isinstance(exc, (StoreUnavailable, OSError)) else store_failure(exc, "the queue")
         if queue_error is None:
             raise
     data = {"node_id": ctx.config.flowd.node_id, "nodes": nodes,
             "daemon_running": any(n["running"] for n in nodes if n["node_id"] == ctx.config.flowd.node_id),
             "queue_depth": depth, "queue_error": queue_error, "flows": counts, "outbox": outbox,
-            "database": ctx.config.database.url, "config": ctx.config.path}
+            "database": redact(ctx.config.database.url), "config": ctx.config.path}
     lines = []
     if not nodes:
         lines.append(f"{'daemon':<9} not running (never started with this database)")
@@ -357,7 +357,7 @@ def cmd_status(ctx: Context) -> int:
     lines.append(f"{'queue':<9} " + (f"{depth} waiting" if queue_error is None else f"unreachable: {queue_error}"))
     lines.append(f"{'flows':<9} " + "  ".join(f"{state} {counts[state]}" for state in STATES))
     lines.append(f"{'outbox':<9} {outbox} message{'s' if outbox != 1 else ''} to publish")
-    lines.append(f"{'database':<9} {ctx.config.database.url}")
+    lines.append(f"{'database':<9} {redact(ctx.config.database.url)}")
     ctx.emit(data, "\n".join(lines))
     return EXIT_STORE if queue_error else EXIT_OK
 
@@ -944,21 +944,35 @@ def _version() -> str:
 
 
 # --------------------------------------------------------------------------- main
-def store_failure(exc: BaseException) -> str | None:
-    """The reason, when ``exc`` says the database or the queue cannot be used (locked,
-    read-only, not a database, Redis away); None for anything else (a bug, which keeps
-    its traceback)."""
+def redact(url: str) -> str:
+    """A database URL without its password (``postgresql://u:***@host/db``)."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in credentials:
+        return url
+    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
+
+
+def store_failure(exc: BaseException, database: str = "the database") -> str | None:
+    """A sentence, when ``exc`` says the database or the queue cannot be used (locked,
+    read-only, not a database, driver missing, Redis away); None for anything else (a
+    bug, which keeps its traceback)."""
     import sqlite3
 
     import peewee
 
-    if isinstance(exc, (sqlite3.OperationalError, peewee.OperationalError)):
-        return str(exc)
-    if type(exc) in (sqlite3.DatabaseError, peewee.DatabaseError):  # "file is not a database"
-        return str(exc)
+    if isinstance(exc, (sqlite3.OperationalError, peewee.OperationalError)) or type(exc) in (
+            sqlite3.DatabaseError, peewee.DatabaseError):  # the last two: "file is not a database"
+        return (f"{database} cannot be used: {exc}; check that no other program holds it locked and that "
+                "this user may write the state folder")
+    if isinstance(exc, peewee.ImproperlyConfigured):  # e.g. no PostgreSQL driver installed
+        return f"{database} cannot be used: {exc}"
     redis = sys.modules.get("redis.exceptions")
     if redis is not None and isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
         return f"the queue (Redis) cannot be reached: {exc}"
+    huey = sys.modules.get("huey.exceptions")
+    if huey is not None and isinstance(exc, huey.ConfigurationError):  # e.g. no redis module installed
+        return f"the queue cannot be used: {exc}"
     return None
 
 
@@ -996,12 +1010,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except Exception as exc:
-        reason = store_failure(exc) if "sqlite3" in sys.modules or "redis" in sys.modules else None
+        where = redact(ctx.config.database.url) if ctx is not None and ctx._config is not None else "the database"
+        reason = store_failure(exc, where) if "peewee" in sys.modules else None
         if reason is None:
             raise
-        where = ctx.config.database.url if ctx is not None and ctx._config is not None else "the database"
-        return _fail(f"{where} cannot be used: {reason}; check that no other program holds it locked and "
-                     "that this user may write the state folder", EXIT_STORE, want_json)
+        return _fail(reason, EXIT_STORE, want_json)
 
 
 def _fail(message: str, code: int, want_json: bool) -> int:

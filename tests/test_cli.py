@@ -196,6 +196,24 @@ def test_permission_denied_exits_3(cli: Run, config_file: Callable[..., Path]) -
         subprocess.run(undo, check=True)
 
 
+def test_unreachable_queue_and_database_servers_exit_3(cli: Run, config_file: Callable[..., Path]) -> None:
+    # Nothing listens on port 1: a Redis queue or a PostgreSQL database there cannot be
+    # reached (or its driver is not installed); either way exit 3, and never a password.
+    redis_config = config_file(queue={"backend": "redis", "url": "redis://127.0.0.1:1/0"})
+    ok(cli("task", "add", "echo", "example.Echo", config=redis_config))
+    ok(cli("routine", "add", "r", "echo", config=redis_config))
+    refused(cli("submit", "r", config=redis_config), 3, "queue")
+    status = cli("--json", "status", config=redis_config)
+    assert status.returncode == 3 and "Traceback" not in status.stderr
+    assert json.loads(status.stdout)["queue_error"]
+
+    pg_config = config_file(database={"url": "postgresql://flowd:s3cret@127.0.0.1:1/flowd"})
+    for args in (["flows"], ["task", "add", "echo", "example.Echo"]):
+        result = cli(*args, config=pg_config)
+        refused(result, 3, "postgresql://flowd:***@127.0.0.1:1/flowd")
+        assert "s3cret" not in result.stderr + result.stdout
+
+
 def test_locked_database_exits_3_after_the_busy_timeout(cli: Run, config_file: Callable[..., Path]) -> None:
     # Another program holds the write lock longer than the busy timeout (15 s in models.py).
     ok(cli("task", "add", "echo", "example.Echo"))
