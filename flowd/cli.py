@@ -688,6 +688,8 @@ def cmd_flows(ctx: Context) -> int:
             for f in flows]
     text = table(("ID", "ROUTINE", "STATE", "STEP", "TRIGGER", "CREATED", "TIME"), rows, flex=1) if flows \
         else "no flows" + (" match" if a.state or a.routine else " yet")
+    if len(flows) == a.limit:
+        text += f"\n(the {a.limit} newest; --limit N shows more)"
     ctx.emit(data, text)
     return EXIT_OK
 

@@ -371,6 +371,7 @@ def test_flows_flow_show_cancel_retry_prune(cli: Run, with_routine: Run) -> None
     assert [f["id"] for f in listed] == ids[::-1]
     assert [f["id"] for f in data(cli("--json", "flows", "--routine", "other"))] == [ids[2]]
     assert [f["id"] for f in data(cli("--json", "flows", "--limit", "1"))] == [ids[2]]
+    assert "(the 2 newest; --limit N shows more)" in ok(cli("flows", "--limit", "2")).stdout
     assert data(cli("--json", "flows", "--state", "done")) == []
     text = ok(cli("flows")).stdout
     assert text.splitlines()[0].split() == ["ID", "ROUTINE", "STATE", "STEP", "TRIGGER", "CREATED", "TIME"]
