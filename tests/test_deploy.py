@@ -44,8 +44,9 @@ needs_tools = pytest.mark.skipif(
 pytestmark = [needs_root, needs_tools]
 
 
-def run_install(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(["bash", str(INSTALL), "--root", str(root), *args], capture_output=True, text=True,
+def run_install(root: Path, *args: str, check: bool = True,
+                script: Path = INSTALL) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(["bash", str(script), "--root", str(root), *args], capture_output=True, text=True,
                             timeout=600)
     if check:
         assert result.returncode == 0, f"install.sh {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
@@ -125,16 +126,27 @@ def unit_settings(text: str) -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """One real install into a scratch root, shared by the tests below (pip takes seconds)."""
+def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, Path]:
+    """One real install into a scratch root, shared by the tests below (pip takes seconds).
+
+    install.sh runs from a copy of the source tree, so the tree it installed from stays
+    the same for the idempotency checks even while the working tree is being edited.
+    """
+    source = tmp_path_factory.mktemp("source")
+    for name in ("pyproject.toml", "README.md", "LICENSE", "flowd.service"):
+        if (ROOT / name).exists():
+            shutil.copy2(ROOT / name, source / name)
+    for name in ("flowd", "config", "deploy", "tasks"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    script = source / "deploy" / "install.sh"
     root = tmp_path_factory.mktemp("root")
     seed_root(root)
-    result = run_install(root)
-    return root, result.stdout
+    result = run_install(root, script=script)
+    return root, result.stdout, script
 
 
-def test_install_creates_account_folders_and_files(installed: tuple[Path, str]) -> None:
-    root, out = installed
+def test_install_creates_account_folders_and_files(installed: tuple[Path, str, Path]) -> None:
+    root, out, script = installed
     user = account(root, "flowd")
     group = account(root, "flowd", "group")
     assert user is not None and group is not None, out
@@ -162,8 +174,8 @@ def test_install_creates_account_folders_and_files(installed: tuple[Path, str]) 
     assert "runuser -u flowd -- /opt/flowd/venv/bin/flowctl" in wrapper and "STATE_DIRECTORY=/var/lib/flowd" in wrapper
 
 
-def test_installed_venv_runs_flowd_and_loads_the_installed_config(installed: tuple[Path, str]) -> None:
-    root, _ = installed
+def test_installed_venv_runs_flowd_and_loads_the_installed_config(installed: tuple[Path, str, Path]) -> None:
+    root, _, script = installed
     venv = root / "opt/flowd/venv"
     for script in ("flowd", "flowctl"):
         assert os.access(venv / "bin" / script, os.X_OK), f"no {script} entry point"
@@ -182,10 +194,10 @@ def test_installed_venv_runs_flowd_and_loads_the_installed_config(installed: tup
     assert deps.returncode == 0, deps.stderr
 
 
-def test_second_run_changes_nothing(installed: tuple[Path, str]) -> None:
-    root, _ = installed
+def test_second_run_changes_nothing(installed: tuple[Path, str, Path]) -> None:
+    root, _, script = installed
     before = snapshot(root)
-    result = run_install(root)
+    result = run_install(root, script=script)
     after = snapshot(root)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     assert changed == [], f"second run changed {changed[:10]}\n{result.stdout}"
@@ -194,27 +206,27 @@ def test_second_run_changes_nothing(installed: tuple[Path, str]) -> None:
     assert "flowd already installed from this source" in result.stdout
 
 
-def test_rerun_keeps_edits_and_fixes_unsafe_modes(installed: tuple[Path, str]) -> None:
-    root, _ = installed
+def test_rerun_keeps_edits_and_fixes_unsafe_modes(installed: tuple[Path, str, Path]) -> None:
+    root, _, script = installed
     config = root / "etc/flowd/flowd.toml"
     config.write_text('[mqtt]\nhost = "broker.local"\n')
-    script = next((root / "etc/flowd/tasks").glob("task_*.py"), None)
-    if script is not None:
-        script.write_text("# edited on site\n")
+    task_script = next((root / "etc/flowd/tasks").glob("task_*.py"), None)
+    if task_script is not None:
+        task_script.write_text("# edited on site\n")
     (root / "etc/flowd/tasks").chmod(0o777)           # anyone could drop code that runs as flowd
     (root / "var/lib/flowd").chmod(0o755)
-    result = run_install(root)
+    result = run_install(root, script=script)
     assert config.read_text() == '[mqtt]\nhost = "broker.local"\n'
-    if script is not None:
-        assert script.read_text() == "# edited on site\n"
+    if task_script is not None:
+        assert task_script.read_text() == "# edited on site\n"
     assert owner_mode(root / "etc/flowd/tasks")[2] == "0o755"
     assert owner_mode(root / "var/lib/flowd")[2] == "0o700"
     assert re.search(r"^flowd-install: fixed +.*/etc/flowd/tasks ", result.stdout, re.M), result.stdout
     assert "kept    " + str(config) in result.stdout
 
 
-def test_systemd_analyze_verify_passes_on_the_installed_unit(installed: tuple[Path, str]) -> None:
-    root, _ = installed
+def test_systemd_analyze_verify_passes_on_the_installed_unit(installed: tuple[Path, str, Path]) -> None:
+    root = installed[0]
     result = subprocess.run(["systemd-analyze", "verify", f"--root={root}", "/etc/systemd/system/flowd.service"],
                             capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
@@ -229,8 +241,8 @@ def test_verify_of_the_bare_unit_only_misses_the_binary() -> None:
     assert lines == ["flowd.service: Command /opt/flowd/venv/bin/flowd is not executable: No such file or directory"]
 
 
-def test_security_exposure_is_at_most_2(installed: tuple[Path, str]) -> None:
-    root, _ = installed
+def test_security_exposure_is_at_most_2(installed: tuple[Path, str, Path]) -> None:
+    root = installed[0]
     score, report = exposure(str(UNIT))
     assert score <= MAX_EXPOSURE, report
     installed_score, _ = exposure(f"--root={root}", "flowd.service")
@@ -242,9 +254,9 @@ def test_security_exposure_is_at_most_2(installed: tuple[Path, str]) -> None:
 
 
 @pytest.mark.parametrize(("dropin", "device"), [("gpio.conf", "char-gpiochip:rw"), ("serial.conf", "/dev/ttyUSB0:rw")])
-def test_readme_dropins_verify_and_open_only_their_device(installed: tuple[Path, str], dropin: str,
+def test_readme_dropins_verify_and_open_only_their_device(installed: tuple[Path, str, Path], dropin: str,
                                                           device: str) -> None:
-    root, _ = installed
+    root = installed[0]
     folder = root / "etc/systemd/system/flowd.service.d"
     folder.mkdir(exist_ok=True)
     (folder / dropin).write_text(readme_dropin(dropin))
@@ -358,24 +370,33 @@ def has_seccomp() -> bool:
 @pytest.mark.skipif(not Path("/usr/bin/python3").exists() or not has_seccomp(),
                     reason="needs libseccomp's Python binding for /usr/bin/python3 (apt-get install python3-seccomp)")
 def test_daemon_runs_a_flow_and_stops_cleanly_under_the_units_syscall_filter(
-        installed: tuple[Path, str], broker: Any, config_file: Any, db: Any, task_dir: Path, flowctl: Any,
-        tmp_path: Path) -> None:
+        installed: tuple[Path, str, Path], broker: Any, config_file: Any, mqtt_client: Any, task_dir: Path,
+        flowctl: Any, tmp_path: Path) -> None:
     # The installed binary (/opt/flowd/venv/bin/flowd of the scratch root, /usr/bin/python3's
-    # virtualenv), sandboxed with the unit's system call filter, runs a two-step flow
-    # submitted by flowctl, then stops with exit 0 on SIGTERM: nothing it needs is refused.
+    # virtualenv), sandboxed with the unit's system call filter, comes online, runs a
+    # two-step flow submitted by flowctl, then stops with exit 0 on SIGTERM: nothing it
+    # needs is refused.
+    import json
     import signal
-    import time
 
     from conftest import flowd_env, wait_for
 
-    from flowd import catalog
-
-    catalog.save_task("step-a", "example.Step", options={"key": "a"}, task_paths=[str(task_dir)])
-    catalog.save_task("step-b", "example.Step", options={"key": "b", "source": "a"}, task_paths=[str(task_dir)])
-    catalog.save_routine("pair", ["step-a", "step-b"])
+    (task_dir / "task_deploycheck.py").write_text(
+        "from flowd.task import Task\n\n\n"
+        "class Step(Task):\n"
+        "    def perform(self, *args, key='a', source=None, **kwargs):\n"
+        "        return args, {**kwargs, key: kwargs.get(source, 0) + 1 if source else 1}\n")
+    definitions = tmp_path / "pair.toml"
+    definitions.write_text('[tasks.step-a]\nscript = "deploycheck.Step"\noptions = { key = "a" }\n\n'
+                           '[tasks.step-b]\nscript = "deploycheck.Step"\noptions = { key = "b", source = "a" }\n\n'
+                           '[routines.pair]\ntasks = ["step-a", "step-b"]\n')
+    path = config_file(broker=broker)
+    applied = flowctl("apply", str(definitions), config=path)
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    watcher = mqtt_client()
+    watcher.subscribe("flowd/testnode/status")
     helper = tmp_path / "sandbox.py"
     helper.write_text(SANDBOX)
-    path = config_file(broker=broker)
     log_path = tmp_path / "flowd-sandboxed.log"
     binary = installed[0] / "opt/flowd/venv/bin/flowd"
     env = flowd_env()
@@ -384,13 +405,15 @@ def test_daemon_runs_a_flow_and_stops_cleanly_under_the_units_syscall_filter(
         proc = subprocess.Popen(["/usr/bin/python3", str(helper), str(binary), "run", "--config", str(path)],
                                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd="/", start_new_session=True)
     try:
-        wait_for(lambda: "sandbox: seccomp on" in log_path.read_text(), timeout=30, message="the sandbox")
+        wait_for(lambda: [m for m in watcher.json_on("flowd/testnode/status") if m.get("state") == "online"],
+                 timeout=30, message=f"flowd online; log:\n{log_path.read_text()}")
+        assert "sandbox: seccomp on" in log_path.read_text()
         done = flowctl("--json", "submit", "pair", "--wait", "--timeout", "60", config=path, timeout=90)
         assert done.returncode == 0, done.stdout + done.stderr + log_path.read_text()
-        assert '"b": 2' in done.stdout.replace('"b":2', '"b": 2'), done.stdout
-        deadline = time.monotonic() + 30
+        flow = json.loads(done.stdout)
+        assert flow["state"] == "DONE" and flow["result"]["kwargs"] == {"a": 1, "b": 2}, done.stdout
         proc.send_signal(signal.SIGTERM)
-        code = proc.wait(max(1.0, deadline - time.monotonic()))
+        code = proc.wait(30)
         log_text = log_path.read_text()
         assert code == 0, log_text
         assert "Operation not permitted" not in log_text, log_text
@@ -401,29 +424,29 @@ def test_daemon_runs_a_flow_and_stops_cleanly_under_the_units_syscall_filter(
             pass
 
 
-def test_uninstall_keeps_data_reinstall_adopts_it_purge_removes_it(installed: tuple[Path, str]) -> None:
+def test_uninstall_keeps_data_reinstall_adopts_it_purge_removes_it(installed: tuple[Path, str, Path]) -> None:
     # Runs last: it removes the shared install.
-    root, _ = installed
+    root, _, script = installed
     database = root / "var/lib/flowd/flowd.db"
     database.write_bytes(b"flows")
     old_uid = int(account(root, "flowd")[2])  # type: ignore[index]
     os.chown(database, old_uid, old_uid)
 
-    out = run_install(root, "--uninstall").stdout
+    out = run_install(root, "--uninstall", script=script).stdout
     assert not (root / "etc/systemd/system/flowd.service").exists()
     assert not (root / "etc/systemd/system/multi-user.target.wants/flowd.service").is_symlink()
     assert not (root / "opt/flowd").exists() and not (root / "usr/local/bin/flowctl").exists()
     assert account(root, "flowd") is None and account(root, "flowd", "group") is None
     assert database.read_bytes() == b"flows" and (root / "etc/flowd/flowd.toml").exists()
     assert "kept " in out
-    again = run_install(root, "--uninstall")                        # nothing left to remove: still fine
+    again = run_install(root, "--uninstall", script=script)         # nothing left to remove: still fine
     assert "no unit at" in again.stdout
 
     # Another system account takes the old uid, so the reinstalled flowd gets a new one
     # and must be given the kept database and configuration.
     subprocess.run(["useradd", "--prefix", str(root), "--system", "--user-group", "--uid", str(old_uid),
                     "--no-create-home", "other"], check=True, capture_output=True)
-    run_install(root)
+    run_install(root, script=script)
     new_uid = int(account(root, "flowd")[2])  # type: ignore[index]
     new_gid = int(account(root, "flowd", "group")[2])  # type: ignore[index]
     assert new_uid != old_uid
@@ -432,6 +455,6 @@ def test_uninstall_keeps_data_reinstall_adopts_it_purge_removes_it(installed: tu
     assert owner_mode(root / "var/lib/flowd") == (new_uid, new_gid, "0o700")
     assert owner_mode(root / "etc/flowd/flowd.toml")[:2] == (0, new_gid)
 
-    run_install(root, "--uninstall", "--purge")
+    run_install(root, "--uninstall", "--purge", script=script)
     assert not (root / "var/lib/flowd").exists() and not (root / "etc/flowd").exists()
     assert account(root, "other") is not None                       # only flowd's account went
