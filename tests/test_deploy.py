@@ -326,6 +326,49 @@ def test_refuses_bad_usage(tmp_path: Path) -> None:
     assert purge.returncode == 1 and "--purge only goes with --uninstall" in purge.stderr
 
 
+
+@pytest.mark.skipif(not shutil.which("sqlite3"), reason="needs the sqlite3 command (apt-get install sqlite3)")
+def test_readme_backup_command_copies_a_live_database(db: Any, tmp_path: Path) -> None:
+    # The README's online backup, run on flowd's real WAL database while another
+    # process keeps committing to it, gives a whole, consistent copy.
+    import sqlite3
+    import threading
+
+    match = re.search(r"sqlite3 /var/lib/flowd/flowd\.db \"\.backup '([^']+)'\"", README.read_text())
+    assert match, "deploy/README.md lost its backup command"
+    database = Path(db.config.database.url.removeprefix("sqlite:///"))
+    target = tmp_path / Path(match.group(1)).name
+    stop = threading.Event()
+    written = [0]
+
+    def keep_writing() -> None:
+        conn = sqlite3.connect(database, timeout=10)
+        conn.execute("create table if not exists backup_probe (n integer)")
+        while not stop.is_set():
+            with conn:
+                conn.execute("insert into backup_probe values (?)", (written[0],))
+            written[0] += 1
+        conn.close()
+
+    writer = threading.Thread(target=keep_writing)
+    writer.start()
+    try:
+        from conftest import wait_for
+
+        wait_for(lambda: written[0] > 50, message="the writer to commit")
+        result = subprocess.run(["sqlite3", str(database), f".backup '{target}'"], capture_output=True, text=True,
+                                timeout=60)
+    finally:
+        stop.set()
+        writer.join(10)
+    assert result.returncode == 0, result.stderr
+    copy = sqlite3.connect(target)
+    assert copy.execute("pragma integrity_check").fetchone() == ("ok",)
+    tables = {row[0] for row in copy.execute("select name from sqlite_master where type = 'table'")}
+    assert {"flow", "backup_probe"} <= tables, tables
+    assert copy.execute("select count(*) from backup_probe").fetchone()[0] > 0
+    copy.close()
+
 SANDBOX = r'''
 """exec a command under flowd.service's system call filter, as systemd would set it up:
 SystemCallFilter=@system-service ~@privileged @resources, SystemCallErrorNumber=EPERM,
