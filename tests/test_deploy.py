@@ -137,7 +137,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, Path
         if (ROOT / name).exists():
             shutil.copy2(ROOT / name, source / name)
     for name in ("flowd", "config", "deploy", "tasks"):
-        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     script = source / "deploy" / "install.sh"
     root = tmp_path_factory.mktemp("root")
     seed_root(root)
