@@ -449,8 +449,16 @@ def test_daemon_runs_a_flow_and_stops_cleanly_under_the_units_syscall_filter(
         proc = subprocess.Popen(["/usr/bin/python3", str(helper), str(binary), "run", "--config", str(path)],
                                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd="/", start_new_session=True)
     try:
-        wait_for(lambda: [m for m in watcher.json_on("flowd/testnode/status") if m.get("state") == "online"],
-                 timeout=30, message=f"flowd online; log:\n{log_path.read_text()}")
+        def online_or_exited() -> Any:
+            if proc.poll() is not None:
+                return "exited"
+            return [m for m in watcher.json_on("flowd/testnode/status") if m.get("state") == "online"]
+
+        try:
+            state = wait_for(online_or_exited, timeout=30, message="flowd online")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; log:\n{log_path.read_text()}") from None
+        assert state != "exited", f"flowd exited with {proc.returncode}:\n{log_path.read_text()}"
         assert "sandbox: seccomp on" in log_path.read_text()
         done = flowctl("--json", "submit", "pair", "--wait", "--timeout", "60", config=path, timeout=90)
         assert done.returncode == 0, done.stdout + done.stderr + log_path.read_text()
