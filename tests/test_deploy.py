@@ -461,7 +461,7 @@ def test_daemon_runs_a_flow_and_stops_cleanly_under_the_units_syscall_filter(
             raise AssertionError(f"{exc}; log:\n{log_path.read_text()}") from None
         assert state != "exited", f"flowd exited with {proc.returncode}:\n{log_path.read_text()}"
         assert "sandbox: seccomp on" in log_path.read_text()
-        done = flowctl("--json", "submit", "pair", "--wait", "--timeout", "60", config=path, timeout=90)
+        done = flowctl("--json", "submit", "pair", "--wait", "--timeout", "30", config=path, timeout=60)
         assert done.returncode == 0, done.stdout + done.stderr + log_path.read_text()
         flow = json.loads(done.stdout)
         assert flow["state"] == "DONE" and flow["result"]["kwargs"] == {"a": 1, "b": 2}, done.stdout
