@@ -42,7 +42,7 @@ MAX_ID_LENGTH = 256
 SUBMIT_FIELDS = ("routine", "args", "kwargs", "request_id", "reply_to")
 RECONNECT_MIN_S = 1
 RECONNECT_MAX_S = 30
-PAHO_INFLIGHT = 100
+PAHO_INFLIGHT = outbox.MAX_HANDED  # paho never queues behind its window, so it never reorders
 _JSON_SPECIAL = re.compile(r'[\[\]{}"\\]')
 
 
@@ -345,6 +345,10 @@ class MqttBridge:
                 self._report_problem(level, f"the broker at {m.host}:{m.port} refused the connection: {reason}")
                 return
             self._problem = None
+            # paho would re-send what it holds before anything new, racing the outbox
+            # thread; take it back and let the outbox hand it over again, in row order.
+            taken_back = [m.mid for m in self.client.drop_out_messages()]
+            self.publisher.connected(taken_back)
             self._connected.set()
             log.info("MQTT: connected to %s:%d (session present: %s)", m.host, m.port,
                      "yes" if flags.session_present else "no")
@@ -354,7 +358,7 @@ class MqttBridge:
             self.refresh_wait_topics()
             with write_transaction():
                 outbox.add_message(self.status_topic, self._status_payload("online"), retain=True)
-            self.publisher.connected()
+            self.publisher.poke()
         except Exception:
             log.exception("MQTT: error while setting up the connection")
 

@@ -27,7 +27,7 @@ from flowd.wakeup import WakeSocket, send_wakeup
 log = logging.getLogger(__name__)
 
 WAKE_SOCKET_NAME = "wake-outbox.sock"
-MAX_HANDED = 500          # rows handed to the MQTT client and not yet deleted
+MAX_HANDED = 256          # rows handed to the MQTT client and not yet deleted (= its in-flight window)
 READ_BATCH = 200          # rows read per query
 DELETE_BATCH = 100        # delete acknowledged rows once this many are waiting...
 DELETE_AFTER_S = 0.5      # ...or once the oldest has waited this long
@@ -72,7 +72,9 @@ class OutboxPublisher:
     """Thread that moves Outbox rows to the broker and deletes them once acknowledged.
 
     Rows are handed to the client in id order while it is connected, at most
-    ``MAX_HANDED`` at a time; paho itself re-sends what it holds after a reconnect.
+    ``MAX_HANDED`` at a time. On a reconnect the bridge takes back what paho still
+    holds (``drop_out_messages``) and this thread hands it over again from the oldest,
+    so the order on the wire stays the order of the rows.
     A row is identified by the set of ids handed over, not by a high-water mark:
     SQLite reuses the highest ids once they are deleted.
 
@@ -102,6 +104,7 @@ class OutboxPublisher:
         self._next_cap_check = 0.0
         self._idle = threading.Event()
         self._reconnected = False
+        self._taken_back: set[int] = set()           # mids paho gave back at a reconnect
         self._sql: str | None = None
 
     # ------------------------------------------------------------------ called by other threads
@@ -130,11 +133,12 @@ class OutboxPublisher:
         if batch_ready:
             self.poke()  # free the window without waiting for the timer
 
-    def connected(self) -> None:
-        """The client (re)connected: send at once. paho re-sends the QoS 1 messages it
-        holds; QoS 0 ones it dropped with the connection are handed over again."""
+    def connected(self, taken_back: list[int]) -> None:
+        """The client (re)connected after giving back the messages ``taken_back`` (mids)
+        it held: they are handed over again in order, with the QoS 0 ones it lost."""
         with self._lock:
             self._reconnected = True
+            self._taken_back.update(taken_back)
         self.poke()
 
     def _ack_row(self, row_id: int, delivered: bool) -> None:
@@ -180,7 +184,7 @@ class OutboxPublisher:
                 self._wait(0.01 if busy else IDLE_WAIT_S)
                 if self._stopping.is_set():
                     break
-                self._forget_dropped_qos0()
+                self._take_back()
                 busy = self._send_rows() if self.sender.is_connected() else False
                 self._delete_acked(force=not busy)
                 self._check_cap()
@@ -221,6 +225,8 @@ class OutboxPublisher:
         if self._sql is None:
             self._sql = self._select_sql()
         while True:
+            if self._reconnected:
+                return True  # hand the taken-back rows over first
             if len(self._handed) >= MAX_HANDED:
                 return True
             rows = database.obj.execute_sql(self._sql, (self._cursor, READ_BATCH)).fetchall()
@@ -250,21 +256,25 @@ class OutboxPublisher:
             return True
         if mid is None:
             return False
-        self._handed.add(row_id)
         with self._lock:
+            if mid in self._taken_back:  # the connection dropped under us: paho gave it back
+                self._taken_back.discard(mid)
+                return False
+            self._handed.add(row_id)
             if mid in self._early_acks:
                 self._ack_row(row_id, self._early_acks.pop(mid))
             else:
                 self._inflight[mid] = (row_id, qos)
         return True
 
-    def _forget_dropped_qos0(self) -> None:
+    def _take_back(self) -> None:
         with self._lock:
             if not self._reconnected:
                 return
             self._reconnected = False
-            lost = [mid for mid, (_, qos) in self._inflight.items() if qos == 0]
+            lost = [mid for mid, (_, qos) in self._inflight.items() if qos == 0 or mid in self._taken_back]
             rows = [self._inflight.pop(mid)[0] for mid in lost]
+            self._taken_back.clear()
         self._handed.difference_update(rows)
         if rows:
             self._cursor = min(self._cursor, min(rows) - 1)
