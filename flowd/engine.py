@@ -4,6 +4,7 @@ Each public method is one short IMMEDIATE transaction. Side effects that must no
 happen unless the transaction committed (queueing a flow for a worker, waking the
 outbox publisher, signalling a worker) are collected in :class:`Effects` and carried
 out after the commit. Any process may call these: the daemon, a worker, flowctl.
+The per-step path uses the precompiled statements of :mod:`flowd.store`.
 """
 
 from __future__ import annotations
@@ -13,25 +14,15 @@ import logging
 import os
 import signal
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
-from flowd import outbox
+from flowd import outbox, store
 from flowd.config import Config
 from flowd.errors import InputError, NotFoundError
-from flowd.models import (
-    ACTIVE_STATES,
-    ENDED_STATES,
-    Flow,
-    FlowState,
-    Routine,
-    StepState,
-    Task,
-    TaskResult,
-    isoformat,
-    utcnow,
-    write_transaction,
-)
+from flowd.models import ACTIVE_STATES, FlowState, Routine, StepState, dumps, isoformat, utcnow, write_transaction
+from flowd.store import Row
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +63,8 @@ class ClaimedStep:
     deadline: dt.datetime | None
 
 
-def flow_status_payload(flow: Flow) -> dict[str, Any]:
-    """``flow/<id>/status`` (SPEC 4.2)."""
+def flow_status_payload(flow: Any) -> dict[str, Any]:
+    """``flow/<id>/status`` (SPEC 4.2); ``flow`` is a Flow model or a store row."""
     steps = flow.steps or []
     task = steps[flow.position] if 0 <= flow.position < len(steps) else None
     payload: dict[str, Any] = {
@@ -88,13 +79,22 @@ def flow_status_payload(flow: Flow) -> dict[str, Any]:
     return payload
 
 
-def flow_result_payload(flow: Flow) -> dict[str, Any]:
+def flow_result_payload(flow: Any) -> dict[str, Any]:
     """``flow/<id>/result`` (SPEC 4.2)."""
     return {
         "flow_id": flow.id, "uid": flow.uid, "routine": flow.routine, "request_id": flow.request_id,
         "state": flow.state, "result": flow.result, "error": flow.error, "trigger": flow.trigger,
         "started_at": isoformat(flow.started_at), "finished_at": isoformat(flow.finished_at),
     }
+
+
+def payload_matches(match: dict[str, Any] | None, payload: Any) -> bool:
+    """True when every key/value of ``match`` is in the JSON object ``payload``."""
+    if not match:
+        return True
+    if not isinstance(payload, dict):
+        return False
+    return all(key in payload and payload[key] == value for key, value in match.items())
 
 
 class Engine:
@@ -107,6 +107,7 @@ class Engine:
     def __init__(self, config: Config, enqueue: Enqueue):
         self.config = config
         self._enqueue = enqueue
+        self.definitions = store.Definitions()
 
     # ------------------------------------------------------------------ effects
     def _apply(self, effects: Effects) -> None:
@@ -121,22 +122,25 @@ class Engine:
                 except OSError:
                     pass  # gone already, or not ours: the worker sees the state when its step ends
 
-    def _publish_status(self, flow: Flow, effects: Effects) -> None:
-        outbox.add_message(self.config.topic(f"flow/{flow.id}/status"), flow_status_payload(flow))
+    def _publish(self, topic: str, payload: dict[str, Any], effects: Effects, now: dt.datetime,
+                 correlation_data: str | None = None) -> None:
+        store.add_outbox(topic, dumps(payload), correlation_data, now)
         effects.published = True
 
-    def _publish_result(self, flow: Flow, effects: Effects) -> None:
+    def _publish_status(self, flow: Row, effects: Effects, now: dt.datetime) -> None:
+        self._publish(self.config.topic(f"flow/{flow.id}/status"), flow_status_payload(flow), effects, now)
+
+    def _publish_result(self, flow: Row, effects: Effects, now: dt.datetime) -> None:
         payload = flow_result_payload(flow)
-        outbox.add_message(self.config.topic(f"flow/{flow.id}/result"), payload)
+        self._publish(self.config.topic(f"flow/{flow.id}/result"), payload, effects, now)
         if flow.reply_to:
-            outbox.add_message(flow.reply_to, payload, correlation_data=flow.correlation_data)
-        effects.published = True
+            self._publish(flow.reply_to, payload, effects, now, flow.correlation_data)
 
     # ------------------------------------------------------------------ submit
     def submit(self, routine: str | Routine, args: Iterable[Any] = (), kwargs: dict[str, Any] | None = None, *,
                request_id: str | None = None, reply_to: str | None = None, correlation_data: str | None = None,
                trigger: str = "api", require_mqtt: bool = False, now: dt.datetime | None = None
-               ) -> tuple[Flow, bool]:
+               ) -> tuple[Row, bool]:
         """Store a new flow (or find the one with this ``request_id``); returns (flow, created).
 
         Raises NotFoundError / InputError for an unknown, disabled or (with
@@ -145,125 +149,117 @@ class Engine:
         """
         name = routine.name if isinstance(routine, Routine) else routine
         effects = Effects()
+        now = now or utcnow()
         with write_transaction():
             if request_id is not None:
-                existing = Flow.get_or_none(Flow.request_id == request_id)
+                existing = store.flow_by_request_id(request_id)
                 if existing is not None:
                     return existing, False
-            row = self._routine_for_submit(name, require_mqtt)
-            flow = Flow.create(
-                uid=str(uuid.uuid4()), routine=row.name, steps=row.task_names(), args=list(args),
-                kwargs=dict(kwargs or {}), request_id=request_id, trigger=trigger, reply_to=reply_to,
-                correlation_data=correlation_data, created_at=now or utcnow(), updated_at=now or utcnow())
-            if reply_to:
-                outbox.add_message(reply_to, flow_status_payload(flow), correlation_data=correlation_data)
-                effects.published = True
-            self._admit_new(flow, row, effects, now or utcnow())
+            info = self._routine_for_submit(name, require_mqtt)
+            flow = self._create_flow(info, list(args), dict(kwargs or {}), effects, now, request_id=request_id,
+                                     trigger=trigger, reply_to=reply_to, correlation_data=correlation_data)
         self._apply(effects)
         return flow, True
 
-    def create_child(self, parent: Flow, routine_name: str, args: list[Any], kwargs: dict[str, Any],
-                     effects: Effects, now: dt.datetime) -> Flow:
-        """A sub-flow of ``parent`` (inside the caller's transaction)."""
-        if parent.depth + 1 > MAX_SUBFLOW_DEPTH:
-            raise InputError(f"sub-flow depth limit reached: flow {parent.id} is {parent.depth + 1} levels "
-                             f"deep (the limit is {MAX_SUBFLOW_DEPTH}); does routine '{routine_name}' "
-                             "start itself?")
-        row = self._routine_for_submit(routine_name, require_mqtt=False)
-        child = Flow.create(
-            uid=str(uuid.uuid4()), routine=row.name, steps=row.task_names(), args=list(args), kwargs=dict(kwargs),
-            trigger="flow", parent=parent.id, depth=parent.depth + 1, created_at=now, updated_at=now)
-        self._admit_new(child, row, effects, now)
-        return child
+    def _create_flow(self, info: store.RoutineInfo, args: list[Any], kwargs: dict[str, Any], effects: Effects,
+                     now: dt.datetime, **fields: Any) -> Row:
+        values = {"uid": str(uuid.uuid4()), "routine": info.name, "steps": info.steps, "state": FlowState.INIT.value,
+                  "position": 0, "args": args, "kwargs": kwargs, "request_id": None, "trigger": "api",
+                  "reply_to": None, "correlation_data": None, "admitted": False, "dispatch_token": 0,
+                  "worker_pid": None, "step_attempt": 0, "interruptions": 0, "next_attempt_at": None,
+                  "deadline": None, "result": None, "error": None, "created_at": now, "started_at": None,
+                  "finished_at": None, "updated_at": now, "parent_id": None, "depth": 0, "wait_topic": None,
+                  "wait_match": None, "wait_until": None}
+        values.update(fields)
+        values["id"] = store.insert_flow({k: v for k, v in values.items() if v is not None or k == "request_id"})
+        flow = Row(values)
+        if flow.reply_to:
+            self._publish(flow.reply_to, flow_status_payload(flow), effects, now, flow.correlation_data)
+        self._admit_new(flow, info, effects, now)
+        return flow
 
-    @staticmethod
-    def _routine_for_submit(name: str, require_mqtt: bool) -> Routine:
-        row = Routine.get_or_none(Routine.name == name)
-        if row is None:
+    def _routine_for_submit(self, name: str, require_mqtt: bool) -> store.RoutineInfo:
+        self.definitions.refresh()
+        info = self.definitions.routines.get(name)
+        if info is None:
             raise NotFoundError("routine", name, "list them with 'flowctl routine list'")
-        if not row.enabled:
+        if not info.enabled:
             raise InputError(f"routine '{name}' is disabled; enable it with 'flowctl routine enable {name}'")
-        if require_mqtt and not row.mqtt:
+        if require_mqtt and not info.mqtt:
             raise InputError(f"routine '{name}' may not be started over MQTT (mqtt = false)")
-        if not row.task_names():
+        if not info.steps:
             raise InputError(f"routine '{name}' has no tasks")
-        return row
+        return info
 
     # ------------------------------------------------------------------ admission (SPEC 1 modes)
-    def _active(self, routine: str) -> list[Flow]:
-        return list(Flow.select().where((Flow.routine == routine) & Flow.admitted & Flow.state.in_(ACTIVE_STATES))
-                    .order_by(Flow.id))
-
-    def _pending(self, routine: str) -> list[Flow]:
-        return list(Flow.select().where((Flow.routine == routine) & ~Flow.admitted
-                                        & (Flow.state == FlowState.INIT.value)).order_by(Flow.id))
-
-    def _admit_new(self, flow: Flow, routine: Routine, effects: Effects, now: dt.datetime) -> None:
-        active = [f for f in self._active(routine.name) if f.id != flow.id]
-        mode, limit = routine.mode, max(routine.max, 1)
+    def _admit_new(self, flow: Row, info: store.RoutineInfo, effects: Effects, now: dt.datetime) -> None:
+        mode, limit = info.mode, max(info.max, 1)
+        if mode == "parallel":
+            if store.count_active(info.name) < limit and not [f for f in store.pending_flows(info.name, 2)
+                                                              if f.id != flow.id]:
+                self._admit(flow, effects, now)
+            return
+        active = [f for f in store.active_flows(info.name) if f.id != flow.id]
         if mode == "single" and active:
             self._end(flow, FlowState.CANCELLED, effects, now, error=(
-                f"routine '{routine.name}' runs in mode single and flow {active[0].id} is still running"))
+                f"routine '{info.name}' runs in mode single and flow {active[0].id} is still running"))
         elif mode == "restart":
             for old in active:
-                self._cancel_tree(old, effects, now, f"restarted: routine '{routine.name}' runs in mode "
+                self._cancel_tree(old, effects, now, f"restarted: routine '{info.name}' runs in mode "
                                   f"restart and flow {flow.id} replaced it")
-            self._admit(flow, effects)
+            self._admit(flow, effects, now)
         elif mode == "queued":
-            pending = [f for f in self._pending(routine.name) if f.id != flow.id]
+            pending = [f for f in store.pending_flows(info.name) if f.id != flow.id]
             if not active and not pending:
-                self._admit(flow, effects)
+                self._admit(flow, effects, now)
             elif len(pending) >= limit:
                 self._end(flow, FlowState.CANCELLED, effects, now, error=(
-                    f"routine '{routine.name}' runs in mode queued and its queue is full ({limit} waiting)"))
-        elif len(active) < limit:  # parallel
-            self._admit(flow, effects)
+                    f"routine '{info.name}' runs in mode queued and its queue is full ({limit} waiting)"))
+        else:
+            self._admit(flow, effects, now)
 
-    def _admit(self, flow: Flow, effects: Effects, delay: float | None = None) -> None:
-        flow.admitted = True
-        flow.dispatch_token += 1
-        flow.worker_pid = None
-        flow.updated_at = utcnow()
-        flow.save()
+    def _admit(self, flow: Row, effects: Effects, now: dt.datetime, delay: float | None = None) -> None:
+        store.update_flow(flow, admitted=True, dispatch_token=flow.dispatch_token + 1, worker_pid=None,
+                          updated_at=now)
         effects.enqueue.append((flow.id, flow.dispatch_token, delay))
 
-    def _admit_pending(self, routine_name: str, effects: Effects) -> None:
-        routine = Routine.get_or_none(Routine.name == routine_name)
-        limit = 1 if routine is None or routine.mode in ("queued", "single") else max(routine.max, 1)
-        free = limit - len(self._active(routine_name))
-        for flow in self._pending(routine_name)[:max(free, 0)]:
-            self._admit(flow, effects)
+    def _admit_pending(self, routine_name: str, effects: Effects, now: dt.datetime) -> None:
+        pending = store.pending_flows(routine_name)
+        if not pending:
+            return
+        self.definitions.refresh()
+        info = self.definitions.routines.get(routine_name)
+        limit = 1 if info is None or info.mode in ("queued", "single") else max(info.max, 1)
+        free = limit - store.count_active(routine_name)
+        for flow in pending[:max(free, 0)]:
+            self._admit(flow, effects, now)
 
     # ------------------------------------------------------------------ ending
-    def _end(self, flow: Flow, state: FlowState, effects: Effects, now: dt.datetime, *,
+    def _end(self, flow: Row, state: FlowState, effects: Effects, now: dt.datetime, *,
              result: Any = None, error: str | None = None) -> None:
         was_admitted = flow.admitted
-        flow.state = state.value
-        flow.result = result
-        flow.error = error
-        flow.finished_at = now
-        flow.updated_at = now
-        flow.worker_pid = None
-        flow.next_attempt_at = None
-        flow.wait_topic = flow.wait_match = flow.wait_until = None
-        flow.save()
-        (TaskResult.update(state=StepState.CANCELLED.value if state == FlowState.CANCELLED else StepState.FAILED.value,
-                           finished_at=now, error=error)
-         .where((TaskResult.flow == flow.id) & (TaskResult.state == StepState.RUNNING.value)).execute())
-        self._publish_status(flow, effects)
-        self._publish_result(flow, effects)
-        log.info("flow %d (%s) ended %s%s", flow.id, flow.routine, state.value, f": {error}" if error else "",
-                 extra={"FLOW_ID": flow.id, "ROUTINE": flow.routine})
+        store.update_flow(flow, state=state.value, result=result, error=error, finished_at=now, updated_at=now,
+                          worker_pid=None, next_attempt_at=None, wait_topic=None, wait_match=None, wait_until=None)
+        if state != FlowState.DONE:
+            store.end_running_results(flow.id, StepState.CANCELLED.value if state == FlowState.CANCELLED
+                                      else StepState.FAILED.value, error, now)
+        self._publish_status(flow, effects, now)
+        self._publish_result(flow, effects, now)
+        extra = {"FLOW_ID": flow.id, "ROUTINE": flow.routine}
+        if state == FlowState.DONE:
+            log.debug("flow %d (%s) ended DONE", flow.id, flow.routine, extra=extra)
+        else:
+            log.info("flow %d (%s) ended %s: %s", flow.id, flow.routine, state.value, error, extra=extra)
         if was_admitted:
-            self._admit_pending(flow.routine, effects)
+            self._admit_pending(flow.routine, effects, now)
         if flow.parent_id:
             self._child_ended(flow, effects, now)
 
-    def _child_ended(self, child: Flow, effects: Effects, now: dt.datetime) -> None:
-        parent = Flow.get_or_none(Flow.id == child.parent_id)
+    def _child_ended(self, child: Row, effects: Effects, now: dt.datetime) -> None:
+        parent = store.get_flow(child.parent_id)
         if parent is None or parent.state != FlowState.WAITING.value or parent.wait_topic is not None:
             return
-        running = self._running_result(parent)
+        running = store.running_result(parent.id, parent.position)
         if running is None or (running.output or {}).get("child") != child.id:
             return
         if child.state == FlowState.DONE.value:
@@ -273,36 +269,32 @@ class Engine:
             self._record_failure(parent, running, f"sub-flow {child.id} ({child.routine}) ended "
                                  f"{child.state}: {why}", effects, now)
 
-    def _cancel_tree(self, flow: Flow, effects: Effects, now: dt.datetime, reason: str) -> None:
-        running = self._running_result(flow)
+    def _cancel_tree(self, flow: Row, effects: Effects, now: dt.datetime, reason: str) -> None:
+        running = store.running_result(flow.id, flow.position)
         if running is not None and running.worker_pid:
             effects.signal_pids.append(running.worker_pid)
-        for child in Flow.select().where((Flow.parent == flow.id) & Flow.state.in_(ACTIVE_STATES)):
+        for child in store.select_flows("parent_id = ? AND state IN (?, ?, ?)", (flow.id, *ACTIVE_STATES)):
             self._cancel_tree(child, effects, now, f"parent flow {flow.id} was cancelled")
-        flow.parent_id, parent_id = None, flow.parent_id  # do not resume the parent from a cascade
+        parent_id, flow.parent_id = flow.parent_id, None  # a cascade must not resume the parent
         self._end(flow, FlowState.CANCELLED, effects, now, error=reason)
-        if parent_id is not None:
-            Flow.update(parent=parent_id).where(Flow.id == flow.id).execute()
-
-    @staticmethod
-    def _running_result(flow: Flow) -> TaskResult | None:
-        return (TaskResult.select().where((TaskResult.flow == flow.id) & (TaskResult.position == flow.position)
-                                          & (TaskResult.state == StepState.RUNNING.value))
-                .order_by(TaskResult.attempt.desc()).first())
+        flow.parent_id = parent_id
 
     # ------------------------------------------------------------------ people: cancel, retry
-    def cancel(self, flow_id: int, reason: str = "cancelled by request", now: dt.datetime | None = None) -> Flow:
+    def cancel(self, flow_id: int, reason: str = "cancelled by request", now: dt.datetime | None = None) -> Row:
         """End a flow CANCELLED (its running step is interrupted, its children cancelled)."""
         effects = Effects()
+        now = now or utcnow()
         with write_transaction():
             flow = self._get(flow_id)
             if flow.is_ended:
                 raise InputError(f"flow {flow_id} has already ended ({flow.state}); nothing to cancel")
-            self._cancel_tree(flow, effects, now or utcnow(), reason)
+            self._cancel_tree(flow, effects, now, reason)
+            if flow.parent_id:
+                self._child_ended(flow, effects, now)
         self._apply(effects)
         return self._get(flow_id)
 
-    def retry(self, flow_id: int, now: dt.datetime | None = None) -> Flow:
+    def retry(self, flow_id: int, now: dt.datetime | None = None) -> Row:
         """Resume a FAILED or CANCELLED flow from the step that did not finish."""
         effects = Effects()
         now = now or utcnow()
@@ -310,23 +302,20 @@ class Engine:
             flow = self._get(flow_id)
             if flow.state not in (FlowState.FAILED.value, FlowState.CANCELLED.value):
                 raise InputError(f"flow {flow_id} is {flow.state}; only FAILED or CANCELLED flows can be retried")
-            routine = Routine.get_or_none(Routine.name == flow.routine)
-            if routine is None:
+            self.definitions.refresh()
+            info = self.definitions.routines.get(flow.routine)
+            if info is None:
                 raise NotFoundError("routine", flow.routine, "the flow's routine was removed")
-            flow.state = FlowState.INIT.value
-            flow.error = flow.result = flow.finished_at = flow.deadline = None
-            flow.admitted = False
-            flow.step_attempt = flow.interruptions = 0
-            flow.updated_at = now
-            flow.save()
-            self._publish_status(flow, effects)
-            self._admit_new(flow, routine, effects, now)
+            store.update_flow(flow, state=FlowState.INIT.value, error=None, result=None, finished_at=None,
+                              deadline=None, admitted=False, step_attempt=0, interruptions=0, updated_at=now)
+            self._publish_status(flow, effects, now)
+            self._admit_new(flow, info, effects, now)
         self._apply(effects)
         return self._get(flow_id)
 
     @staticmethod
-    def _get(flow_id: int) -> Flow:
-        flow = Flow.get_or_none(Flow.id == flow_id)
+    def _get(flow_id: int) -> Row:
+        flow = store.get_flow(flow_id)
         if flow is None:
             raise NotFoundError("flow", flow_id, "list flows with 'flowctl flows'")
         return flow
@@ -338,75 +327,63 @@ class Engine:
         effects = Effects()
         now = now or utcnow()
         step: ClaimedStep | None = None
+        self.definitions.refresh()
         with write_transaction():
-            flow = Flow.get_or_none(Flow.id == flow_id)
+            flow = store.get_flow(flow_id)
             if (flow is None or flow.dispatch_token != token or not flow.admitted
                     or flow.state not in (FlowState.INIT.value, FlowState.RUNNING.value) or flow.worker_pid):
                 return None
             if flow.next_attempt_at and flow.next_attempt_at > now + dt.timedelta(seconds=0.05):
-                delay = (flow.next_attempt_at - now).total_seconds()
-                effects.enqueue.append((flow.id, flow.dispatch_token, delay))
+                effects.enqueue.append((flow.id, flow.dispatch_token, (flow.next_attempt_at - now).total_seconds()))
             elif flow.deadline and now >= flow.deadline:
                 self._end(flow, FlowState.FAILED, effects, now, error=self._flow_timeout_text(flow))
             else:
+                changes: dict[str, Any] = {"worker_pid": pid, "next_attempt_at": None, "updated_at": now}
                 if flow.state == FlowState.INIT.value:
-                    flow.state = FlowState.RUNNING.value
-                    flow.started_at = flow.started_at or now
-                    routine = Routine.get_or_none(Routine.name == flow.routine)
-                    if routine is not None and routine.timeout and flow.deadline is None:
-                        flow.deadline = now + dt.timedelta(seconds=routine.timeout)
-                    self._publish_status(flow, effects)
-                flow.worker_pid = pid
-                flow.next_attempt_at = None
-                flow.updated_at = now
-                flow.save()
-                step = self._start_step(flow, self._step_input(flow), pid, now)
+                    info = self.definitions.routines.get(flow.routine)
+                    changes.update(state=FlowState.RUNNING.value, started_at=flow.started_at or now)
+                    if info is not None and info.timeout and flow.deadline is None:
+                        changes["deadline"] = now + dt.timedelta(seconds=info.timeout)
+                    store.update_flow(flow, **changes)
+                    self._publish_status(flow, effects, now)
+                else:
+                    store.update_flow(flow, **changes)
+                if flow.position == 0:
+                    step_input = {"args": flow.args or [], "kwargs": flow.kwargs or {}}
+                    results: list[Any] = []
+                else:
+                    step_input = store.step_output(flow.id, flow.position - 1) or {"args": [], "kwargs": {}}
+                    results = store.done_outputs(flow.id, flow.position)
+                step = self._start_step(flow, step_input, results, pid, now)
         self._apply(effects)
         return step
 
-    def _flow_timeout_text(self, flow: Flow) -> str:
-        routine = Routine.get_or_none(Routine.name == flow.routine)
-        limit = f"{routine.timeout:g}s" if routine and routine.timeout else "its limit"
+    def _flow_timeout_text(self, flow: Row) -> str:
+        info = self.definitions.routines.get(flow.routine)
+        limit = f"{info.timeout:g}s" if info and info.timeout else "its limit"
         return f"flow timed out: routine '{flow.routine}' allows {limit} for the whole flow"
 
-    @staticmethod
-    def _step_input(flow: Flow) -> dict[str, Any]:
-        if flow.position == 0:
-            return {"args": flow.args or [], "kwargs": flow.kwargs or {}}
-        previous = (TaskResult.select(TaskResult.output)
-                    .where((TaskResult.flow == flow.id) & (TaskResult.position == flow.position - 1)
-                           & (TaskResult.state == StepState.DONE.value))
-                    .order_by(TaskResult.attempt.desc()).first())
-        return previous.output if previous is not None else {"args": [], "kwargs": {}}
-
-    def _start_step(self, flow: Flow, step_input: dict[str, Any], pid: int, now: dt.datetime) -> ClaimedStep:
+    def _start_step(self, flow: Row, step_input: dict[str, Any], results: list[Any], pid: int,
+                    now: dt.datetime) -> ClaimedStep:
         task_name = flow.steps[flow.position]
-        last = (TaskResult.select(TaskResult.attempt)
-                .where((TaskResult.flow == flow.id) & (TaskResult.position == flow.position))
-                .order_by(TaskResult.attempt.desc()).first())
-        attempt = (last.attempt if last else 0) + 1
-        result = TaskResult.create(flow=flow.id, position=flow.position, task=task_name, attempt=attempt,
-                                   state=StepState.RUNNING.value, input=step_input, worker_pid=pid, started_at=now)
-        task = Task.get_or_none(Task.name == task_name)
-        done = (TaskResult.select(TaskResult.position, TaskResult.output)
-                .where((TaskResult.flow == flow.id) & (TaskResult.position < flow.position)
-                       & (TaskResult.state == StepState.DONE.value))
-                .order_by(TaskResult.position, TaskResult.attempt))
-        by_position = {row.position: row.output for row in done}
+        result_id, attempt = store.insert_result(flow.id, flow.position, task_name, step_input, pid, now)
+        task = self.definitions.tasks.get(task_name)
         return ClaimedStep(
             flow_id=flow.id, flow_uid=flow.uid, routine=flow.routine, token=flow.dispatch_token,
-            steps=list(flow.steps), position=flow.position, attempt=attempt, task_result_id=result.id,
-            task_name=task_name, script=task.script if task else None, options=dict(task.options or {}) if task else {},
+            steps=list(flow.steps), position=flow.position, attempt=attempt, task_result_id=result_id,
+            task_name=task_name, script=task.script if task else None, options=dict(task.options) if task else {},
             timeout=task.timeout if task else None, args=list(step_input.get("args", [])),
-            kwargs=dict(step_input.get("kwargs", {})), results=[by_position[p] for p in sorted(by_position)],
-            deadline=flow.deadline)
+            kwargs=dict(step_input.get("kwargs", {})), results=results, deadline=flow.deadline)
 
-    def _held(self, step: ClaimedStep, pid: int) -> tuple[Flow | None, TaskResult | None]:
+    @staticmethod
+    def _held(step: ClaimedStep, pid: int) -> tuple[Row | None, Row | None]:
         """The flow and attempt, if this worker still holds them (not cancelled/taken over)."""
-        flow = Flow.get_or_none(Flow.id == step.flow_id)
-        result = TaskResult.get_or_none(TaskResult.id == step.task_result_id)
-        if (flow is None or result is None or flow.state != FlowState.RUNNING.value or flow.worker_pid != pid
-                or flow.dispatch_token != step.token or result.state != StepState.RUNNING.value):
+        flow = store.get_flow(step.flow_id)
+        if (flow is None or flow.state != FlowState.RUNNING.value or flow.worker_pid != pid
+                or flow.dispatch_token != step.token):
+            return None, None
+        result = store.get_result(step.task_result_id)
+        if result is None or result.state != StepState.RUNNING.value:
             return None, None
         return flow, result
 
@@ -415,8 +392,7 @@ class Engine:
         """Commit a finished step and start the next one in the same transaction.
 
         Returns the next step to run, or None when the flow ended, was cancelled, or
-        ``stop`` is set (shutdown: the flow stays RUNNING at the next step, unheld, for
-        recovery to re-queue).
+        ``stop`` is set (shutdown: the next step is queued instead of run here).
         """
         effects = Effects()
         now = now or utcnow()
@@ -425,37 +401,33 @@ class Engine:
             flow, result = self._held(step, pid)
             if flow is None or result is None:
                 return None
-            nxt = self._advance(flow, result, output, effects, now, pid=None if stop else pid)
+            nxt = self._advance(flow, result, output, effects, now, pid=None if stop else pid,
+                                results=[*step.results, output])
         self._apply(effects)
         return nxt
 
-    def _advance(self, flow: Flow, result: TaskResult, output: dict[str, Any], effects: Effects,
-                 now: dt.datetime, pid: int | None = None) -> ClaimedStep | None:
+    def _advance(self, flow: Row, result: Row, output: Any, effects: Effects, now: dt.datetime,
+                 pid: int | None = None, results: list[Any] | None = None) -> ClaimedStep | None:
         """Record ``output`` for the running attempt; start the next step (held by ``pid``,
         or queued when pid is None) or end the flow DONE."""
-        result.state = StepState.DONE.value
-        result.output = output
-        result.finished_at = now
-        result.save()
+        store.update_result(result.id, state=StepState.DONE.value, output=output, finished_at=now)
         if flow.position + 1 >= len(flow.steps):
             self._end(flow, FlowState.DONE, effects, now, result=output)
             return None
-        flow.position += 1
-        flow.step_attempt = flow.interruptions = 0
-        flow.state = FlowState.RUNNING.value
-        flow.wait_topic = flow.wait_match = flow.wait_until = None
-        flow.updated_at = now
-        self._publish_status(flow, effects)
-        if pid is None:
-            flow.save()
-            self._admit(flow, effects)
-            return None
-        flow.worker_pid = pid
-        flow.save()
         if flow.deadline and now >= flow.deadline:
+            store.update_flow(flow, position=flow.position + 1)
             self._end(flow, FlowState.FAILED, effects, now, error=self._flow_timeout_text(flow))
             return None
-        return self._start_step(flow, output, pid, now)
+        store.update_flow(flow, position=flow.position + 1, step_attempt=0, interruptions=0,
+                          state=FlowState.RUNNING.value, wait_topic=None, wait_match=None, wait_until=None,
+                          updated_at=now, worker_pid=pid)
+        self._publish_status(flow, effects, now)
+        if pid is None:
+            self._admit(flow, effects, now)
+            return None
+        if results is None:
+            results = store.done_outputs(flow.id, flow.position)
+        return self._start_step(flow, output, results, pid, now)
 
     def release(self, step: ClaimedStep, pid: int) -> None:
         """Give back a held step that has not started (shutdown): recovery re-queues it."""
@@ -463,66 +435,114 @@ class Engine:
             flow, result = self._held(step, pid)
             if flow is None or result is None:
                 return
-            result.delete_instance()
-            flow.worker_pid = None
-            flow.save()
+            store.execute("DELETE FROM task_result WHERE id = ?", (result.id,))
+            store.update_flow(flow, worker_pid=None)
 
     def fail_step(self, step: ClaimedStep, error: str, pid: int | None, *, interrupted: bool = False,
                   now: dt.datetime | None = None) -> None:
         """Record a failed attempt; retry later (backoff), or end the flow FAILED.
 
-        ``interrupted`` (worker killed, shutdown) does not use up a retry. ``pid`` None
-        lets the daemon's reaper fail an attempt whose worker is gone.
+        ``interrupted`` (worker killed, shutdown) does not use up a retry.
         """
+        self.fail_attempt(step.flow_id, step.task_result_id, error, pid, interrupted=interrupted, now=now)
+
+    def fail_attempt(self, flow_id: int, task_result_id: int, error: str, pid: int | None, *,
+                     interrupted: bool = False, now: dt.datetime | None = None) -> bool:
+        """Fail one running attempt; ``pid`` None lets the reaper fail an attempt whose
+        worker is gone. False when the attempt was no longer running."""
         effects = Effects()
         now = now or utcnow()
+        self.definitions.refresh()
         with write_transaction():
-            flow = Flow.get_or_none(Flow.id == step.flow_id)
-            result = TaskResult.get_or_none(TaskResult.id == step.task_result_id)
+            flow = store.get_flow(flow_id)
+            result = store.get_result(task_result_id)
             if (flow is None or result is None or result.state != StepState.RUNNING.value
                     or flow.state not in (FlowState.RUNNING.value, FlowState.WAITING.value)
                     or (pid is not None and flow.worker_pid != pid)):
-                return
+                return False
             self._record_failure(flow, result, error, effects, now, interrupted=interrupted)
         self._apply(effects)
+        return True
 
-    def _record_failure(self, flow: Flow, result: TaskResult, error: str, effects: Effects, now: dt.datetime,
+    def _record_failure(self, flow: Row, result: Row, error: str, effects: Effects, now: dt.datetime,
                         interrupted: bool = False) -> None:
-        result.state = StepState.FAILED.value
-        result.error = error
-        result.finished_at = now
-        result.save()
-        flow.wait_topic = flow.wait_match = flow.wait_until = None
+        store.update_result(result.id, state=StepState.FAILED.value, error=error, finished_at=now)
         summary = error.strip().splitlines()[-1] if error.strip() else "failed"
         label = f"step {flow.position + 1}/{len(flow.steps)} ({result.task})"
+        waits = {"wait_topic": None, "wait_match": None, "wait_until": None}
         if interrupted:
-            flow.interruptions += 1
-            if flow.interruptions > MAX_INTERRUPTIONS:
+            if flow.interruptions + 1 > MAX_INTERRUPTIONS:
+                store.update_flow(flow, interruptions=flow.interruptions + 1)
                 self._end(flow, FlowState.FAILED, effects, now, error=(
                     f"{label} was interrupted {flow.interruptions} times (its worker keeps dying): {summary}"))
                 return
-            flow.state = FlowState.RUNNING.value
-            flow.save()
-            self._admit(flow, effects)
+            store.update_flow(flow, interruptions=flow.interruptions + 1, state=FlowState.RUNNING.value, **waits)
+            self._admit(flow, effects, now)
             return
-        task = Task.get_or_none(Task.name == result.task)
+        task = self.definitions.tasks.get(result.task)
         retries = task.retries if task else 0
-        flow.step_attempt += 1
-        if flow.step_attempt <= retries and not (flow.deadline and now >= flow.deadline):
+        attempts = flow.step_attempt + 1
+        timed_out = bool(flow.deadline and now >= flow.deadline)
+        if attempts <= retries and not timed_out:
             base = task.retry_delay if task else 1.0
-            delay = min(base * (2 ** (flow.step_attempt - 1)), task.retry_backoff_max if task else base)
-            flow.state = FlowState.RUNNING.value
-            flow.next_attempt_at = now + dt.timedelta(seconds=delay)
-            flow.save()
+            delay = min(base * (2 ** (attempts - 1)), task.retry_backoff_max if task else base)
+            store.update_flow(flow, step_attempt=attempts, state=FlowState.RUNNING.value,
+                              next_attempt_at=now + dt.timedelta(seconds=delay), updated_at=now, **waits)
             log.info("flow %d %s attempt %d failed, retry in %.1fs: %s", flow.id, label, result.attempt, delay,
                      summary, extra={"FLOW_ID": flow.id, "ROUTINE": flow.routine, "TASK": result.task})
-            self._publish_status(flow, effects)
-            self._admit(flow, effects, delay=delay)
+            self._publish_status(flow, effects, now)
+            self._admit(flow, effects, now, delay=delay)
             return
-        if flow.deadline and now >= flow.deadline:
+        store.update_flow(flow, step_attempt=attempts)
+        if timed_out:
             self._end(flow, FlowState.FAILED, effects, now, error=self._flow_timeout_text(flow))
         else:
             self._end(flow, FlowState.FAILED, effects, now, error=f"{label} failed: {summary}")
+
+    # ------------------------------------------------------------------ start-up and lost messages
+    def recover(self, now: dt.datetime | None = None) -> int:
+        """At daemon start, with no worker running: fail every attempt that was running
+        (interrupted, no retry used) and queue every admitted flow again. Returns how
+        many flows were queued."""
+        effects = Effects()
+        now = now or utcnow()
+        self.definitions.refresh()
+        with write_transaction():
+            for flow in store.select_flows("state = ? AND admitted = ?", (FlowState.RUNNING.value, 1)):
+                result = store.running_result(flow.id, flow.position)
+                if result is not None:
+                    self._record_failure(flow, result, "interrupted: flowd stopped while this step ran", effects,
+                                         now, interrupted=True)
+            queued = {flow_id for flow_id, _, _ in effects.enqueue}
+            for flow in store.select_flows("admitted = ? AND state IN (?, ?)",
+                                           (1, FlowState.INIT.value, FlowState.RUNNING.value)):
+                if flow.id in queued:
+                    continue
+                delay = None
+                if flow.next_attempt_at and flow.next_attempt_at > now:
+                    delay = (flow.next_attempt_at - now).total_seconds()
+                self._admit(flow, effects, now, delay=delay)
+            names = {f.routine for f in store.select_flows("admitted = ? AND state = ?", (0, FlowState.INIT.value))}
+            for name in sorted(names):
+                self._admit_pending(name, effects, now)
+        self._apply(effects)
+        return len(effects.enqueue)
+
+    def requeue(self, flow_id: int, token: int, now: dt.datetime | None = None) -> bool:
+        """Queue again a flow whose queue message was lost (token unchanged since)."""
+        effects = Effects()
+        now = now or utcnow()
+        with write_transaction():
+            flow = store.get_flow(flow_id)
+            if (flow is None or flow.dispatch_token != token or not flow.admitted or flow.worker_pid
+                    or flow.state not in (FlowState.INIT.value, FlowState.RUNNING.value)):
+                return False
+            delay = None
+            if flow.next_attempt_at and flow.next_attempt_at > now:
+                delay = (flow.next_attempt_at - now).total_seconds()
+            self._admit(flow, effects, now, delay=delay)
+        self._apply(effects)
+        return True
 
     # ------------------------------------------------------------------ waits and sub-flows (SPEC 2.1)
     def wait_step(self, step: ClaimedStep, pid: int, topic: str, match: dict[str, Any] | None,
@@ -534,41 +554,42 @@ class Engine:
             flow, result = self._held(step, pid)
             if flow is None or result is None:
                 return False
-            result.output = {"args": step.args, "kwargs": step.kwargs, "wait": {"topic": topic, "match": match}}
-            result.worker_pid = None
-            result.save()
-            flow.state = FlowState.WAITING.value
-            flow.worker_pid = None
-            flow.wait_topic, flow.wait_match = topic, match
-            flow.wait_until = now + dt.timedelta(seconds=timeout) if timeout else None
-            flow.updated_at = now
-            flow.save()
-            self._publish_status(flow, effects)
+            store.update_result(result.id, worker_pid=None, output={
+                "args": step.args, "kwargs": step.kwargs, "wait": {"topic": topic, "match": match}})
+            store.update_flow(flow, state=FlowState.WAITING.value, worker_pid=None, wait_topic=topic,
+                              wait_match=match, updated_at=now,
+                              wait_until=now + dt.timedelta(seconds=timeout) if timeout else None)
+            self._publish_status(flow, effects, now)
         self._apply(effects)
         return True
 
     def spawn_subflow(self, step: ClaimedStep, pid: int, routine: str, args: list[Any], kwargs: dict[str, Any],
                       now: dt.datetime | None = None) -> int | None:
-        """Start a child flow and park the parent WAITING on it; returns the child id."""
+        """Start a child flow and park the parent WAITING on it; returns the child id.
+
+        Raises InputError for an unknown routine or past the depth limit (the caller
+        fails the step with it)."""
         effects = Effects()
         now = now or utcnow()
         with write_transaction():
             flow, result = self._held(step, pid)
             if flow is None or result is None:
                 return None
-            child = self.create_child(flow, routine, args, kwargs, effects, now)
-            result.output = {"child": child.id}
-            result.worker_pid = None
-            result.save()
-            flow.state = FlowState.WAITING.value
-            flow.worker_pid = None
-            flow.updated_at = now
-            flow.save()
-            self._publish_status(flow, effects)
+            if flow.depth + 1 > MAX_SUBFLOW_DEPTH:
+                raise InputError(f"sub-flow depth limit reached: flow {flow.id} would start a flow "
+                                 f"{flow.depth + 1} levels deep (the limit is {MAX_SUBFLOW_DEPTH}); does routine "
+                                 f"'{routine}' start itself?")
+            info = self._routine_for_submit(routine, require_mqtt=False)
+            store.update_result(result.id, worker_pid=None)
+            store.update_flow(flow, state=FlowState.WAITING.value, worker_pid=None, updated_at=now)
+            child = self._create_flow(info, list(args), dict(kwargs), effects, now, trigger="flow",
+                                      parent_id=flow.id, depth=flow.depth + 1)
+            store.update_result(result.id, output={"child": child.id})
+            self._publish_status(flow, effects, now)
             if child.is_ended:  # refused by its routine's mode
                 self._child_ended(child, effects, now)
         self._apply(effects)
-        return child.id
+        return int(child.id)
 
     def deliver_event(self, topic: str, payload: Any, now: dt.datetime | None = None) -> list[int]:
         """Resume every flow waiting on ``topic`` whose ``match`` the payload satisfies."""
@@ -578,16 +599,14 @@ class Engine:
         now = now or utcnow()
         resumed: list[int] = []
         with write_transaction():
-            waiting = Flow.select().where((Flow.state == FlowState.WAITING.value) & Flow.wait_topic.is_null(False))
-            for flow in waiting:
+            for flow in store.select_flows("state = ? AND wait_topic IS NOT NULL", (FlowState.WAITING.value,)):
                 if not topic_matches(flow.wait_topic, topic) or not payload_matches(flow.wait_match, payload):
                     continue
-                result = self._running_result(flow)
+                result = store.running_result(flow.id, flow.position)
                 if result is None:
                     continue
                 before = result.output or {}
-                output = {"args": before.get("args", []),
-                          "kwargs": {**before.get("kwargs", {}), "event": payload}}
+                output = {"args": before.get("args", []), "kwargs": {**before.get("kwargs", {}), "event": payload}}
                 self._advance(flow, result, output, effects, now)
                 resumed.append(flow.id)
         self._apply(effects)
@@ -595,9 +614,9 @@ class Engine:
 
     def waiting_topics(self) -> set[str]:
         """Topic filters the MQTT bridge must subscribe to for waiting flows."""
-        query = Flow.select(Flow.wait_topic).where((Flow.state == FlowState.WAITING.value)
-                                                   & Flow.wait_topic.is_null(False)).distinct()
-        return {row.wait_topic for row in query}
+        rows = store.execute("SELECT DISTINCT wait_topic FROM flow WHERE state = ? AND wait_topic IS NOT NULL",
+                             (FlowState.WAITING.value,)).fetchall()
+        return {row[0] for row in rows}
 
     # ------------------------------------------------------------------ reaper duties
     def expire(self, now: dt.datetime | None = None) -> int:
@@ -605,31 +624,22 @@ class Engine:
         now = now or utcnow()
         effects = Effects()
         touched = 0
+        stamp = store._encode("wait_until", now)
+        if not store.execute("SELECT 1 FROM flow WHERE (state = ? AND wait_until <= ?) OR (state IN (?, ?, ?) "
+                             "AND deadline <= ? AND worker_pid IS NULL) LIMIT 1",
+                             (FlowState.WAITING.value, stamp, *ACTIVE_STATES, stamp)).fetchone():
+            return 0
+        self.definitions.refresh()
         with write_transaction():
-            overdue_waits = Flow.select().where((Flow.state == FlowState.WAITING.value)
-                                                & Flow.wait_until.is_null(False) & (Flow.wait_until <= now))
-            for flow in overdue_waits:
-                result = self._running_result(flow)
+            for flow in store.select_flows("state = ? AND wait_until <= ?", (FlowState.WAITING.value, stamp)):
+                result = store.running_result(flow.id, flow.position)
                 if result is not None:
                     self._record_failure(flow, result, f"timed out waiting for a message on '{flow.wait_topic}'"
                                          f" matching {flow.wait_match or {}}", effects, now)
                     touched += 1
-            overdue = Flow.select().where(Flow.state.in_((FlowState.WAITING.value, FlowState.INIT.value,
-                                                          FlowState.RUNNING.value))
-                                          & Flow.deadline.is_null(False) & (Flow.deadline <= now)
-                                          & Flow.worker_pid.is_null())
-            for flow in overdue:
+            for flow in store.select_flows("state IN (?, ?, ?) AND deadline <= ? AND worker_pid IS NULL",
+                                           (*ACTIVE_STATES, stamp)):
                 self._end(flow, FlowState.FAILED, effects, now, error=self._flow_timeout_text(flow))
                 touched += 1
         self._apply(effects)
         return touched
-
-
-def payload_matches(match: dict[str, Any] | None, payload: Any) -> bool:
-    """True when every key/value of ``match`` is in the JSON object ``payload``."""
-    if not match:
-        return True
-    if not isinstance(payload, dict):
-        return False
-    return all(key in payload and payload[key] == value for key, value in match.items())
-

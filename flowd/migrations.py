@@ -7,7 +7,7 @@ the ``meta`` table. Add a step here whenever a model changes (never edit an old 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import peewee
 from playhouse.migrate import SchemaMigrator, migrate

@@ -11,10 +11,11 @@ import datetime as dt
 import json
 import os
 import sqlite3
-from enum import Enum
-from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
 
 import peewee
 from peewee import (
@@ -37,7 +38,7 @@ database = DatabaseProxy()
 BUSY_TIMEOUT_S = 15
 
 
-class FlowState(str, Enum):
+class FlowState(StrEnum):
     """States of a flow (SPEC 1)."""
 
     INIT = "INIT"
@@ -48,7 +49,7 @@ class FlowState(str, Enum):
     CANCELLED = "CANCELLED"
 
 
-class StepState(str, Enum):
+class StepState(StrEnum):
     """States of one attempt of one step (a TaskResult)."""
 
     RUNNING = "RUNNING"
@@ -65,7 +66,7 @@ TRIGGERS = ("mqtt", "schedule", "cli", "api", "flow")
 
 def utcnow() -> dt.datetime:
     """Naive UTC now: every timestamp in the database is naive UTC."""
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
 def isoformat(value: dt.datetime | None) -> str | None:

@@ -12,8 +12,9 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -207,7 +208,7 @@ class FlowdProcess:
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> "FlowdProcess":
+    def start(self) -> FlowdProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "flowd", "run", "--config", str(self.config_path)],
                                      stdout=log, stderr=subprocess.STDOUT, env=flowd_env(self.env),

@@ -1,0 +1,141 @@
+"""The Python API (SPEC 3): submit, inspect, cancel and retry flows from any process.
+
+Works with the daemon stopped: a submitted flow is stored and queued, and runs when
+workers are there. The first call configures this process from the default config
+lookup; call :func:`configure` first to choose the file or pass a Config.
+
+>>> from flowd import api
+>>> flow = api.submit_flow("fetch-weather", "arg0", city="Oslo", request_id="r-17")
+>>> api.get_flow(flow.id).state
+'INIT'
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from flowd.config import Config, load_config
+from flowd.engine import Engine
+from flowd.errors import InputError, NotFoundError
+from flowd.models import (
+    ENDED_STATES,
+    Flow,
+    FlowState,
+    Routine,
+    TaskResult,
+    database,
+    init_database,
+    utcnow,
+    write_transaction,
+)
+
+_engine: Engine | None = None
+
+
+def configure(config: Config | str | None = None) -> Engine:
+    """Open the database and queue of ``config`` (a Config, a file path, or the default lookup)."""
+    global _engine
+    from flowd import queue
+
+    cfg = config if isinstance(config, Config) else load_config(config)
+    init_database(cfg.database)
+    queue.configure_queue(cfg)
+    _engine = Engine(cfg, enqueue=queue.enqueue_flow)
+    return _engine
+
+
+def engine() -> Engine:
+    """This process's engine, configured on first use."""
+    return _engine if _engine is not None else configure()
+
+
+def reset() -> None:
+    """Close this process's database connection and forget the configuration."""
+    global _engine
+    _engine = None
+    if database.obj is not None and not database.obj.is_closed():
+        database.obj.close()
+
+
+def submit_flow(routine: str | Routine, *args: Any, request_id: str | None = None, reply_to: str | None = None,
+                trigger: str = "api", **kwargs: Any) -> Flow:
+    """Store and queue a flow of ``routine``; returns at once. A repeated ``request_id``
+    returns the flow already started with it."""
+    from flowd.runner import check_json
+
+    try:
+        check_json({"args": list(args), "kwargs": kwargs}, "the flow's input")
+    except Exception as exc:
+        raise InputError(str(exc).replace(" returned", " contains")) from None
+    if request_id is not None and (not isinstance(request_id, str) or not request_id):
+        raise InputError(f"request_id must be a non-empty string, not {request_id!r}")
+    flow, _ = engine().submit(routine, args, kwargs, request_id=request_id, reply_to=reply_to, trigger=trigger)
+    return flow
+
+
+def get_flow(flow_id: int) -> Flow:
+    """The flow with its current state, position, result and error."""
+    engine()
+    flow = Flow.get_or_none(Flow.id == flow_id)
+    if flow is None:
+        raise NotFoundError("flow", flow_id, "list flows with 'flowctl flows'")
+    return flow
+
+
+def flow_trace(flow_id: int) -> list[TaskResult]:
+    """Every attempt of every step of a flow, in order."""
+    get_flow(flow_id)
+    return list(TaskResult.select().where(TaskResult.flow == flow_id)
+                .order_by(TaskResult.position, TaskResult.attempt))
+
+
+def cancel_flow(flow_id: int) -> Flow:
+    """Cancel a flow that has not ended (its running step is interrupted)."""
+    return engine().cancel(flow_id)
+
+
+def retry_flow(flow_id: int) -> Flow:
+    """Resume a FAILED or CANCELLED flow from the step that did not finish."""
+    return engine().retry(flow_id)
+
+
+def list_flows(state: str | None = None, routine: str | None = None, limit: int = 50) -> list[Flow]:
+    """Newest flows first, optionally filtered."""
+    engine()
+    query = Flow.select().order_by(Flow.id.desc()).limit(limit)
+    if state:
+        if state.upper() not in FlowState.__members__:
+            raise InputError(f"unknown state '{state}'; states are {', '.join(FlowState.__members__)}")
+        query = query.where(Flow.state == state.upper())
+    if routine:
+        query = query.where(Flow.routine == routine)
+    return list(query)
+
+
+def counts_by_state() -> dict[str, int]:
+    """How many flows are in each state."""
+    engine()
+    from peewee import fn
+
+    counts = {state.value: 0 for state in FlowState}
+    for row in Flow.select(Flow.state, fn.COUNT(Flow.id).alias("n")).group_by(Flow.state):
+        counts[row.state] = row.n
+    return counts
+
+
+def prune(older_than: float, now: dt.datetime | None = None) -> int:
+    """Delete flows that ended more than ``older_than`` seconds ago, with their results,
+    and give the freed pages back to the file system (SPEC 9)."""
+    engine()
+    cutoff = (now or utcnow()) - dt.timedelta(seconds=older_than)
+    with write_transaction():
+        ended = Flow.select(Flow.id).where(Flow.state.in_(ENDED_STATES) & (Flow.finished_at < cutoff))
+        # Children keep their own rows; unlink them so the parent can go.
+        Flow.update(parent=None).where(Flow.parent.in_(ended)).execute()
+        TaskResult.delete().where(TaskResult.flow.in_(ended)).execute()
+        removed = Flow.delete().where(Flow.state.in_(ENDED_STATES) & (Flow.finished_at < cutoff)).execute()
+    db = database.obj
+    if removed and db is not None and db.__class__.__name__ == "SqliteDatabase":
+        db.execute_sql("PRAGMA incremental_vacuum")
+    return int(removed)

@@ -1,0 +1,197 @@
+"""Create, update and remove Tasks and Routines, refusing bad definitions up front.
+
+Every change bumps the definitions version, which a running daemon watches to
+rebuild its schedules without a restart.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from flowd.errors import InputError, NotFoundError, TaskScriptError
+from flowd.loader import check_reference
+from flowd.models import (
+    MODES,
+    Routine,
+    RoutineStep,
+    Task,
+    bump_definitions_version,
+    utcnow,
+    write_transaction,
+)
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_name(kind: str, name: object) -> str:
+    """Names are 1-128 letters, digits, '_', '-', '.' (they appear in topics and commands)."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise InputError(f"{kind} name {name!r} is not valid; use letters, digits, '_', '-' or '.', "
+                         "starting with a letter or digit (at most 128)")
+    return name
+
+
+def _number(what: str, value: Any, *, integer: bool = False, minimum: float = 0,
+            allow_none: bool = True) -> Any:
+    if value is None and allow_none:
+        return None
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or (
+            isinstance(value, float) and not math.isfinite(value)):
+        raise InputError(f"{what} must be {'a whole number' if integer else 'a number'}, not {value!r}")
+    if value < minimum:
+        raise InputError(f"{what} must be at least {minimum:g}, not {value!r}")
+    return value
+
+
+def save_task(name: str, script: str, *, options: dict[str, Any] | None = None, retries: int | None = None,
+              retry_delay: float | None = None, retry_backoff_max: float | None = None,
+              timeout: float | None = None, task_paths: Iterable[str]) -> tuple[Task, bool]:
+    """Create the task or update it in place; returns (task, changed). None keeps a
+    field as it is (or its default for a new task)."""
+    check_name("task", name)
+    try:
+        check_reference(script, task_paths)
+    except TaskScriptError as exc:
+        raise InputError(f"task '{name}': {exc}") from None
+    if options is not None and not isinstance(options, dict):
+        raise InputError(f"task '{name}': options must be a table of key = value, not {options!r}")
+    if options is not None:
+        from flowd.runner import check_json
+
+        try:
+            check_json(options, f"task '{name}' options")
+        except Exception as exc:
+            raise InputError(str(exc).replace(" returned", " contain")) from None
+    fields: dict[str, Any] = {
+        "script": script,
+        "options": options,
+        "retries": _number(f"task '{name}': retries", retries, integer=True),
+        "retry_delay": _number(f"task '{name}': retry_delay", retry_delay),
+        "retry_backoff_max": _number(f"task '{name}': retry_backoff_max", retry_backoff_max),
+        "timeout": _number(f"task '{name}': timeout", timeout, minimum=0.001),
+    }
+    fields = {k: v for k, v in fields.items() if v is not None}
+    with write_transaction():
+        task = Task.get_or_none(Task.name == name)
+        if task is None:
+            task = Task.create(name=name, **fields)
+            bump_definitions_version()
+            return task, True
+        changed = {k: v for k, v in fields.items() if getattr(task, k) != v}
+        if changed:
+            for key, value in changed.items():
+                setattr(task, key, value)
+            task.updated_at = utcnow()
+            task.save()
+            bump_definitions_version()
+        return task, bool(changed)
+
+
+def remove_task(name: str) -> None:
+    """Remove a task no routine uses."""
+    with write_transaction():
+        task = get_task(name)
+        users = sorted({step.routine.name for step in RoutineStep.select().where(RoutineStep.task == task)})
+        if users:
+            raise InputError(f"task '{name}' is used by routine(s) {', '.join(users)}; remove it from them first")
+        task.delete_instance()
+        bump_definitions_version()
+
+
+def get_task(name: str) -> Task:
+    task = Task.get_or_none(Task.name == name)
+    if task is None:
+        raise NotFoundError("task", name, "list them with 'flowctl task list'")
+    return task
+
+
+def get_routine(name: str) -> Routine:
+    routine = Routine.get_or_none(Routine.name == name)
+    if routine is None:
+        raise NotFoundError("routine", name, "list them with 'flowctl routine list'")
+    return routine
+
+
+def save_routine(name: str, tasks: list[str], *, schedule: str | None = None, timezone: str | None = None,
+                 jitter: float | None = None, mqtt: bool = True, mode: str = "parallel", max: int = 10,
+                 timeout: float | None = None, enabled: bool = True) -> tuple[Routine, bool]:
+    """Create the routine or replace its definition; returns (routine, changed)."""
+    check_name("routine", name)
+    if not isinstance(tasks, (list, tuple)) or not tasks or not all(isinstance(t, str) for t in tasks):
+        raise InputError(f"routine '{name}' needs a list of one or more task names")
+    if mode not in MODES:
+        raise InputError(f"routine '{name}': mode '{mode}' is not one of {', '.join(MODES)}")
+    _number(f"routine '{name}': max", max, integer=True, minimum=1, allow_none=False)
+    _number(f"routine '{name}': timeout", timeout, minimum=0.001)
+    _number(f"routine '{name}': jitter", jitter)
+    if not isinstance(mqtt, bool) or not isinstance(enabled, bool):
+        raise InputError(f"routine '{name}': mqtt and enabled must be true or false")
+    if timezone is not None:
+        _check_timezone(name, timezone)
+    if schedule is not None:
+        if not isinstance(schedule, str):
+            raise InputError(f"routine '{name}': schedule must be a string like '*/5 * * * *' or '@every 30s'")
+        from flowd.cron import validate_schedule
+
+        validate_schedule(schedule, timezone)
+    fields = {"schedule": schedule or None, "timezone": timezone, "jitter": jitter, "mqtt": mqtt, "mode": mode,
+              "max": max, "timeout": timeout, "enabled": enabled}
+    with write_transaction():
+        rows = []
+        for task_name in tasks:
+            task = Task.get_or_none(Task.name == task_name)
+            if task is None:
+                raise NotFoundError("task", task_name, f"add it before using it in routine '{name}'")
+            rows.append(task)
+        routine = Routine.get_or_none(Routine.name == name)
+        if routine is None:
+            routine = Routine.create(name=name, **fields)
+            changed = True
+        else:
+            diff = {k: v for k, v in fields.items() if getattr(routine, k) != v}
+            changed = bool(diff) or routine.task_names() != list(tasks)
+            if diff:
+                for key, value in diff.items():
+                    setattr(routine, key, value)
+            if changed:
+                routine.updated_at = utcnow()
+                routine.save()
+        if changed:
+            RoutineStep.delete().where(RoutineStep.routine == routine).execute()
+            RoutineStep.insert_many([{"routine": routine.id, "position": i, "task": t.id}
+                                     for i, t in enumerate(rows)]).execute()
+            bump_definitions_version()
+        return routine, changed
+
+
+def _check_timezone(name: str, timezone: str) -> None:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError, TypeError):
+        raise InputError(f"routine '{name}': unknown time zone {timezone!r}; use an IANA name like "
+                         "'Europe/Oslo'") from None
+
+
+def remove_routine(name: str) -> None:
+    """Remove a routine (its ended flows stay, they keep the routine's name)."""
+    with write_transaction():
+        get_routine(name).delete_instance()
+        bump_definitions_version()
+
+
+def set_routine_enabled(name: str, enabled: bool) -> Routine:
+    """Enable or disable a routine (a disabled one is neither scheduled nor startable)."""
+    with write_transaction():
+        routine = get_routine(name)
+        if routine.enabled != enabled:
+            routine.enabled = enabled
+            routine.updated_at = utcnow()
+            routine.save()
+            bump_definitions_version()
+        return routine

@@ -1,0 +1,121 @@
+"""Periodic checks the daemon runs about once a second.
+
+- waits and whole-flow deadlines that have passed (``Engine.expire``);
+- steps past their hard timeout whose worker did not stop them: the worker process is
+  killed (huey's pool replaces it) and the attempt fails as timed out;
+- attempts whose worker died (killed, crashed): recorded as interrupted and re-queued;
+- flows whose queue message was lost (a crash between commit and enqueue);
+- pruning of ended flows past ``retention``, once an hour.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import signal
+import time
+
+from flowd import api, queue
+from flowd.config import Config
+from flowd.engine import Engine
+from flowd.models import Flow, FlowState, StepState, Task, TaskResult, utcnow
+
+log = logging.getLogger(__name__)
+
+KILL_GRACE_S = 2.0
+LOST_MESSAGE_AGE_S = 30.0
+ORPHAN_CHECK_EVERY_S = 30.0
+PRUNE_EVERY_S = 3600.0
+
+
+def is_process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+class Reaper:
+    """Keeps time-based promises that no worker is there to keep."""
+
+    def __init__(self, config: Config, engine: Engine):
+        self.config = config
+        self.engine = engine
+        self._next_orphan_check = time.monotonic() + ORPHAN_CHECK_EVERY_S
+        self._next_prune = time.monotonic() + 60.0
+
+    def run_once(self, now: dt.datetime | None = None) -> None:
+        now = now or utcnow()
+        self.engine.expire(now)
+        self.stop_overdue_steps(now)
+        if time.monotonic() >= self._next_orphan_check:
+            self._next_orphan_check = time.monotonic() + ORPHAN_CHECK_EVERY_S
+            self.requeue_lost(now)
+        if time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + PRUNE_EVERY_S
+            removed = api.prune(self.config.flowd.retention, now)
+            if removed:
+                log.info("pruned %d flow(s) that ended more than %.0f days ago", removed,
+                         self.config.flowd.retention / 86400)
+
+    def stop_overdue_steps(self, now: dt.datetime) -> int:
+        """Kill workers stuck past their step's timeout; fail attempts of dead workers."""
+        touched = 0
+        rows = (TaskResult.select(TaskResult, Flow).join(Flow)
+                .where((TaskResult.state == StepState.RUNNING.value) & (Flow.state == FlowState.RUNNING.value)
+                       & TaskResult.worker_pid.is_null(False)))
+        for result in rows:
+            pid = result.worker_pid
+            limit = self._time_limit(result, now)
+            if not is_process_alive(pid):
+                touched += self.engine.fail_attempt(result.flow.id, result.id,
+                                                    f"interrupted: worker process {pid} died", None,
+                                                    interrupted=True, now=now)
+            elif limit is not None and (now - result.started_at).total_seconds() > limit + KILL_GRACE_S:
+                log.warning("flow %d step %d (%s): still running %.0fs past its %.0fs timeout; killing worker %d",
+                            result.flow.id, result.position + 1, result.task,
+                            (now - result.started_at).total_seconds() - limit, limit, pid,
+                            extra={"FLOW_ID": result.flow.id, "ROUTINE": result.flow.routine, "TASK": result.task})
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                touched += self.engine.fail_attempt(result.flow.id, result.id,
+                                                    f"timed out after {limit:g}s (the worker was stopped)", None,
+                                                    now=now)
+        return touched
+
+    @staticmethod
+    def _time_limit(result: TaskResult, now: dt.datetime) -> float | None:
+        limits = []
+        task = Task.get_or_none(Task.name == result.task)
+        if task is not None and task.timeout:
+            limits.append(float(task.timeout))
+        if result.flow.deadline is not None:
+            limits.append(max((result.flow.deadline - result.started_at).total_seconds(), 0.0))
+        return min(limits) if limits else None
+
+    def requeue_lost(self, now: dt.datetime) -> int:
+        """Queue again admitted flows that nobody holds and no queue message names."""
+        cutoff = now - dt.timedelta(seconds=LOST_MESSAGE_AGE_S)
+        candidates = list(Flow.select(Flow.id, Flow.dispatch_token, Flow.next_attempt_at)
+                          .where(Flow.admitted & Flow.state.in_((FlowState.INIT.value, FlowState.RUNNING.value))
+                                 & Flow.worker_pid.is_null() & (Flow.updated_at < cutoff)))
+        candidates = [f for f in candidates if f.next_attempt_at is None or f.next_attempt_at < cutoff]
+        if not candidates:
+            return 0
+        queued = queue.queued_flow_ids()
+        requeued = 0
+        for flow in candidates:
+            if (flow.id, flow.dispatch_token) not in queued and self.engine.requeue(flow.id, flow.dispatch_token, now):
+                log.warning("flow %d: its queue message was lost; queued again", flow.id)
+                requeued += 1
+        return requeued

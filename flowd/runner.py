@@ -1,0 +1,247 @@
+"""Runs a claimed flow inside a huey worker process, step after step.
+
+Per step: load the script (re-imported when its file changed), merge the Task's
+options under the incoming kwargs, call ``perform`` under a hard timeout, check the
+output is JSON, and commit it together with the start of the next step. A step that
+cannot be stopped by the timer is killed with its worker by the daemon's reaper.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import os
+import signal
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from flowd import outbox
+from flowd.config import Config
+from flowd.engine import CANCEL_SIGNAL, ClaimedStep, Engine
+from flowd.errors import FlowdError, StepError
+from flowd.loader import ScriptLoader
+from flowd.models import utcnow, write_transaction
+from flowd.task import SubFlow, Wait
+
+log = logging.getLogger(__name__)
+
+
+class StepTimeout(BaseException):
+    """Raised inside ``perform`` when the step's time is up (BaseException: a task's
+    ``except Exception`` must not swallow it)."""
+
+
+class StepCancelled(BaseException):
+    """Raised inside ``perform`` when someone cancelled the flow."""
+
+
+@dataclass
+class WorkerRuntime:
+    """What one worker process keeps between flows."""
+
+    config: Config
+    engine: Engine
+    loader: ScriptLoader
+    stop_flag: Any = None
+    in_user_code: bool = False
+
+    def stopping(self) -> bool:
+        return bool(self.stop_flag is not None and self.stop_flag.is_set())
+
+
+_runtime: WorkerRuntime | None = None
+
+
+def init_worker(config: Config, stop_flag: Any = None) -> WorkerRuntime:
+    """Set up this worker process (called once, right after huey forks it)."""
+    global _runtime
+    from flowd import queue
+
+    _runtime = WorkerRuntime(config, Engine(config, enqueue=queue.enqueue_flow),
+                             ScriptLoader(config.flowd.task_paths), stop_flag)
+    signal.signal(CANCEL_SIGNAL, _on_cancel_signal)
+    return _runtime
+
+
+def _on_cancel_signal(signum: int, frame: Any) -> None:
+    if _runtime is not None and _runtime.in_user_code:
+        raise StepCancelled()
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    if _runtime is not None and _runtime.in_user_code:
+        raise StepTimeout()
+
+
+def run_flow(flow_id: int, token: int) -> None:
+    """Run flow ``flow_id`` from its current step until it ends, waits, or fails."""
+    rt = _runtime
+    if rt is None:
+        raise RuntimeError("runner.init_worker() was not called in this worker")
+    pid = os.getpid()
+    step = rt.engine.claim(flow_id, token, pid)
+    while step is not None:
+        if rt.stopping():
+            rt.engine.release(step, pid)
+            return
+        step = run_step(rt, step, pid)
+
+
+def run_step(rt: WorkerRuntime, step: ClaimedStep, pid: int) -> ClaimedStep | None:
+    """Run one step and record its outcome; returns the next step this worker holds."""
+    label = f"step {step.position + 1}/{len(step.steps)} ({step.task_name})"
+    extra = {"FLOW_ID": step.flow_id, "ROUTINE": step.routine, "TASK": step.task_name}
+    try:
+        value = _perform(rt, step)
+        if isinstance(value, Wait):
+            _check_wait(value, label)
+            rt.engine.wait_step(step, pid, value.topic, value.match, value.timeout)
+            return None
+        if isinstance(value, SubFlow):
+            check_json({"args": list(value.args), "kwargs": value.kwargs}, f"{label} sub-flow input")
+            rt.engine.spawn_subflow(step, pid, value.routine, list(value.args), value.kwargs)
+            return None
+        output = normalize_output(value, step.args, step.kwargs, label)
+    except StepCancelled:
+        log.info("flow %d %s: cancelled while running", step.flow_id, label, extra=extra)
+        rt.engine.fail_step(step, "cancelled while running", pid, interrupted=True)
+        return None
+    except StepTimeout:
+        limit = _effective_timeout(step)
+        rt.engine.fail_step(step, f"timed out after {limit:g}s", pid)
+        return None
+    except KeyboardInterrupt:
+        rt.engine.fail_step(step, "interrupted: the worker was stopped", pid, interrupted=True)
+        raise
+    except FlowdError as exc:
+        log.warning("flow %d %s failed: %s", step.flow_id, label, exc, extra=extra)
+        rt.engine.fail_step(step, str(exc), pid)
+        return None
+    except Exception as exc:
+        log.info("flow %d %s raised %s: %s", step.flow_id, label, type(exc).__name__, exc, extra=extra)
+        rt.engine.fail_step(step, "".join(traceback.format_exception(exc)).rstrip() + "\n"
+                            f"{type(exc).__name__}: {exc}", pid)
+        return None
+    return rt.engine.finish_step(step, output, pid, stop=rt.stopping())
+
+
+def _effective_timeout(step: ClaimedStep, now: dt.datetime | None = None) -> float | None:
+    limits = []
+    if step.timeout:
+        limits.append(float(step.timeout))
+    if step.deadline is not None:
+        limits.append(max((step.deadline - (now or utcnow())).total_seconds(), 0.001))
+    return min(limits) if limits else None
+
+
+def _perform(rt: WorkerRuntime, step: ClaimedStep) -> Any:
+    if step.script is None:
+        raise StepError(f"task '{step.task_name}' no longer exists; add it again or retry the flow later")
+    cls = rt.loader.load(step.script)
+    task = cls()
+    task.flow_id, task.flow_uid, task.routine = step.flow_id, step.flow_uid, step.routine
+    task.position, task.attempt, task.results = step.position, step.attempt, list(step.results)
+    task.log = logging.LoggerAdapter(logging.getLogger(f"flowd.task.{step.script}"),
+                                     {"FLOW_ID": step.flow_id, "ROUTINE": step.routine, "TASK": step.task_name})
+    task._publisher = _publisher(rt)
+    kwargs = {**step.options, **step.kwargs}
+    timeout = _effective_timeout(step)
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    if timeout:
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+    rt.in_user_code = True
+    try:
+        return task.perform(*step.args, **kwargs)
+    finally:
+        rt.in_user_code = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _publisher(rt: WorkerRuntime) -> Any:
+    def publish(topic: str, payload: Any, qos: int = 1, retain: bool = False) -> None:
+        from flowd.topics import is_valid_publish_topic
+
+        if not is_valid_publish_topic(topic):
+            raise StepError(f"cannot publish to {topic!r}: a topic is non-empty text without '+', '#'")
+        if qos not in (0, 1, 2):
+            raise StepError(f"qos must be 0, 1 or 2, not {qos!r}")
+        if not isinstance(payload, (str, bytes)):
+            check_json(payload, f"payload published to '{topic}'")
+        text = payload.decode() if isinstance(payload, bytes) else payload
+        with write_transaction():
+            outbox.add_message(topic, text, qos=qos, retain=retain)
+        outbox.notify(rt.config.state_dir)
+
+    return publish
+
+
+def normalize_output(value: Any, args: list[Any], kwargs: dict[str, Any], label: str) -> dict[str, Any]:
+    """SPEC 2: (args, kwargs) -> as is; dict -> (same args, dict); None -> input unchanged."""
+    if value is None:
+        output = {"args": list(args), "kwargs": dict(kwargs)}
+    elif isinstance(value, dict):
+        output = {"args": list(args), "kwargs": value}
+    elif (isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[0], (list, tuple))
+          and isinstance(value[1], dict)):
+        output = {"args": list(value[0]), "kwargs": value[1]}
+    else:
+        raise StepError(f"{label} returned {type(value).__name__}; perform() must return (args, kwargs), "
+                        "a dict, None, Wait(...) or SubFlow(...)")
+    for key in output["kwargs"]:
+        if not isinstance(key, str):
+            raise StepError(f"{label} returned a kwargs key {key!r} that is not a string")
+    check_json(output, label)
+    return output
+
+
+def check_json(value: Any, label: str) -> None:
+    """Raise StepError naming the first value that JSON cannot carry, by its path."""
+    problem = _first_non_json(value, "")
+    if problem is not None:
+        path, bad = problem
+        raise StepError(f"{label} returned a value that is not JSON-serialisable at '{path.lstrip('.')}': "
+                        f"{type(bad).__name__} {_short(bad)}")
+
+
+def _first_non_json(value: Any, path: str) -> tuple[str, Any] | None:
+    if value is None or isinstance(value, (bool, int, str)):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (path, value)
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            found = _first_non_json(item, f"{path}[{index}]")
+            if found:
+                return found
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return (f"{path}.{key!r}", key)
+            found = _first_non_json(item, f"{path}.{key}")
+            if found:
+                return found
+        return None
+    return (path, value)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_wait(wait: Wait, label: str) -> None:
+    from flowd.topics import is_valid_filter
+
+    if not is_valid_filter(wait.topic):
+        raise StepError(f"{label} returned Wait with an invalid topic {wait.topic!r}")
+    if wait.match is not None:
+        if not isinstance(wait.match, dict):
+            raise StepError(f"{label} returned Wait(match=...) that is not a dict")
+        check_json(wait.match, f"{label} Wait(match)")
+    if wait.timeout is not None and (not isinstance(wait.timeout, (int, float)) or wait.timeout <= 0):
+        raise StepError(f"{label} returned Wait(timeout={wait.timeout!r}); use a positive number of seconds")
+
