@@ -209,11 +209,10 @@ class FlowdProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> FlowdProcess:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "flowd", "run", "--config", str(self.config_path)],
-                                     stdout=log, stderr=subprocess.STDOUT, env=flowd_env(self.env),
-                                     cwd=str(ROOT), start_new_session=True)
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "flowd", "run", "--config", str(self.config_path)],
+                                         stdout=log, stderr=subprocess.STDOUT, env=flowd_env(self.env),
+                                         cwd=str(ROOT), start_new_session=True)
         return self
 
     @property
