@@ -8,15 +8,17 @@ This is the only module that reads the environment or configuration files.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import socket
 import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from flowd.errors import ConfigError
 
@@ -31,6 +33,8 @@ def parse_duration(value: object, *, what: str = "duration") -> float:
     if isinstance(value, bool):
         raise ValueError(f"{what} must be a number of seconds or a string like '30s', not {value!r}")
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(f"{what} must be a finite number of seconds, not {value!r}")
         if value < 0:
             raise ValueError(f"{what} must not be negative, got {value!r}")
         return float(value)
@@ -241,8 +245,10 @@ def _convert(key: str, hint: Any, value: Any, where: str | None) -> Any:
             raise ConfigError(f"must be a list of strings, not {value!r}", key=key, path=where)
         return tuple(value)
     expected = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}[hint]
-    if isinstance(value, bool) and hint is not bool or not isinstance(value, expected):
+    if (isinstance(value, bool) and hint is not bool) or not isinstance(value, expected):
         raise ConfigError(f"must be {hint.__name__}, not {type(value).__name__} ({value!r})", key=key, path=where)
+    if hint is float and not math.isfinite(value):
+        raise ConfigError(f"must be a finite number, not {value!r}", key=key, path=where)
     if hint in (int, float) and value < 0:
         raise ConfigError(f"must not be negative, got {value!r}", key=key, path=where)
     return hint(value)
@@ -266,6 +272,8 @@ def _complete(config: Config, env: Mapping[str, str], where: str | None) -> Conf
         raise ConfigError(f"must not be empty or contain '/', '+' or '#'; got {flowd.node_id!r}",
                           key="flowd.node_id", path=where)
     m = config.mqtt
+    if not 1 <= m.port <= 65535:
+        raise ConfigError(f"must be a TCP port from 1 to 65535, not {m.port}", key="mqtt.port", path=where)
     password = m.password
     if m.password_file:
         try:

@@ -230,14 +230,12 @@ def test_lookup_order(tmp_path: Path) -> None:
     assert config.path == str(from_env)
 
 
-@pytest.mark.xfail(strict=True, reason="config.py accepts inf and nan as durations (fix in the deploy report)")
 @pytest.mark.parametrize("text", ["[flowd]\nshutdown_grace = inf\n", "[flowd]\nretention = nan\n"])
 def test_non_finite_duration_is_refused(tmp_path: Path, text: str) -> None:
     # shutdown_grace = inf would wait forever on SIGTERM; retention = nan never prunes.
     refusal(write(tmp_path, text))
 
 
-@pytest.mark.xfail(strict=True, reason="config.py accepts any port number (fix in the deploy report)")
 @pytest.mark.parametrize("port", [0, 70000])
 def test_port_out_of_range_is_refused(tmp_path: Path, port: int) -> None:
     error = refusal(write(tmp_path, f"[mqtt]\nport = {port}\n"))
