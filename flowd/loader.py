@@ -13,10 +13,10 @@ import importlib.util
 import os
 import re
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Iterable
 
 from flowd.errors import TaskScriptError
 from flowd.task import Task
@@ -89,7 +89,7 @@ class ScriptLoader:
             source = path.read_bytes()
             code = compile(source, str(path), "exec", dont_inherit=True)
             sys.modules[qualified] = module
-            exec(code, module.__dict__)  # noqa: S102 - task scripts are code the operator installed
+            exec(code, module.__dict__)
         except SyntaxError as exc:
             sys.modules.pop(qualified, None)
             raise TaskScriptError(f"{path}, line {exc.lineno}: syntax error: {exc.msg}") from exc

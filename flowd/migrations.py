@@ -47,8 +47,7 @@ def _v2_waits_and_subflows(db: peewee.Database, migrator: SchemaMigrator) -> Non
         migrator.add_column("flow", "depth", flow.depth),
         migrator.add_column("flow", "wait_topic", flow.wait_topic),
         migrator.add_column("flow", "wait_match", flow.wait_match),
-        migrator.add_column("flow", "wait_until", flow.wait_until),
-        migrator.add_index("flow", ("parent_id",), False),
+        migrator.add_column("flow", "wait_until", flow.wait_until),  # add_column indexes parent_id itself
     )
 
 

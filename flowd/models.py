@@ -277,10 +277,10 @@ def init_database(section: DatabaseSection, *, create: bool = True) -> peewee.Da
             str(path),
             timeout=BUSY_TIMEOUT_S,
             pragmas={
+                "auto_vacuum": "incremental",  # must come first: only takes effect before WAL and tables
                 "journal_mode": "wal",
                 "synchronous": section.synchronous,
                 "foreign_keys": 1,
-                "auto_vacuum": "incremental",
                 "busy_timeout": BUSY_TIMEOUT_S * 1000,
             },
         )

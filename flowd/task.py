@@ -14,8 +14,9 @@ Referred to as ``"example.Double"``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 
 class Task:
