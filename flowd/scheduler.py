@@ -353,8 +353,10 @@ class Scheduler:
         stamp = slot.strftime("%Y-%m-%dT%H:%M:%SZ")
         flow_id = None
         try:
-            flow, created = self.engine.submit(routine, trigger="schedule", request_id=f"schedule:{routine}:{stamp}")
-            flow_id = flow.id
+            submitted: tuple[Any, bool] = self.engine.submit(  # a Row: attributes as columns
+                routine, trigger="schedule", request_id=f"schedule:{routine}:{stamp}")
+            flow, created = submitted
+            flow_id = int(flow.id)
             if created:
                 log.debug("schedule: routine %s slot %s started flow %d (%s)", routine, stamp, flow.id, flow.state,
                          extra={"FLOW_ID": flow.id, "ROUTINE": routine})
