@@ -283,7 +283,7 @@ class MqttBridge:
         m = self.config.mqtt
         self.publisher.start()
         if self.is_v5:
-            properties = Properties(PacketTypes.CONNECT)
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = min(int(m.session_expiry), 0xFFFFFFFF)
             self.client.connect_async(m.host, m.port, m.keepalive, clean_start=False, properties=properties)
         else:
@@ -418,9 +418,9 @@ class MqttBridge:
                   ", again" if message.dup else "")
         try:
             if message.topic in self.submit_topics:
-                self.handle_submit(message.topic, message.payload, message.properties)
+                self.handle_submit(message.topic, bytes(message.payload), message.properties)
             else:
-                self.handle_event(message.topic, message.payload, bool(message.retain))
+                self.handle_event(message.topic, bytes(message.payload), bool(message.retain))
         except Exception:
             # Not acknowledged either: the broker delivers it again on the next connection.
             log.exception("MQTT: could not handle a message on '%s'", message.topic)
@@ -444,6 +444,7 @@ class MqttBridge:
             self._refuse(topic, str(exc), exc.request_id, exc.reply_to or response_topic, correlation_hex)
             return
         reply_to = request.reply_to or response_topic
+        flow: Any
         try:
             flow, created = self.engine.submit(
                 request.routine, request.args, request.kwargs, request_id=request.request_id, reply_to=reply_to,
@@ -508,7 +509,7 @@ class MqttBridge:
         """Hand one outbox row to paho; its mid, or None when paho cannot take it now."""
         properties = None
         if correlation_data and self.is_v5:
-            properties = Properties(PacketTypes.PUBLISH)
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             properties.CorrelationData = correlation_data
         info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:

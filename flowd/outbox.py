@@ -299,8 +299,8 @@ class OutboxPublisher:
     def _sweep_gaps(self) -> None:
         """Rows below the cursor never handed over (a backend that commits ids out of
         order, e.g. PostgreSQL sequences): move the cursor back so they are sent."""
-        below = [row_id for (row_id,) in Outbox.select(Outbox.id).where(Outbox.id <= self._cursor).tuples()
-                 if row_id not in self._handed]
+        query: Any = Outbox.select(Outbox.id).where(Outbox.id <= self._cursor).tuples()
+        below = [row[0] for row in query if row[0] not in self._handed]
         if below:
             self._cursor = min(below) - 1
 

@@ -28,7 +28,7 @@ def send_notify(state: str, env: Mapping[str, str] | None = None) -> bool:
     address = env.get("NOTIFY_SOCKET", "")
     if not address:
         return False
-    if _systemd_daemon is not None and env is os.environ:
+    if _systemd_daemon is not None and address == os.environ.get("NOTIFY_SOCKET"):
         return bool(_systemd_daemon.notify(state))
     if address.startswith("@"):
         address = "\0" + address[1:]  # abstract namespace

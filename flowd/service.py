@@ -248,10 +248,10 @@ class Service:
         from flowd.models import ACTIVE_STATES, Flow
 
         counts = {state: 0 for state in ACTIVE_STATES}
-        query = (Flow.select(Flow.state, fn.COUNT(Flow.id).alias("n")).where(Flow.state.in_(ACTIVE_STATES))
-                 .group_by(Flow.state))
-        for row in query:
-            counts[row.state] = row.n
+        query: Any = (Flow.select(Flow.state, fn.COUNT(Flow.id)).where(Flow.state.in_(ACTIVE_STATES))
+                      .group_by(Flow.state).tuples())
+        for state, count in query:
+            counts[state] = count
         parts = [f"{counts['RUNNING']} running", f"{counts['INIT']} queued"]
         if counts["WAITING"]:
             parts.append(f"{counts['WAITING']} waiting")

@@ -191,15 +191,24 @@ def test_worker_pool_death_stops_the_daemon_with_an_error(
     assert "the worker pool" in proc.log_text() and "has died" in proc.log_text()
 
 
-def test_journal_stream_without_python_systemd_logs_to_stderr(
+def test_journal_stream_picks_exactly_one_log_destination(
         broker: Any, config_file: Callable[..., Path], flowd_proc: Any, notify_socket: NotifySocket,
         tasks: Path) -> None:
-    # JOURNAL_STREAM set but no systemd.journal: the lines must still go somewhere (stderr,
-    # which journald captures), never into a JournalHandler that drops them.
+    # Under systemd (JOURNAL_STREAM set) flowd logs to the journal when python-systemd is
+    # there, and then not also to stderr (journald captures stderr: every line twice).
+    # Without python-systemd the lines must still go to stderr, never into a handler
+    # that drops them.
+    import importlib.util
+
+    has_journal = importlib.util.find_spec("systemd") is not None
     proc = flowd_proc(config_file(broker=broker), env={"NOTIFY_SOCKET": notify_socket.path,
                                                          "JOURNAL_STREAM": "8:12345"})
     wait_for(lambda: "READY=1" in notify_socket.lines(), timeout=20, message="READY=1")
-    wait_for(lambda: " ready: node 'testnode'" in proc.log_text(), timeout=5, message="ready line on stderr")
+    if has_journal:
+        assert proc.terminate() == 0
+        assert " ready: node 'testnode'" not in proc.log_text()
+    else:
+        wait_for(lambda: " ready: node 'testnode'" in proc.log_text(), timeout=5, message="ready line on stderr")
 
 
 def test_second_daemon_on_the_same_state_dir_is_refused(
@@ -265,3 +274,43 @@ def test_notifier_is_a_no_op_outside_systemd_and_pings_only_when_asked(tmp_path:
         wait_for(lambda: sock.lines() == ["WATCHDOG=1", "STATUS=a", "STATUS=b"], timeout=5)
     finally:
         sock.close()
+
+
+# ---------------------------------------------------------------------- logs alone
+@pytest.fixture
+def restore_root_logger() -> Iterator[None]:
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def test_stderr_logging_shows_the_journal_fields_and_level_from_config(
+        capsys: pytest.CaptureFixture[str], restore_root_logger: None) -> None:
+    import logging
+
+    from flowd.config import build_config
+    from flowd.logs import setup_logging
+
+    config = build_config({"flowd": {"log_level": "warning"}}, env={})
+    assert setup_logging(config, env={"JOURNAL_STREAM": ""}) == "stderr"
+    assert setup_logging(config, env={}) == "stderr"  # again: replaces, never doubles
+    log = logging.getLogger("flowd.test")
+    log.info("not shown at warning")
+    log.warning("flow %d step failed", 12, extra={"FLOW_ID": 12, "ROUTINE": "r", "TASK": "t"})
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    assert lines[0].endswith("flowd.test: flow 12 step failed [flow=12 routine=r task=t]")
+
+
+def test_journal_stream_with_python_systemd_uses_the_journal(restore_root_logger: None) -> None:
+    pytest.importorskip("systemd.journal")
+    from flowd.config import build_config
+    from flowd.logs import setup_logging
+
+    assert setup_logging(build_config({}, env={}), env={"JOURNAL_STREAM": "8:1"}) == "journal"
