@@ -395,6 +395,8 @@ def is_node_alive(node: Any, now: dt.datetime, local_node_id: str) -> bool:
 
 def cmd_scripts(ctx: Context) -> int:
     """Every Task class in the task folders; a file that cannot be read is listed with its error."""
+    from pathlib import Path
+
     from flowd import loader
 
     data: list[dict[str, Any]] = []
@@ -408,7 +410,7 @@ def cmd_scripts(ctx: Context) -> int:
             path = os.path.join(folder, name)
             try:
                 # list_scripts stops at the first broken file; one file at a time keeps the others listed.
-                classes = loader._task_classes(loader.Path(path))
+                classes = loader._task_classes(Path(path))
             except TaskScriptError as exc:
                 data.append({"script": None, "path": path, "doc": "", "error": str(exc)})
                 continue
