@@ -1,0 +1,252 @@
+"""Flows that start flows (SPEC 2.1, ``SubFlow``), with the real daemon and broker.
+
+A step returns ``SubFlow(routine, *args, **kwargs)``: the child runs as its own flow
+(trigger ``flow``, linked to its parent), the parent is WAITING until it ends, then
+continues with the child's result, or fails its step (retries apply) if the child
+failed or was cancelled. Scripts are in tests/task_scripts/task_w.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Broker, FlowdProcess, wait_for
+from test_waits import Site, show
+
+from flowd import api
+from flowd.engine import MAX_SUBFLOW_DEPTH
+from flowd.models import Flow, TaskResult
+
+Run = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def site(broker: Broker, config_file: Callable[..., Path], session_client: Any,
+         flowd_proc: Callable[..., FlowdProcess]) -> Iterator[Site]:
+    watcher = session_client(["flow/#", "flowd/#"])
+    yield Site(broker, config_file(broker, workers=2), watcher, flowd_proc)
+    api.reset()
+
+
+def children(flow_id: int) -> list[Flow]:
+    return list(Flow.select().where(Flow.parent == flow_id).order_by(Flow.id))
+
+
+def only_child(flow_id: int) -> Flow:
+    found = wait_for(lambda: children(flow_id), timeout=30, message=f"a sub-flow of flow {flow_id}")
+    assert len(found) == 1, f"flow {flow_id} has {len(found)} sub-flows"
+    return found[0]
+
+
+def test_chain_of_three_passes_results_up_and_shows_its_links(site: Site, flowctl: Run) -> None:
+    # top = [mark top, SubFlow(mid), mark after]; mid = [SubFlow(leaf), mark mid];
+    # leaf = [mark leaf, wait for chain/+/go]. While the leaf waits, all three are
+    # WAITING and flowctl flow show names each link and what the leaf waits for. The
+    # event resumes the leaf; each result becomes its parent's next input, so the top
+    # result carries every mark in order and the event.
+    site.task("mark-top", "w.Mark", options={"label": "top"})
+    site.task("mark-after", "w.Mark", options={"label": "after"})
+    site.task("mark-mid", "w.Mark", options={"label": "mid"})
+    site.task("mark-leaf", "w.Mark", options={"label": "leaf"})
+    site.task("spawn-mid", "w.Spawn", options={"child": "mid"})
+    site.task("spawn-leaf", "w.Spawn", options={"child": "leaf"})
+    site.task("await-go", "w.Await", options={"topic": "chain/+/go", "match": {"go": True}})
+    site.routine("top", ["mark-top", "spawn-mid", "mark-after"])
+    site.routine("mid", ["spawn-leaf", "mark-mid"])
+    site.routine("leaf", ["mark-leaf", "await-go"])
+    site.start()
+
+    top = api.submit_flow("top", "x", n=1).id
+    mid = only_child(top).id
+    leaf = only_child(mid).id
+    site.waiting_statuses(leaf)
+    site.wait_state(mid, "WAITING")
+    site.wait_state(top, "WAITING")
+    assert [(f.id, f.depth, f.trigger, f.parent_id) for f in map(site.flow, (top, mid, leaf))] == [
+        (top, 0, "api", None), (mid, 1, "flow", top), (leaf, 2, "flow", mid)]
+    # The child starts with the spawning step's input.
+    assert (site.flow(mid).args, site.flow(mid).kwargs) == (["x", "top"], {"n": 1, "marks": ["top"]})
+    assert site.waiting_statuses(top)[0]["task"] == "spawn-mid"
+
+    text, data = show(flowctl, site, top)
+    assert f"child      flow {mid} (mid, WAITING)" in text and "parent     flow" not in text
+    assert data["children"] == [{"id": mid, "routine": "mid", "state": "WAITING"}] and data["parent"] is None
+    text, data = show(flowctl, site, mid)
+    assert f"parent     flow {top} (flowctl flow show {top})" in text
+    assert f"child      flow {leaf} (leaf, WAITING)" in text
+    assert (data["parent"], data["trigger"], [c["id"] for c in data["children"]]) == (top, "flow", [leaf])
+    text, data = show(flowctl, site, leaf)
+    assert f"parent     flow {mid}" in text and "child      flow" not in text
+    assert "waiting    for a message on 'chain/+/go' matching {\"go\":true}" in text
+    assert data["waiting_for"] == {"topic": "chain/+/go", "match": {"go": True}, "until": None}
+
+    site.watcher.publish("chain/1/go", {"go": True, "who": "test"})
+    event = {"go": True, "who": "test"}
+    leaf_result = {"args": ["x", "top", "leaf"], "kwargs": {"n": 1, "marks": ["top", "leaf"], "event": event}}
+    assert site.result(leaf)["result"] == leaf_result
+    mid_result = {"args": ["x", "top", "leaf", "mid"], "kwargs": {"n": 1, "marks": ["top", "leaf", "mid"],
+                                                                   "event": event}}
+    assert site.result(mid)["result"] == mid_result
+    result = site.result(top)
+    assert result["state"] == "DONE", result
+    assert result["result"] == {"args": ["x", "top", "leaf", "mid", "after"],
+                                "kwargs": {"n": 1, "marks": ["top", "leaf", "mid", "after"], "event": event}}
+    # A parent's spawning step records its child's result as its output; nothing ran twice.
+    assert site.outputs(top)[1] == mid_result and site.outputs(mid)[0] == leaf_result
+    assert site.attempts(top) == [(0, 1, "DONE"), (1, 1, "DONE"), (2, 1, "DONE")]
+    assert site.result(leaf)["trigger"] == "flow"
+    text, data = show(flowctl, site, top)
+    assert f"child      flow {mid} (mid, DONE)" in text
+
+
+def test_failing_child_fails_the_parent_step_and_retries_apply(site: Site, tmp_path: Path) -> None:
+    # "doomed" spawns "boom", whose step raises: the parent step fails naming the sub-flow
+    # and its error, and the parent ends FAILED (no retries). "stubborn" spawns "flaky"
+    # with one retry: the first child fails, the retry starts a second child, which
+    # passes, and the parent ends DONE with its result. A SubFlow of an unknown routine
+    # fails the step with a clear error and starts nothing.
+    counter = tmp_path / "runs"
+    site.task("explode", "w.Explode")
+    site.task("fail-first", "w.FailFirst", options={"counter": str(counter)})
+    site.task("spawn-boom", "w.Spawn", options={"child": "boom"})
+    site.task("spawn-flaky", "w.Spawn", retries=1, retry_delay=0.2, options={"child": "flaky"})
+    site.task("spawn-nowhere", "w.Spawn", options={"child": "no-such-routine"})
+    site.task("seen", "w.Seen")
+    site.routine("boom", ["explode"])
+    site.routine("flaky", ["fail-first"])
+    site.routine("doomed", ["spawn-boom", "seen"])
+    site.routine("stubborn", ["spawn-flaky", "seen"])
+    site.routine("lost", ["spawn-nowhere"])
+    site.start()
+
+    doomed = api.submit_flow("doomed", v=1).id
+    result = site.result(doomed)
+    child = only_child(doomed)
+    assert result["state"] == "FAILED"
+    assert (f"step 1/2 (spawn-boom) failed: sub-flow {child.id} (boom) ended FAILED" in result["error"]
+            and "child exploded on purpose" in result["error"]), result["error"]
+    assert site.flow(child.id).state == "FAILED"
+    assert site.attempts(doomed) == [(0, 1, "FAILED")]
+
+    stubborn = api.submit_flow("stubborn", v=2).id
+    result = site.result(stubborn)
+    assert result["state"] == "DONE", result
+    first, second = children(stubborn)
+    assert (site.flow(first.id).state, site.flow(second.id).state) == ("FAILED", "DONE")
+    assert "first run fails on purpose" in site.flow(first.id).error
+    assert site.attempts(stubborn) == [(0, 1, "FAILED"), (0, 2, "DONE"), (1, 1, "DONE")]
+    assert result["result"]["kwargs"]["seen_kwargs"] == {"v": 2, "runs": 2}
+
+    lost = api.submit_flow("lost").id
+    result = site.result(lost)
+    assert result["state"] == "FAILED"
+    assert "routine 'no-such-routine' does not exist" in result["error"]
+    assert children(lost) == []
+
+
+def test_cancel_reaches_every_descendant_and_a_cancelled_child_fails_its_parent(
+        site: Site, flowctl: Run, tmp_path: Path) -> None:
+    # top -> mid -> leaf, whose step sleeps on a worker. flowctl flow cancel on top
+    # cancels mid and leaf too (the leaf's worker is interrupted and free for new work),
+    # each saying why; none of them resumes its parent. Then on a second chain the leaf
+    # alone is cancelled: its parent's step fails (no retries), and so does the top.
+    marker = tmp_path / "started"
+    site.task("linger", "w.Linger", options={"marker": str(marker), "seconds": 300})
+    site.task("spawn-cmid", "w.Spawn", options={"child": "c-mid"})
+    site.task("spawn-cleaf", "w.Spawn", options={"child": "c-leaf"})
+    site.task("mark-a", "w.Mark", options={"label": "a"})
+    site.routine("c-top", ["spawn-cmid", "mark-a"])
+    site.routine("c-mid", ["spawn-cleaf", "mark-a"])
+    site.routine("c-leaf", ["linger"])
+    site.routine("quick", ["mark-a", "mark-a"])
+    site.start()
+
+    top = api.submit_flow("c-top").id
+    mid = only_child(top).id
+    leaf = only_child(mid).id
+    wait_for(lambda: marker.exists() and str(leaf) in marker.read_text().split(), timeout=30,
+             message="the leaf's step running")
+    cancelled = flowctl("flow", "cancel", str(top), config=site.config_path)
+    assert cancelled.returncode == 0, cancelled.stderr
+    for flow_id in (top, mid, leaf):
+        assert site.result(flow_id)["state"] == "CANCELLED"
+    assert site.flow(mid).error == f"parent flow {top} was cancelled"
+    assert site.flow(leaf).error == f"parent flow {mid} was cancelled"
+    assert site.attempts(leaf) == [(0, 1, "CANCELLED")]
+    assert site.attempts(top) == [(0, 1, "CANCELLED")]
+    # Both workers are free again: two flows at once finish.
+    quick = [api.submit_flow("quick").id for _ in range(2)]
+    for flow_id in quick:
+        assert site.result(flow_id)["state"] == "DONE"
+    assert "Traceback" not in site.log()
+
+    top = api.submit_flow("c-top").id
+    mid = only_child(top).id
+    leaf = only_child(mid).id
+    wait_for(lambda: str(leaf) in marker.read_text().split(), timeout=30, message="the second leaf running")
+    assert flowctl("flow", "cancel", str(leaf), config=site.config_path).returncode == 0
+    assert site.result(leaf)["state"] == "CANCELLED"
+    mid_result = site.result(mid)
+    assert mid_result["state"] == "FAILED"
+    assert f"sub-flow {leaf} (c-leaf) ended CANCELLED" in mid_result["error"]
+    top_result = site.result(top)
+    assert top_result["state"] == "FAILED" and f"sub-flow {mid} (c-mid) ended FAILED" in top_result["error"]
+
+
+def test_a_routine_that_starts_itself_stops_at_the_depth_limit(site: Site, flowctl: Run) -> None:
+    # "ouroboros" is one step that starts "ouroboros": flows nest until the next one
+    # would be deeper than MAX_SUBFLOW_DEPTH; that step fails with a sentence saying so,
+    # and every flow of the chain fails in turn. No flow is started past the limit.
+    site.task("spawn-self", "w.Spawn", options={"child": "ouroboros"})
+    site.routine("ouroboros", ["spawn-self"], max=MAX_SUBFLOW_DEPTH + 5)
+    site.start()
+    root = api.submit_flow("ouroboros").id
+    result = site.result(root, timeout=60)
+    assert result["state"] == "FAILED"
+    chain = list(Flow.select().where(Flow.routine == "ouroboros").order_by(Flow.depth))
+    assert [f.depth for f in chain] == list(range(MAX_SUBFLOW_DEPTH + 1))
+    assert all(f.state == "FAILED" for f in chain)
+    deepest = chain[-1]
+    assert (f"sub-flow depth limit reached: flow {deepest.id} would start a flow {MAX_SUBFLOW_DEPTH + 1} levels "
+            f"deep (the limit is {MAX_SUBFLOW_DEPTH}); does routine 'ouroboros' start itself?") in deepest.error
+    assert "depth limit reached" in result["error"]
+    assert TaskResult.select().where(TaskResult.flow == deepest.id).count() == 1
+    text, _ = show(flowctl, site, deepest.id)
+    assert "depth limit reached" in text and "Traceback" not in text
+
+
+@pytest.mark.xfail(strict=True, reason="Engine.expire ends a flow past its routine timeout FAILED but leaves its "
+                                        "sub-flow running; fix: cancel active children when a flow ends "
+                                        "FAILED/CANCELLED (see the report)")
+def test_parent_timing_out_while_its_child_runs_cancels_the_child(site: Site) -> None:
+    # "impatient" (routine timeout 2 s) starts "slow", which waits for a message that never
+    # comes. The parent ends FAILED at its deadline; its child must not live on as an
+    # orphan nobody waits for.
+    site.task("spawn-slow", "w.Spawn", options={"child": "slow"})
+    site.task("await-never", "w.Await", options={"topic": "never/comes"})
+    site.routine("impatient", ["spawn-slow"], timeout=2)
+    site.routine("slow", ["await-never"])
+    site.start()
+    parent = api.submit_flow("impatient").id
+    child = only_child(parent).id
+    assert site.result(parent)["state"] == "FAILED"
+    assert site.result(child, timeout=10)["state"] == "CANCELLED"
+
+
+@pytest.mark.xfail(strict=True, reason="a routine in mode queued that starts itself queues its child behind its "
+                                        "own parent: both wait forever; fix: refuse such a child at once "
+                                        "(see the report)")
+def test_queued_routine_starting_itself_does_not_wait_forever(site: Site) -> None:
+    # "selfq" runs in mode queued and its step starts "selfq": the child can only start
+    # when its parent ended, and the parent waits for the child. flowd must refuse the
+    # child with a clear error (the parent's step then fails) rather than hang both.
+    site.task("spawn-selfq", "w.Spawn", options={"child": "selfq"})
+    site.routine("selfq", ["spawn-selfq"], mode="queued")
+    site.start()
+    root = api.submit_flow("selfq").id
+    result = site.result(root, timeout=15)
+    assert result["state"] == "FAILED" and "queued" in result["error"]
