@@ -70,8 +70,8 @@ def submit_flow(routine: str | Routine, *args: Any, request_id: str | None = Non
         raise InputError(str(exc).replace(" returned", " contains")) from None
     if request_id is not None and (not isinstance(request_id, str) or not request_id):
         raise InputError(f"request_id must be a non-empty string, not {request_id!r}")
-    flow, _ = engine().submit(routine, args, kwargs, request_id=request_id, reply_to=reply_to, trigger=trigger)
-    return flow
+    row, _ = engine().submit(routine, args, kwargs, request_id=request_id, reply_to=reply_to, trigger=trigger)
+    return get_flow(row.id)
 
 
 def get_flow(flow_id: int) -> Flow:
@@ -92,12 +92,12 @@ def flow_trace(flow_id: int) -> list[TaskResult]:
 
 def cancel_flow(flow_id: int) -> Flow:
     """Cancel a flow that has not ended (its running step is interrupted)."""
-    return engine().cancel(flow_id)
+    return get_flow(engine().cancel(flow_id).id)
 
 
 def retry_flow(flow_id: int) -> Flow:
     """Resume a FAILED or CANCELLED flow from the step that did not finish."""
-    return engine().retry(flow_id)
+    return get_flow(engine().retry(flow_id).id)
 
 
 def list_flows(state: str | None = None, routine: str | None = None, limit: int = 50) -> list[Flow]:
