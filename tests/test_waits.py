@@ -92,10 +92,12 @@ class Site:
 
 
 @pytest.fixture
-def site(broker: Broker, config_file: Callable[..., Path], session_client: Any,
+def site(request: pytest.FixtureRequest, broker: Broker, config_file: Callable[..., Path], session_client: Any,
          flowd_proc: Callable[..., FlowdProcess]) -> Iterator[Site]:
+    """Parametrise indirectly with config sections, e.g. ``{"mqtt": {"protocol": "3.1.1"}}``."""
     watcher = session_client(["flow/#", "flowd/#"])
-    yield Site(broker, config_file(broker, workers=2), watcher, flowd_proc)
+    sections = dict(getattr(request, "param", {}))
+    yield Site(broker, config_file(broker, workers=2, **sections), watcher, flowd_proc)
     api.reset()
 
 
@@ -243,6 +245,7 @@ def test_wait_timeout_fails_the_step_and_retries_wait_again(site: Site, tmp_path
     assert site.flow(late).state == "FAILED"
 
 
+@pytest.mark.parametrize("site", [{}, {"mqtt": {"protocol": "3.1.1"}}], indirect=True, ids=["mqtt5", "mqtt311"])
 def test_wait_survives_kill_9_and_sees_a_message_sent_while_flowd_was_down(site: Site) -> None:
     # The exact sequence that needs the persistent session: the flow goes WAITING, and
     # its WAITING status goes out (the bridge subscribed the wait topic just before it);
@@ -301,6 +304,28 @@ def test_wait_subscribed_again_when_the_broker_forgot_the_session(site: Site, tm
              > before, timeout=40, message=f"flowd online again; log:\n{site.log()}")
     site.watcher.publish("house/bell", {"ring": 1})
     assert site.result(flow_id)["result"] == {"args": [], "kwargs": {"event": {"ring": 1}}}
+
+
+def test_bad_waits_fail_the_step_with_a_clear_error(site: Site) -> None:
+    # A Wait flowd cannot subscribe or time: an invalid filter, a match that is not an
+    # object, a timeout that is not a positive number. Each fails its step with one
+    # sentence naming the step and what is wrong; nothing waits, the daemon goes on.
+    site.task("await", "w.Await", options={"topic": "ok/topic"})
+    site.routine("bad-wait", ["await"])
+    site.start()
+    cases = [({"topic": "bad/#/x"}, "returned Wait with an invalid topic 'bad/#/x'"),
+             ({"topic": "a+b"}, "returned Wait with an invalid topic 'a+b'"),
+             ({"match": "open"}, "returned Wait(match=...) that is not a dict"),
+             ({"wait_timeout": -1}, "returned Wait(timeout=-1); use a positive number of seconds"),
+             ({"wait_timeout": "soon"}, "returned Wait(timeout='soon'); use a positive number of seconds")]
+    ids = [api.submit_flow("bad-wait", **kwargs).id for kwargs, _ in cases]
+    for flow_id, (_, sentence) in zip(ids, cases, strict=True):
+        result = site.result(flow_id)
+        assert result["state"] == "FAILED"
+        assert result["error"].startswith("step 1/1 (await) failed: ") and sentence in result["error"], result["error"]
+    assert not [s for flow_id in ids for s in site.statuses(flow_id) if s["state"] == "WAITING"]
+    assert site.proc is not None and site.proc.proc is not None and site.proc.proc.poll() is None
+    assert "Traceback" not in site.log()
 
 
 @pytest.mark.xfail(strict=True, reason="engine.payload_matches compares with ==, so JSON 1 matches true and "
