@@ -8,6 +8,7 @@ failed or was cancelled. Scripts are in tests/task_scripts/task_w.py.
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -250,3 +251,69 @@ def test_queued_routine_starting_itself_does_not_wait_forever(site: Site) -> Non
     root = api.submit_flow("selfq").id
     result = site.result(root, timeout=15)
     assert result["state"] == "FAILED" and "queued" in result["error"]
+
+
+def test_parent_and_child_survive_kill_9_while_the_child_runs(site: Site, tmp_path: Path) -> None:
+    # The parent waits on its child; the child's step is running when every flowd process
+    # is killed with SIGKILL. After the restart the child's step runs again (interrupted,
+    # no retry used), the child ends DONE and the parent resumes with its result. The
+    # parent's spawning step is not run again: there is still exactly one child.
+    marker = tmp_path / "started"
+    site.task("linger", "w.Linger", options={"marker": str(marker), "seconds": 1.5})
+    site.task("spawn-k", "w.Spawn", options={"child": "k-child"})
+    site.task("seen", "w.Seen")
+    site.routine("k-parent", ["spawn-k", "seen"])
+    site.routine("k-child", ["linger"])
+    proc = site.start()
+    parent = api.submit_flow("k-parent", v=5).id
+    child = only_child(parent).id
+    wait_for(lambda: marker.exists(), timeout=30, message="the child's step running")
+    proc.kill9()
+    assert (site.flow(parent).state, site.flow(child).state) == ("WAITING", "RUNNING")
+
+    site.start()
+    result = site.result(parent)
+    assert result["state"] == "DONE", result
+    assert result["result"]["kwargs"]["results"] == [{"args": [], "kwargs": {"v": 5}}]
+    assert [c.id for c in children(parent)] == [child]
+    assert site.attempts(child) == [(0, 1, "FAILED"), (0, 2, "DONE")]
+    assert "interrupted" in TaskResult.get((TaskResult.flow == child) & (TaskResult.attempt == 1)).error
+    assert site.attempts(parent) == [(0, 1, "DONE"), (1, 1, "DONE")]
+
+
+def test_child_refused_by_its_routine_mode_fails_the_parent_step(site: Site, tmp_path: Path) -> None:
+    # "solo" runs in mode single and one solo flow is running: a sub-flow of "solo" is
+    # refused at once (CANCELLED, saying why), and the parent's step fails with that reason.
+    marker = tmp_path / "started"
+    site.task("linger", "w.Linger", options={"marker": str(marker), "seconds": 300})
+    site.task("spawn-solo", "w.Spawn", options={"child": "solo"})
+    site.routine("solo", ["linger"], mode="single")
+    site.routine("wants-solo", ["spawn-solo"])
+    site.start()
+    busy = api.submit_flow("solo").id
+    wait_for(lambda: marker.exists(), timeout=30, message="the solo flow running")
+    parent = api.submit_flow("wants-solo").id
+    result = site.result(parent)
+    child = only_child(parent)
+    assert site.result(child.id)["state"] == "CANCELLED"
+    reason = f"routine 'solo' runs in mode single and flow {busy} is still running"
+    assert site.flow(child.id).error == reason
+    assert result["state"] == "FAILED"
+    assert result["error"] == f"step 1/1 (spawn-solo) failed: sub-flow {child.id} (solo) ended CANCELLED: {reason}"
+    api.cancel_flow(busy)
+
+
+@pytest.mark.xfail(strict=True, reason="flow_status_payload adds waiting_for only for MQTT waits; a parent WAITING "
+                                        "on a sub-flow does not say which (see the report)")
+def test_waiting_status_of_a_parent_names_its_child(site: Site) -> None:
+    # A device watching flow/<id>/status sees WAITING: it should see on what, for a
+    # sub-flow as for a message (SPEC 4.2 status, issue 8).
+    site.task("spawn-leaf", "w.Spawn", options={"child": "leaf"})
+    site.task("await-go", "w.Await", options={"topic": "chain/go"})
+    site.routine("parent", ["spawn-leaf"])
+    site.routine("leaf", ["await-go"])
+    site.start()
+    parent = api.submit_flow("parent").id
+    child = only_child(parent).id
+    status = site.waiting_statuses(parent)[0]
+    assert str(child) in json.dumps(status.get("waiting_for"))
