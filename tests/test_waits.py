@@ -9,7 +9,9 @@ with flowd.catalog before the daemon starts; scripts are in tests/task_scripts/t
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,9 +19,9 @@ from typing import Any
 import pytest
 from conftest import Broker, FlowdProcess, wait_for
 
-from flowd import api, catalog
-from flowd.config import load_config
-from flowd.engine import payload_matches
+from flowd import api, catalog, queue
+from flowd.config import Config, load_config
+from flowd.engine import Engine, payload_matches
 from flowd.models import Flow, TaskResult
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
@@ -337,3 +339,78 @@ def test_match_does_not_take_1_for_true() -> None:
     assert not payload_matches({"open": True}, {"open": 1})
     assert not payload_matches({"open": False}, {"open": 0})
     assert not payload_matches({"level": 1}, {"level": True})
+
+
+class PausingEngine(Engine):
+    """An engine whose ``waiting_topics()`` pauses after its read in one named thread, so
+    a test can let the database change between that read and what the caller does next
+    (the daemon's loop refreshing the wait topics while a worker parks a flow)."""
+
+    def __init__(self, config: Config):
+        super().__init__(config, enqueue=queue.enqueue_flow)
+        self.pause_in = ""
+        self.has_read = threading.Event()
+        self.go_on = threading.Event()
+
+    def waiting_topics(self) -> set[str]:
+        topics = super().waiting_topics()
+        if threading.current_thread().name == self.pause_in:
+            self.has_read.set()
+            self.go_on.wait(10)
+        return topics
+
+
+def park_waiting(engine: Engine, routine: str, topic: str) -> int:
+    """Submit a flow and park it WAITING on ``topic``, as a worker would."""
+    row, _ = engine.submit(routine)
+    step = engine.claim(row.id, Flow.get_by_id(row.id).dispatch_token, os.getpid())
+    assert step is not None and engine.wait_step(step, os.getpid(), topic, None, None)
+    return int(row.id)
+
+
+@pytest.mark.xfail(strict=True, reason="MqttBridge.refresh_wait_topics reads engine.waiting_topics() before taking "
+                                        "_wait_lock: a stale read can unsubscribe a topic a flow just started "
+                                        "waiting on; fix: read inside the lock (see the report)")
+def test_wait_topic_stays_subscribed_when_two_refreshes_overlap(
+        broker: Broker, config_file: Callable[..., Path], mqtt_client: Any) -> None:
+    # The bridge refreshes its wait subscriptions from two threads: the daemon's loop
+    # (every 2 s) and the outbox publisher (just before a WAITING status goes out). Flow A
+    # waited on x/door and was answered, so nobody waits there now. The loop's refresh
+    # reads "nobody waits on x/door"; before it acts, flow B parks on x/door and the
+    # publisher's refresh runs for it; then the loop's refresh goes on. x/door must still
+    # be subscribed: the device answers B as soon as it sees B's WAITING status.
+    from flowd.mqtt_bridge import MqttBridge
+
+    config = load_config(config_file(broker))
+    api.configure(config)
+    catalog.save_task("await", "w.Await", options={"topic": "x/door"}, task_paths=config.flowd.task_paths)
+    catalog.save_routine("door", ["await"])
+    engine = PausingEngine(config)
+    device = mqtt_client()
+    bridge = MqttBridge(config, engine)
+    bridge.start()
+    try:
+        wait_for(bridge.is_connected, timeout=10, message="bridge connected")
+        first = park_waiting(engine, "door", "x/door")
+        bridge.refresh_wait_topics()
+        wait_for(lambda: device.publish("x/door", {"n": 1}) or Flow.get_by_id(first).state == "DONE", timeout=10,
+                 interval=0.2, message="flow A resumed (x/door subscribed)")
+
+        engine.pause_in = "loop"
+        loop = threading.Thread(target=bridge.refresh_wait_topics, name="loop")
+        loop.start()
+        assert engine.has_read.wait(10)
+        second = park_waiting(engine, "door", "x/door")
+        publisher = threading.Thread(target=bridge.refresh_wait_topics, name="publisher")
+        publisher.start()
+        publisher.join(2.0)  # returns at once, or waits here while the loop holds the lock
+        engine.go_on.set()
+        loop.join(10)
+        publisher.join(10)
+
+        device.publish("x/door", {"n": 2})
+        wait_for(lambda: Flow.get_by_id(second).state == "DONE", timeout=5, message="flow B resumed")
+    finally:
+        bridge.stop_intake()
+        bridge.stop(drain=1)
+        api.reset()
