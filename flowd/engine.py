@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 MAX_INTERRUPTIONS = 5
 MAX_SUBFLOW_DEPTH = 8
+CLAIM_DURABLE = False
 CANCEL_SIGNAL = signal.SIGUSR1
 Enqueue = Callable[[int, int, float | None], None]
 
@@ -328,7 +329,8 @@ class Engine:
         now = now or utcnow()
         step: ClaimedStep | None = None
         self.definitions.refresh()
-        with write_transaction():
+        # Not durable: if a power cut loses the claim, recovery queues the step again.
+        with write_transaction(durable=CLAIM_DURABLE):
             flow = store.get_flow(flow_id)
             if (flow is None or flow.dispatch_token != token or not flow.admitted
                     or flow.state not in (FlowState.INIT.value, FlowState.RUNNING.value) or flow.worker_pid):

@@ -288,6 +288,7 @@ def init_database(section: DatabaseSection, *, create: bool = True) -> peewee.Da
         from playhouse.db_url import connect
 
         db = connect(section.url)
+    db._pragmas_synchronous = section.synchronous  # type: ignore[attr-defined]
     database.initialize(db)
     try:
         old_umask = os.umask(0o077)
@@ -311,13 +312,26 @@ def reconnect_after_fork() -> None:
 
 
 @contextmanager
-def write_transaction() -> Iterator[None]:
+def write_transaction(durable: bool = True) -> Iterator[None]:
     """A short IMMEDIATE transaction: takes the write lock first, so read-then-write
-    under contention never fails with "database is locked"."""
+    under contention never fails with "database is locked".
+
+    ``durable=False`` commits without waiting for the disk (SQLite WAL, synchronous
+    OFF for this one commit): for changes that may be lost in a power cut because
+    recovery redoes them (a worker taking a flow). The next durable commit flushes the
+    WAL, these frames included, so ordering is kept.
+    """
     db = database.obj
     if isinstance(db, peewee.SqliteDatabase):
-        with db.atomic(lock_type="IMMEDIATE"):
-            yield
+        relaxed = not durable and db._pragmas_synchronous != "off"
+        if relaxed:
+            db.execute_sql("PRAGMA synchronous = OFF")
+        try:
+            with db.atomic(lock_type="IMMEDIATE"):
+                yield
+        finally:
+            if relaxed:
+                db.execute_sql(f"PRAGMA synchronous = {db._pragmas_synchronous}")
     else:
         with db.atomic():
             yield
