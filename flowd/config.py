@@ -11,7 +11,6 @@ import dataclasses
 import math
 import os
 import re
-import socket
 import tomllib
 import types
 import typing
@@ -225,7 +224,7 @@ def _convert(key: str, hint: Any, value: Any, where: str | None) -> Any:
     short = key.rsplit(".", 1)[-1]
     if short in _DURATION_KEYS:
         try:
-            return parse_duration(value, what=key)
+            return parse_duration(value, what="the value")
         except ValueError as exc:
             raise ConfigError(str(exc), key=key, path=where) from None
     if short == "protocol" and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -254,6 +253,12 @@ def _convert(key: str, hint: Any, value: Any, where: str | None) -> Any:
     return hint(value)
 
 
+def _hostname_node_id() -> str:
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname()) or "flowd"
+
+
 def _complete(config: Config, env: Mapping[str, str], where: str | None) -> Config:
     """Fill the defaults that depend on the machine, and read secrets from files."""
     f = config.flowd
@@ -263,7 +268,7 @@ def _complete(config: Config, env: Mapping[str, str], where: str | None) -> Conf
     task_paths = f.task_paths or (("/etc/flowd/tasks",) if systemd else ("./tasks",))
     flowd = dataclasses.replace(
         f,
-        node_id=f.node_id or re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname()) or "flowd",
+        node_id=f.node_id or _hostname_node_id(),
         state_dir=str(Path(state_dir).expanduser().absolute()),
         task_paths=tuple(str(Path(p).expanduser().absolute()) for p in task_paths),
         workers=f.workers or os.cpu_count() or 1,

@@ -112,8 +112,12 @@ def _innermost_line(exc: BaseException, filename: str) -> int | None:
     return line
 
 
-def list_scripts(task_paths: Iterable[str]) -> list[ScriptInfo]:
-    """Every Task class in the task folders, found by reading (not running) the files."""
+def list_scripts(task_paths: Iterable[str], errors: list[str] | None = None) -> list[ScriptInfo]:
+    """Every Task class in the task folders, found by reading (not running) the files.
+
+    A file that cannot be read or parsed raises TaskScriptError, or, when ``errors``
+    is a list, is skipped with its message appended there.
+    """
     found: list[ScriptInfo] = []
     seen: set[str] = set()
     for folder in task_paths:
@@ -126,7 +130,14 @@ def list_scripts(task_paths: Iterable[str]) -> list[ScriptInfo]:
                 continue
             module = name[len("task_"):-3]
             path = Path(folder) / name
-            for class_name, doc in _task_classes(path):
+            try:
+                classes = _task_classes(path)
+            except TaskScriptError as exc:
+                if errors is None:
+                    raise
+                errors.append(str(exc))
+                continue
+            for class_name, doc in classes:
                 reference = f"{module}.{class_name}"
                 if reference not in seen:
                     seen.add(reference)

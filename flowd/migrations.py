@@ -8,11 +8,14 @@ the ``meta`` table. Add a step here whenever a model changes (never edit an old 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import peewee
-from playhouse.migrate import SchemaMigrator, migrate
 
 from flowd import models
+
+if TYPE_CHECKING:
+    from playhouse.migrate import SchemaMigrator
 
 # The schema flowd 0.1 created, frozen: kept so upgrades can be tested from it.
 SCHEMA_V1 = """
@@ -41,6 +44,8 @@ CREATE UNIQUE INDEX "task_result_flow_id_position_attempt" ON "task_result" ("fl
 
 def _v2_waits_and_subflows(db: peewee.Database, migrator: SchemaMigrator) -> None:
     """v2: waiting steps and sub-flows (SPEC 2.1) need the parent link and the wait."""
+    from playhouse.migrate import migrate
+
     flow = models.Flow
     migrate(
         migrator.add_column("flow", "parent_id", flow.parent),
@@ -85,6 +90,8 @@ def upgrade_schema(db: peewee.Database) -> int:
 
         raise StoreUnavailable(f"the database has schema version {version}, newer than this flowd "
                                f"understands ({LATEST}); upgrade flowd")
+    from playhouse.migrate import SchemaMigrator
+
     migrator = SchemaMigrator.from_database(db)
     for target in range(version + 1, LATEST + 1):
         with db.atomic():

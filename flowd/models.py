@@ -258,11 +258,22 @@ def sqlite_path(url: str) -> Path | None:
     return None
 
 
-def init_database(section: DatabaseSection, *, create: bool = True) -> peewee.Database:
+def redact_url(url: str) -> str:
+    """A database URL without its password (``postgresql://u:***@host/db``)."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in credentials:
+        return url
+    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
+
+
+def init_database(section: DatabaseSection, *, create: bool = True,
+                  busy_timeout: float = BUSY_TIMEOUT_S) -> peewee.Database:
     """Open the database for this process and bring its schema up to date.
 
     ``create=False`` refuses to create a missing SQLite file (flowctl reading a
-    database that is not there yet). Raises StoreUnavailable when it cannot be used.
+    database that is not there yet); ``busy_timeout`` is how long a write waits for
+    another process's lock. Raises StoreUnavailable when it cannot be used.
     """
     path = sqlite_path(section.url)
     if path is not None:
@@ -275,19 +286,22 @@ def init_database(section: DatabaseSection, *, create: bool = True) -> peewee.Da
             raise StoreUnavailable(f"cannot create the state folder {path.parent}: {exc.strerror}") from None
         db: peewee.Database = peewee.SqliteDatabase(
             str(path),
-            timeout=BUSY_TIMEOUT_S,
+            timeout=busy_timeout,
             pragmas={
                 "auto_vacuum": "incremental",  # must come first: only takes effect before WAL and tables
                 "journal_mode": "wal",
                 "synchronous": section.synchronous,
                 "foreign_keys": 1,
-                "busy_timeout": BUSY_TIMEOUT_S * 1000,
+                "busy_timeout": int(busy_timeout * 1000),
             },
         )
     else:
         from playhouse.db_url import connect
 
-        db = connect(section.url)
+        try:
+            db = connect(section.url)
+        except (peewee.ImproperlyConfigured, ImportError, RuntimeError) as exc:
+            raise StoreUnavailable(f"the database {redact_url(section.url)} cannot be used: {exc}") from exc
     db._pragmas_synchronous = section.synchronous  # type: ignore[attr-defined]
     database.initialize(db)
     try:
@@ -299,8 +313,8 @@ def init_database(section: DatabaseSection, *, create: bool = True) -> peewee.Da
         from flowd.migrations import upgrade_schema
 
         upgrade_schema(db)
-    except (peewee.OperationalError, sqlite3.OperationalError, peewee.InterfaceError) as exc:
-        raise StoreUnavailable(f"the database {path or section.url} cannot be used: {exc}") from exc
+    except (peewee.DatabaseError, sqlite3.DatabaseError, peewee.InterfaceError, peewee.ImproperlyConfigured) as exc:
+        raise StoreUnavailable(f"the database {path or redact_url(section.url)} cannot be used: {exc}") from exc
     return db
 
 

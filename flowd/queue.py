@@ -23,6 +23,7 @@ from huey.consumer import Consumer
 from huey.storage import SqliteStorage
 
 from flowd.config import Config
+from flowd.errors import StoreUnavailable
 from flowd.wakeup import WakeSocket, send_wakeup
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,12 @@ def configure_queue(config: Config) -> Huey:
     q = config.queue
     if q.backend == "redis":
         from huey import RedisHuey
+        from huey.exceptions import ConfigurationError
 
-        huey: Huey = RedisHuey(q.name, url=q.url, results=False, blocking=True, read_timeout=1)
+        try:
+            huey: Huey = RedisHuey(q.name, url=q.url, results=False, blocking=True, read_timeout=1)
+        except ConfigurationError as exc:
+            raise StoreUnavailable(f"the Redis queue cannot be used: {exc}") from exc
     else:
         Path(q.path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         old_umask = os.umask(0o077)

@@ -40,6 +40,9 @@ class Row:
     def __init__(self, values: dict[str, Any]):
         self.__dict__.update(values)
 
+    def __getattr__(self, name: str) -> Any:  # columns are set in __init__; this only types them
+        raise AttributeError(name)
+
     @property
     def is_ended(self) -> bool:
         return self.state not in ACTIVE_STATES
