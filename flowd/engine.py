@@ -510,21 +510,23 @@ class Engine:
         now = now or utcnow()
         self.definitions.refresh()
         with write_transaction():
-            for flow in store.select_flows("state = ? AND admitted = ?", (FlowState.RUNNING.value, 1)):
+            running = store.select_flows("state = ? AND admitted = ?", (FlowState.RUNNING.value, store.sql_bool(True)))
+            for flow in running:
                 result = store.running_result(flow.id, flow.position)
                 if result is not None:
                     self._record_failure(flow, result, "interrupted: flowd stopped while this step ran", effects,
                                          now, interrupted=True)
             queued = {flow_id for flow_id, _, _ in effects.enqueue}
             for flow in store.select_flows("admitted = ? AND state IN (?, ?)",
-                                           (1, FlowState.INIT.value, FlowState.RUNNING.value)):
+                                           (store.sql_bool(True), FlowState.INIT.value, FlowState.RUNNING.value)):
                 if flow.id in queued:
                     continue
                 delay = None
                 if flow.next_attempt_at and flow.next_attempt_at > now:
                     delay = (flow.next_attempt_at - now).total_seconds()
                 self._admit(flow, effects, now, delay=delay)
-            names = {f.routine for f in store.select_flows("admitted = ? AND state = ?", (0, FlowState.INIT.value))}
+            pending = store.select_flows("admitted = ? AND state = ?", (store.sql_bool(False), FlowState.INIT.value))
+            names = {f.routine for f in pending}
             for name in sorted(names):
                 self._admit_pending(name, effects, now)
         self._apply(effects)

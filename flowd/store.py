@@ -67,7 +67,7 @@ def _encode(name: str, value: Any) -> Any:
         return dumps(value)
     if name in _TIMES and isinstance(value, dt.datetime) and _is_sqlite():
         return value.isoformat(sep=" ")
-    if isinstance(value, bool):
+    if isinstance(value, bool) and _is_sqlite():
         return int(value)
     return value
 
@@ -76,15 +76,21 @@ def _is_sqlite() -> bool:
     return isinstance(database.obj, peewee.SqliteDatabase)
 
 
-_sql_cache: dict[str, str] = {}
+def sql_bool(value: bool) -> Any:
+    """A boolean as the backend wants it as a parameter (SQLite 0/1, PostgreSQL bool)."""
+    return _encode("admitted", value)
+
+
+_postgres_sql: dict[str, str] = {}
 
 
 def _sql(text: str) -> str:
     """Adapt '?' placeholders to the backend's paramstyle (PostgreSQL wants %s)."""
-    cached = _sql_cache.get(text)
+    if _is_sqlite():
+        return text
+    cached = _postgres_sql.get(text)
     if cached is None:
-        cached = text if _is_sqlite() else text.replace("?", "%s")
-        _sql_cache[text] = cached
+        cached = _postgres_sql[text] = text.replace("?", "%s")
     return cached
 
 
@@ -193,19 +199,19 @@ def done_outputs(flow_id: int, before: int) -> list[Any]:
 def count_active(routine: str) -> int:
     placeholders = ", ".join("?" * len(ACTIVE_STATES))
     row = execute(f"SELECT COUNT(*) FROM flow WHERE routine = ? AND admitted = ? AND state IN ({placeholders})",
-                  (routine, _encode("admitted", True), *ACTIVE_STATES)).fetchone()
+                  (routine, sql_bool(True), *ACTIVE_STATES)).fetchone()
     return int(row[0])
 
 
 def active_flows(routine: str) -> list[Row]:
     placeholders = ", ".join("?" * len(ACTIVE_STATES))
     return select_flows(f"routine = ? AND admitted = ? AND state IN ({placeholders})",
-                        (routine, _encode("admitted", True), *ACTIVE_STATES))
+                        (routine, sql_bool(True), *ACTIVE_STATES))
 
 
 def pending_flows(routine: str, limit: int = 1_000_000) -> list[Row]:
     return select_flows("routine = ? AND admitted = ? AND state = ?",
-                        (routine, _encode("admitted", False), FlowState.INIT.value), f"ORDER BY id LIMIT {int(limit)}")
+                        (routine, sql_bool(False), FlowState.INIT.value), f"ORDER BY id LIMIT {int(limit)}")
 
 
 def add_outbox(topic: str, payload: str, correlation_data: str | None, now: dt.datetime) -> None:
