@@ -119,8 +119,9 @@ def counts_by_state() -> dict[str, int]:
     from peewee import fn
 
     counts = {state.value: 0 for state in FlowState}
-    for row in Flow.select(Flow.state, fn.COUNT(Flow.id).alias("n")).group_by(Flow.state):
-        counts[row.state] = row.n
+    rows: Any = Flow.select(Flow.state, fn.COUNT(Flow.id)).group_by(Flow.state).tuples()
+    for state, count in rows:
+        counts[str(state)] = int(count)
     return counts
 
 

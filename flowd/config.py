@@ -246,9 +246,9 @@ def _convert(key: str, hint: Any, value: Any, where: str | None) -> Any:
     expected = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}[hint]
     if (isinstance(value, bool) and hint is not bool) or not isinstance(value, expected):
         raise ConfigError(f"must be {hint.__name__}, not {type(value).__name__} ({value!r})", key=key, path=where)
-    if hint is float and not math.isfinite(value):
+    if hint is float and not math.isfinite(float(value)):
         raise ConfigError(f"must be a finite number, not {value!r}", key=key, path=where)
-    if hint in (int, float) and value < 0:
+    if hint in (int, float) and float(value) < 0:
         raise ConfigError(f"must not be negative, got {value!r}", key=key, path=where)
     return hint(value)
 

@@ -67,14 +67,15 @@ def schema_version(db: peewee.Database) -> int:
     """0 for an empty database, else the stored version."""
     if not db.table_exists("meta"):
         return 1 if db.table_exists("flow") else 0
-    row = db.execute_sql("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    row = db.execute_sql(  # type: ignore[no-untyped-call]
+        "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     return int(row[0]) if row else 1
 
 
 def create_v1_schema(db: peewee.Database) -> None:
     """Lay down the frozen v1 schema (SQLite), as an old flowd left it."""
     for statement in filter(None, (s.strip() for s in SCHEMA_V1.split(";\n"))):
-        db.execute_sql(statement.rstrip(";"))
+        db.execute_sql(statement.rstrip(";"))  # type: ignore[no-untyped-call]
 
 
 def upgrade_schema(db: peewee.Database) -> int:

@@ -35,6 +35,7 @@ from flowd.config import DatabaseSection
 from flowd.errors import StoreUnavailable
 
 database = DatabaseProxy()
+_synchronous = "full"  # this process's [database] synchronous, restored after a relaxed commit
 BUSY_TIMEOUT_S = 15
 
 
@@ -302,7 +303,8 @@ def init_database(section: DatabaseSection, *, create: bool = True,
             db = connect(section.url)
         except (peewee.ImproperlyConfigured, ImportError, RuntimeError) as exc:
             raise StoreUnavailable(f"the database {redact_url(section.url)} cannot be used: {exc}") from exc
-    db._pragmas_synchronous = section.synchronous  # type: ignore[attr-defined]
+    global _synchronous
+    _synchronous = section.synchronous
     database.initialize(db)
     try:
         old_umask = os.umask(0o077)
@@ -337,15 +339,15 @@ def write_transaction(durable: bool = True) -> Iterator[None]:
     """
     db = database.obj
     if isinstance(db, peewee.SqliteDatabase):
-        relaxed = not durable and db._pragmas_synchronous != "off"
+        relaxed = not durable and _synchronous != "off"
         if relaxed:
-            db.execute_sql("PRAGMA synchronous = OFF")
+            db.execute_sql("PRAGMA synchronous = OFF")  # type: ignore[no-untyped-call]
         try:
             with db.atomic(lock_type="IMMEDIATE"):
                 yield
         finally:
             if relaxed:
-                db.execute_sql(f"PRAGMA synchronous = {db._pragmas_synchronous}")
+                db.execute_sql(f"PRAGMA synchronous = {_synchronous}")  # type: ignore[no-untyped-call]
     else:
         with db.atomic():
             yield

@@ -33,7 +33,7 @@ RUN_FLOW_TASK = "flowd.run_flow"
 _IDLE_WAIT_S = 1.0
 
 
-class WakeableSqliteStorage(SqliteStorage):
+class WakeableSqliteStorage(SqliteStorage):  # type: ignore[misc]
     """SqliteHuey storage whose empty-queue wait is a blocking read on a wake socket.
 
     ``blocking = True`` tells huey's worker loop not to sleep between empty dequeues;
@@ -52,7 +52,7 @@ class WakeableSqliteStorage(SqliteStorage):
         send_wakeup(self.wake_path)
 
     def dequeue(self) -> bytes | None:
-        data = super().dequeue()
+        data: bytes | None = super().dequeue()
         if data is None and self.wake_socket is not None and self.wake_socket.wait(_IDLE_WAIT_S):
             data = super().dequeue()
         return data
@@ -201,7 +201,7 @@ class WorkerPool:
         self.pid = None
 
 
-class _PoolConsumer(Consumer):
+class _PoolConsumer(Consumer):  # type: ignore[misc]
     """huey's Consumer minus its SIGHUP "re-exec myself" (the daemon handles SIGHUP)."""
 
     def _set_signal_handlers(self) -> None:
@@ -224,7 +224,7 @@ def _run_pool(config: Config) -> int:
         huey.storage.wake_socket = wake
     stop_flag_holder: dict[str, Any] = {}
 
-    @huey.on_startup()
+    @huey.on_startup()  # type: ignore[untyped-decorator]
     def _worker_started() -> None:
         _die_with_parent()
         models.reconnect_after_fork()

@@ -73,7 +73,7 @@ class Reaper:
                 .where((TaskResult.state == StepState.RUNNING.value) & (Flow.state == FlowState.RUNNING.value)
                        & TaskResult.worker_pid.is_null(False)))
         for result in rows:
-            pid = result.worker_pid
+            pid = result.worker_pid or 0
             limit = self._time_limit(result, now)
             if not is_process_alive(pid):
                 touched += self.engine.fail_attempt(result.flow.id, result.id,

@@ -43,6 +43,9 @@ class Row:
     def __getattr__(self, name: str) -> Any:  # columns are set in __init__; this only types them
         raise AttributeError(name)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        self.__dict__[name] = value
+
     @property
     def is_ended(self) -> bool:
         return self.state not in ACTIVE_STATES
