@@ -227,6 +227,7 @@ class MqttBridge:
         self.error_topic = config.topic("flow/error")
         self.submit_topics = {config.topic("flow/submit"), config.topic(f"flowd/{config.flowd.node_id}/submit")}
         self.started_at = utcnow()
+        self.started = False
         self._connected = threading.Event()
         self._intake = True
         self._problem: str | None = None
@@ -281,6 +282,7 @@ class MqttBridge:
     def start(self) -> None:
         """Start the publisher and the network thread; a broker that is down is retried."""
         m = self.config.mqtt
+        self.started = True
         self.publisher.start()
         if self.is_v5:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -394,8 +396,10 @@ class MqttBridge:
         """Subscribe the topics waiting flows listen on; drop the ones nobody waits for."""
         if not self.is_connected():
             return
-        wanted = {t for t in self.engine.waiting_topics() if t}
         with self._wait_lock:
+            # Read inside the lock: a stale read racing a newer refresh would unsubscribe
+            # a topic a flow has just started waiting on.
+            wanted = {t for t in self.engine.waiting_topics() if t}
             new = sorted(wanted - self._wait_filters - self._bad_filters)
             gone = sorted(self._wait_filters - wanted)
             for topic in new:

@@ -124,14 +124,20 @@ class Service:
 
     def _run_locked(self) -> int:
         from flowd import api, recovery
+        from flowd.mqtt_bridge import MqttBridge
         from flowd.queue import WorkerPool
 
         try:
             self.engine = api.configure(self.config)
             recovered = recovery.recover(self.config, self.engine)
+            # Built (not started) before the fork: a bad TLS file stops us here, cleanly.
+            self.bridge = MqttBridge(self.config, self.engine)
         except StoreUnavailable as exc:
             log.error("cannot start: %s", exc)
             return 3
+        except FlowdError as exc:
+            log.error("cannot start: %s", exc)
+            return 2
         self.pool = WorkerPool(self.config)
         self.pool.start()  # fork: before any thread exists in this process
         try:
@@ -150,11 +156,9 @@ class Service:
         return self._exit_code
 
     def _start_threads(self) -> None:
-        from flowd.mqtt_bridge import MqttBridge
         from flowd.reaper import Reaper
 
         self.reaper = Reaper(self.config, self.engine)
-        self.bridge = MqttBridge(self.config, self.engine)
         self.bridge.start()
         if importlib.util.find_spec("flowd.scheduler") is not None:
             from flowd.scheduler import Scheduler
@@ -176,7 +180,7 @@ class Service:
             self._guard("stopping the scheduler", self.scheduler.shutdown)
         if self.pool is not None:
             self._guard("stopping the worker pool", lambda: self.pool.stop(grace=grace))
-        if self.bridge is not None:
+        if self.bridge is not None and self.bridge.started:
             self._guard("publishing the offline status", self.bridge.publish_offline)
             drained = self._guard("disconnecting from the broker", lambda: self.bridge.stop(drain=STOP_DRAIN_S))
             if not drained:
