@@ -286,10 +286,15 @@ class OutboxPublisher:
             if not force and len(self._acked) < DELETE_BATCH and time.monotonic() - self._oldest_ack < DELETE_AFTER_S:
                 return
             done, self._acked = self._acked, []
-        for start in range(0, len(done), 500):
-            chunk = done[start:start + 500]
-            with write_transaction():
-                Outbox.delete().where(Outbox.id.in_(chunk)).execute()
+        try:
+            for start in range(0, len(done), 500):
+                chunk = done[start:start + 500]
+                with write_transaction():
+                    Outbox.delete().where(Outbox.id.in_(chunk)).execute()
+        except Exception:
+            with self._lock:  # keep them for the next try; deleting a row twice is harmless
+                self._acked = done + self._acked
+            raise
         self._handed.difference_update(done)
         if self._cursor in done:
             # SQLite hands out max(id) + 1: with the top rows gone, new rows may reuse ids
