@@ -226,7 +226,6 @@ class MqttBridge:
         self.status_topic = config.topic(f"flowd/{config.flowd.node_id}/status")
         self.error_topic = config.topic("flow/error")
         self.submit_topics = {config.topic("flow/submit"), config.topic(f"flowd/{config.flowd.node_id}/submit")}
-        self.started_at = utcnow()
         self.started = False
         self._connected = threading.Event()
         self._intake = True
@@ -349,7 +348,7 @@ class MqttBridge:
             self._problem = None
             # paho would re-send what it holds before anything new, racing the outbox
             # thread; take it back and let the outbox hand it over again, in row order.
-            taken_back = [m.mid for m in self.client.drop_out_messages()]
+            taken_back = [held.mid for held in self.client.drop_out_messages()]
             self.publisher.connected(taken_back)
             self._connected.set()
             log.info("MQTT: connected to %s:%d (session present: %s)", m.host, m.port,
