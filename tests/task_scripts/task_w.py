@@ -23,13 +23,15 @@ class Mark(Task):
 
 
 class Await(Task):
-    """Waits for a message on `topic` whose payload contains `match`; with `counter`,
-    notes each attempt first."""
+    """Waits for a message on `topic` whose payload contains `match`, for `wait_timeout`
+    seconds (`later_timeout` from the second attempt on); with `counter`, notes each
+    attempt first."""
 
-    def perform(self, *args, topic, match=None, wait_timeout=None, counter=None, **kwargs):
+    def perform(self, *args, topic, match=None, wait_timeout=None, later_timeout=None, counter=None, **kwargs):
         if counter:
             _append(counter, f"{self.flow_id}:{self.attempt}")
-        return Wait(topic, match=match, timeout=wait_timeout)
+        timeout = later_timeout if self.attempt > 1 and later_timeout is not None else wait_timeout
+        return Wait(topic, match=match, timeout=timeout)
 
 
 class Seen(Task):
