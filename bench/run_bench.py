@@ -346,7 +346,7 @@ class Bench:
             time.sleep(0.02)
         t0 = time.time_ns()
         self.daemon = self.children.start(
-            "flowd", [sys.executable, "-m", "flowd", "run", "--config", str(self.config)], group=True, cwd=ROOT,
+            "flowd", [sys.executable, *self.daemon_entry(), "run", "--config", str(self.config)], group=True, cwd=ROOT,
             log_file=self.work / "flowd.log")
         try:
             probe.wait(70)
@@ -359,6 +359,11 @@ class Bench:
         first = last_json(probe_out.read_text())["first_result_epoch_ns"]
         self.result["startup_ms"] = round((first - t0) / 1e6, 1)
         log(f"flowd pid {self.daemon.pid}: first result {self.result['startup_ms']} ms after launch")
+
+    def daemon_entry(self) -> list[str]:
+        """``-m flowd``, or a wrapper script for experiments (--daemon-wrapper): it gets the same
+        arguments and is expected to end in ``flowd.service.main()``."""
+        return [self.args.daemon_wrapper] if self.args.daemon_wrapper else ["-m", "flowd"]
 
     def tree(self) -> list[int]:
         assert self.daemon is not None
@@ -437,10 +442,13 @@ class Bench:
                            per_process_pss_idle_mib=idle["per_process_pss_mib"])
         log(f"idle: PSS {idle['pss_mib']} MiB, RSS {idle['rss_mib']} MiB over {idle['processes']} processes; "
             f"idle CPU over {a.idle_seconds:g}s")
-        cpu0, t0 = cpu_seconds(tree), time.monotonic()
+        assert self.daemon is not None
+        cpu0, role0, t0 = cpu_seconds(tree), cpu_by_role(self.daemon.pid, tree), time.monotonic()
         time.sleep(a.idle_seconds)
-        idle_cpu = cpu_seconds(self.tree()) - cpu0
-        self.result["idle_cpu_pct"] = round(100 * idle_cpu / (time.monotonic() - t0), 3)
+        tree = self.tree()
+        idle_cpu, role1, elapsed = cpu_seconds(tree) - cpu0, cpu_by_role(self.daemon.pid, tree), time.monotonic() - t0
+        self.result["idle_cpu_pct"] = round(100 * idle_cpu / elapsed, 3)
+        self.result["idle_cpu_pct_by_role"] = {k: round(100 * (role1[k] - role0[k]) / elapsed, 3) for k in role1}
         self.result["idle_seconds"] = a.idle_seconds
 
         self.result["latency"] = self.run_client("flowd-latency", a.lat_n, 1)
@@ -521,6 +529,14 @@ def versions() -> dict[str, str]:
     except (OSError, IndexError, subprocess.TimeoutExpired):
         found["mosquitto"] = "?"
     found["sqlite"] = sqlite3.sqlite_version
+    try:
+        git = ["git", "-C", str(ROOT)]
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", "flowd"], capture_output=True, text=True,
+                               timeout=5)
+        found["flowd_commit"] = head.stdout.strip() + ("+local changes" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.TimeoutExpired):
+        found["flowd_commit"] = "?"
     return found
 
 
@@ -573,6 +589,8 @@ def print_table(r: dict[str, Any]) -> None:
          peer.get("rss_after_mib"), ""),
         (f"idle CPU over {r['idle_seconds']:g}s (% core)", r["idle_cpu_pct"], g["idle_cpu_pct"]["goal"], None,
          mark("idle_cpu_pct")),
+        ("  of which main / pool / workers (%)", " / ".join(str(v) for v in r["idle_cpu_pct_by_role"].values()),
+         "", None, ""),
         ("latency C=1 p50 (ms)", lat["p50_ms"], g["latency_p50_ms"]["goal"], nl.get("p50_ms"), mark("latency_p50_ms")),
         ("latency C=1 p90 (ms)", lat["p90_ms"], "", nl.get("p90_ms"), ""),
         ("latency C=1 p99 (ms)", lat["p99_ms"], g["latency_p99_ms"]["goal"], nl.get("p99_ms"), mark("latency_p99_ms")),
@@ -591,7 +609,8 @@ def print_table(r: dict[str, Any]) -> None:
     ]
     print()
     print(f"flowd benchmark {r['date']}  ({r['machine']['cores']} cores, {r['machine']['cpu']}; "
-          f"workers={r['config']['workers']}, synchronous={r['config']['synchronous']}"
+          f"flowd {r['versions']['flowd_commit']}; workers={r['config']['workers']}, "
+          f"synchronous={r['config']['synchronous']}"
           f"{', QUICK counts' if r['config']['quick'] else ''})")
     print(f"  {'figure':<40} {'flowd':>16} {'goal':>9} {'Node-RED':>14}  ")
     for name, value, goal, nr, ok in rows:
@@ -633,6 +652,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-seconds", type=int, default=2400, help="bound for the whole run")
     p.add_argument("--profile", metavar="DIR", help="py-spy (raw stacks) on every flowd process during the "
                    "throughput run; needs py-spy in PATH or next to this Python")
+    p.add_argument("--daemon-wrapper", metavar="SCRIPT", help="experiments: start the daemon as "
+                   "'python SCRIPT run --config X' instead of 'python -m flowd run --config X'")
     p.add_argument("--keep", action="store_true", help="keep the work folder (state, logs)")
     a = p.parse_args(argv)
     if a.quick:
@@ -662,7 +683,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.alarm(a.max_seconds)
     bench = Bench(a, work, children)
     started = dt.datetime.now(dt.UTC)
-    bench.result.update(engine="flowd", work_dir=str(work), date=started.isoformat(timespec="seconds"),
+    bench.result.update(engine="flowd", work_dir=str(work), daemon_wrapper=a.daemon_wrapper,
+                        date=started.isoformat(timespec="seconds"),
                         machine=machine(),
                         versions=versions(), config={
                             "workers": a.workers, "synchronous": a.synchronous, "quick": a.quick, "lat_n": a.lat_n,
