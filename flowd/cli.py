@@ -1,8 +1,9 @@
 """flowctl: the command line of flowd (SPEC 6).
 
 Parses a command, calls the catalog, the engine or the models, prints for people (or
-JSON with ``--json``) and turns flowd's errors into exit codes. It works whether or
-not the daemon runs: a submitted flow waits in the queue until workers take it.
+JSON with ``--json``; display.py builds both) and turns flowd's errors into exit
+codes. It works whether or not the daemon runs: a submitted flow waits in the queue
+until workers take it.
 
 Start-up time matters on a Pi, so nothing heavy is imported before a command needs
 it: ``--help`` loads argparse only, read-only commands load peewee but never huey,
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 
     from flowd.config import Config
     from flowd.engine import Engine
-    from flowd.models import Flow, Routine, Task, TaskResult
+    from flowd.models import Flow
 
 EXIT_OK, EXIT_FLOW_FAILED, EXIT_USAGE, EXIT_STORE = 0, 1, 2, 3
 EXIT_WAIT_TIMEOUT, EXIT_INTERRUPTED = 124, 130
@@ -123,147 +124,6 @@ def _state(text: str) -> str:
     return text.upper()
 
 
-# --------------------------------------------------------------------------- formatting helpers
-def iso(value: dt.datetime | None) -> str | None:
-    from flowd.models import isoformat
-
-    return isoformat(value)
-
-
-def local_time(value: dt.datetime | None) -> str:
-    """A naive-UTC database time shown in the machine's time zone, to the second."""
-    if value is None:
-        return "-"
-    import datetime as dt
-
-    return value.replace(tzinfo=dt.UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S")
-
-
-def human_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 10:
-        return f"{seconds:.1f}s"
-    if seconds < 60:
-        return f"{seconds:.0f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 48:
-        return f"{hours}h{minutes:02d}m"
-    return f"{hours // 24}d{hours % 24}h"
-
-
-def span(start: dt.datetime | None, end: dt.datetime | None, now: dt.datetime | None = None) -> float | None:
-    if start is None:
-        return None
-    from flowd.models import utcnow
-
-    return max(((end or now or utcnow()) - start).total_seconds(), 0.0)
-
-
-def shorten(text: str, width: int) -> str:
-    """One line of at most ``width`` characters, cut with an ellipsis."""
-    text = " ".join(text.split()) if "\n" in text else text
-    return text if len(text) <= width else text[:max(width - 1, 0)] + "…"
-
-
-def compact(value: Any, width: int) -> str:
-    import json
-
-    return shorten(json.dumps(value, separators=(",", ":"), ensure_ascii=False), width)
-
-
-def terminal_width() -> int:
-    """Columns of the terminal: $COLUMNS, else the terminal's width, else 80 (piped)."""
-    try:
-        columns = int(os.environ.get("COLUMNS", "0"))
-    except ValueError:
-        columns = 0
-    if columns <= 0:
-        try:
-            columns = os.get_terminal_size(sys.stdout.fileno()).columns
-        except (AttributeError, ValueError, OSError):
-            columns = 80
-    return max(columns, 40)
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], flex: int, width: int | None = None) -> str:
-    """Left-aligned columns; column ``flex`` is cut so a line fits ``width`` (80 columns by default)."""
-    width = (width or terminal_width()) - 1
-    cells = [[str(c) for c in headers]] + [["-" if c is None else str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    over = sum(widths) + 2 * (len(widths) - 1) - width
-    if over > 0:
-        widths[flex] = max(widths[flex] - over, len(headers[flex]), 6)
-    lines = []
-    for row in cells:
-        parts = [shorten(cell, widths[i]).ljust(widths[i]) for i, cell in enumerate(row)]
-        lines.append("  ".join(parts).rstrip())
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- dicts for --json
-def reload_flow(flow_id: int) -> Flow:
-    """The flow as a model (the engine hands back plain rows)."""
-    from flowd.models import Flow
-
-    return Flow.get_by_id(flow_id)
-
-
-def flow_dict(flow: Flow) -> dict[str, Any]:
-    steps = list(flow.steps or [])
-    from flowd.models import Flow
-
-    children = [{"id": c.id, "routine": c.routine, "state": c.state}
-                for c in Flow.select().where(Flow.parent == flow.id).order_by(Flow.id)]
-    waiting = None
-    if flow.wait_topic:
-        waiting = {"topic": flow.wait_topic, "match": flow.wait_match, "until": iso(flow.wait_until)}
-    return {
-        "id": flow.id, "uid": flow.uid, "routine": flow.routine, "state": flow.state,
-        "position": flow.position, "steps": steps,
-        "task": steps[flow.position] if 0 <= flow.position < len(steps) else None,
-        "args": flow.args, "kwargs": flow.kwargs, "request_id": flow.request_id, "trigger": flow.trigger,
-        "reply_to": flow.reply_to, "result": flow.result, "error": flow.error,
-        "created_at": iso(flow.created_at), "started_at": iso(flow.started_at),
-        "finished_at": iso(flow.finished_at), "parent": flow.parent_id,  # type: ignore[attr-defined]
-        "children": children,
-        "waiting_for": waiting,
-    }
-
-
-def attempt_dict(result: TaskResult) -> dict[str, Any]:
-    return {
-        "position": result.position, "task": result.task, "attempt": result.attempt, "state": result.state,
-        "input": result.input, "output": result.output, "error": result.error,
-        "started_at": iso(result.started_at), "finished_at": iso(result.finished_at),
-        "duration": span(result.started_at, result.finished_at),
-    }
-
-
-def task_dict(task: Task) -> dict[str, Any]:
-    from flowd.models import Routine, RoutineStep
-
-    users = sorted({r.name for r in Routine.select(Routine.name).join(RoutineStep).where(RoutineStep.task == task)})
-    return {
-        "name": task.name, "script": task.script, "options": task.options, "retries": task.retries,
-        "retry_delay": task.retry_delay, "retry_backoff_max": task.retry_backoff_max, "timeout": task.timeout,
-        "routines": users, "created_at": iso(task.created_at), "updated_at": iso(task.updated_at),
-    }
-
-
-def routine_dict(routine: Routine) -> dict[str, Any]:
-    return {
-        "name": routine.name, "tasks": routine.task_names(), "schedule": routine.schedule,
-        "timezone": routine.timezone, "jitter": routine.jitter, "mqtt": routine.mqtt, "mode": routine.mode,
-        "max": routine.max, "timeout": routine.timeout, "enabled": routine.enabled,
-        "last_scheduled_run": iso(routine.last_scheduled_run),
-        "created_at": iso(routine.created_at), "updated_at": iso(routine.updated_at),
-    }
-
-
 # --------------------------------------------------------------------------- context
 class Context:
     """What every command needs: the parsed arguments, the config, the database."""
@@ -307,6 +167,7 @@ def cmd_status(ctx: Context) -> int:
     """Daemon, broker, queue depth, flows by state, outbox size."""
     from peewee import fn
 
+    from flowd.display import human_duration, iso, local_time, parse_iso, span
     from flowd.models import Flow, NodeStatus, Outbox, utcnow
 
     ctx.open_database()
@@ -345,12 +206,12 @@ def cmd_status(ctx: Context) -> int:
     for n in nodes:
         label = "daemon" if n["node_id"] == ctx.config.flowd.node_id else "node"
         if n["running"]:
-            since = local_time(_parse_iso(n["started_at"]))
+            since = local_time(parse_iso(n["started_at"]))
             lines.append(f"{label:<9} running on {n['node_id']} (pid {n['pid']}, flowd {n['version']}) "
                          f"since {since}")
             lines.append(f"{'broker':<9} {'connected' if n['broker_connected'] else 'NOT connected'}")
         elif n["stopped_at"]:
-            lines.append(f"{label:<9} stopped on {n['node_id']} at {local_time(_parse_iso(n['stopped_at']))}")
+            lines.append(f"{label:<9} stopped on {n['node_id']} at {local_time(parse_iso(n['stopped_at']))}")
         else:
             lines.append(f"{label:<9} not running on {n['node_id']} (last heartbeat "
                          f"{human_duration(n['heartbeat_age'])} ago, pid {n['pid']})")
@@ -360,12 +221,6 @@ def cmd_status(ctx: Context) -> int:
     lines.append(f"{'database':<9} {redact(ctx.config.database.url)}")
     ctx.emit(data, "\n".join(lines))
     return EXIT_STORE if queue_error else EXIT_OK
-
-
-def _parse_iso(text: str | None) -> dt.datetime | None:
-    import datetime as dt
-
-    return dt.datetime.fromisoformat(text.rstrip("Z")) if text else None
 
 
 def any_daemon_alive(local_node_id: str) -> bool:
@@ -398,6 +253,7 @@ def cmd_scripts(ctx: Context) -> int:
     from pathlib import Path
 
     from flowd import loader
+    from flowd.display import table
 
     data: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -432,6 +288,7 @@ def cmd_scripts(ctx: Context) -> int:
 
 def cmd_task_add(ctx: Context) -> int:
     from flowd import catalog
+    from flowd.display import task_dict
     from flowd.models import Task
 
     a = ctx.args
@@ -447,6 +304,7 @@ def cmd_task_add(ctx: Context) -> int:
 
 
 def cmd_task_list(ctx: Context) -> int:
+    from flowd.display import human_duration, table, task_dict
     from flowd.models import Task
 
     ctx.open_database()
@@ -461,6 +319,7 @@ def cmd_task_list(ctx: Context) -> int:
 
 def cmd_task_show(ctx: Context) -> int:
     from flowd import catalog
+    from flowd.display import compact, human_duration, local_time, parse_iso, task_dict, terminal_width
 
     ctx.open_database()
     t = task_dict(catalog.get_task(ctx.args.name))
@@ -472,7 +331,7 @@ def cmd_task_show(ctx: Context) -> int:
              f"{t['retry_backoff_max']:g}s)",
              f"  timeout      {human_duration(t['timeout']) if t['timeout'] else 'none'}",
              f"  used by      {', '.join(t['routines']) or 'no routine'}",
-             f"  updated      {local_time(_parse_iso(t['updated_at']))}"]
+             f"  updated      {local_time(parse_iso(t['updated_at']))}"]
     ctx.emit(t, "\n".join(lines))
     return EXIT_OK
 
@@ -488,6 +347,7 @@ def cmd_task_remove(ctx: Context) -> int:
 
 def cmd_routine_add(ctx: Context) -> int:
     from flowd import catalog
+    from flowd.display import routine_dict
     from flowd.models import Routine
 
     a = ctx.args
@@ -503,6 +363,7 @@ def cmd_routine_add(ctx: Context) -> int:
 
 
 def cmd_routine_list(ctx: Context) -> int:
+    from flowd.display import routine_dict, table
     from flowd.models import Routine
 
     ctx.open_database()
@@ -517,6 +378,7 @@ def cmd_routine_list(ctx: Context) -> int:
 
 def cmd_routine_show(ctx: Context) -> int:
     from flowd import catalog
+    from flowd.display import human_duration, local_time, parse_iso, routine_dict
 
     ctx.open_database()
     r = routine_dict(catalog.get_routine(ctx.args.name))
@@ -529,8 +391,8 @@ def cmd_routine_show(ctx: Context) -> int:
              f"  mode         {r['mode']} (max {r['max']})",
              f"  mqtt         {'may start it' if r['mqtt'] else 'may not start it'}",
              f"  timeout      {human_duration(r['timeout']) if r['timeout'] else 'none'}",
-             f"  last run     {local_time(_parse_iso(r['last_scheduled_run']))} (schedule)",
-             f"  updated      {local_time(_parse_iso(r['updated_at']))}"]
+             f"  last run     {local_time(parse_iso(r['last_scheduled_run']))} (schedule)",
+             f"  updated      {local_time(parse_iso(r['updated_at']))}"]
     ctx.emit(r, "\n".join(lines))
     return EXIT_OK
 
@@ -546,6 +408,7 @@ def cmd_routine_remove(ctx: Context) -> int:
 
 def cmd_routine_enable(ctx: Context) -> int:
     from flowd import catalog
+    from flowd.display import routine_dict
 
     enabled = ctx.args.routine_command == "enable"
     ctx.open_database()
@@ -564,7 +427,16 @@ def cmd_apply(ctx: Context) -> int:
     return EXIT_OK
 
 
+def reload_flow(flow_id: int) -> Flow:
+    """The flow as a model (the engine hands back plain rows)."""
+    from flowd.models import Flow
+
+    return Flow.get_by_id(flow_id)
+
+
 def cmd_submit(ctx: Context) -> int:
+    from flowd.display import flow_dict
+
     a = ctx.args
     args = [parse_value(v) for v in a.args]
     kwargs = parse_pairs(a.kw, "--kw")
@@ -590,6 +462,7 @@ def wait_for_flow(ctx: Context, flow_id: int, timeout: float | None) -> int:
     On a terminal one line is redrawn in place; piped, a line is printed per change.
     Ctrl-C or ``timeout`` stop the waiting, never the flow.
     """
+    from flowd.display import compact, flow_dict, human_duration, progress_line, shorten, span, terminal_width
     from flowd.models import Flow, Task, TaskResult, utcnow
 
     stream = sys.stderr if ctx.json else sys.stdout
@@ -652,25 +525,8 @@ def _end_live(stream: Any, live: bool) -> None:
         stream.flush()
 
 
-def progress_line(flow: Flow, task_name: str, attempt: int, attempt_state: str | None, retries: int) -> str:
-    """``flow 12 (fetch-weather) RUNNING step 2/3 digest, try 2/4``: changes only when
-    something happens, so piped output gets one line per change."""
-    head = f"flow {flow.id} ({flow.routine}) {flow.state}"
-    if flow.state == "INIT" and not flow.admitted:
-        return f"{head}: waiting for its turn (the routine's mode limits how many run)"
-    if flow.state == "INIT" and attempt == 0 and flow.position == 0:
-        return f"{head}: queued, waiting for a worker"
-    line = f"{head} step {flow.position + 1}/{len(flow.steps)} {task_name}"
-    if attempt_state == "FAILED" and flow.state in ("RUNNING", "INIT"):
-        line += f", try {attempt}/{retries + 1} failed, retrying"
-    elif attempt > 1:
-        line += f", try {attempt}/{retries + 1}"
-    if flow.state == "WAITING":
-        line += f", waiting for a message on '{flow.wait_topic}'" if flow.wait_topic else ", waiting for a sub-flow"
-    return line
-
-
 def cmd_flows(ctx: Context) -> int:
+    from flowd.display import human_duration, iso, local_time, span, table
     from flowd.models import Flow, utcnow
 
     a = ctx.args
@@ -697,6 +553,7 @@ def cmd_flows(ctx: Context) -> int:
 
 
 def cmd_flow_show(ctx: Context) -> int:
+    from flowd.display import attempt_dict, flow_dict, render_flow
     from flowd.models import Flow, TaskResult
 
     ctx.open_database()
@@ -712,67 +569,9 @@ def cmd_flow_show(ctx: Context) -> int:
     return EXIT_OK
 
 
-def render_flow(data: dict[str, Any]) -> str:
-    """The flow and every attempt of every step, readable on an 80-column terminal."""
-    width = terminal_width() - 1
-    value_width = width - 13
-    at = _parse_iso
-    took = span(at(data["started_at"]), at(data["finished_at"]))
-    lines = [f"flow {data['id']}  {data['routine']}  {data['state']}"
-             + (f"  step {min(data['position'] + 1, len(data['steps']))}/{len(data['steps'])}"
-                if data["state"] not in ("DONE",) else ""),
-             f"  uid        {data['uid']}",
-             f"  trigger    {data['trigger']}" + (f"   request id {data['request_id']}" if data["request_id"] else "")
-             + (f"   reply to {data['reply_to']}" if data["reply_to"] else ""),
-             f"  created    {local_time(at(data['created_at']))}"
-             + (f"   took {human_duration(took)}" if data["finished_at"] else ""),
-             f"  input      {compact({'args': data['args'], 'kwargs': data['kwargs']}, value_width)}"]
-    if data["result"] is not None:
-        lines.append(f"  result     {compact(data['result'], value_width)}")
-    if data["error"]:
-        lines.append(f"  error      {shorten(data['error'].strip().splitlines()[-1], value_width)}")
-    if data["waiting_for"]:
-        w = data["waiting_for"]
-        until = f" until {local_time(at(w['until']))}" if w["until"] else ""
-        lines.append(f"  waiting    for a message on '{w['topic']}'"
-                     + (f" matching {compact(w['match'], 40)}" if w["match"] else "") + until)
-    if data["parent"]:
-        lines.append(f"  parent     flow {data['parent']} (flowctl flow show {data['parent']})")
-    for child in data["children"]:
-        lines.append(f"  child      flow {child['id']} ({child['routine']}, {child['state']})")
-    lines.append("")
-    lines.append(" #  TASK                 TRY  STATE      TIME     STARTED")
-    seen = set()
-    for r in data["trace"]:
-        seen.add(r["position"])
-        lines.append(f"{r['position'] + 1:>2}  {shorten(r['task'], 20):<20} {r['attempt']:>3}  {r['state']:<9}  "
-                     f"{human_duration(r['duration']):<7}  {local_time(at(r['started_at']))}")
-        if r["attempt"] == 1 or r["position"] == 0:
-            lines.append(f"      in    {compact(r['input'], width - 12)}")
-        if r["output"] is not None:
-            lines.append(f"      out   {compact(r['output'], width - 12)}")
-        if r["error"]:
-            lines.append(f"      error {shorten(r['error'].rstrip().splitlines()[-1], width - 12)}")
-            where = script_frame(r["error"])
-            if where:
-                lines.append(f"      at    {shorten(where, width - 12)}")
-    if any(r["error"] for r in data["trace"]):
-        lines.append(f"(whole tracebacks: flowctl --json flow show {data['id']})")
-    for position, name in enumerate(data["steps"]):
-        if position not in seen:
-            lines.append(f"{position + 1:>2}  {shorten(name, 20):<20}   -  not run")
-    return "\n".join(lines)
-
-
-def script_frame(error: str) -> str | None:
-    """``task_http.py:21 in perform``: the innermost traceback frame in a task script."""
-    import re
-
-    found = re.findall(r'File "[^"]*?([^"/]*task_[^"/]+\.py)", line (\d+), in (\S+)', error)
-    return f"{found[-1][0]}:{found[-1][1]} in {found[-1][2]}" if found else None
-
-
 def cmd_flow_cancel(ctx: Context) -> int:
+    from flowd.display import flow_dict
+
     cancelled: Any = ctx.engine().cancel(ctx.args.id, reason="cancelled with flowctl")
     flow = reload_flow(cancelled.id)
     ctx.emit(flow_dict(flow), f"flow {flow.id} ({flow.routine}) {flow.state}")
@@ -780,6 +579,8 @@ def cmd_flow_cancel(ctx: Context) -> int:
 
 
 def cmd_flow_retry(ctx: Context) -> int:
+    from flowd.display import flow_dict
+
     retried: Any = ctx.engine().retry(ctx.args.id)
     flow = reload_flow(retried.id)
     steps = len(flow.steps or [])
@@ -790,6 +591,7 @@ def cmd_flow_retry(ctx: Context) -> int:
 
 def cmd_prune(ctx: Context) -> int:
     from flowd import api
+    from flowd.display import human_duration
 
     older_than = ctx.args.older_than if ctx.args.older_than is not None else ctx.config.flowd.retention
     ctx.engine()
