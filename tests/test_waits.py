@@ -22,7 +22,7 @@ from conftest import Broker, FlowdProcess, wait_for
 from flowd import api, catalog, queue
 from flowd.config import Config, load_config
 from flowd.engine import Engine, payload_matches
-from flowd.models import Flow, TaskResult
+from flowd.models import Flow, TaskResult, utcnow
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -247,32 +247,47 @@ def test_wait_timeout_fails_the_step_and_retries_wait_again(site: Site, tmp_path
     assert site.flow(late).state == "FAILED"
 
 
-@pytest.mark.parametrize("site", [{}, {"mqtt": {"protocol": "3.1.1"}}], indirect=True, ids=["mqtt5", "mqtt311"])
-def test_wait_survives_kill_9_and_sees_a_message_sent_while_flowd_was_down(site: Site) -> None:
+@pytest.mark.parametrize(("site", "stop"), [({}, "kill9"), ({"mqtt": {"protocol": "3.1.1"}}, "kill9"),
+                                           ({}, "sigterm")], indirect=["site"],
+                         ids=["mqtt5-kill9", "mqtt311-kill9", "mqtt5-sigterm"])
+def test_wait_survives_kill_9_and_sees_a_message_sent_while_flowd_was_down(site: Site, stop: str) -> None:
     # The exact sequence that needs the persistent session: the flow goes WAITING, and
     # its WAITING status goes out (the bridge subscribed the wait topic just before it);
-    # flowd is killed with SIGKILL; the device publishes the event while flowd is down;
-    # flowd starts again and the broker hands over the event kept in its session: the
-    # flow resumes with it, with self.results whole (rebuilt from the database).
-    # A second flow waits on another topic; it is answered only after the restart.
+    # flowd is killed with SIGKILL (or stopped with SIGTERM); the device publishes the
+    # event while flowd is down, retained as IoT devices often do; flowd starts again and
+    # the broker hands over the event kept in its session: the flow resumes with it, with
+    # self.results whole (rebuilt from the database). A second flow waits on another
+    # topic; it is answered only after the restart. A third one's 2 s wait runs out while
+    # flowd is down: it fails at the restart, saying so.
     site.task("mark-a", "w.Mark", options={"label": "a"})
     site.task("await-valve", "w.Await", options={"topic": "plant/+/valve", "match": {"open": True}})
     site.task("await-pump", "w.Await", options={"topic": "plant/pump"})
+    site.task("await-brief", "w.Await", options={"topic": "plant/brief", "wait_timeout": 2})
     site.task("seen", "w.Seen")
     site.routine("valve", ["mark-a", "await-valve", "seen"])
     site.routine("pump", ["await-pump", "seen"])
+    site.routine("brief", ["await-brief"])
     proc = site.start()
     valve = api.submit_flow("valve", n=3).id
     pump = api.submit_flow("pump").id
-    site.waiting_statuses(valve)
-    site.waiting_statuses(pump)
-    proc.kill9()
+    brief = api.submit_flow("brief").id
+    for flow_id in (valve, pump, brief):
+        site.waiting_statuses(flow_id)
+    if stop == "kill9":
+        proc.kill9()
+    else:
+        assert proc.terminate() == 0
 
     site.watcher.publish("plant/v1/valve", {"open": False, "while": "down"})
-    site.watcher.publish("plant/v1/valve", {"open": True, "while": "down"})
+    site.watcher.publish("plant/v1/valve", {"open": True, "while": "down"}, retain=True)
     assert site.flow(valve).state == "WAITING"
+    until = site.flow(brief).wait_until
+    wait_for(lambda: utcnow() > until, timeout=10, interval=0.1, message="the brief wait to run out")
 
     site.start()
+    brief_result = site.result(brief)
+    assert brief_result["state"] == "FAILED"
+    assert "timed out waiting for a message on 'plant/brief'" in brief_result["error"]
     result = site.result(valve)
     assert result["state"] == "DONE", result
     event = {"open": True, "while": "down"}
@@ -368,9 +383,6 @@ def park_waiting(engine: Engine, routine: str, topic: str) -> int:
     return int(row.id)
 
 
-@pytest.mark.xfail(strict=True, reason="MqttBridge.refresh_wait_topics reads engine.waiting_topics() before taking "
-                                        "_wait_lock: a stale read can unsubscribe a topic a flow just started "
-                                        "waiting on; fix: read inside the lock (see the report)")
 def test_wait_topic_stays_subscribed_when_two_refreshes_overlap(
         broker: Broker, config_file: Callable[..., Path], mqtt_client: Any) -> None:
     # The bridge refreshes its wait subscriptions from two threads: the daemon's loop
