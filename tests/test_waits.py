@@ -22,7 +22,7 @@ from conftest import Broker, FlowdProcess, wait_for
 from flowd import api, catalog, queue
 from flowd.config import Config, load_config
 from flowd.engine import Engine, payload_matches
-from flowd.models import Flow, TaskResult, utcnow
+from flowd.models import Flow, Routine, TaskResult, utcnow
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -72,6 +72,14 @@ class Site:
                          message=f"flow/{flow_id}/result; log:\n{self.log()}")
         assert len(found) == 1, f"flow {flow_id} published {len(found)} results"
         return dict(found[0])
+
+    def barrier(self) -> None:
+        """Wait until the watcher holds everything flowd published so far: flowd sends its
+        outbox in order on one connection, so a new flow's result comes after all of it."""
+        if "barrier" not in {r.name for r in Routine.select(Routine.name)}:
+            self.task("barrier-mark", "w.Mark", options={"label": "barrier"})
+            self.routine("barrier", ["barrier-mark"])
+        self.result(api.submit_flow("barrier").id)
 
     @staticmethod
     def flow(flow_id: int) -> Flow:
