@@ -443,7 +443,6 @@ def cmd_submit(ctx: Context) -> int:
     if a.request_id is not None and not a.request_id:
         raise UsageError("--request-id must not be empty")
     engine = ctx.engine()
-    submitted: Any
     submitted, created = engine.submit(a.routine, args, kwargs, request_id=a.request_id, trigger="cli")
     flow = reload_flow(submitted.id)
     if not a.wait:
@@ -572,7 +571,7 @@ def cmd_flow_show(ctx: Context) -> int:
 def cmd_flow_cancel(ctx: Context) -> int:
     from flowd.display import flow_dict
 
-    cancelled: Any = ctx.engine().cancel(ctx.args.id, reason="cancelled with flowctl")
+    cancelled = ctx.engine().cancel(ctx.args.id, reason="cancelled with flowctl")
     flow = reload_flow(cancelled.id)
     ctx.emit(flow_dict(flow), f"flow {flow.id} ({flow.routine}) {flow.state}")
     return EXIT_OK
@@ -581,7 +580,7 @@ def cmd_flow_cancel(ctx: Context) -> int:
 def cmd_flow_retry(ctx: Context) -> int:
     from flowd.display import flow_dict
 
-    retried: Any = ctx.engine().retry(ctx.args.id)
+    retried = ctx.engine().retry(ctx.args.id)
     flow = reload_flow(retried.id)
     steps = len(flow.steps or [])
     ctx.emit(flow_dict(flow), f"flow {flow.id} ({flow.routine}) {flow.state} again from step "
