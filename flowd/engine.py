@@ -366,9 +366,9 @@ class Engine:
         return f"flow timed out: routine '{flow.routine}' allows {limit} for the whole flow"
 
     def _start_step(self, flow: Row, step_input: dict[str, Any], results: list[Any], pid: int,
-                    now: dt.datetime) -> ClaimedStep:
+                    now: dt.datetime, attempt: int | None = None) -> ClaimedStep:
         task_name = flow.steps[flow.position]
-        result_id, attempt = store.insert_result(flow.id, flow.position, task_name, step_input, pid, now)
+        result_id, attempt = store.insert_result(flow.id, flow.position, task_name, step_input, pid, now, attempt)
         task = self.definitions.tasks.get(task_name)
         return ClaimedStep(
             flow_id=flow.id, flow_uid=flow.uid, routine=flow.routine, token=flow.dispatch_token,
@@ -429,7 +429,8 @@ class Engine:
             return None
         if results is None:
             results = store.done_outputs(flow.id, flow.position)
-        return self._start_step(flow, output, results, pid, now)
+        # A step the flow has just reached has no earlier attempt.
+        return self._start_step(flow, output, results, pid, now, attempt=1)
 
     def release(self, step: ClaimedStep, pid: int) -> None:
         """Give back a held step that has not started (shutdown): recovery re-queues it."""

@@ -302,7 +302,7 @@ def init_database(section: DatabaseSection, *, create: bool = True,
         try:
             db = connect(section.url)
         except (peewee.ImproperlyConfigured, ImportError, RuntimeError) as exc:
-            raise StoreUnavailable(f"the database {redact_url(section.url)} cannot be used: {exc}") from exc
+            raise StoreUnavailable(f"the database {redact_url(section.url)} cannot be used: {" ".join(str(exc).split())}") from exc
     global _synchronous
     _synchronous = section.synchronous
     database.initialize(db)
@@ -316,7 +316,7 @@ def init_database(section: DatabaseSection, *, create: bool = True,
 
         upgrade_schema(db)
     except (peewee.DatabaseError, sqlite3.DatabaseError, peewee.InterfaceError, peewee.ImproperlyConfigured) as exc:
-        raise StoreUnavailable(f"the database {path or redact_url(section.url)} cannot be used: {exc}") from exc
+        raise StoreUnavailable(f"the database {path or redact_url(section.url)} cannot be used: {" ".join(str(exc).split())}") from exc
     return db
 
 

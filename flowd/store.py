@@ -159,11 +159,13 @@ def select_results(where: str, params: Iterable[Any] = ()) -> list[Row]:
 
 
 def insert_result(flow_id: int, position: int, task: str, step_input: Any, worker_pid: int | None,
-                  started_at: dt.datetime) -> tuple[int, int]:
-    """Start the next attempt of a step; returns (task_result id, attempt number)."""
-    row = execute("SELECT COALESCE(MAX(attempt), 0) + 1 FROM task_result WHERE flow_id = ? AND position = ?",
-                  (flow_id, position)).fetchone()
-    attempt = int(row[0])
+                  started_at: dt.datetime, attempt: int | None = None) -> tuple[int, int]:
+    """Start the next attempt of a step (``attempt`` when the caller knows it is the
+    first); returns (task_result id, attempt number)."""
+    if attempt is None:
+        row = execute("SELECT COALESCE(MAX(attempt), 0) + 1 FROM task_result WHERE flow_id = ? AND position = ?",
+                      (flow_id, position)).fetchone()
+        attempt = int(row[0])
     values = [flow_id, position, task, attempt, StepState.RUNNING.value, _encode("input", step_input), worker_pid,
               _encode("started_at", started_at)]
     sql = ('INSERT INTO task_result (flow_id, position, task, attempt, state, input, worker_pid, started_at) '
