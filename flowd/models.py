@@ -259,6 +259,11 @@ def sqlite_path(url: str) -> Path | None:
     return None
 
 
+def _one_line(exc: BaseException) -> str:
+    """A driver's message on one line (PostgreSQL's span several)."""
+    return " ".join(str(exc).split())
+
+
 def redact_url(url: str) -> str:
     """A database URL without its password (``postgresql://u:***@host/db``)."""
     scheme, sep, rest = url.partition("://")
@@ -302,7 +307,7 @@ def init_database(section: DatabaseSection, *, create: bool = True,
         try:
             db = connect(section.url)
         except (peewee.ImproperlyConfigured, ImportError, RuntimeError) as exc:
-            raise StoreUnavailable(f"the database {redact_url(section.url)} cannot be used: {" ".join(str(exc).split())}") from exc
+            raise StoreUnavailable(f"the database {redact_url(section.url)} cannot be used: {_one_line(exc)}") from exc
     global _synchronous
     _synchronous = section.synchronous
     database.initialize(db)
@@ -316,7 +321,8 @@ def init_database(section: DatabaseSection, *, create: bool = True,
 
         upgrade_schema(db)
     except (peewee.DatabaseError, sqlite3.DatabaseError, peewee.InterfaceError, peewee.ImproperlyConfigured) as exc:
-        raise StoreUnavailable(f"the database {path or redact_url(section.url)} cannot be used: {" ".join(str(exc).split())}") from exc
+        where = path or redact_url(section.url)
+        raise StoreUnavailable(f"the database {where} cannot be used: {_one_line(exc)}") from exc
     return db
 
 
