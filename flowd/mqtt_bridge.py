@@ -228,6 +228,7 @@ class MqttBridge:
         self.submit_topics = {config.topic("flow/submit"), config.topic(f"flowd/{config.flowd.node_id}/submit")}
         self.started = False
         self._connected = threading.Event()
+        self._fall_back = False
         self._intake = True
         self._problem: str | None = None
         self._wait_lock = threading.Lock()
@@ -280,9 +281,12 @@ class MqttBridge:
 
     def start(self) -> None:
         """Start the publisher and the network thread; a broker that is down is retried."""
-        m = self.config.mqtt
         self.started = True
         self.publisher.start()
+        self._connect()
+
+    def _connect(self) -> None:
+        m = self.config.mqtt
         if self.is_v5:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = min(int(m.session_expiry), 0xFFFFFFFF)
@@ -290,8 +294,23 @@ class MqttBridge:
         else:
             self.client.connect_async(m.host, m.port, m.keepalive)
         self.client.loop_start()
-        log.info("MQTT: connecting to %s:%d as '%s' (MQTT %s%s%s)", m.host, m.port, m.client_id, m.protocol,
-                 ", TLS" if m.tls else "", f", user '{m.username}'" if m.username else "")
+        log.info("MQTT: connecting to %s:%d as '%s' (MQTT %s%s%s)", m.host, m.port, m.client_id,
+                 "5" if self.is_v5 else "3.1.1", ", TLS" if m.tls else "",
+                 f", user '{m.username}'" if m.username else "")
+
+    def fall_back_if_needed(self) -> None:
+        """Switch to MQTT 3.1.1 when the broker turned MQTT 5 down (called by the daemon's
+        loop: the client cannot be replaced from its own thread)."""
+        if not self._fall_back:
+            return
+        self._fall_back = False
+        log.warning("MQTT: the broker at %s:%d does not speak MQTT 5; using MQTT 3.1.1 (set mqtt.protocol = "
+                    "\"3.1.1\" to start with it)", self.config.mqtt.host, self.config.mqtt.port)
+        self.client.loop_stop()
+        self.is_v5 = False
+        self._problem = None
+        self.client = self._build_client()
+        self._connect()
 
     def is_connected(self) -> bool:
         return self._connected.is_set()
@@ -341,6 +360,9 @@ class MqttBridge:
                     properties: Any) -> None:
         try:
             m = self.config.mqtt
+            if reason.is_failure and self.is_v5 and reason.value == 0x84:  # Unsupported Protocol Version
+                self._fall_back = True
+                return
             if reason.is_failure:
                 level = logging.ERROR if reason.value in (0x04, 0x05, 0x86, 0x87, 0x8C) else logging.WARNING
                 self._report_problem(level, f"the broker at {m.host}:{m.port} refused the connection: {reason}")

@@ -242,6 +242,7 @@ class Service:
                 log.exception("%s failed", what)
 
     def _guarded_tick(self) -> None:
+        self._guarded("MQTT protocol fallback", self.bridge.fall_back_if_needed)
         self._guarded("reaper", self.reaper.run_once)
         self._guarded("heartbeat", self._write_heartbeat)
         self._guarded("status", self._send_status)

@@ -8,13 +8,16 @@ written with flowd.catalog before the daemon starts.
 from __future__ import annotations
 
 import json
+import select
 import signal
+import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_for
+from conftest import free_port, wait_for
 
 from flowd import catalog
 from flowd.models import Flow, Outbox
@@ -216,3 +219,86 @@ def test_shared_subscription_splits_submits_between_members(
              message="every submit handled by exactly one member")
     assert 0 < len(other.messages) < 10
     assert Flow.select().count() == len(results(watcher)) == 10 - len(other.messages)
+
+
+class MqttThreeOneOneFront:
+    """Makes the real mosquitto look like a broker that predates MQTT 5: a CONNECT for
+    protocol level 5 gets the 3.1.1 refusal "unacceptable protocol version" (as old
+    brokers answer it), anything else is passed through to mosquitto byte for byte."""
+
+    def __init__(self, broker: Any):
+        self.broker = broker
+        self.port = free_port()
+        self.refused = 0
+        self.server = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    @staticmethod
+    def _read_packet(sock: socket.socket) -> bytes:
+        head = sock.recv(1)
+        length, shift, raw = 0, 0, b""
+        while True:
+            byte = sock.recv(1)
+            raw += byte
+            length += (byte[0] & 0x7F) << shift
+            shift += 7
+            if not byte[0] & 0x80:
+                break
+        body = b""
+        while len(body) < length:
+            body += sock.recv(length - len(body))
+        return head + raw + body
+
+    def _serve(self, client: socket.socket) -> None:
+        with client:
+            try:
+                connect = self._read_packet(client)
+                level = connect[connect.index(b"MQTT") + 4]
+                if level == 5:
+                    self.refused += 1
+                    client.sendall(b"\x20\x02\x00\x01")
+                    return
+                with socket.create_connection((self.broker.host, self.broker.port)) as upstream:
+                    upstream.sendall(connect)
+                    pair = {client: upstream, upstream: client}
+                    while True:
+                        readable, _, _ = select.select(list(pair), [], [], 1.0)
+                        for sock in readable:
+                            data = sock.recv(65536)
+                            if not data:
+                                return
+                            pair[sock].sendall(data)
+            except (OSError, IndexError, ValueError):
+                return
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_falls_back_to_mqtt_3_1_1_when_the_broker_refuses_mqtt_5(
+        broker: Any, config_file: Callable[..., Path], flowd_proc: Any, session_client: Any,
+        routines: Path) -> None:
+    # An older broker answers an MQTT 5 CONNECT with "unacceptable protocol version":
+    # flowd says so once, switches to 3.1.1 and serves as usual.
+    front = MqttThreeOneOneFront(broker)
+    try:
+        watcher = session_client(["flow/#", "flowd/#"])
+        path = config_file(broker=broker, mqtt={"port": front.port})
+        proc = flowd_proc(path)
+        wait_for(lambda: watcher.json_on("flowd/testnode/status"), timeout=20,
+                 message=f"online through the front; log:\n{proc.log_text()}")
+        watcher.publish("flow/submit", {"routine": "triple", "kwargs": {"value": 1}})
+        result = wait_for(lambda: next(iter(results(watcher).values()), None), timeout=20, message="result")
+        assert result["result"]["kwargs"] == {"value": 8}
+        assert front.refused == 1
+        assert proc.log_text().count("does not speak MQTT 5; using MQTT 3.1.1") == 1
+    finally:
+        front.close()
