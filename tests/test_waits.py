@@ -434,3 +434,44 @@ def test_wait_topic_stays_subscribed_when_two_refreshes_overlap(
         bridge.stop_intake()
         bridge.stop(drain=1)
         api.reset()
+
+
+def test_a_flow_can_wait_for_another_flows_result(site: Site, flowctl: Run) -> None:
+    # flowd's own messages are MQTT messages like any other: a flow may wait on
+    # flow/+/result for a DONE result of routine "job". Its own WAITING status (also
+    # under flow/) does not resume it; the job's result does, carried in as the event.
+    # Then the same wait times out (1 s, on a routine nobody runs), and `flowctl flow
+    # retry` puts the flow back to waiting, where a message resumes it.
+    site.task("await-job", "w.Await", options={"topic": "flow/+/result", "match": {"routine": "job",
+                                                                                  "state": "DONE"}})
+    site.task("mark-a", "w.Mark", options={"label": "a"})
+    site.task("await-short", "w.Await", options={"topic": "late/y", "wait_timeout": 1})
+    site.routine("watch-job", ["await-job"])
+    site.routine("job", ["mark-a"])
+    site.routine("short", ["await-short"])
+    site.start()
+    watcher = api.submit_flow("watch-job").id
+    site.waiting_statuses(watcher)
+    job = api.submit_flow("job", 7).id
+    result = site.result(watcher)
+    assert result["state"] == "DONE"
+    event = result["result"]["kwargs"]["event"]
+    assert (event["flow_id"], event["routine"], event["state"]) == (job, "job", "DONE")
+    assert event["result"] == {"args": [7, "a"], "kwargs": {"marks": ["a"]}}
+
+    short = api.submit_flow("short").id
+    assert site.result(short)["state"] == "FAILED"
+    retried = flowctl("flow", "retry", str(short), config=site.config_path)
+    assert retried.returncode == 0, retried.stderr
+    # The retry's wait has 1 s as well: answer each WAITING status until one takes.
+    seen = 0
+    def answered() -> bool:
+        nonlocal seen
+        waits = [s for s in site.statuses(short) if s["state"] == "WAITING"]
+        if len(waits) > seen:
+            seen = len(waits)
+            site.watcher.publish("late/y", {"retry": True})
+        return site.flow(short).state == "DONE"
+    wait_for(answered, timeout=30, interval=0.05, message=f"the retried flow resumed; log:\n{site.log()}")
+    assert site.outputs(short)[0] == {"args": [], "kwargs": {"event": {"retry": True}}}
+    assert len(site.watcher.json_on(f"flow/{short}/result")) == 2
