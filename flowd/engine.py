@@ -64,8 +64,9 @@ class ClaimedStep:
     deadline: dt.datetime | None
 
 
-def flow_status_payload(flow: Any) -> dict[str, Any]:
-    """``flow/<id>/status`` (SPEC 4.2); ``flow`` is a Flow model or a store row."""
+def flow_status_payload(flow: Any, child_id: int | None = None) -> dict[str, Any]:
+    """``flow/<id>/status`` (SPEC 4.2); ``flow`` is a Flow model or a store row;
+    ``child_id`` names the sub-flow a WAITING flow waits for."""
     steps = flow.steps or []
     task = steps[flow.position] if 0 <= flow.position < len(steps) else None
     payload: dict[str, Any] = {
@@ -75,6 +76,8 @@ def flow_status_payload(flow: Any) -> dict[str, Any]:
     }
     if flow.state == FlowState.WAITING.value and flow.wait_topic:
         payload["waiting_for"] = {"topic": flow.wait_topic, "match": flow.wait_match}
+    elif flow.state == FlowState.WAITING.value and child_id is not None:
+        payload["waiting_for"] = {"flow": child_id}
     if flow.error:
         payload["error"] = flow.error
     return payload
@@ -95,7 +98,18 @@ def payload_matches(match: dict[str, Any] | None, payload: Any) -> bool:
         return True
     if not isinstance(payload, dict):
         return False
-    return all(key in payload and payload[key] == value for key, value in match.items())
+    return all(key in payload and same_json(payload[key], value) for key, value in match.items())
+
+
+def same_json(a: Any, b: Any) -> bool:
+    """JSON equality: ``true`` is not ``1`` (Python's == says it is); 1 equals 1.0."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_json(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same_json(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
 
 
 class Engine:
@@ -251,6 +265,10 @@ class Engine:
             log.debug("flow %d (%s) ended DONE", flow.id, flow.routine, extra=extra)
         else:
             log.info("flow %d (%s) ended %s: %s", flow.id, flow.routine, state.value, error, extra=extra)
+        if state != FlowState.DONE:
+            for child in store.select_flows("parent_id = ? AND state IN (?, ?, ?)", (flow.id, *ACTIVE_STATES)):
+                why = "was cancelled" if state == FlowState.CANCELLED else f"ended {state.value}"
+                self._cancel_tree(child, effects, now, f"parent flow {flow.id} {why}")
         if was_admitted:
             self._admit_pending(flow.routine, effects, now)
         if flow.parent_id:
@@ -274,8 +292,7 @@ class Engine:
         running = store.running_result(flow.id, flow.position)
         if running is not None and running.worker_pid:
             effects.signal_pids.append(running.worker_pid)
-        for child in store.select_flows("parent_id = ? AND state IN (?, ?, ?)", (flow.id, *ACTIVE_STATES)):
-            self._cancel_tree(child, effects, now, f"parent flow {flow.id} was cancelled")
+        # _end cancels the children too.
         parent_id, flow.parent_id = flow.parent_id, None  # a cascade must not resume the parent
         self._end(flow, FlowState.CANCELLED, effects, now, error=reason)
         flow.parent_id = parent_id
@@ -585,16 +602,44 @@ class Engine:
                                  f"{flow.depth + 1} levels deep (the limit is {MAX_SUBFLOW_DEPTH}); does routine "
                                  f"'{routine}' start itself?")
             info = self._routine_for_submit(routine, require_mqtt=False)
+            self._refuse_waiting_on_itself(flow, info)
             store.update_result(result.id, worker_pid=None)
             store.update_flow(flow, state=FlowState.WAITING.value, worker_pid=None, updated_at=now)
             child = self._create_flow(info, list(args), dict(kwargs), effects, now, trigger="flow",
                                       parent_id=flow.id, depth=flow.depth + 1)
             store.update_result(result.id, output={"child": child.id})
-            self._publish_status(flow, effects, now)
+            self._publish(self.config.topic(f"flow/{flow.id}/status"), flow_status_payload(flow, child.id),
+                          effects, now)
             if child.is_ended:  # refused by its routine's mode
                 self._child_ended(child, effects, now)
         self._apply(effects)
         return int(child.id)
+
+    @staticmethod
+    def _refuse_waiting_on_itself(flow: Row, info: store.RoutineInfo) -> None:
+        """A sub-flow whose routine is held by one of its own ancestors would wait for
+        that ancestor (queued, or parallel with every slot taken), be refused (single) or
+        cancel it (restart): refuse it now, so the step fails with a reason."""
+        ancestors: list[Row] = []
+        current: Row | None = flow
+        while current is not None:
+            ancestors.append(current)
+            current = store.get_flow(current.parent_id) if current.parent_id else None
+        holders = [a for a in ancestors if a.routine == info.name and not a.is_ended]
+        if not holders:
+            return
+        holder = holders[0]
+        if info.mode in ("queued", "single"):
+            why = (f"it runs in mode {info.mode} and flow {holder.id}, an ancestor, holds it: the child would "
+                   "wait for it")
+        elif info.mode == "restart":
+            why = f"it runs in mode restart: starting it would cancel flow {holder.id}, an ancestor"
+        elif store.count_active(info.name) >= max(info.max, 1):
+            why = (f"all {info.max} parallel slots are taken, flow {holder.id} (an ancestor) among them: the child "
+                   "would wait for it")
+        else:
+            return
+        raise InputError(f"flow {flow.id} cannot start routine '{info.name}' as a sub-flow: {why}")
 
     def deliver_event(self, topic: str, payload: Any, now: dt.datetime | None = None) -> list[int]:
         """Resume every flow waiting on ``topic`` whose ``match`` the payload satisfies."""

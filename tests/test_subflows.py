@@ -219,10 +219,18 @@ def test_a_routine_that_starts_itself_stops_at_the_depth_limit(site: Site, flowc
     text, _ = show(flowctl, site, deepest.id)
     assert "depth limit reached" in text and "Traceback" not in text
 
+    # A cycle through two routines (ping starts pong, pong starts ping) stops the same way.
+    site.task("spawn-pong", "w.Spawn", options={"child": "pong"})
+    site.task("spawn-ping", "w.Spawn", options={"child": "ping"})
+    site.routine("ping", ["spawn-pong"])
+    site.routine("pong", ["spawn-ping"])
+    root = api.submit_flow("ping").id
+    assert site.result(root, timeout=60)["state"] == "FAILED"
+    chain = list(Flow.select().where(Flow.routine.in_(("ping", "pong"))).order_by(Flow.depth))
+    assert [(f.depth, f.routine) for f in chain] == [(d, ("ping", "pong")[d % 2]) for d in range(MAX_SUBFLOW_DEPTH + 1)]
+    assert "sub-flow depth limit reached" in chain[-1].error
 
-@pytest.mark.xfail(strict=True, reason="Engine.expire ends a flow past its routine timeout FAILED but leaves its "
-                                        "sub-flow running; fix: cancel active children when a flow ends "
-                                        "FAILED/CANCELLED (see the report)")
+
 def test_parent_timing_out_while_its_child_runs_cancels_the_child(site: Site) -> None:
     # "impatient" (routine timeout 2 s) starts "slow", which waits for a message that never
     # comes. The parent ends FAILED at its deadline; its child must not live on as an
@@ -238,9 +246,6 @@ def test_parent_timing_out_while_its_child_runs_cancels_the_child(site: Site) ->
     assert site.result(child, timeout=10)["state"] == "CANCELLED"
 
 
-@pytest.mark.xfail(strict=True, reason="a routine in mode queued that starts itself queues its child behind its "
-                                        "own parent: both wait forever; fix: refuse such a child at once "
-                                        "(see the report)")
 def test_queued_routine_starting_itself_does_not_wait_forever(site: Site) -> None:
     # "selfq" runs in mode queued and its step starts "selfq": the child can only start
     # when its parent ended, and the parent waits for the child. flowd must refuse the
@@ -303,8 +308,6 @@ def test_child_refused_by_its_routine_mode_fails_the_parent_step(site: Site, tmp
     api.cancel_flow(busy)
 
 
-@pytest.mark.xfail(strict=True, reason="flow_status_payload adds waiting_for only for MQTT waits; a parent WAITING "
-                                        "on a sub-flow does not say which (see the report)")
 def test_waiting_status_of_a_parent_names_its_child(site: Site) -> None:
     # A device watching flow/<id>/status sees WAITING: it should see on what, for a
     # sub-flow as for a message (SPEC 4.2 status, issue 8).
@@ -320,9 +323,6 @@ def test_waiting_status_of_a_parent_names_its_child(site: Site) -> None:
 
 
 
-@pytest.mark.xfail(strict=True, reason="Engine.spawn_subflow publishes the parent's WAITING status from a stale row "
-                                        "after the child's admission (mode restart) cancelled the parent "
-                                        "(see the report)")
 def test_restart_routine_starting_itself_ends_cleanly(site: Site) -> None:
     # "selfr" runs in mode restart and its step starts "selfr": the child's start would
     # cancel the running flow of the routine, its own parent. However flowd settles it,

@@ -353,8 +353,6 @@ def test_bad_waits_fail_the_step_with_a_clear_error(site: Site) -> None:
     assert "Traceback" not in site.log()
 
 
-@pytest.mark.xfail(strict=True, reason="engine.payload_matches compares with ==, so JSON 1 matches true and "
-                                        "0 matches false; fix: compare bools by type (see the report)")
 def test_match_does_not_take_1_for_true() -> None:
     # JSON true and 1 are different values; a door sensor sending {"open": 1} is not
     # the {"open": true} the flow waits for (nor 0 for false, nor 1.0 for true).
