@@ -13,6 +13,11 @@ command -v sqlite3 >/dev/null 2>&1 || need+=(sqlite3)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 [ -x /usr/bin/python3 ] && ! /usr/bin/python3 -c 'import seccomp' >/dev/null 2>&1 && need+=(python3-seccomp)
+# systemd-python (journal logging) compiles against libsystemd.
+pkg-config --exists libsystemd 2>/dev/null || need+=(libsystemd-dev pkg-config)
+command -v gcc >/dev/null 2>&1 || need+=(gcc)
+python3 -c 'import os, sysconfig; assert os.path.exists(sysconfig.get_paths()["include"] + "/Python.h")' \
+    >/dev/null 2>&1 || need+=(python3-dev)
 if [ ${#need[@]} -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -24,4 +29,4 @@ fi
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,systemd]'
