@@ -181,12 +181,12 @@ class OutboxPublisher:
         busy = False
         while not self._stopping.is_set():
             try:
-                self._wait(0.01 if busy else IDLE_WAIT_S)
+                self._wait(0.01 if busy else (DELETE_AFTER_S if self._acked else IDLE_WAIT_S))
                 if self._stopping.is_set():
                     break
                 self._take_back()
                 busy = self._send_rows() if self.sender.is_connected() else False
-                self._delete_acked(force=not busy)
+                self._delete_acked(force=False)
                 self._check_cap()
                 if not busy:
                     self._idle.set()
@@ -289,7 +289,8 @@ class OutboxPublisher:
         try:
             for start in range(0, len(done), 500):
                 chunk = done[start:start + 500]
-                with write_transaction():
+                # Not durable: a delete lost in a power cut only sends those messages again.
+                with write_transaction(durable=False):
                     Outbox.delete().where(Outbox.id.in_(chunk)).execute()
         except Exception:
             with self._lock:  # keep them for the next try; deleting a row twice is harmless

@@ -62,6 +62,7 @@ class Broker:
         lines = [
             f"listener {self.port} 127.0.0.1",
             "allow_anonymous true",
+            "user root",  # as root, mosquitto would drop to 'mosquitto', which cannot write here
             "persistence true",
             f"persistence_location {self.folder}/",
             "set_tcp_nodelay true",
