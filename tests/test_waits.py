@@ -473,3 +473,23 @@ def test_a_flow_can_wait_for_another_flows_result(site: Site, flowctl: Run) -> N
     wait_for(answered, timeout=30, interval=0.05, message=f"the retried flow resumed; log:\n{site.log()}")
     assert site.outputs(short)[0] == {"args": [], "kwargs": {"event": {"retry": True}}}
     assert len(site.watcher.json_on(f"flow/{short}/result")) == 2
+
+
+@pytest.mark.parametrize("site", [{"flowd": {"workers": 1}}], indirect=True, ids=["one-worker"])
+def test_waiting_flows_hold_no_worker(site: Site) -> None:
+    # With a single worker, three flows park WAITING on one topic; other work still runs
+    # meanwhile (a waiting flow holds no worker), and one message resumes all three.
+    site.task("await-bus", "w.Await", options={"topic": "bus/stop"})
+    site.task("mark-a", "w.Mark", options={"label": "a"})
+    site.routine("rider", ["await-bus", "mark-a"])
+    site.routine("job", ["mark-a", "mark-a"])
+    site.start()
+    riders = [api.submit_flow("rider", n).id for n in range(3)]
+    for flow_id in riders:
+        site.waiting_statuses(flow_id)
+    assert all(site.flow(flow_id).worker_pid is None for flow_id in riders)
+    assert site.result(api.submit_flow("job").id)["state"] == "DONE"
+    assert all(site.flow(flow_id).state == "WAITING" for flow_id in riders)
+    site.watcher.publish("bus/stop", {"line": 7})
+    for n, flow_id in enumerate(riders):
+        assert site.result(flow_id)["result"] == {"args": [n, "a"], "kwargs": {"event": {"line": 7}, "marks": ["a"]}}
