@@ -327,6 +327,8 @@ def test_wait_subscribed_again_when_the_broker_forgot_the_session(site: Site, tm
     # flowd's retained "online" comes again once it reconnected and subscribed.
     wait_for(lambda: len([m for m in site.watcher.json_on("flowd/testnode/status") if m["state"] == "online"])
              > before, timeout=40, message=f"flowd online again; log:\n{site.log()}")
+    # The broker really forgot: flowd's second connection found no session either.
+    assert site.log().count("session present: no") == 2, site.log()
     site.watcher.publish("house/bell", {"ring": 1})
     assert site.result(flow_id)["result"] == {"args": [], "kwargs": {"event": {"ring": 1}}}
 
