@@ -8,7 +8,6 @@ failed or was cancelled. Scripts are in tests/task_scripts/task_w.py.
 
 from __future__ import annotations
 
-import json
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -242,8 +241,11 @@ def test_parent_timing_out_while_its_child_runs_cancels_the_child(site: Site) ->
     site.start()
     parent = api.submit_flow("impatient").id
     child = only_child(parent).id
-    assert site.result(parent)["state"] == "FAILED"
+    result = site.result(parent)
+    assert result["state"] == "FAILED" and "flow timed out" in result["error"]
     assert site.result(child, timeout=10)["state"] == "CANCELLED"
+    assert site.flow(child).error == f"parent flow {parent} ended FAILED"
+    assert site.attempts(child) == [(0, 1, "CANCELLED")]
 
 
 def test_queued_routine_starting_itself_does_not_wait_forever(site: Site) -> None:
@@ -255,7 +257,16 @@ def test_queued_routine_starting_itself_does_not_wait_forever(site: Site) -> Non
     site.start()
     root = api.submit_flow("selfq").id
     result = site.result(root, timeout=15)
-    assert result["state"] == "FAILED" and "queued" in result["error"]
+    assert result["state"] == "FAILED"
+    assert (f"flow {root} cannot start routine 'selfq' as a sub-flow: it runs in mode queued and flow {root}, "
+            "an ancestor, holds it") in result["error"], result["error"]
+    assert children(root) == []
+    # Parallel with every slot taken by the flow's own chain is the same dead end.
+    site.task("spawn-selfp", "w.Spawn", options={"child": "selfp"})
+    site.routine("selfp", ["spawn-selfp"], max=1)
+    root = api.submit_flow("selfp").id
+    result = site.result(root, timeout=15)
+    assert result["state"] == "FAILED" and "parallel slots are taken" in result["error"], result["error"]
 
 
 def test_parent_and_child_survive_kill_9_while_the_child_runs(site: Site, tmp_path: Path) -> None:
@@ -319,7 +330,8 @@ def test_waiting_status_of_a_parent_names_its_child(site: Site) -> None:
     parent = api.submit_flow("parent").id
     child = only_child(parent).id
     status = site.waiting_statuses(parent)[0]
-    assert str(child) in json.dumps(status.get("waiting_for"))
+    assert status["waiting_for"] == {"flow": child}
+    assert (status["position"], status["task"]) == (0, "spawn-leaf")
 
 
 
@@ -332,7 +344,9 @@ def test_restart_routine_starting_itself_ends_cleanly(site: Site) -> None:
     site.routine("selfr", ["spawn-selfr"], mode="restart")
     site.start()
     root = api.submit_flow("selfr").id
-    assert site.result(root)["state"] in ("CANCELLED", "FAILED")
+    result = site.result(root)
+    assert result["state"] == "FAILED"
+    assert "it runs in mode restart: starting it would cancel flow" in result["error"], result["error"]
     wait_for(lambda: Flow.select().where(Flow.state.in_(("INIT", "RUNNING", "WAITING"))).count() == 0,
              timeout=10, message="no flow left active")
     site.barrier()
