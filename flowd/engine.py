@@ -129,7 +129,7 @@ class Engine:
         for flow_id, token, delay in effects.enqueue:
             self._enqueue(flow_id, token, delay)
         if effects.published:
-            outbox.notify(self.config.state_dir)
+            outbox.notify(self.config.flowd.state_dir)
         for pid in effects.signal_pids:
             if pid != os.getpid():
                 try:

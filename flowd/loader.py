@@ -60,12 +60,25 @@ class ScriptLoader:
     def __init__(self, task_paths: Iterable[str]):
         self.task_paths = tuple(task_paths)
         self._modules: dict[Path, tuple[tuple[int, int], ModuleType]] = {}
+        self._paths: dict[str, Path] = {}  # module -> its file, found once
+
+    def _script_file(self, module: str) -> tuple[Path, os.stat_result]:
+        """The module's file and its stat: one stat per step while the file stays put."""
+        path = self._paths.get(module)
+        if path is not None:
+            try:
+                return path, path.stat()
+            except FileNotFoundError:
+                del self._paths[module]
+        path = find_script_file(module, self.task_paths)
+        self._paths[module] = path
+        return path, path.stat()
 
     def load(self, reference: str) -> type[Task]:
         """The Task subclass behind ``reference``; raises TaskScriptError naming file and line."""
         module_name, class_name = parse_reference(reference)
-        path = find_script_file(module_name, self.task_paths)
-        module = self._import(path, module_name)
+        path, stat = self._script_file(module_name)
+        module = self._import(path, module_name, stat)
         cls = getattr(module, class_name, None)
         if cls is None:
             raise TaskScriptError(f"{path} has no class {class_name} (reference '{reference}')")
@@ -74,8 +87,7 @@ class ScriptLoader:
                                   f"(reference '{reference}')")
         return cls
 
-    def _import(self, path: Path, module_name: str) -> ModuleType:
-        stat = path.stat()
+    def _import(self, path: Path, module_name: str, stat: os.stat_result) -> ModuleType:
         stamp = (stat.st_mtime_ns, stat.st_size)
         cached = self._modules.get(path)
         if cached and cached[0] == stamp:

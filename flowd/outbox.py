@@ -10,6 +10,7 @@ again at the next start: at-least-once).
 from __future__ import annotations
 
 import logging
+import os
 import select
 import socket
 import threading
@@ -32,7 +33,7 @@ READ_BATCH = 200          # rows read per query
 DELETE_BATCH = 100        # delete acknowledged rows once this many are waiting...
 DELETE_AFTER_S = 0.5      # ...or once the oldest has waited this long
 CAP_CHECK_EVERY_S = 5.0
-IDLE_WAIT_S = 1.0
+IDLE_WAIT_S = 5.0         # longest idle sleep: new rows, (re)connects and stop wake it at once
 
 
 def add_message(topic: str, payload: Any, *, qos: int = 1, retain: bool = False,
@@ -45,7 +46,7 @@ def add_message(topic: str, payload: Any, *, qos: int = 1, retain: bool = False,
 
 def notify(state_dir: str | Path) -> None:
     """Wake the daemon's publisher (no-op when the daemon is not running)."""
-    send_wakeup(Path(state_dir) / WAKE_SOCKET_NAME)
+    send_wakeup(os.path.join(state_dir, WAKE_SOCKET_NAME))
 
 
 class Sender(Protocol):

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 WAKE_SOCKET_NAME = "wake-queue.sock"
 RUN_FLOW_TASK = "flowd.run_flow"
-_IDLE_WAIT_S = 1.0
+_IDLE_WAIT_S = 10.0  # an idle worker's longest sleep; enqueues and the stop flag wake it at once
 
 
 class WakeableSqliteStorage(SqliteStorage):  # type: ignore[misc]
@@ -45,6 +45,7 @@ class WakeableSqliteStorage(SqliteStorage):  # type: ignore[misc]
     def __init__(self, *args: Any, wake_path: str = "", **kwargs: Any):
         self.wake_path = wake_path
         self.wake_socket: WakeSocket | None = None
+        self.stop_fd: int | None = None
         super().__init__(*args, **kwargs)
 
     def enqueue(self, data: bytes, priority: float | None = None) -> None:
@@ -53,7 +54,7 @@ class WakeableSqliteStorage(SqliteStorage):  # type: ignore[misc]
 
     def dequeue(self) -> bytes | None:
         data: bytes | None = super().dequeue()
-        if data is None and self.wake_socket is not None and self.wake_socket.wait(_IDLE_WAIT_S):
+        if data is None and self.wake_socket is not None and self.wake_socket.wait(_IDLE_WAIT_S, self.stop_fd):
             data = super().dequeue()
         return data
 
@@ -234,6 +235,8 @@ def _run_pool(config: Config) -> int:
                              check_worker_health=True, health_check_interval=1, scheduler_interval=1,
                              shutdown_timeout=config.flowd.shutdown_grace)
     stop_flag_holder["flag"] = consumer.stop_flag
+    if wake is not None:
+        huey.storage.stop_fd = consumer.stop_flag._r  # huey's ForkSafeFlag is a pipe: wake on stop
     logging.getLogger("huey").setLevel(logging.WARNING)
     consumer.run()
     if wake is not None:

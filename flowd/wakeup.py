@@ -12,18 +12,24 @@ import select
 import socket
 from pathlib import Path
 
+_sender: tuple[int, socket.socket] | None = None
+
 
 def send_wakeup(path: str | os.PathLike[str]) -> bool:
-    """Send one wake-up datagram; False when nobody listens (never raises)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
+    """Send one wake-up datagram; False when nobody listens (never raises).
+
+    One unbound socket per process serves every call (it is on the per-step path).
+    """
+    global _sender
+    if _sender is None or _sender[0] != os.getpid():
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.setblocking(False)
-        sock.sendto(b"!", os.fspath(path))
+        _sender = (os.getpid(), sock)
+    try:
+        _sender[1].sendto(b"!", os.fspath(path))
         return True
     except OSError:
         return False
-    finally:
-        sock.close()
 
 
 class WakeSocket:
@@ -43,13 +49,15 @@ class WakeSocket:
         self.sock.bind(os.fspath(self.path))
         self.sock.setblocking(False)
 
-    def wait(self, timeout: float) -> bool:
-        """Block up to ``timeout`` s; True if woken. Drains every pending datagram."""
+    def wait(self, timeout: float, also: int | None = None) -> bool:
+        """Block up to ``timeout`` s, or until file descriptor ``also`` is readable;
+        True if woken by a datagram. Drains every pending datagram."""
         try:
-            readable, _, _ = select.select([self.sock], [], [], timeout)
+            watched: list[int] = [self.sock.fileno()] if also is None else [self.sock.fileno(), also]
+            readable, _, _ = select.select(watched, [], [], timeout)
         except InterruptedError:
             return False
-        if not readable:
+        if self.sock.fileno() not in readable:
             return False
         woken = False
         while True:

@@ -20,12 +20,11 @@ from flowd.models import Flow, FlowState, Outbox, database, get_meta
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Broker]:
-    """This module's broker must really persist sessions across its restart. mosquitto
-    started as root drops to the 'mosquitto' user, which cannot write into tmp_path:
-    'user root' keeps it able to save its database (and its log)."""
+    """This module's broker must really persist sessions across its restart, and save
+    them often (conftest's broker runs as root so it can write its database here)."""
     port = free_port()
     b = Broker(tmp_path / "broker", port=port, extra_conf=f"listener {port} 127.0.0.1\nallow_anonymous true\n"
-               "user root\nautosave_interval 1\n")
+               "autosave_interval 1\n")
     b.start()
     yield b
     b.stop()

@@ -75,8 +75,7 @@ def tls_broker(tmp_path: Path, pki: Pki) -> Iterator[Broker]:
         keyfile {pki.key}
         allow_anonymous false
         password_file {pki.passwd}
-        user root
-        """)  # "user root": mosquitto started as root would otherwise drop to a user that cannot read tmp_path
+        """)  # conftest's broker runs as root, so it can read the files in tmp_path
     broker.start()
     yield broker
     broker.stop()
