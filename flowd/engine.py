@@ -397,11 +397,10 @@ class Engine:
     @staticmethod
     def _held(step: ClaimedStep, pid: int) -> tuple[Row | None, Row | None]:
         """The flow and attempt, if this worker still holds them (not cancelled/taken over)."""
-        flow = store.get_flow(step.flow_id)
+        flow, result = store.flow_and_result(step.flow_id, step.task_result_id)
         if (flow is None or flow.state != FlowState.RUNNING.value or flow.worker_pid != pid
                 or flow.dispatch_token != step.token):
             return None, None
-        result = store.get_result(step.task_result_id)
         if result is None or result.state != StepState.RUNNING.value:
             return None, None
         return flow, result

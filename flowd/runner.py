@@ -91,7 +91,8 @@ def run_flow(flow_id: int, token: int) -> None:
 
 def run_step(rt: WorkerRuntime, step: ClaimedStep, pid: int) -> ClaimedStep | None:
     """Run one step and record its outcome; returns the next step this worker holds."""
-    label = f"step {step.position + 1}/{len(step.steps)} ({step.task_name})"
+    where = f"step {step.position + 1}/{len(step.steps)} ({step.task_name})"
+    label = "perform()"  # errors: the engine prefixes the step ("step 2/3 (fetch) failed: ...")
     extra = {"FLOW_ID": step.flow_id, "ROUTINE": step.routine, "TASK": step.task_name}
     try:
         value = _perform(rt, step)
@@ -105,7 +106,7 @@ def run_step(rt: WorkerRuntime, step: ClaimedStep, pid: int) -> ClaimedStep | No
             return None
         output = normalize_output(value, step.args, step.kwargs, label)
     except StepCancelled:
-        log.info("flow %d %s: cancelled while running", step.flow_id, label, extra=extra)
+        log.info("flow %d %s: cancelled while running", step.flow_id, where, extra=extra)
         rt.engine.fail_step(step, "cancelled while running", pid, interrupted=True)
         return None
     except StepTimeout:
@@ -116,11 +117,11 @@ def run_step(rt: WorkerRuntime, step: ClaimedStep, pid: int) -> ClaimedStep | No
         rt.engine.fail_step(step, "interrupted: the worker was stopped", pid, interrupted=True)
         raise
     except FlowdError as exc:
-        log.warning("flow %d %s failed: %s", step.flow_id, label, exc, extra=extra)
+        log.warning("flow %d %s failed: %s", step.flow_id, where, exc, extra=extra)
         rt.engine.fail_step(step, str(exc), pid)
         return None
     except Exception as exc:
-        log.info("flow %d %s raised %s: %s", step.flow_id, label, type(exc).__name__, exc, extra=extra)
+        log.info("flow %d %s raised %s: %s", step.flow_id, where, type(exc).__name__, exc, extra=extra)
         rt.engine.fail_step(step, "".join(traceback.format_exception(exc)).rstrip() + "\n"
                             f"{type(exc).__name__}: {exc}", pid)
         return None

@@ -119,6 +119,21 @@ def select_flows(where: str, params: Iterable[Any] = (), suffix: str = "ORDER BY
     return _rows(execute(f"{_FLOW_SELECT} WHERE {where} {suffix}", params), FLOW_COLUMNS)
 
 
+_HELD_SELECT = ("SELECT " + ", ".join(f'f."{c}"' for c in FLOW_COLUMNS)
+                + ', r.state, r.task, r.attempt FROM flow f LEFT JOIN task_result r ON r.id = ? WHERE f.id = ?')
+
+
+def flow_and_result(flow_id: int, result_id: int) -> tuple[Row | None, Row | None]:
+    """A flow and one of its attempts (id, state, task, attempt) in one query."""
+    raw = execute(_HELD_SELECT, (result_id, flow_id)).fetchone()
+    if raw is None:
+        return None, None
+    flow = Row({name: _decode(name, value) for name, value in zip(FLOW_COLUMNS, raw, strict=False)})
+    state, task, attempt = raw[len(FLOW_COLUMNS):]
+    result = None if state is None else Row({"id": result_id, "state": state, "task": task, "attempt": attempt})
+    return flow, result
+
+
 def flow_by_request_id(request_id: str) -> Row | None:
     found = select_flows("request_id = ?", (request_id,))
     return found[0] if found else None
