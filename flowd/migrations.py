@@ -56,9 +56,18 @@ def _v2_waits_and_subflows(db: peewee.Database, migrator: SchemaMigrator) -> Non
     )
 
 
+def _v3_drop_redundant_index(db: peewee.Database, migrator: SchemaMigrator) -> None:
+    """v3: (routine, state) already serves every lookup by routine; one index less to
+    write on each flow change (SD-card wear)."""
+    from playhouse.migrate import migrate
+
+    migrate(migrator.drop_index("flow", "flow_routine"))
+
+
 # Step N takes a database at version N-1 to version N.
 STEPS: dict[int, Callable[[peewee.Database, SchemaMigrator], None]] = {
     2: _v2_waits_and_subflows,
+    3: _v3_drop_redundant_index,
 }
 LATEST = max(STEPS)
 

@@ -163,7 +163,7 @@ class Flow(BaseModel):
 
     id = AutoField()
     uid = CharField(unique=True)
-    routine = CharField(index=True)
+    routine = CharField()  # looked up through the (routine, state) index
     steps = JSONField()
     state = CharField(default=FlowState.INIT.value, index=True)
     position = IntegerField(default=0)

@@ -86,6 +86,9 @@ def test_schema_v1_database_upgrades_with_data_intact(tmp_path: Path) -> None:
     for model in (Flow, Routine, TaskResult):
         table = model._meta.table_name
         assert {c.name for c in db.get_columns(table)} == {f.column_name for f in model._meta.sorted_fields}
+    # The upgraded file has exactly the indexes a new database gets.
+    indexes = {i.name for i in db.get_indexes("flow")}
+    assert "flow_routine" not in indexes and "flow_routine_state" in indexes
     # Opening it again is a no-op.
     db.close()
     db = init_database(DatabaseSection(url=f"sqlite:///{path}"))
