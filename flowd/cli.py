@@ -751,11 +751,9 @@ def _version() -> str:
 # --------------------------------------------------------------------------- main
 def redact(url: str) -> str:
     """A database URL without its password (``postgresql://u:***@host/db``)."""
-    scheme, sep, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if not sep or not at or ":" not in credentials:
-        return url
-    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
+    from flowd.models import redact_url
+
+    return redact_url(url)
 
 
 def store_failure(exc: BaseException, database: str = "the database") -> str | None:
