@@ -35,6 +35,17 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: floa
         time.sleep(interval)
 
 
+def decode_payloads(payloads: list[bytes]) -> list[Any]:
+    """Each payload parsed as JSON, or kept as bytes when it is not JSON."""
+    found: list[Any] = []
+    for payload in payloads:
+        try:
+            found.append(json.loads(payload))
+        except ValueError:
+            found.append(payload)
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -320,14 +331,7 @@ class MqttClient:
         from flowd.topics import topic_matches
 
         with self.lock:
-            found = []
-            for topic, payload, _ in self.messages:
-                if topic_matches(topic_filter, topic):
-                    try:
-                        found.append(json.loads(payload))
-                    except ValueError:
-                        found.append(payload)
-            return found
+            return decode_payloads([p for t, p, _ in self.messages if topic_matches(topic_filter, t)])
 
     def close(self) -> None:
         self.client.loop_stop()
@@ -404,13 +408,7 @@ class SessionClient:
             return [m for m in self.messages if topic_matches(topic_filter, m[0])]
 
     def json_on(self, topic_filter: str) -> list[Any]:
-        found = []
-        for _, payload, _, _ in self.received(topic_filter):
-            try:
-                found.append(json.loads(payload))
-            except ValueError:
-                found.append(payload)
-        return found
+        return decode_payloads([m[1] for m in self.received(topic_filter)])
 
     def close(self) -> None:
         self.client.loop_stop()
