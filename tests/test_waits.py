@@ -474,7 +474,9 @@ def test_a_flow_can_wait_for_another_flows_result(site: Site, flowctl: Run) -> N
         return site.flow(short).state == "DONE"
     wait_for(answered, timeout=30, interval=0.05, message=f"the retried flow resumed; log:\n{site.log()}")
     assert site.outputs(short)[0] == {"args": [], "kwargs": {"event": {"retry": True}}}
-    assert len(site.watcher.json_on(f"flow/{short}/result")) == 2
+    # One result per ending; the second goes out just after the state is committed.
+    wait_for(lambda: len(site.watcher.json_on(f"flow/{short}/result")) == 2, timeout=10,
+             message="the second result of the retried flow")
 
 
 @pytest.mark.parametrize("site", [{"flowd": {"workers": 1}}], indirect=True, ids=["one-worker"])
