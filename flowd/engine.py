@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 
 MAX_INTERRUPTIONS = 5
 MAX_SUBFLOW_DEPTH = 8
-CLAIM_DURABLE = False
 CANCEL_SIGNAL = signal.SIGUSR1
 Enqueue = Callable[[int, int, float | None], None]
 
@@ -347,7 +346,7 @@ class Engine:
         step: ClaimedStep | None = None
         self.definitions.refresh()
         # Not durable: if a power cut loses the claim, recovery queues the step again.
-        with write_transaction(durable=CLAIM_DURABLE):
+        with write_transaction(durable=False):
             flow = store.get_flow(flow_id)
             if (flow is None or flow.dispatch_token != token or not flow.admitted
                     or flow.state not in (FlowState.INIT.value, FlowState.RUNNING.value) or flow.worker_pid):
@@ -473,8 +472,7 @@ class Engine:
         now = now or utcnow()
         self.definitions.refresh()
         with write_transaction():
-            flow = store.get_flow(flow_id)
-            result = store.get_result(task_result_id)
+            flow, result = store.flow_and_result(flow_id, task_result_id)
             if (flow is None or result is None or result.state != StepState.RUNNING.value
                     or flow.state not in (FlowState.RUNNING.value, FlowState.WAITING.value)
                     or (pid is not None and flow.worker_pid != pid)):

@@ -157,20 +157,11 @@ def update_flow(flow: Row, **changes: Any) -> None:
     flow.__dict__.update(changes)
 
 
-def get_result(result_id: int) -> Row | None:
-    found = _rows(execute(_RESULT_SELECT + " WHERE id = ?", (result_id,)), RESULT_COLUMNS)
-    return found[0] if found else None
-
-
 def running_result(flow_id: int, position: int) -> Row | None:
     found = _rows(execute(_RESULT_SELECT + " WHERE flow_id = ? AND position = ? AND state = ? "
                           "ORDER BY attempt DESC LIMIT 1", (flow_id, position, StepState.RUNNING.value)),
                   RESULT_COLUMNS)
     return found[0] if found else None
-
-
-def select_results(where: str, params: Iterable[Any] = ()) -> list[Row]:
-    return _rows(execute(f"{_RESULT_SELECT} WHERE {where}", params), RESULT_COLUMNS)
 
 
 def insert_result(flow_id: int, position: int, task: str, step_input: Any, worker_pid: int | None,
