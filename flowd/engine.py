@@ -153,18 +153,20 @@ class Engine:
     # ------------------------------------------------------------------ submit
     def submit(self, routine: str | Routine, args: Iterable[Any] = (), kwargs: dict[str, Any] | None = None, *,
                request_id: str | None = None, reply_to: str | None = None, correlation_data: str | None = None,
-               trigger: str = "api", require_mqtt: bool = False, now: dt.datetime | None = None
+               trigger: str = "api", require_mqtt: bool = False, sync: bool = True, now: dt.datetime | None = None
                ) -> tuple[Row, bool]:
         """Store a new flow (or find the one with this ``request_id``); returns (flow, created).
 
         Raises NotFoundError / InputError for an unknown, disabled or (with
         ``require_mqtt``) MQTT-forbidden routine. A flow refused by the routine's
         mode is still stored, ended CANCELLED with the reason, and published.
+        ``sync=False``: the caller calls ``models.make_durable()`` before it reports the
+        flow (the MQTT bridge, before its PUBACK).
         """
         name = routine.name if isinstance(routine, Routine) else routine
         effects = Effects()
         now = now or utcnow()
-        with write_transaction():
+        with write_transaction(sync=sync):
             if request_id is not None:
                 existing = store.flow_by_request_id(request_id)
                 if existing is not None:
@@ -345,8 +347,8 @@ class Engine:
         now = now or utcnow()
         step: ClaimedStep | None = None
         self.definitions.refresh()
-        # Not durable: if a power cut loses the claim, recovery queues the step again.
-        with write_transaction(durable=False):
+        # Made durable by the next sync point: if a power cut loses the claim, recovery queues the step again.
+        with write_transaction(sync=False):
             flow = store.get_flow(flow_id)
             if (flow is None or flow.dispatch_token != token or not flow.admitted
                     or flow.state not in (FlowState.INIT.value, FlowState.RUNNING.value) or flow.worker_pid):
@@ -414,7 +416,7 @@ class Engine:
         effects = Effects()
         now = now or utcnow()
         nxt: ClaimedStep | None = None
-        with write_transaction():
+        with write_transaction(sync=False):
             flow, result = self._held(step, pid)
             if flow is None or result is None:
                 return None
@@ -449,7 +451,7 @@ class Engine:
 
     def release(self, step: ClaimedStep, pid: int) -> None:
         """Give back a held step that has not started (shutdown): recovery re-queues it."""
-        with write_transaction():
+        with write_transaction(sync=False):
             flow, result = self._held(step, pid)
             if flow is None or result is None:
                 return
@@ -471,7 +473,7 @@ class Engine:
         effects = Effects()
         now = now or utcnow()
         self.definitions.refresh()
-        with write_transaction():
+        with write_transaction(sync=False):
             flow, result = store.flow_and_result(flow_id, task_result_id)
             if (flow is None or result is None or result.state != StepState.RUNNING.value
                     or flow.state not in (FlowState.RUNNING.value, FlowState.WAITING.value)
@@ -551,7 +553,7 @@ class Engine:
         """Queue again a flow whose queue message was lost (token unchanged since)."""
         effects = Effects()
         now = now or utcnow()
-        with write_transaction():
+        with write_transaction(sync=False):
             flow = store.get_flow(flow_id)
             if (flow is None or flow.dispatch_token != token or not flow.admitted or flow.worker_pid
                     or flow.state not in (FlowState.INIT.value, FlowState.RUNNING.value)):
@@ -569,7 +571,7 @@ class Engine:
         """Park the flow WAITING for an MQTT message; frees the worker. False if not held."""
         effects = Effects()
         now = now or utcnow()
-        with write_transaction():
+        with write_transaction(sync=False):
             flow, result = self._held(step, pid)
             if flow is None or result is None:
                 return False
@@ -590,7 +592,7 @@ class Engine:
         fails the step with it)."""
         effects = Effects()
         now = now or utcnow()
-        with write_transaction():
+        with write_transaction(sync=False):
             flow, result = self._held(step, pid)
             if flow is None or result is None:
                 return None
@@ -645,7 +647,7 @@ class Engine:
         effects = Effects()
         now = now or utcnow()
         resumed: list[int] = []
-        with write_transaction():
+        with write_transaction(sync=False):
             for flow in store.select_flows("state = ? AND wait_topic IS NOT NULL", (FlowState.WAITING.value,)):
                 if not topic_matches(flow.wait_topic, topic) or not payload_matches(flow.wait_match, payload):
                     continue
@@ -677,7 +679,7 @@ class Engine:
                              (FlowState.WAITING.value, stamp, *ACTIVE_STATES, stamp)).fetchone():
             return 0
         self.definitions.refresh()
-        with write_transaction():
+        with write_transaction(sync=False):
             for flow in store.select_flows("state = ? AND wait_until <= ?", (FlowState.WAITING.value, stamp)):
                 result = store.running_result(flow.id, flow.position)
                 if result is not None:

@@ -32,7 +32,7 @@ from flowd import __version__, outbox
 from flowd.config import Config
 from flowd.engine import Engine, flow_status_payload
 from flowd.errors import ConfigError, InputError
-from flowd.models import isoformat, utcnow, write_transaction
+from flowd.models import isoformat, make_durable, utcnow, write_transaction
 from flowd.topics import is_valid_filter, is_valid_publish_topic, topic_matches
 
 log = logging.getLogger(__name__)
@@ -321,7 +321,7 @@ class MqttBridge:
 
     def publish_offline(self) -> None:
         """Queue the retained ``offline`` status (a clean disconnect sends no Last Will)."""
-        with write_transaction():
+        with write_transaction(sync=False):
             outbox.add_message(self.status_topic, self._status_payload("offline"), retain=True)
         self.publisher.poke()
 
@@ -379,7 +379,7 @@ class MqttBridge:
             with self._wait_lock:
                 self._wait_filters.clear()
             self.refresh_wait_topics()
-            with write_transaction():
+            with write_transaction(sync=False):
                 outbox.add_message(self.status_topic, self._status_payload("online"), retain=True)
             self.publisher.poke()
         except Exception:
@@ -451,6 +451,7 @@ class MqttBridge:
             log.exception("MQTT: could not handle a message on '%s'", message.topic)
             return
         try:
+            make_durable()  # the PUBACK says "stored": only once it is on disk (SPEC 4.5)
             client.ack(message.mid, message.qos)
         except Exception:
             log.exception("MQTT: could not acknowledge message %d on '%s'", message.mid, message.topic)
@@ -473,7 +474,7 @@ class MqttBridge:
         try:
             flow, created = self.engine.submit(
                 request.routine, request.args, request.kwargs, request_id=request.request_id, reply_to=reply_to,
-                correlation_data=correlation_hex, trigger="mqtt", require_mqtt=True)
+                correlation_data=correlation_hex, trigger="mqtt", require_mqtt=True, sync=False)
         except InputError as exc:
             self._refuse(topic, str(exc), request.request_id, reply_to, correlation_hex)
             return
@@ -484,7 +485,7 @@ class MqttBridge:
         log.info("flow %d (%s): request_id '%s' seen again on '%s'; answering with its status", flow.id,
                  flow.routine, request.request_id, topic, extra={"FLOW_ID": flow.id, "ROUTINE": flow.routine})
         answer_to = reply_to or self.config.topic(f"flow/{flow.id}/status")
-        with write_transaction():
+        with write_transaction(sync=False):
             outbox.add_message(answer_to, flow_status_payload(flow), correlation_data=correlation_hex)
         self.publisher.poke()
 
@@ -495,7 +496,7 @@ class MqttBridge:
         payload: dict[str, Any] = {"error": error, "topic": topic}
         if request_id is not None:
             payload["request_id"] = request_id
-        with write_transaction():
+        with write_transaction(sync=False):
             outbox.add_message(self.error_topic, payload)
             if reply_to and reply_to != self.error_topic:
                 outbox.add_message(reply_to, payload, correlation_data=correlation_hex)
