@@ -20,8 +20,18 @@ from typing import Any
 
 from flowd import outbox, store
 from flowd.config import Config
-from flowd.errors import InputError, NotFoundError
-from flowd.models import ACTIVE_STATES, FlowState, Routine, StepState, dumps, isoformat, utcnow, write_transaction
+from flowd.errors import FlowdError, InputError, NotFoundError
+from flowd.models import (
+    ACTIVE_STATES,
+    FlowState,
+    Routine,
+    StepState,
+    dumps,
+    isoformat,
+    savepoint,
+    utcnow,
+    write_transaction,
+)
 from flowd.store import Row
 
 log = logging.getLogger(__name__)
@@ -39,6 +49,25 @@ class Effects:
     enqueue: list[tuple[int, int, float | None]] = field(default_factory=list)
     signal_pids: list[int] = field(default_factory=list)
     published: bool = False
+
+    def extend(self, other: Effects) -> None:
+        self.enqueue.extend(other.enqueue)
+        self.signal_pids.extend(other.signal_pids)
+        self.published = self.published or other.published
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One request to start a flow (``Engine.submit_many``)."""
+
+    routine: str
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    request_id: str | None = None
+    reply_to: str | None = None
+    correlation_data: str | None = None
+    trigger: str = "api"
+    require_mqtt: bool = False
 
 
 @dataclass
@@ -164,17 +193,50 @@ class Engine:
         flow (the MQTT bridge, before its PUBACK).
         """
         name = routine.name if isinstance(routine, Routine) else routine
+        submission = Submission(name, list(args), dict(kwargs or {}), request_id, reply_to, correlation_data,
+                                trigger, require_mqtt)
+        [outcome] = self.submit_many([submission], sync=sync, now=now)
+        if isinstance(outcome, FlowdError):
+            raise outcome
+        return outcome
+
+    def submit_many(self, submissions: list[Submission], *, sync: bool = True, now: dt.datetime | None = None
+                    ) -> list[tuple[Row, bool] | FlowdError]:
+        """Store several submits in one transaction (group commit); per submit, (flow,
+        created) or the FlowdError that refused it. A refusal changes nothing: each
+        submit runs in its own savepoint, so one failure never undoes the others."""
         effects = Effects()
         now = now or utcnow()
+        outcomes: list[tuple[Row, bool] | FlowdError] = []
+        if len(submissions) == 1:  # no savepoint needed: a refusal rolls the transaction back
+            try:
+                with write_transaction(sync=sync):
+                    outcomes.append(self._submit_one(submissions[0], effects, now))
+            except FlowdError as exc:
+                return [exc]
+            self._apply(effects)
+            return outcomes
         with write_transaction(sync=sync):
-            if request_id is not None:
-                existing = store.flow_by_request_id(request_id)
-                if existing is not None:
-                    return existing, False
-            info = self._routine_for_submit(name, require_mqtt)
-            flow = self._create_flow(info, list(args), dict(kwargs or {}), effects, now, request_id=request_id,
-                                     trigger=trigger, reply_to=reply_to, correlation_data=correlation_data)
+            for submission in submissions:
+                mine = Effects()
+                try:
+                    with savepoint():
+                        outcomes.append(self._submit_one(submission, mine, now))
+                except FlowdError as exc:
+                    outcomes.append(exc)
+                    continue
+                effects.extend(mine)
         self._apply(effects)
+        return outcomes
+
+    def _submit_one(self, s: Submission, effects: Effects, now: dt.datetime) -> tuple[Row, bool]:
+        if s.request_id is not None:
+            existing = store.flow_by_request_id(s.request_id)
+            if existing is not None:
+                return existing, False
+        info = self._routine_for_submit(s.routine, s.require_mqtt)
+        flow = self._create_flow(info, s.args, s.kwargs, effects, now, request_id=s.request_id, trigger=s.trigger,
+                                 reply_to=s.reply_to, correlation_data=s.correlation_data)
         return flow, True
 
     def _create_flow(self, info: store.RoutineInfo, args: list[Any], kwargs: dict[str, Any], effects: Effects,

@@ -359,6 +359,13 @@ def write_transaction(sync: bool = True) -> Iterator[None]:
             yield
 
 
+@contextmanager
+def savepoint() -> Iterator[None]:
+    """Inside a transaction: undo only this block's changes if it raises."""
+    with database.obj.atomic():
+        yield
+
+
 class _Durability:
     """The durability point of this process: one fsync of the SQLite WAL, shared.
 
