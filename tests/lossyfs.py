@@ -53,6 +53,20 @@ FUSE_CAP_AUTO_INVAL_DATA = 1 << 12
 _STAT_KEYS = ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_blocks", "st_blksize", "st_rdev", "st_ino")
 
 
+def fuse_missing() -> str | None:
+    """Why a lossyfs cannot be mounted here (a reason to skip), or None."""
+    from ctypes.util import find_library
+    from importlib.util import find_spec
+
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse is missing (no FUSE on this machine or in this container)"
+    if not find_library("fuse3"):
+        return "libfuse3 is not installed (scripts/setup.sh installs fuse3 and libfuse3-3)"
+    if find_spec("mfusepy") is None:
+        return "mfusepy is not installed (pip install -e '.[test]')"
+    return None
+
+
 def is_mounted(mountpoint: str | os.PathLike[str]) -> bool:
     """True while anything is mounted on ``mountpoint`` (also a FUSE mount whose server
     died, which os.path.ismount reports as False)."""

@@ -14,23 +14,10 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
-from ctypes.util import find_library
-from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
-from lossyfs import LossyMount
-
-
-def fuse_missing() -> str | None:
-    """Why FUSE cannot be used here, or None."""
-    if not os.path.exists("/dev/fuse"):
-        return "/dev/fuse is missing (no FUSE in this machine or container)"
-    if not find_library("fuse3"):
-        return "libfuse3 is not installed (scripts/setup.sh installs libfuse3-3 and fuse3)"
-    if find_spec("mfusepy") is None:
-        return "mfusepy is not installed (pip install -e '.[test]')"
-    return None
+from lossyfs import LossyMount, fuse_missing
 
 
 @pytest.fixture
