@@ -18,7 +18,7 @@ pkg-config --exists libsystemd 2>/dev/null || need+=(libsystemd-dev pkg-config)
 command -v gcc >/dev/null 2>&1 || need+=(gcc)
 # The power-cut tests (tests/lossyfs.py) mount a FUSE filesystem through mfusepy, which loads libfuse3.
 command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
-ldconfig -p 2>/dev/null | grep -q 'libfuse3\.so\.3 ' || need+=(libfuse3-3)
+dpkg -s libfuse3-3 >/dev/null 2>&1 || need+=(libfuse3-3)
 python3 -c 'import os, sysconfig; assert os.path.exists(sysconfig.get_paths()["include"] + "/Python.h")' \
     >/dev/null 2>&1 || need+=(python3-dev)
 if [ ${#need[@]} -gt 0 ]; then

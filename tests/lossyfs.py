@@ -352,7 +352,7 @@ class LossyMount:
 
     def users(self) -> list[int]:
         """Pids (other than zombies) with a file, folder or mapping open under the mount."""
-        root = os.path.abspath(self.mountpoint)
+        root = os.path.realpath(self.mountpoint)
         found = []
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:

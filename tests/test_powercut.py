@@ -14,7 +14,10 @@ retained ``online``. At the end everything is let finish and counted:
 - restarts that did not reach ``online``.
 
 All must be 0, at ``synchronous = "full"`` and ``"normal"``. FLOWD_POWERCUT_CUTS sets the
-number of cuts per setting (default 30); one summary line per setting is printed.
+number of cuts per setting (default 30), FLOWD_POWERCUT_LOAD_S the seconds of load before
+each cut (default 1.2); one summary line per setting is printed. With commits under
+``synchronous = OFF`` (issue 11) the database is damaged within a few cuts in nearly every
+run; a cut that damages it ends the cycles once flowd no longer comes online.
 """
 
 from __future__ import annotations
