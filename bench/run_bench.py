@@ -685,6 +685,7 @@ class Bench:
             "write_bytes_per_flow": tp.get("write_bytes_per_flow"), "wchar_per_flow": tp.get("wchar_per_flow"),
             "pss_idle_mib": watch.pss_idle, "rss_idle_mib": summary.get("rss_idle_mib"),
             "lost": lat["lost"] + tp["lost"], "duplicates": lat["duplicates"] + tp["duplicates"],
+            "other_cpu_s": tp.get("other_cpu_s"),
         }
         if watch.error or watch.engine is None:
             log(f"{what}: engine process not watched ({watch.error or 'not found'}): no PSS / bytes written")
@@ -901,6 +902,7 @@ PER_FLOW = (
     ("fsyncs_per_flow_c1", "fsyncs per flow, C=1", "low"),
     ("statements_per_flow_c1", "SQL statements per flow, C=1", "low"),
     ("pss_idle_mib", "PSS idle, all processes (MiB)", "low"),
+    ("other_cpu_s", "other load: CPU of other processes, C={c} run (s)", None),
 )
 COUNT_KEYS = ("write_transactions_per_flow", "transactions_per_flow", "fsyncs_per_flow", "statements_per_flow")
 
@@ -922,7 +924,7 @@ def comparison(r: dict[str, Any]) -> dict[str, Any]:
     engines = {"flowd": _with_counts({
         "throughput_rps": tp["throughput_rps"], "latency_p50_ms": lat["p50_ms"], "latency_p99_ms": lat["p99_ms"],
         "cpu_ms_per_flow": tp["cpu_ms_per_flow"], "write_bytes_per_flow": tp["write_bytes_per_flow"],
-        "wchar_per_flow": tp["wchar_per_flow"], "pss_idle_mib": r["pss_idle_mib"]},
+        "wchar_per_flow": tp["wchar_per_flow"], "pss_idle_mib": r["pss_idle_mib"], "other_cpu_s": tp["other_cpu_s"]},
         counts, counts.get("fsyncs_counted", False))}
     for name, peer in (r.get("peers") or {}).items():
         if "per_flow" not in peer:
@@ -939,8 +941,8 @@ def comparison(r: dict[str, Any]) -> dict[str, Any]:
         if name == "flowd":
             continue
         ratios[name] = {key: (round(f[key] / fig[key], 3) if isinstance(f.get(key), (int, float)) and
-                              isinstance(fig.get(key), (int, float)) and fig[key] else None)
-                        for key, _, _ in PER_FLOW}
+                              isinstance(fig.get(key), (int, float)) and fig[key] and better else None)
+                        for key, _, better in PER_FLOW}
     goals12: dict[str, Any] = {}
 
     def goal(key: str, text: str, value: Any, ok: bool | None) -> None:
@@ -983,13 +985,14 @@ def print_comparison(r: dict[str, Any]) -> None:
                  "cpu_ms_per_flow": ["cpu_ms_per_flow"], "pss_idle_mib": ["pss_idle_mib"]}
     print()
     print(f"per flow: flowd (synchronous={r['config']['synchronous']}) and its peers, this one command "
-          f"(C={r['config']['tp_c']} N={r['config']['tp_n']}, C=1 N={r['config']['lat_n']}); ratio = flowd / peer")
-    head = f"  {'figure':<46}" + "".join(f"{PEER_NAMES.get(n, n):>11}" for n in names)
+          f"(C={r['config']['tp_c']} N={r['config']['tp_n']}, C=1 N={r['config']['lat_n']})")
+    print("  ratio = flowd / peer: above 1 is better for throughput, below 1 is better for everything else")
+    head = f"  {'figure':<50}" + "".join(f"{PEER_NAMES.get(n, n):>11}" for n in names)
     head += "".join(f"{'flowd/' + PEER_NAMES.get(n, n)[:4]:>12}" for n in names[1:]) + "   goal (issue 12)"
     print(head)
     for key, label, _ in PER_FLOW:
         label = label.format(c=r["config"]["tp_c"])
-        line = f"  {label:<46}" + "".join(f"{_fmt(engines[n].get(key)):>11}" for n in names)
+        line = f"  {label:<50}" + "".join(f"{_fmt(engines[n].get(key)):>11}" for n in names)
         line += "".join(f"{_fmt(ratios[n].get(key)) + ('x' if ratios[n].get(key) is not None else ''):>12}"
                         for n in names[1:])
         marks = []
