@@ -791,6 +791,9 @@ def versions() -> dict[str, str]:
         dirty = subprocess.run([*git, "status", "--porcelain", "--", "flowd"], capture_output=True, text=True,
                                timeout=5)
         found["flowd_commit"] = head.stdout.strip() + ("+local changes" if dirty.stdout.strip() else "")
+        code = subprocess.run([*git, "log", "-1", "--format=%h", "--", "flowd"], capture_output=True, text=True,
+                              timeout=5)
+        found["flowd_code_commit"] = code.stdout.strip() + ("+local changes" if dirty.stdout.strip() else "")
     except (OSError, subprocess.TimeoutExpired):
         found["flowd_commit"] = "?"
     return found
@@ -868,7 +871,8 @@ def print_table(r: dict[str, Any]) -> None:
     ]
     print()
     print(f"flowd benchmark {r['date']}  ({r['machine']['cores']} cores, {r['machine']['cpu']}; "
-          f"flowd {r['versions']['flowd_commit']}; workers={r['config']['workers']}, "
+          f"flowd {r['versions']['flowd_commit']} (flowd/ last changed in {r['versions'].get('flowd_code_commit')}); "
+          f"workers={r['config']['workers']}, "
           f"synchronous={r['config']['synchronous']}"
           f"{', QUICK counts' if r['config']['quick'] else ''})")
     print(f"  {'figure':<40} {'flowd':>16} {'goal':>9} {'Node-RED':>14}  ")
