@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""flowd benchmark (issue 7): one run, every figure, each next to its goal.
+"""flowd benchmark (issues 7 and 12): one run, every figure, flowd next to its peers.
 
 It starts a private mosquitto on a free 127.0.0.1 port (``set_tcp_nodelay true``, no
 persistence: the broker ``peer_nodered.sh`` uses) and ``flowd run`` on a clean state
@@ -10,13 +10,18 @@ engine-agnostic client ``mqtt_flow_bench.py``:
 * start-up: launching ``flowd run`` -> first result (the client's ``--probe``);
 * memory: PSS and RSS of every flowd process (the daemon's process tree), idle and
   after the runs; idle CPU over ``--idle-seconds``;
-* latency (C=1) and throughput (C=100) runs, submit -> ``flow/<id>/result``;
-* bytes written to disk per flow in the throughput run (``/proc/PID/io``), and the
-  database size after ``--db-flows`` flows;
-* raw huey (bench/huey_raw.py) with huey's default polling and a tuned one;
-* Node-RED, with ``--peer`` (``peer_nodered.sh``, its own broker and ports).
+* latency (C=1) and throughput (C=100) runs, submit -> ``flow/<id>/result``; per flow:
+  CPU of all flowd processes and bytes written (``/proc/PID/io``), children included;
+* the database size after ``--db-flows`` flows;
+* a counted pass (a second daemon start, not timed): SQL statements and transactions per
+  flow (bench/instrument/sitecustomize.py on the daemon's PYTHONPATH) and fsync-family
+  calls per flow (bench/instrument/synccount.c, LD_PRELOAD), at C=1 and at C=100;
+* with ``--peer``: Node-RED (``peer_nodered.sh``) and DBOS (``peer_dbos.sh``), each with its
+  own broker and ports, same N and C; their engine process's PSS and bytes written are read
+  here while the script runs, and DBOS gets a counted pass of its own;
+* raw huey (bench/huey_raw.py) with huey's default polling and a tuned one.
 
-It prints a table and one JSON line (also written to ``--json-out``). Every child is
+It prints the tables and one JSON line (also written to ``--json-out``). Every child is
 started by this script and stopped by PID or process group at the end, also on error
 or Ctrl-C; every wait has a deadline.
 """
@@ -35,6 +40,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -43,10 +49,15 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 SHARED = Path(os.environ.get("FLOWD_BENCH_SHARED", "/work/shared/bench"))
 CLIENT = SHARED / "mqtt_flow_bench.py"
-PEER_SCRIPT = SHARED / "peer_nodered.sh"
+PEER_SCRIPTS = {"nodered": SHARED / "peer_nodered.sh", "dbos": SHARED / "peer_dbos.sh"}
+PEER_NAMES = {"nodered": "Node-RED", "dbos": "DBOS"}
+INSTRUMENT = BENCH / "instrument"
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MIB = 1024 * 1024
+
+sys.path.insert(0, str(INSTRUMENT))
+import benchcount  # noqa: E402 - bench/instrument: the counters' file layout
 
 SUBMIT = ["--submit-topic", "flow/submit", "--result-topic", "flow/+/result",
           "--payload-template", '{"routine":"bench3","kwargs":{"id":"{id}"}}', "--id-field", "result.kwargs.id"]
@@ -222,15 +233,42 @@ def memory(pids: list[int]) -> dict[str, Any]:
 
 
 def cpu_seconds(pids: list[int]) -> float:
+    """utime+stime of ``pids``, plus cutime+cstime: the CPU of their children that have ended
+    and been reaped (the kernel adds it to the reaping parent). Summed over a whole live tree
+    this counts every process of the tree once, ended workers included."""
     total = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
+            total += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
         except (OSError, IndexError, ValueError):
             pass
     return total / CLK_TCK
+
+
+IO_KEYS = ("rchar", "wchar", "read_bytes", "write_bytes", "cancelled_write_bytes")
+
+
+def io_counters(pids: list[int]) -> dict[str, int]:
+    """/proc/PID/io summed over ``pids``. A process's counters include those of its children
+    that have ended and been reaped (added to the parent at reaping, like cutime), so over a
+    whole live tree the sum keeps what ended workers wrote."""
+    total = dict.fromkeys(IO_KEYS, 0)
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/io") as f:
+                for line in f:
+                    key, _, value = line.partition(":")
+                    if key in total:
+                        total[key] += int(value)
+        except (OSError, ValueError):
+            pass
+    return total
+
+
+def pss_mib(pid: int) -> float:
+    return round(_read_kib(f"/proc/{pid}/smaps_rollup", ("Pss",))["Pss"] / 1024, 1)
 
 
 def cpu_by_role(root: int, pids: list[int]) -> dict[str, float]:
@@ -272,24 +310,6 @@ def system_busy_seconds() -> float:
     return (fields[0] + fields[1] + fields[2] + fields[5] + fields[6] + fields[7]) / CLK_TCK
 
 
-def write_bytes(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        total += _read_io(pid)
-    return total
-
-
-def _read_io(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/io") as f:
-            for line in f:
-                if line.startswith("write_bytes:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 # ---------------------------------------------------------------------- the bench
 class Bench:
     def __init__(self, args: argparse.Namespace, work: Path, children: Children):
@@ -302,6 +322,11 @@ class Bench:
         self.mosq: subprocess.Popen[Any] | None = None
         self.daemon: subprocess.Popen[Any] | None = None
         self.result: dict[str, Any] = {}
+        self.shim: Path | None = None
+        self.shim_tried = False
+        # counter files: memory-mapped, so on a tmpfs (written to memory, not to the disk)
+        shm = Path("/dev/shm")
+        self.count_root = Path(tempfile.mkdtemp(prefix="flowd-bench-counts-", dir=shm if shm.is_dir() else work))
 
     # -------------------------------------------------------------- set-up
     def start_broker(self) -> None:
@@ -334,8 +359,8 @@ class Bench:
         return [sys.executable, str(CLIENT), "--host", "127.0.0.1", "--port", str(self.port), *SUBMIT,
                 "--timeout", str(timeout or self.args.run_timeout), "--label", label, *extra]
 
-    def start_daemon(self) -> None:
-        """Probe first, then launch flowd: start-up = launch -> first result."""
+    def start_daemon(self, env: dict[str, str] | None = None, log_name: str = "flowd.log") -> float:
+        """Probe first, then launch flowd: start-up = launch -> first result (ms, returned)."""
         probe_out = self.work / "probe.out"
         probe = self.children.start("probe", self.client_cmd("startup", "--probe", timeout=60),
                                     log_file=probe_out)
@@ -347,18 +372,19 @@ class Bench:
         t0 = time.time_ns()
         self.daemon = self.children.start(
             "flowd", [sys.executable, *self.daemon_entry(), "run", "--config", str(self.config)], group=True, cwd=ROOT,
-            log_file=self.work / "flowd.log")
+            log_file=self.work / log_name, env=env)
         try:
             probe.wait(70)
         except subprocess.TimeoutExpired:
             pass
         self.children.stop(probe)
         if probe.returncode != 0 or self.daemon.poll() is not None:
-            raise BenchError(f"flowd never answered the probe (see {self.work}/flowd.log): "
+            raise BenchError(f"flowd never answered the probe (see {self.work}/{log_name}): "
                              f"{probe_out.read_text()[-300:]}")
         first = last_json(probe_out.read_text())["first_result_epoch_ns"]
-        self.result["startup_ms"] = round((first - t0) / 1e6, 1)
-        log(f"flowd pid {self.daemon.pid}: first result {self.result['startup_ms']} ms after launch")
+        startup = round((first - t0) / 1e6, 1)
+        log(f"flowd pid {self.daemon.pid}: first result {startup} ms after launch")
+        return startup
 
     def daemon_entry(self) -> list[str]:
         """``-m flowd``, or a wrapper script for experiments (--daemon-wrapper): it gets the same
@@ -372,27 +398,45 @@ class Bench:
         return process_tree(self.daemon.pid)
 
     # -------------------------------------------------------------- measurements
-    def run_client(self, label: str, count: int, concurrency: int) -> dict[str, Any]:
+    def run_client(self, label: str, count: int, concurrency: int, counts: Path | None = None) -> dict[str, Any]:
+        """One client run. CPU and /proc/PID/io of the daemon's whole tree are read before the
+        run and ``--tail`` seconds after it (the outbox deletes and checkpoints that follow the
+        last result belong to the run); with ``counts``, the counter files too."""
         assert self.mosq is not None
         assert self.daemon is not None
-        tree = self.tree()
-        role0 = cpu_by_role(self.daemon.pid, tree)
-        eng0, brk0, sys0 = cpu_seconds(tree), cpu_seconds([self.mosq.pid]), system_busy_seconds()
+        tree0 = self.tree()
+        role0 = cpu_by_role(self.daemon.pid, tree0)
+        io0, c0 = io_counters(tree0), benchcount.snapshot(counts) if counts else None
+        eng0, brk0, sys0 = cpu_seconds(tree0), cpu_seconds([self.mosq.pid]), system_busy_seconds()
         code, out, err = run_child(self.children, label, self.client_cmd(
             label, "--count", str(count), "--concurrency", str(concurrency), "--quiet"), self.args.run_timeout + 30)
         if code != 0:
             raise BenchError(f"client run {label} failed ({code}): {(err or out).strip()[-500:]}")
         r = last_json(out)
+        time.sleep(self.args.tail)
         tree = self.tree()
-        r["engine_cpu_s"] = round(cpu_seconds(tree) - eng0, 2)
+        eng1, io1 = cpu_seconds(tree), io_counters(tree)
+        c1 = benchcount.snapshot(counts) if counts else None
+        n = max(1, r["received"])
+        r["engine_cpu_s"] = round(eng1 - eng0, 2)
+        r["cpu_ms_per_flow"] = round(1000 * (eng1 - eng0) / n, 3)
         role1 = cpu_by_role(self.daemon.pid, tree)
-        r["engine_cpu_ms_per_flow"] = {k: round(1000 * (role1[k] - role0[k]) / max(1, r["received"]), 3)
-                                       for k in role1}
+        r["engine_cpu_ms_per_flow"] = {k: round(1000 * (role1[k] - role0[k]) / n, 3) for k in role1}
+        r["io"] = {k: io1[k] - io0[k] for k in IO_KEYS}
+        r["write_bytes_per_flow"] = round(r["io"]["write_bytes"] / n)
+        r["wchar_per_flow"] = round(r["io"]["wchar"] / n)
+        r["processes"] = {"before": len(tree0), "after": len(tree),
+                          "ended": len(set(tree0) - set(tree)), "started": len(set(tree) - set(tree0))}
         r["broker_cpu_s"] = round(cpu_seconds([self.mosq.pid]) - brk0, 2)
         busy = system_busy_seconds() - sys0
         r["other_cpu_s"] = round(max(0.0, busy - r["engine_cpu_s"] - r["broker_cpu_s"] - (r["client_cpu_s"] or 0)), 2)
+        if c0 is not None and c1 is not None:
+            r["counts"] = benchcount.summarize(benchcount.delta(c0, c1), r["received"])
         log(f"{label}: N={count} C={concurrency}: {r['received']} results, {r['throughput_rps']} results/s, "
-            f"p50 {r['p50_ms']} p99 {r['p99_ms']} ms, lost {r['lost']}, dup {r['duplicates']}")
+            f"p50 {r['p50_ms']} p99 {r['p99_ms']} ms, lost {r['lost']}, dup {r['duplicates']}; "
+            f"{r['cpu_ms_per_flow']} ms CPU, {r['write_bytes_per_flow']} B written per flow"
+            + (f"; {r['counts']['statements_per_flow']} statements, {r['counts']['write_transactions_per_flow']} "
+               f"write transactions, {r['counts']['fsyncs_per_flow']} fsyncs per flow" if "counts" in r else ""))
         return r
 
     def flows_in_db(self) -> int:
@@ -434,7 +478,7 @@ class Bench:
         self.start_broker()
         self.write_config()
         self.apply_routine()
-        self.start_daemon()
+        self.result["startup_ms"] = self.start_daemon()
         time.sleep(a.settle)
         tree = self.tree()
         idle = memory(tree)
@@ -453,15 +497,11 @@ class Bench:
 
         self.result["latency"] = self.run_client("flowd-latency", a.lat_n, 1)
         spies = self.profile_start()
-        tree = self.tree()
-        wb0 = write_bytes(tree)
         tp = self.run_client("flowd-throughput", a.tp_n, a.tp_c)
-        tree = self.tree()
-        wb = write_bytes(tree) - wb0
         self.profile_stop(spies)
         self.result["throughput"] = tp
-        self.result["disk_write_bytes_per_flow"] = round(wb / max(1, tp["received"]))
-        after = memory(tree)
+        self.result["disk_write_bytes_per_flow"] = tp["write_bytes_per_flow"]
+        after = memory(self.tree())
         self.result.update(pss_after_mib=after["pss_mib"], rss_after_mib=after["rss_mib"])
 
         more = a.db_flows - self.flows_in_db()
@@ -473,6 +513,72 @@ class Bench:
         self.result["db_files"] = files
         self.result["db_mib"] = round(sum(files.values()) / MIB, 2)
         self.result["db_bytes_per_flow"] = round(sum(files.values()) / max(1, self.result["db_flows"]))
+        self.measure_counts()
+
+    # -------------------------------------------------------------- counted pass
+    def build_shim(self) -> Path | None:
+        """Compile bench/instrument/synccount.c (the fsync counter) into the work folder."""
+        cc = shutil.which("cc") or shutil.which("gcc")
+        if cc is None:
+            log("no C compiler (apt-get install gcc): fsyncs are not counted")
+            return None
+        out = self.work / "synccount.so"
+        code, _, err = run_child(self.children, "cc synccount.c", [
+            cc, "-O2", "-shared", "-fPIC", "-o", str(out), str(INSTRUMENT / "synccount.c"), "-ldl", "-lpthread"], 60)
+        if code != 0:
+            log(f"synccount.c did not build, fsyncs are not counted: {err.strip()[-300:]}")
+            return None
+        return out
+
+    def counted_env(self, folder: Path) -> dict[str, str]:
+        """Environment of a counted process: the SQL counter (sitecustomize on PYTHONPATH) and
+        the fsync counter (LD_PRELOAD), both writing into ``folder``."""
+        if self.shim is None and not self.shim_tried:
+            self.shim, self.shim_tried = self.build_shim(), True
+        folder.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(INSTRUMENT), *filter(None, [env.get("PYTHONPATH")])])
+        env[benchcount.ENV_DIR] = str(folder)
+        if self.shim is not None:
+            env["LD_PRELOAD"] = " ".join([str(self.shim), *filter(None, [env.get("LD_PRELOAD")])])
+        return env
+
+    def measure_counts(self) -> None:
+        """The counted pass: the daemon restarted on the same state folder with the counters
+        loaded; an idle window, a C=1 run and a C=100 run. Its timings are not reported as
+        flowd's (the trace callback costs CPU); its counts are."""
+        a = self.args
+        if a.no_counts:
+            self.result["counts"] = None
+            return
+        folder = self.count_root / "flowd"
+        env = self.counted_env(folder)
+        assert self.daemon is not None
+        self.children.stop(self.daemon, signal.SIGTERM, wait=20)
+        self.daemon = None
+        log("counted pass: flowd restarted with the SQL and fsync counters")
+        startup = self.start_daemon(env=env, log_name="flowd-counted.log")
+        time.sleep(min(a.settle, 2.0))
+        s0, t0 = benchcount.snapshot(folder), time.monotonic()
+        time.sleep(a.count_idle_seconds)
+        idle = benchcount.summarize(benchcount.delta(s0, benchcount.snapshot(folder)), 1)
+        seconds = time.monotonic() - t0
+        lat = self.run_client("flowd-counted-c1", a.count_lat_n, 1, counts=folder)
+        tp = self.run_client("flowd-counted-c100", a.count_tp_n, a.tp_c, counts=folder)
+        timing = ("throughput_rps", "p50_ms", "p99_ms", "cpu_ms_per_flow", "received", "lost")
+        self.result["counts"] = {
+            "method": "SQL: sqlite3 trace callback (bench/instrument/sitecustomize.py); fsync, fdatasync, "
+                      "sync_file_range, syncfs: LD_PRELOAD bench/instrument/synccount.c"
+                      + ("" if self.shim else " (not built: fsyncs not counted)"),
+            "fsyncs_counted": self.shim is not None,
+            "c1": lat["counts"], "c100": tp["counts"],
+            "idle_per_second": {"seconds": round(seconds, 1),
+                                "statements": round(idle["statements_per_flow"] / seconds, 2),
+                                "write_transactions": round(idle["write_transactions_per_flow"] / seconds, 2),
+                                "fsyncs": round(idle["fsyncs_per_flow"] / seconds, 2)},
+            "instrumented_timing": {"startup_ms": startup, "c1": {k: lat[k] for k in timing},
+                                    "c100": {k: tp[k] for k in timing}},
+        }
 
     def stop_flowd(self) -> None:
         if self.daemon is not None:
@@ -498,23 +604,169 @@ class Bench:
                 f"{runs[name]['pipeline_steps_per_s']} steps/s, {runs[name]['noop_tasks_per_s']} no-op tasks/s")
         self.result["huey_raw"] = runs
 
-    def measure_peer(self) -> None:
-        if not self.args.peer:
-            self.result["peer"] = None
-            return
-        env = {**os.environ, "BROKER_PORT": str(free_port()), "NR_PORT": str(free_port()),
-               "RUN_TIMEOUT": str(int(self.args.run_timeout)), "PEER_DIR": self.args.peer_dir}
-        log("Node-RED peer: peer_nodered.sh (about a minute)")
+    def measure_peers(self) -> None:
+        self.result["peers"] = {}
+        for name in self.args.peers:
+            try:
+                peer = self.run_peer(name)
+                if name == "dbos" and not self.args.no_counts:
+                    counted = self.run_peer(name, counted=True)
+                    peer["counts"] = {"c1": counted["runs"]["latency"].get("counts"),
+                                      "c100": counted["runs"]["throughput"].get("counts"),
+                                      "instrumented_timing": {k: counted["per_flow"][k] for k in (
+                                          "throughput_rps", "latency_p50_ms", "cpu_ms_per_flow")}}
+                self.result["peers"][name] = peer
+            except BenchError as exc:  # flowd's figures stand without the peer
+                log(f"{PEER_NAMES[name]} peer not measured: {exc}")
+                self.result["peers"][name] = {"error": str(exc)}
+
+    def run_peer(self, name: str, counted: bool = False) -> dict[str, Any]:
+        """Run one shared peer script (its own broker and ports, same N and C as flowd) while a
+        PeerWatch reads its engine process's /proc figures."""
+        a = self.args
+        script = PEER_SCRIPTS[name]
+        peer_dir = Path(a.peer_dir)
+        results_root = peer_dir / "results"
+        known = set(os.listdir(results_root)) if results_root.is_dir() else set()
+        env = {**os.environ, "PEER_DIR": str(peer_dir), "RUN_TIMEOUT": str(int(a.run_timeout)),
+               "BROKER_PORT": str(free_port()), "LAT_N": str(a.lat_n), "TP_N": str(a.tp_n), "TP_C": str(a.tp_c),
+               "IDLE_SETTLE": str(max(1, round(a.settle)))}
+        folder = None
+        markers: tuple[str, ...]
+        if name == "nodered":
+            env["NR_PORT"] = str(free_port())
+            labels, markers = ("nodered-latency", "nodered-throughput"), ("red.js", "node-red")
+        else:
+            env.update(LAT_WARMUP="0", TP_WARMUP="0", BASELINE="0", FSYNC_N="0",
+                       STATE_DIR=str(self.work / ("dbos-state-counted" if counted else "dbos-state")))
+            labels, markers = ("dbos-latency", "dbos-throughput"), ("bridge.py",)
+        if counted:
+            folder = self.count_root / name
+            env.update(self.counted_env(folder))
+            env.update(LAT_N=str(a.count_lat_n), TP_N=str(a.count_tp_n), IDLE_SETTLE="1")
+        what = f"{PEER_NAMES[name]} peer{' (counted pass)' if counted else ''}: {script.name}"
+        log(f"{what} (installs into {peer_dir} on first use)")
+        proc = self.children.start(what, ["bash", str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, env=env, group=True)
+        watch = PeerWatch(results_root, known, proc.pid, markers, labels, folder)
+        watch.start()
         try:
-            code, out, err = run_child(self.children, "peer_nodered.sh", ["bash", str(PEER_SCRIPT)], 600,
-                                       env=env, group=True)
-            (self.work / "peer.err").write_text(err)
-            if code != 0:
-                raise BenchError(f"peer_nodered.sh failed ({code}): {err.strip()[-500:]}")
-            self.result["peer"] = last_json(out)
-        except BenchError as exc:  # flowd's figures stand without the peer
-            log(f"Node-RED peer not measured: {exc}")
-            self.result["peer"] = {"error": str(exc)}
+            out, err = proc.communicate(timeout=2 * a.run_timeout + 600)
+        except subprocess.TimeoutExpired:
+            self.children.stop(proc, signal.SIGKILL)
+            raise BenchError(f"{script.name} did not finish in time") from None
+        finally:
+            watch.stop_event.set()
+            watch.join(5)
+        self.children.stop(proc)
+        (self.work / f"peer-{name}{'-counted' if counted else ''}.err").write_text(err)
+        if proc.returncode != 0:
+            raise BenchError(f"{script.name} failed ({proc.returncode}): {err.strip()[-500:]}")
+        summary = last_json(out)
+        runs = {}
+        for kind, label in zip(("latency", "throughput"), labels, strict=True):
+            run = dict(summary["runs"][label])
+            mark = watch.marks.get(label, {})
+            if watch.engine is not None and "start" in mark and "end" in mark:
+                n = max(1, run["received"])
+                io = {k: mark["end"]["io"][k] - mark["start"]["io"][k] for k in IO_KEYS}
+                run.update(io=io, write_bytes_per_flow=round(io["write_bytes"] / n),
+                           wchar_per_flow=round(io["wchar"] / n),
+                           watched_cpu_ms_per_flow=round(1000 * (mark["end"]["cpu_s"] - mark["start"]["cpu_s"]) / n, 3),
+                           watched_seconds=round(mark["end"]["t"] - mark["start"]["t"], 2))
+                if folder is not None:
+                    run["counts"] = benchcount.summarize(
+                        benchcount.delta(mark["start"]["counts"], mark["end"]["counts"]), run["received"])
+            runs[kind] = run
+        lat, tp = runs["latency"], runs["throughput"]
+        per_flow = {
+            "throughput_rps": tp["throughput_rps"], "latency_p50_ms": lat["p50_ms"], "latency_p99_ms": lat["p99_ms"],
+            "cpu_ms_per_flow": round(1000 * tp["engine_cpu_s"] / max(1, tp["received"]), 3),
+            "write_bytes_per_flow": tp.get("write_bytes_per_flow"), "wchar_per_flow": tp.get("wchar_per_flow"),
+            "pss_idle_mib": watch.pss_idle, "rss_idle_mib": summary.get("rss_idle_mib"),
+            "lost": lat["lost"] + tp["lost"], "duplicates": lat["duplicates"] + tp["duplicates"],
+            "other_cpu_s": tp.get("other_cpu_s"),
+        }
+        if watch.error or watch.engine is None:
+            log(f"{what}: engine process not watched ({watch.error or 'not found'}): no PSS / bytes written")
+        log(f"{what}: {per_flow['throughput_rps']} results/s at C={a.tp_c}, C=1 p50 {per_flow['latency_p50_ms']} "
+            f"p99 {per_flow['latency_p99_ms']} ms, {per_flow['cpu_ms_per_flow']} ms CPU and "
+            f"{per_flow['write_bytes_per_flow']} B written per flow, PSS idle {per_flow['pss_idle_mib']} MiB")
+        return {"summary": summary, "engine_pid": watch.engine, "watch_error": watch.error, "runs": runs,
+                "per_flow": per_flow}
+
+
+class PeerWatch(threading.Thread):
+    """Reads a peer engine's /proc figures while its script runs.
+
+    The script's results folder gets ``<label>.out`` as a client run starts (the shell creates
+    the file before the client starts) and ``<label>.cpu`` right after the client has ended;
+    both are polled every 50 ms. At each start and end: the engine process's /proc/PID/io, its
+    CPU and (counted pass) its counter files; when the first (latency) run starts, its PSS:
+    the script has let the engine settle ``IDLE_SETTLE`` seconds since its first result, as
+    flowd's idle figure does. The engine is the process of the script's session whose command
+    line contains one of ``markers`` (Node-RED renames its process to "node-red")."""
+
+    def __init__(self, results_root: Path, known: set[str], sid: int, markers: tuple[str, ...],
+                 labels: tuple[str, ...], counts: Path | None):
+        super().__init__(name="peer-watch", daemon=True)
+        self.results_root, self.known, self.sid, self.markers = results_root, known, sid, markers
+        self.labels, self.counts = labels, counts
+        self.stop_event = threading.Event()
+        self.out_dir: Path | None = None
+        self.engine: int | None = None
+        self.pss_idle: float | None = None
+        self.marks: dict[str, dict[str, Any]] = {}
+        self.error: str | None = None
+
+    def run(self) -> None:
+        try:
+            while not self.stop_event.wait(0.05):
+                self.poll()
+        except Exception as exc:  # reported with the peer's figures
+            self.error = repr(exc)
+
+    def poll(self) -> None:
+        if self.out_dir is None:
+            if not self.results_root.is_dir():
+                return
+            new = sorted(d for d in os.listdir(self.results_root)
+                         if d not in self.known and (self.results_root / d).is_dir())
+            if not new:
+                return
+            self.out_dir = self.results_root / new[-1]
+        for label in self.labels:
+            mark = self.marks.setdefault(label, {})
+            if "start" not in mark and (self.out_dir / f"{label}.out").exists():
+                if self.engine is None:
+                    self.engine = self.find_engine()
+                    if self.engine is not None:
+                        self.pss_idle = pss_mib(self.engine)
+                mark["start"] = self.snap()
+            if "start" in mark and "end" not in mark and (self.out_dir / f"{label}.cpu").exists():
+                mark["end"] = self.snap()
+
+    def find_engine(self) -> int | None:
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    sid = int(f.read().rsplit(")", 1)[1].split()[3])
+                if sid != self.sid:
+                    continue
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read()
+                if any(m.encode() in cmdline for m in self.markers):
+                    return int(entry)
+            except (OSError, IndexError, ValueError):
+                continue
+        return None
+
+    def snap(self) -> dict[str, Any]:
+        pids = [self.engine] if self.engine is not None else []
+        return {"t": time.monotonic(), "cpu_s": cpu_seconds(pids), "io": io_counters(pids),
+                "counts": benchcount.snapshot(self.counts, set(pids)) if self.counts else None}
 
 
 # ---------------------------------------------------------------------- report
@@ -539,6 +791,9 @@ def versions() -> dict[str, str]:
         dirty = subprocess.run([*git, "status", "--porcelain", "--", "flowd"], capture_output=True, text=True,
                                timeout=5)
         found["flowd_commit"] = head.stdout.strip() + ("+local changes" if dirty.stdout.strip() else "")
+        code = subprocess.run([*git, "log", "-1", "--format=%h", "--", "flowd"], capture_output=True, text=True,
+                              timeout=5)
+        found["flowd_code_commit"] = code.stdout.strip() + ("+local changes" if dirty.stdout.strip() else "")
     except (OSError, subprocess.TimeoutExpired):
         found["flowd_commit"] = "?"
     return found
@@ -575,10 +830,10 @@ def goals(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def print_table(r: dict[str, Any]) -> None:
-    peer = r.get("peer") or {}
+    peer = (r.get("peers") or {}).get("nodered") or {}
     if "error" in peer:
         print(f"  Node-RED peer failed: {peer['error']}")
-        peer = {}
+    peer = peer.get("summary") or {}
     pr = peer.get("runs", {})
     nl, nt = pr.get("nodered-latency", {}), pr.get("nodered-throughput", {})
     lat, tp = r["latency"], r["throughput"]
@@ -607,16 +862,17 @@ def print_table(r: dict[str, Any]) -> None:
          f"{nt['p50_ms']} / {nt['p99_ms']}" if nt else None, ""),
         ("lost / duplicates (both runs)", f"{lat['lost'] + tp['lost']} / {lat['duplicates'] + tp['duplicates']}",
          "0 / 0", f"{nl['lost'] + nt['lost']} / {nl['duplicates'] + nt['duplicates']}" if nt else None, ""),
-        ("engine CPU per flow, throughput (ms)", round(1000 * tp["engine_cpu_s"] / max(1, tp["received"]), 3), "",
+        ("engine CPU per flow, throughput (ms)", tp["cpu_ms_per_flow"], "",
          round(1000 * nt["engine_cpu_s"] / max(1, nt["received"]), 3) if nt else None, ""),
         ("  of which main / pool / workers (ms)", " / ".join(str(v) for v in tp["engine_cpu_ms_per_flow"].values()),
          "", None, ""),
-        ("disk writes per flow (bytes)", r["disk_write_bytes_per_flow"], "", None, ""),
+        ("disk writes per flow, throughput (bytes)", r["disk_write_bytes_per_flow"], "", None, ""),
         (f"database after {r['db_flows']} flows (MiB)", r["db_mib"], "", None, ""),
     ]
     print()
     print(f"flowd benchmark {r['date']}  ({r['machine']['cores']} cores, {r['machine']['cpu']}; "
-          f"flowd {r['versions']['flowd_commit']}; workers={r['config']['workers']}, "
+          f"flowd {r['versions']['flowd_commit']} (flowd/ last changed in {r['versions'].get('flowd_code_commit')}); "
+          f"workers={r['config']['workers']}, "
           f"synchronous={r['config']['synchronous']}"
           f"{', QUICK counts' if r['config']['quick'] else ''})")
     print(f"  {'figure':<40} {'flowd':>16} {'goal':>9} {'Node-RED':>14}  ")
@@ -634,14 +890,154 @@ def print_table(r: dict[str, Any]) -> None:
           "(large = figures disturbed by other load)")
 
 
+# figures compared per flow (issue 12): key, label, better when ("high" / "low")
+PER_FLOW = (
+    ("throughput_rps", "throughput C={c} (results/s)", "high"),
+    ("latency_p50_ms", "latency C=1 p50 (ms)", "low"),
+    ("latency_p99_ms", "latency C=1 p99 (ms)", "low"),
+    ("cpu_ms_per_flow", "CPU per flow, C={c}, all processes (ms)", "low"),
+    ("write_bytes_per_flow", "bytes written per flow, C={c} (write_bytes)", "low"),
+    ("wchar_per_flow", "  wchar per flow, C={c} (bytes)", "low"),
+    ("write_transactions_per_flow", "write transactions per flow, C={c}", "low"),
+    ("transactions_per_flow", "  all transactions per flow, C={c}", "low"),
+    ("fsyncs_per_flow", "fsyncs per flow, C={c} (fsync+fdatasync)", "low"),
+    ("statements_per_flow", "SQL statements per flow, C={c}", "low"),
+    ("write_transactions_per_flow_c1", "write transactions per flow, C=1", "low"),
+    ("fsyncs_per_flow_c1", "fsyncs per flow, C=1", "low"),
+    ("statements_per_flow_c1", "SQL statements per flow, C=1", "low"),
+    ("pss_idle_mib", "PSS idle, all processes (MiB)", "low"),
+    ("other_cpu_s", "other load: CPU of other processes, C={c} run (s)", None),
+)
+COUNT_KEYS = ("write_transactions_per_flow", "transactions_per_flow", "fsyncs_per_flow", "statements_per_flow")
+
+
+def _with_counts(fig: dict[str, Any], counts: dict[str, Any] | None, fsyncs_counted: bool = True) -> dict[str, Any]:
+    for suffix, key in (("", "c100"), ("_c1", "c1")):
+        c = (counts or {}).get(key) or {}
+        for k in COUNT_KEYS:
+            value = c.get(k)
+            fig[k + suffix] = None if (k == "fsyncs_per_flow" and not fsyncs_counted) else value
+    return fig
+
+
+def comparison(r: dict[str, Any]) -> dict[str, Any]:
+    """Per-flow figures of flowd and each peer measured in this run, flowd / peer ratios, and
+    the issue 12 goals that can be judged from one run."""
+    tp, lat = r["throughput"], r["latency"]
+    counts = r.get("counts") or {}
+    engines = {"flowd": _with_counts({
+        "throughput_rps": tp["throughput_rps"], "latency_p50_ms": lat["p50_ms"], "latency_p99_ms": lat["p99_ms"],
+        "cpu_ms_per_flow": tp["cpu_ms_per_flow"], "write_bytes_per_flow": tp["write_bytes_per_flow"],
+        "wchar_per_flow": tp["wchar_per_flow"], "pss_idle_mib": r["pss_idle_mib"], "other_cpu_s": tp["other_cpu_s"]},
+        counts, counts.get("fsyncs_counted", False))}
+    for name, peer in (r.get("peers") or {}).items():
+        if "per_flow" not in peer:
+            continue
+        fig = dict(peer["per_flow"])
+        if name == "nodered":  # keeps flows in memory: no database, nothing to count
+            fig.update({k + s: 0 for k in COUNT_KEYS if k != "fsyncs_per_flow" for s in ("", "_c1")})
+        else:
+            _with_counts(fig, peer.get("counts"), counts.get("fsyncs_counted", True))
+        engines[name] = fig
+    ratios: dict[str, dict[str, float | None]] = {}
+    f = engines["flowd"]
+    for name, fig in engines.items():
+        if name == "flowd":
+            continue
+        ratios[name] = {key: (round(f[key] / fig[key], 3) if isinstance(f.get(key), (int, float)) and
+                              isinstance(fig.get(key), (int, float)) and fig[key] and better else None)
+                        for key, _, better in PER_FLOW}
+    goals12: dict[str, Any] = {}
+
+    def goal(key: str, text: str, value: Any, ok: bool | None) -> None:
+        goals12[key] = {"goal": text, "value": value, "met": ok}
+
+    def at_least(value: float | None, bound: float) -> bool | None:
+        return None if value is None else value >= bound
+
+    nr, db = ratios.get("nodered", {}), ratios.get("dbos", {})
+    goal("throughput_vs_nodered", ">= 0.5x Node-RED", nr.get("throughput_rps"), at_least(nr.get("throughput_rps"), 0.5))
+    goal("throughput_vs_dbos", ">= 5x DBOS", db.get("throughput_rps"), at_least(db.get("throughput_rps"), 5))
+    p50 = db.get("latency_p50_ms")
+    goal("latency_p50_vs_dbos", "<= 0.5x DBOS", p50, None if p50 is None else p50 <= 0.5)
+    goal("write_bytes_per_flow", "<= 16384", f["write_bytes_per_flow"], f["write_bytes_per_flow"] <= 16384)
+    goal("cpu_ms_per_flow", "<= 0.6", f["cpu_ms_per_flow"], f["cpu_ms_per_flow"] <= 0.6)
+    goal("pss_idle_mib", "<= 40", f["pss_idle_mib"], f["pss_idle_mib"] <= 40)
+    return {"engines": engines, "ratios": ratios, "goals_issue12": goals12}
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        if abs(value) >= 100:
+            return f"{value:.1f}"
+        return f"{value:.3g}" if abs(value) < 1 else f"{value:.2f}".rstrip("0").rstrip(".")
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def print_comparison(r: dict[str, Any]) -> None:
+    cmp = r["comparison"]
+    engines, ratios, g12 = cmp["engines"], cmp["ratios"], cmp["goals_issue12"]
+    names = list(engines)
+    goal_rows = {"throughput_rps": ["throughput_vs_nodered", "throughput_vs_dbos"],
+                 "latency_p50_ms": ["latency_p50_vs_dbos"], "write_bytes_per_flow": ["write_bytes_per_flow"],
+                 "cpu_ms_per_flow": ["cpu_ms_per_flow"], "pss_idle_mib": ["pss_idle_mib"]}
+    print()
+    print(f"per flow: flowd (synchronous={r['config']['synchronous']}) and its peers, this one command "
+          f"(C={r['config']['tp_c']} N={r['config']['tp_n']}, C=1 N={r['config']['lat_n']})")
+    print("  ratio = flowd / peer: above 1 is better for throughput, below 1 is better for everything else")
+    head = f"  {'figure':<50}" + "".join(f"{PEER_NAMES.get(n, n):>11}" for n in names)
+    head += "".join(f"{'flowd/' + PEER_NAMES.get(n, n)[:4]:>12}" for n in names[1:]) + "   goal (issue 12)"
+    print(head)
+    for key, label, _ in PER_FLOW:
+        label = label.format(c=r["config"]["tp_c"])
+        line = f"  {label:<50}" + "".join(f"{_fmt(engines[n].get(key)):>11}" for n in names)
+        line += "".join(f"{_fmt(ratios[n].get(key)) + ('x' if ratios[n].get(key) is not None else ''):>12}"
+                        for n in names[1:])
+        marks = []
+        for gk in goal_rows.get(key, []):
+            gv = g12[gk]
+            marks.append(f"{gv['goal']}: {'-' if gv['met'] is None else ('ok' if gv['met'] else 'MISSED')}")
+        print(line + ("   " + "; ".join(marks) if marks else ""))
+    counts = r.get("counts")
+    if counts:
+        c = counts["c100"]
+        by_db = ", ".join(f"{db} {v['statements']} statements / {v['write_transactions']} write tx"
+                          for db, v in c["by_database"].items())
+        by_file = ", ".join(f"{fn} {v['syncs']}" for fn, v in c["syncs_by_file"].items()) or "-"
+        print(f"  flowd at C={r['config']['tp_c']} per flow, by database: {by_db}; fsyncs by file: {by_file}")
+        idle = counts["idle_per_second"]
+        print(f"  flowd idle ({idle['seconds']:g} s): {idle['statements']} statements, {idle['write_transactions']} "
+              f"write transactions, {idle['fsyncs']} fsyncs per second")
+    for name, peer in (r.get("peers") or {}).items():
+        if "error" in peer:
+            print(f"  {PEER_NAMES[name]} peer failed: {peer['error']}")
+    print("  CPU and bytes: the whole process tree (children included) over the run; counts: a separate "
+          "counted pass (not timed). Node-RED keeps flows in memory (no database); its fsyncs are not counted.")
+
+
 # ---------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="flowd benchmark: figures next to the issue 7 goals.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny counts, for the smoke test (figures meaningless)")
     p.add_argument("--synchronous", choices=("full", "normal"), default="full", help="[database] synchronous")
-    p.add_argument("--peer", action="store_true", help="also run Node-RED via peer_nodered.sh")
-    p.add_argument("--peer-dir", default="/tmp/peer", help="PEER_DIR for peer_nodered.sh")
+    p.add_argument("--peer", action="store_true", help="also run the peers, Node-RED (peer_nodered.sh) and DBOS "
+                   "(peer_dbos.sh), with the same N and C")
+    p.add_argument("--peers", default="nodered,dbos", help="which peers --peer runs (comma-separated)")
+    p.add_argument("--peer-dir", default="/tmp/peer", help="PEER_DIR of the peer scripts (their installs, reused)")
+    p.add_argument("--no-counts", action="store_true", help="skip the counted passes (statements, transactions, "
+                   "fsyncs)")
+    p.add_argument("--count-lat-n", type=int, default=200, help="flows of the counted C=1 run")
+    p.add_argument("--count-tp-n", type=int, default=2000, help="flows of the counted C=100 run")
+    p.add_argument("--count-idle-seconds", type=float, default=5.0, help="idle window of the counted pass")
+    p.add_argument("--tail", type=float, default=1.0, help="seconds after a client run before its CPU, bytes and "
+                   "counts are read (outbox deletes, checkpoints)")
     p.add_argument("--json-out", metavar="FILE", help="also write the JSON result here")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--lat-n", type=int, default=500)
@@ -668,6 +1064,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         a.idle_seconds, a.settle = min(a.idle_seconds, 1.0), 1.0
         a.huey_pipelines, a.huey_burst, a.huey_noops = 3, 5, 20
         a.run_timeout = min(a.run_timeout, 30.0)
+        a.count_lat_n, a.count_tp_n, a.count_idle_seconds, a.tail = 10, 20, 0.5, 0.3
+    names = [n.strip() for n in a.peers.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PEER_SCRIPTS]
+    if unknown:
+        p.error(f"--peers: unknown {', '.join(unknown)} (known: {', '.join(PEER_SCRIPTS)})")
+    a.peers = names if a.peer else []
     return a
 
 
@@ -695,18 +1097,21 @@ def main(argv: list[str] | None = None) -> int:
                         machine=machine(),
                         versions=versions(), config={
                             "workers": a.workers, "synchronous": a.synchronous, "quick": a.quick, "lat_n": a.lat_n,
-                            "tp_n": a.tp_n, "tp_c": a.tp_c, "broker": "mosquitto set_tcp_nodelay, no persistence"})
+                            "tp_n": a.tp_n, "tp_c": a.tp_c, "peers": a.peers, "count_lat_n": a.count_lat_n,
+                            "count_tp_n": a.count_tp_n, "tail_s": a.tail,
+                            "broker": "mosquitto set_tcp_nodelay, no persistence"})
     code = 0
+    t_start = time.monotonic()
     try:
         try:
             bench.measure_flowd()
         finally:
             bench.stop_flowd()
+        bench.measure_peers()
         if a.no_huey:
             bench.result["huey_raw"] = {}
         else:
             bench.measure_huey()
-        bench.measure_peer()
     except BenchError as exc:
         log(f"ERROR: {exc}")
         code = 1
@@ -720,14 +1125,18 @@ def main(argv: list[str] | None = None) -> int:
         signal.alarm(0)
         children.stop_all()
         if a.keep or code:
-            log(f"work folder kept: {work}")
+            log(f"work folder kept: {work}; counter files: {bench.count_root}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(bench.count_root, ignore_errors=True)
     if code:
         return code
     r = bench.result
+    r["run_seconds"] = round(time.monotonic() - t_start, 1)
     r["goals"] = goals(r)
+    r["comparison"] = comparison(r)
     print_table(r)
+    print_comparison(r)
     line = json.dumps(r, separators=(",", ":"))
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(r, indent=2) + "\n")

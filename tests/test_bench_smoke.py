@@ -21,10 +21,14 @@ CLIENT = Path(os.environ.get("FLOWD_BENCH_SHARED", "/work/shared/bench")) / "mqt
 TOP_KEYS = {
     "engine", "date", "machine", "versions", "config", "startup_ms", "pss_idle_mib", "rss_idle_mib", "processes",
     "idle_cpu_pct", "idle_seconds", "latency", "throughput", "disk_write_bytes_per_flow", "pss_after_mib",
-    "rss_after_mib", "work_dir", "db_flows", "db_files", "db_mib", "db_bytes_per_flow", "huey_raw", "peer", "goals",
+    "rss_after_mib", "work_dir", "db_flows", "db_files", "db_mib", "db_bytes_per_flow", "huey_raw", "peers", "goals",
+    "counts", "comparison", "run_seconds",
 }
 RUN_KEYS = {"sent", "received", "lost", "duplicates", "throughput_rps", "p50_ms", "p90_ms", "p99_ms",
-            "engine_cpu_s", "broker_cpu_s", "engine_cpu_ms_per_flow"}
+            "engine_cpu_s", "broker_cpu_s", "engine_cpu_ms_per_flow", "cpu_ms_per_flow", "io", "write_bytes_per_flow",
+            "wchar_per_flow"}
+COUNT_KEYS = {"statements_per_flow", "write_transactions_per_flow", "transactions_per_flow", "fsyncs_per_flow",
+              "by_database", "syncs_by_file"}
 HUEY_KEYS = {"pipeline_p50_ms", "pipeline_p99_ms", "pipeline_steps_per_s", "noop_tasks_per_s"}
 GOAL_KEYS = {"throughput_rps", "latency_p50_ms", "latency_p99_ms", "pss_idle_mib", "startup_ms", "idle_cpu_pct"}
 
@@ -66,7 +70,21 @@ def test_quick_bench_reports_every_figure_and_loses_nothing(tmp_path: Path) -> N
     for run in result["huey_raw"].values():
         assert run.keys() >= HUEY_KEYS
     assert set(result["goals"]) == GOAL_KEYS
-    assert result["peer"] is None
+    assert result["peers"] == {}
+    # the counted pass: SQL through the sitecustomize, fsyncs through the LD_PRELOAD shim
+    counts = result["counts"]
+    for run in ("c1", "c100"):
+        assert counts[run].keys() >= COUNT_KEYS, (run, COUNT_KEYS - counts[run].keys())
+        assert counts[run]["flows"] > 0
+        assert counts[run]["statements_per_flow"] > 0, counts[run]
+        assert counts[run]["write_transactions_per_flow"] > 0, counts[run]
+        assert "flowd.db" in counts[run]["by_database"], counts[run]["by_database"]
+        if counts["fsyncs_counted"]:  # synchronous = full: a durable commit syncs the WAL
+            assert counts[run]["fsyncs_per_flow"] > 0, counts[run]
+    engines = result["comparison"]["engines"]
+    assert set(engines) == {"flowd"}
+    assert engines["flowd"]["statements_per_flow"] == counts["c100"]["statements_per_flow"]
+    assert result["throughput"]["write_bytes_per_flow"] > 0
     assert result["processes"] >= 4  # daemon, pool, huey scheduler, two workers
     assert result["pss_idle_mib"] > 0 and result["startup_ms"] > 0
     assert result["db_flows"] >= 40  # probe flows + 20 + 20
@@ -75,3 +93,4 @@ def test_quick_bench_reports_every_figure_and_loses_nothing(tmp_path: Path) -> N
     # flowd (--config <work>/flowd.toml) and mosquitto (-c <work>/mosquitto.conf) are gone
     assert result["work_dir"].startswith("/")
     assert not _processes_mentioning(result["work_dir"]), "the bench left processes running"
+    assert not Path(result["work_dir"]).exists()
