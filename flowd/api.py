@@ -41,7 +41,7 @@ def configure(config: Config | str | None = None) -> Engine:
     cfg = config if isinstance(config, Config) else load_config(config)
     init_database(cfg.database)
     queue.configure_queue(cfg)
-    _engine = Engine(cfg, enqueue=queue.enqueue_flow)
+    _engine = Engine(cfg, enqueue=queue.enqueue_flow, enqueue_many=queue.enqueue_flows)
     return _engine
 
 

@@ -40,6 +40,7 @@ MAX_INTERRUPTIONS = 5
 MAX_SUBFLOW_DEPTH = 8
 CANCEL_SIGNAL = signal.SIGUSR1
 Enqueue = Callable[[int, int, float | None], None]
+EnqueueMany = Callable[[list[tuple[int, int]]], None]
 
 
 @dataclass
@@ -90,6 +91,7 @@ class ClaimedStep:
     kwargs: dict[str, Any]
     results: list[dict[str, Any]]
     deadline: dt.datetime | None
+    started_at: dt.datetime | None = None  # set by the runner when perform() really starts
 
 
 def flow_status_payload(flow: Any, child_id: int | None = None) -> dict[str, Any]:
@@ -147,15 +149,26 @@ class Engine:
     >>> flow, created = engine.submit("fetch-weather", ["a"], {"city": "Oslo"})
     """
 
-    def __init__(self, config: Config, enqueue: Enqueue):
+    def __init__(self, config: Config, enqueue: Enqueue, enqueue_many: EnqueueMany | None = None):
         self.config = config
         self._enqueue = enqueue
+        self._enqueue_many = enqueue_many
         self.definitions = store.Definitions()
 
     # ------------------------------------------------------------------ effects
     def _apply(self, effects: Effects) -> None:
+        now = [(flow_id, token) for flow_id, token, delay in effects.enqueue if not delay or delay <= 0]
+        if self._enqueue_many is not None and len(now) > 1:
+            # Flows admitted together travel together: one message per worker, not per flow.
+            chunks = min(max(self.config.flowd.workers, 1), len(now))
+            for index in range(chunks):
+                self._enqueue_many(now[index::chunks])
+        else:
+            for flow_id, token in now:
+                self._enqueue(flow_id, token, None)
         for flow_id, token, delay in effects.enqueue:
-            self._enqueue(flow_id, token, delay)
+            if delay and delay > 0:
+                self._enqueue(flow_id, token, delay)
         if effects.published:
             outbox.notify(self.config.flowd.state_dir)
         for pid in effects.signal_pids:
@@ -405,39 +418,55 @@ class Engine:
     def claim(self, flow_id: int, token: int, pid: int, now: dt.datetime | None = None) -> ClaimedStep | None:
         """Take the flow for this worker and start its current step; None if the queue
         message is stale (token changed, flow ended or already held)."""
+        steps = self.claim_many([(flow_id, token)], pid, now)
+        return steps[0] if steps else None
+
+    def claim_many(self, pairs: list[tuple[int, int]], pid: int, now: dt.datetime | None = None
+                   ) -> list[ClaimedStep]:
+        """Take several flows (one queue message) in one transaction; the steps of those
+        whose message is not stale, in message order."""
         effects = Effects()
         now = now or utcnow()
-        step: ClaimedStep | None = None
+        steps: list[ClaimedStep] = []
         self.definitions.refresh()
         # Made durable by the next sync point: if a power cut loses the claim, recovery queues the step again.
         with write_transaction(sync=False):
-            flow = store.get_flow(flow_id)
-            if (flow is None or flow.dispatch_token != token or not flow.admitted
-                    or flow.state not in (FlowState.INIT.value, FlowState.RUNNING.value) or flow.worker_pid):
-                return None
-            if flow.next_attempt_at and flow.next_attempt_at > now + dt.timedelta(seconds=0.05):
-                effects.enqueue.append((flow.id, flow.dispatch_token, (flow.next_attempt_at - now).total_seconds()))
-            elif flow.deadline and now >= flow.deadline:
-                self._end(flow, FlowState.FAILED, effects, now, error=self._flow_timeout_text(flow))
-            else:
-                changes: dict[str, Any] = {"worker_pid": pid, "next_attempt_at": None, "updated_at": now}
-                if flow.state == FlowState.INIT.value:
-                    info = self.definitions.routines.get(flow.routine)
-                    changes.update(state=FlowState.RUNNING.value, started_at=flow.started_at or now)
-                    if info is not None and info.timeout and flow.deadline is None:
-                        changes["deadline"] = now + dt.timedelta(seconds=info.timeout)
-                    store.update_flow(flow, **changes)
-                    self._publish_status(flow, effects, now)
-                else:
-                    store.update_flow(flow, **changes)
-                if flow.position == 0:
-                    step_input = {"args": flow.args or [], "kwargs": flow.kwargs or {}}
-                    results: list[Any] = []
-                else:
-                    step_input = store.step_output(flow.id, flow.position - 1) or {"args": [], "kwargs": {}}
-                    results = store.done_outputs(flow.id, flow.position)
-                step = self._start_step(flow, step_input, results, pid, now)
+            for flow_id, token in pairs:
+                step = self._claim_one(flow_id, token, pid, effects, now)
+                if step is not None:
+                    steps.append(step)
         self._apply(effects)
+        return steps
+
+    def _claim_one(self, flow_id: int, token: int, pid: int, effects: Effects, now: dt.datetime
+                   ) -> ClaimedStep | None:
+        step: ClaimedStep | None = None
+        flow = store.get_flow(flow_id)
+        if (flow is None or flow.dispatch_token != token or not flow.admitted
+                or flow.state not in (FlowState.INIT.value, FlowState.RUNNING.value) or flow.worker_pid):
+            return None
+        if flow.next_attempt_at and flow.next_attempt_at > now + dt.timedelta(seconds=0.05):
+            effects.enqueue.append((flow.id, flow.dispatch_token, (flow.next_attempt_at - now).total_seconds()))
+        elif flow.deadline and now >= flow.deadline:
+            self._end(flow, FlowState.FAILED, effects, now, error=self._flow_timeout_text(flow))
+        else:
+            changes: dict[str, Any] = {"worker_pid": pid, "next_attempt_at": None, "updated_at": now}
+            if flow.state == FlowState.INIT.value:
+                info = self.definitions.routines.get(flow.routine)
+                changes.update(state=FlowState.RUNNING.value, started_at=flow.started_at or now)
+                if info is not None and info.timeout and flow.deadline is None:
+                    changes["deadline"] = now + dt.timedelta(seconds=info.timeout)
+                store.update_flow(flow, **changes)
+                self._publish_status(flow, effects, now)
+            else:
+                store.update_flow(flow, **changes)
+            if flow.position == 0:
+                step_input = {"args": flow.args or [], "kwargs": flow.kwargs or {}}
+                results: list[Any] = []
+            else:
+                step_input = store.step_output(flow.id, flow.position - 1) or {"args": [], "kwargs": {}}
+                results = store.done_outputs(flow.id, flow.position)
+            step = self._start_step(flow, step_input, results, pid, now)
         return step
 
     def _flow_timeout_text(self, flow: Row) -> str:
@@ -475,23 +504,39 @@ class Engine:
         Returns the next step to run, or None when the flow ended, was cancelled, or
         ``stop`` is set (shutdown: the next step is queued instead of run here).
         """
+        nxt = self.finish_many([(step, output)], pid, hold=not stop, now=now)
+        return nxt[0] if nxt else None
+
+    def finish_many(self, finished: list[tuple[ClaimedStep, dict[str, Any]]], pid: int, *, hold: bool = True,
+                    now: dt.datetime | None = None) -> list[ClaimedStep]:
+        """Commit several finished steps, and start the next step of each, in one
+        transaction (group commit); returns the next steps, held by ``pid`` (or queued
+        for any worker when ``hold`` is false). Flows no longer held are skipped."""
         effects = Effects()
         now = now or utcnow()
-        nxt: ClaimedStep | None = None
+        nxt: list[ClaimedStep] = []
         with write_transaction(sync=False):
-            flow, result = self._held(step, pid)
-            if flow is None or result is None:
-                return None
-            nxt = self._advance(flow, result, output, effects, now, pid=None if stop else pid,
-                                results=[*step.results, output])
+            for step, output in finished:
+                flow, result = self._held(step, pid)
+                if flow is None or result is None:
+                    continue
+                started = self._advance(flow, result, output, effects, now, pid=pid if hold else None,
+                                        results=[*step.results, output], started_at=step.started_at)
+                if started is not None:
+                    nxt.append(started)
         self._apply(effects)
         return nxt
 
     def _advance(self, flow: Row, result: Row, output: Any, effects: Effects, now: dt.datetime,
-                 pid: int | None = None, results: list[Any] | None = None) -> ClaimedStep | None:
+                 pid: int | None = None, results: list[Any] | None = None,
+                 started_at: dt.datetime | None = None) -> ClaimedStep | None:
         """Record ``output`` for the running attempt; start the next step (held by ``pid``,
         or queued when pid is None) or end the flow DONE."""
-        store.update_result(result.id, state=StepState.DONE.value, output=output, finished_at=now)
+        if started_at is not None:  # when perform() really began (a batch claims steps before they run)
+            store.update_result(result.id, state=StepState.DONE.value, output=output, finished_at=now,
+                                started_at=started_at)
+        else:
+            store.update_result(result.id, state=StepState.DONE.value, output=output, finished_at=now)
         if flow.position + 1 >= len(flow.steps):
             self._end(flow, FlowState.DONE, effects, now, result=output)
             return None
@@ -513,12 +558,47 @@ class Engine:
 
     def release(self, step: ClaimedStep, pid: int) -> None:
         """Give back a held step that has not started (shutdown): recovery re-queues it."""
+        self.release_many([step], pid, requeue=False)
+
+    def release_many(self, steps: list[ClaimedStep], pid: int, *, requeue: bool,
+                     now: dt.datetime | None = None) -> None:
+        """Give back held steps that have not started, in one transaction: queued again
+        for any worker (``requeue``), or left to recovery (shutdown)."""
+        effects = Effects()
+        now = now or utcnow()
         with write_transaction(sync=False):
-            flow, result = self._held(step, pid)
-            if flow is None or result is None:
-                return
-            store.execute("DELETE FROM task_result WHERE id = ?", (result.id,))
-            store.update_flow(flow, worker_pid=None)
+            for step in steps:
+                flow, result = self._held(step, pid)
+                if flow is None or result is None:
+                    continue
+                store.execute("DELETE FROM task_result WHERE id = ?", (result.id,))
+                if requeue:
+                    self._admit(flow, effects, now)
+                else:
+                    store.update_flow(flow, worker_pid=None)
+        self._apply(effects)
+
+    @staticmethod
+    def mark_started(steps: list[ClaimedStep], now: dt.datetime | None = None) -> None:
+        """Move the ``started_at`` of held, not yet started attempts to ``now``, so the
+        reaper's step timeouts count from (about) their real start."""
+        if not steps:
+            return
+        stamp = store._encode("started_at", now or utcnow())
+        with write_transaction(sync=False):
+            for step in steps:
+                store.execute("UPDATE task_result SET started_at = ? WHERE id = ? AND state = ?",
+                              (stamp, step.task_result_id, StepState.RUNNING.value))
+
+    def held_flow_ids(self, steps: list[ClaimedStep], pid: int) -> set[int]:
+        """Which of these steps' flows this worker still holds (after a cancel signal)."""
+        if not steps:
+            return set()
+        marks = ", ".join("?" * len(steps))
+        rows = store.execute(f"SELECT id, dispatch_token FROM flow WHERE id IN ({marks}) AND state = ? "
+                             "AND worker_pid = ?", (*(s.flow_id for s in steps), FlowState.RUNNING.value, pid))
+        tokens = {s.flow_id: s.token for s in steps}
+        return {int(flow_id) for flow_id, token in rows.fetchall() if tokens.get(int(flow_id)) == token}
 
     def fail_step(self, step: ClaimedStep, error: str, pid: int | None, *, interrupted: bool = False,
                   now: dt.datetime | None = None) -> None:

@@ -337,6 +337,9 @@ def reconnect_after_fork() -> None:
         db._state.reset()  # drop the parent's handle without closing it under the parent
 
 
+write_transactions = 0  # committed by this process (all threads): tests and benchmarks read it
+
+
 @contextmanager
 def write_transaction(sync: bool = True) -> Iterator[None]:
     """A short IMMEDIATE transaction: takes the write lock first, so read-then-write
@@ -348,15 +351,18 @@ def write_transaction(sync: bool = True) -> Iterator[None]:
     whose change becomes visible only through a path that calls :func:`make_durable`
     first: the outbox publisher before it sends, the MQTT bridge before it acknowledges.
     """
+    global write_transactions
     db = database.obj
     if isinstance(db, peewee.SqliteDatabase):
         with _immediate(db):
             yield
+        write_transactions += 1
         if sync:
             make_durable()
     else:
         with db.atomic():
             yield
+        write_transactions += 1
 
 
 @contextmanager

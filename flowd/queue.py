@@ -1,7 +1,8 @@
 """The huey queue that hands flows to worker processes, and the worker pool.
 
-A queue message is only "run flow N with dispatch token T" (see engine.Flow); the
-database holds everything else. Workers do not poll: the SQLite storage blocks on a
+A queue message is only "run flows N... with dispatch tokens T..." (see engine.Flow):
+one flow, or the flows admitted together in one transaction; the database holds
+everything else. Workers do not poll: the SQLite storage blocks on a
 Unix datagram socket that every enqueue pokes (``wakeup``), so a new flow is picked
 up in well under a millisecond and an idle worker costs nothing.
 """
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 WAKE_SOCKET_NAME = "wake-queue.sock"
 RUN_FLOW_TASK = "flowd.run_flow"
+RUN_FLOWS_TASK = "flowd.run_flows"
 _IDLE_WAIT_S = 10.0  # an idle worker's longest sleep; enqueues and the stop flag wake it at once
 
 
@@ -69,11 +71,12 @@ class WakeableSqliteStorage(SqliteStorage):  # type: ignore[misc]
 
 _huey: Huey | None = None
 _run_flow_task: Any = None
+_run_flows_task: Any = None
 
 
 def configure_queue(config: Config) -> Huey:
     """Create this process's huey instance for ``config`` and register the flow task."""
-    global _huey, _run_flow_task
+    global _huey, _run_flow_task, _run_flows_task
     q = config.queue
     if q.backend == "redis":
         from huey import RedisHuey
@@ -93,6 +96,7 @@ def configure_queue(config: Config) -> Huey:
         finally:
             os.umask(old_umask)
     _run_flow_task = huey.task(name=RUN_FLOW_TASK)(_run_flow)
+    _run_flows_task = huey.task(name=RUN_FLOWS_TASK)(_run_flows)
     _huey = huey
     return huey
 
@@ -106,7 +110,13 @@ def get_huey() -> Huey:
 def _run_flow(flow_id: int, token: int) -> None:
     from flowd import runner
 
-    runner.run_flow(flow_id, token)
+    runner.run_flows([(flow_id, token)])
+
+
+def _run_flows(pairs: list[list[int]]) -> None:
+    from flowd import runner
+
+    runner.run_flows([(int(flow_id), int(token)) for flow_id, token in pairs])
 
 
 def enqueue_flow(flow_id: int, token: int, delay: float | None = None) -> None:
@@ -116,6 +126,15 @@ def enqueue_flow(flow_id: int, token: int, delay: float | None = None) -> None:
         _run_flow_task.schedule(args=(flow_id, token), delay=delay)
     else:
         _run_flow_task(flow_id, token)
+
+
+def enqueue_flows(pairs: list[tuple[int, int]]) -> None:
+    """Ask one worker to run several flows together (one queue message)."""
+    get_huey()
+    if len(pairs) == 1:
+        _run_flow_task(*pairs[0])
+    elif pairs:
+        _run_flows_task([[flow_id, token] for flow_id, token in pairs])
 
 
 def queue_depth() -> int:
@@ -131,6 +150,8 @@ def queued_flow_ids() -> set[tuple[int, int]]:
     for task in list(huey.pending()) + list(huey.scheduled()):
         if task.name.endswith(RUN_FLOW_TASK) and len(task.args) == 2:
             found.add((int(task.args[0]), int(task.args[1])))
+        elif task.name.endswith(RUN_FLOWS_TASK) and len(task.args) == 1:
+            found.update((int(flow_id), int(token)) for flow_id, token in task.args[0])
     return found
 
 

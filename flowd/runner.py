@@ -1,9 +1,12 @@
-"""Runs a claimed flow inside a huey worker process, step after step.
+"""Runs claimed flows inside a huey worker process, step after step.
 
 Per step: load the script (re-imported when its file changed), merge the Task's
 options under the incoming kwargs, call ``perform`` under a hard timeout, check the
 output is JSON, and commit it together with the start of the next step. A step that
 cannot be stopped by the timer is killed with its worker by the daemon's reaper.
+
+A queue message may carry several flows (see :mod:`flowd.batch`): they run
+breadth-first, one step of each, and the outputs of a round are committed together.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import os
 import signal
 import traceback
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flowd import outbox
 from flowd.config import Config
@@ -24,6 +27,9 @@ from flowd.errors import FlowdError, StepError
 from flowd.loader import ScriptLoader
 from flowd.models import utcnow, write_transaction
 from flowd.task import SubFlow, Wait
+
+if TYPE_CHECKING:
+    from flowd.batch import Batch
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +52,8 @@ class WorkerRuntime:
     loader: ScriptLoader
     stop_flag: Any = None
     in_user_code: bool = False
+    batch: Batch | None = None  # the flows of the message being run
+    cancel_seen: bool = False   # a cancel signal came: check the held flows before the next step
 
     def stopping(self) -> bool:
         return bool(self.stop_flag is not None and self.stop_flag.is_set())
@@ -59,14 +67,18 @@ def init_worker(config: Config, stop_flag: Any = None) -> WorkerRuntime:
     global _runtime
     from flowd import queue
 
-    _runtime = WorkerRuntime(config, Engine(config, enqueue=queue.enqueue_flow),
+    _runtime = WorkerRuntime(config, Engine(config, enqueue=queue.enqueue_flow, enqueue_many=queue.enqueue_flows),
                              ScriptLoader(config.flowd.task_paths), stop_flag)
     signal.signal(CANCEL_SIGNAL, _on_cancel_signal)
     return _runtime
 
 
 def _on_cancel_signal(signum: int, frame: Any) -> None:
-    if _runtime is not None and _runtime.in_user_code:
+    rt = _runtime
+    if rt is None:
+        return
+    rt.cancel_seen = True
+    if rt.in_user_code and (rt.batch is None or rt.batch.is_running_cancelled(rt.engine, os.getpid())):
         raise StepCancelled()
 
 
@@ -77,20 +89,22 @@ def _on_alarm(signum: int, frame: Any) -> None:
 
 def run_flow(flow_id: int, token: int) -> None:
     """Run flow ``flow_id`` from its current step until it ends, waits, or fails."""
+    run_flows([(flow_id, token)])
+
+
+def run_flows(pairs: list[tuple[int, int]]) -> None:
+    """Run the flows of one queue message until each ends, waits, or fails."""
+    from flowd.batch import run_batch
+
     rt = _runtime
     if rt is None:
         raise RuntimeError("runner.init_worker() was not called in this worker")
-    pid = os.getpid()
-    step = rt.engine.claim(flow_id, token, pid)
-    while step is not None:
-        if rt.stopping():
-            rt.engine.release(step, pid)
-            return
-        step = run_step(rt, step, pid)
+    run_batch(rt, pairs, os.getpid())
 
 
-def run_step(rt: WorkerRuntime, step: ClaimedStep, pid: int) -> ClaimedStep | None:
-    """Run one step and record its outcome; returns the next step this worker holds."""
+def run_step(rt: WorkerRuntime, step: ClaimedStep, pid: int) -> dict[str, Any] | None:
+    """Run one step; returns its output, or None once a failure, a Wait or a SubFlow
+    has been recorded (the flow leaves this worker)."""
     where = f"step {step.position + 1}/{len(step.steps)} ({step.task_name})"
     label = "perform()"  # errors: the engine prefixes the step ("step 2/3 (fetch) failed: ...")
     extra = {"FLOW_ID": step.flow_id, "ROUTINE": step.routine, "TASK": step.task_name}
@@ -125,7 +139,7 @@ def run_step(rt: WorkerRuntime, step: ClaimedStep, pid: int) -> ClaimedStep | No
         rt.engine.fail_step(step, "".join(traceback.format_exception(exc)).rstrip() + "\n"
                             f"{type(exc).__name__}: {exc}", pid)
         return None
-    return rt.engine.finish_step(step, output, pid, stop=rt.stopping())
+    return output
 
 
 def _effective_timeout(step: ClaimedStep, now: dt.datetime | None = None) -> float | None:

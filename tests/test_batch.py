@@ -1,0 +1,102 @@
+"""Several flows per queue message: breadth-first rounds, group commit, slow steps released."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from conftest import wait_for
+from flowd import api, catalog, models
+from flowd.batch import run_batch
+from flowd.engine import Engine, Submission
+from flowd.loader import ScriptLoader
+from flowd.models import Flow, TaskResult
+from flowd.runner import WorkerRuntime
+
+ENDED = ("DONE", "FAILED", "CANCELLED")
+
+
+def three_steps(paths: tuple[str, ...], middle: str = "t.Nothing", **options: Any) -> None:
+    catalog.save_task("first", "t.Tuple", task_paths=paths)
+    catalog.save_task("middle", middle, task_paths=paths, options=options)
+    catalog.save_task("last", "t.Results", task_paths=paths)
+    catalog.save_routine("three", ["first", "middle", "last"], max=1000)
+
+
+def test_a_burst_runs_in_a_few_transactions_not_one_per_step(db: Any) -> None:
+    # 60 flows admitted in one transaction travel as one message per worker; each worker
+    # claims its flows in one transaction and commits each round of steps in one more:
+    # 2 x (1 + 3) transactions for 180 steps, where one flow per message needed 240.
+    paths = db.config.flowd.task_paths
+    three_steps(paths)
+    messages: list[list[tuple[int, int]]] = []
+    engine = Engine(db.config, enqueue=lambda *a: messages.append([(a[0], a[1])]), enqueue_many=messages.append)
+    outcomes = engine.submit_many([Submission("three", [i], {"n": i}) for i in range(60)])
+    assert len(messages) == db.config.flowd.workers == 2
+    assert sorted(pair for message in messages for pair in message) == sorted(
+        (row.id, row.dispatch_token) for row, _ in outcomes)  # type: ignore[misc]
+    rt = WorkerRuntime(db.config, engine, ScriptLoader(paths))
+    before = models.write_transactions
+    for message in messages:
+        run_batch(rt, message, os.getpid())
+    used = models.write_transactions - before
+    assert used <= 2 * (1 + 3), used
+    flows = list(Flow.select())
+    assert [f.state for f in flows] == ["DONE"] * 60
+    assert all(f.result["kwargs"]["position"] == 2 for f in flows)
+    steps = [(r.position, r.attempt, r.state) for r in TaskResult.select().order_by(TaskResult.id)]
+    assert len(steps) == 180 and {s[2] for s in steps} == {"DONE"}
+    # The trace keeps each step's own run: started when perform() began, in order.
+    for flow in flows:
+        trace = api.flow_trace(flow.id)
+        assert all(a.finished_at <= b.started_at for a, b in zip(trace, trace[1:], strict=False))
+
+
+def test_a_stale_or_repeated_message_runs_nothing_twice(db: Any) -> None:
+    paths = db.config.flowd.task_paths
+    three_steps(paths)
+    messages: list[list[tuple[int, int]]] = []
+    engine = Engine(db.config, enqueue=lambda *a: messages.append([(a[0], a[1])]), enqueue_many=messages.append)
+    engine.submit_many([Submission("three") for _ in range(4)])
+    rt = WorkerRuntime(db.config, engine, ScriptLoader(paths))
+    for message in messages + messages:
+        run_batch(rt, message, os.getpid())
+    assert TaskResult.select().count() == 12
+    assert [f.state for f in Flow.select()] == ["DONE"] * 4
+
+
+def _fast_rate(engine: Engine, groups: int, size: int, timeout: float) -> float:
+    """Submit ``groups`` groups of ``size`` fast flows, one group whenever the last one
+    has ended; fast flows ended per second."""
+    start = time.monotonic()
+    for _ in range(groups):
+        outcomes = engine.submit_many([Submission("fast") for _ in range(size)])
+        ids = [row.id for row, _ in outcomes]  # type: ignore[misc]
+        wait_for(lambda ids=ids: Flow.select().where(Flow.id.in_(ids), Flow.state.in_(ENDED)).count() == len(ids),
+                 timeout, 0.005, "a group of fast flows to end")
+    return groups * size / (time.monotonic() - start)
+
+
+def test_a_slow_step_holds_nobody_hostage(db: Any, worker_pool: Any) -> None:
+    # workers = 2. A flow whose step sleeps 10 s arrives in the same message as fast
+    # flows; the worker that runs it hands the others back to the queue, and the other
+    # worker keeps fast flows completing at no less than about half the unloaded rate.
+    paths = db.config.flowd.task_paths
+    catalog.save_task("quick", "t.Nothing", task_paths=paths)
+    catalog.save_task("slow", "t.Sleep", task_paths=paths, options={"seconds": 10})
+    catalog.save_routine("fast", ["quick", "quick", "quick"], max=1000)
+    catalog.save_routine("slow", ["slow"])
+    _fast_rate(db, 3, 10, 20)  # warm up both workers
+    unloaded = _fast_rate(db, 15, 10, 20)
+    outcomes = db.submit_many([Submission("slow")] + [Submission("fast") for _ in range(9)])
+    slow_id = outcomes[0][0].id  # type: ignore[index]
+    wait_for(lambda: TaskResult.select().where(TaskResult.flow == slow_id, TaskResult.state == "RUNNING").exists(),
+             10, message="the slow step to start")
+    loaded = _fast_rate(db, 15, 10, 20)
+    assert api.get_flow(slow_id).state == "RUNNING", "the slow step ended before the measurement did"
+    print(f"fast flows per second: unloaded {unloaded:.0f}, with a 10 s step running {loaded:.0f}")
+    assert loaded >= 0.4 * unloaded, (loaded, unloaded)
+    # Its batch's fast flows were not kept waiting for the slow step either.
+    fast_ids = [row.id for row, _ in outcomes[1:]]  # type: ignore[misc]
+    assert Flow.select().where(Flow.id.in_(fast_ids), Flow.state == "DONE").count() == 9
