@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 WAKE_SOCKET_NAME = "wake-queue.sock"
 RUN_FLOW_TASK = "flowd.run_flow"
 RUN_FLOWS_TASK = "flowd.run_flows"
+MAX_FLOWS_PER_RUN = 64  # a worker merges waiting messages into the one it took, up to this many flows
 _IDLE_WAIT_S = 10.0  # an idle worker's longest sleep; enqueues and the stop flag wake it at once
 
 
@@ -61,6 +62,11 @@ class WakeableSqliteStorage(SqliteStorage):  # type: ignore[misc]
     def enqueue(self, data: bytes, priority: float | None = None) -> None:
         super().enqueue(data, priority)
         send_wakeup(self.wake_path)
+
+    def dequeue_waiting(self) -> bytes | None:
+        """A message already in the queue, or None at once (never waits)."""
+        data: bytes | None = super().dequeue()
+        return data
 
     def dequeue(self) -> bytes | None:
         data: bytes | None = super().dequeue()
@@ -110,13 +116,44 @@ def get_huey() -> Huey:
 def _run_flow(flow_id: int, token: int) -> None:
     from flowd import runner
 
-    runner.run_flows([(flow_id, token)])
+    runner.run_flows(_take_waiting([(flow_id, token)]))
 
 
 def _run_flows(pairs: list[list[int]]) -> None:
     from flowd import runner
 
-    runner.run_flows([(int(flow_id), int(token)) for flow_id, token in pairs])
+    runner.run_flows(_take_waiting([(int(flow_id), int(token)) for flow_id, token in pairs]))
+
+
+def _flows_of(task: Any) -> list[tuple[int, int]] | None:
+    if task.name.endswith(RUN_FLOW_TASK) and len(task.args) == 2:
+        return [(int(task.args[0]), int(task.args[1]))]
+    if task.name.endswith(RUN_FLOWS_TASK) and len(task.args) == 1:
+        return [(int(flow_id), int(token)) for flow_id, token in task.args[0]]
+    return None
+
+
+def _take_waiting(pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Add the flows of messages already waiting (never wait for more): under load the
+    batches a worker commits together grow by themselves."""
+    huey = get_huey()
+    storage = huey.storage
+    if not isinstance(storage, WakeableSqliteStorage):
+        return pairs
+    while len(pairs) < MAX_FLOWS_PER_RUN:
+        data = storage.dequeue_waiting()
+        if data is None:
+            break
+        task = huey.deserialize_task(data)
+        more = _flows_of(task)
+        if more is None or not huey.ready_to_run(task):
+            if task.eta:  # not due yet: into the schedule, as huey's consumer does
+                huey.add_schedule(task)
+            else:
+                storage.enqueue(data)
+            break
+        pairs.extend(more)
+    return pairs
 
 
 def enqueue_flow(flow_id: int, token: int, delay: float | None = None) -> None:
@@ -148,10 +185,7 @@ def queued_flow_ids() -> set[tuple[int, int]]:
     huey = get_huey()
     found: set[tuple[int, int]] = set()
     for task in list(huey.pending()) + list(huey.scheduled()):
-        if task.name.endswith(RUN_FLOW_TASK) and len(task.args) == 2:
-            found.add((int(task.args[0]), int(task.args[1])))
-        elif task.name.endswith(RUN_FLOWS_TASK) and len(task.args) == 1:
-            found.update((int(flow_id), int(token)) for flow_id, token in task.args[0])
+        found.update(_flows_of(task) or ())
     return found
 
 

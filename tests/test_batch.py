@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from typing import Any
 
 from conftest import wait_for
+
 from flowd import api, catalog, models
 from flowd.batch import run_batch
 from flowd.engine import Engine, Submission
@@ -50,7 +52,7 @@ def test_a_burst_runs_in_a_few_transactions_not_one_per_step(db: Any) -> None:
     # The trace keeps each step's own run: started when perform() began, in order.
     for flow in flows:
         trace = api.flow_trace(flow.id)
-        assert all(a.finished_at <= b.started_at for a, b in zip(trace, trace[1:], strict=False))
+        assert all(a.finished_at <= b.started_at for a, b in itertools.pairwise(trace))
 
 
 def test_a_stale_or_repeated_message_runs_nothing_twice(db: Any) -> None:
@@ -100,3 +102,20 @@ def test_a_slow_step_holds_nobody_hostage(db: Any, worker_pool: Any) -> None:
     # Its batch's fast flows were not kept waiting for the slow step either.
     fast_ids = [row.id for row, _ in outcomes[1:]]  # type: ignore[misc]
     assert Flow.select().where(Flow.id.in_(fast_ids), Flow.state == "DONE").count() == 9
+
+
+def test_messages_with_several_flows_are_seen_by_the_lost_message_check(db: Any) -> None:
+    # The reaper re-queues an admitted flow only when no queue message names it: a
+    # message that carries several flows names each of them. A worker that takes one
+    # message merges those already waiting (never waits for more), due ones only.
+    from flowd import queue
+
+    queue.flush_queue()
+    queue.enqueue_flows([(1, 5), (2, 6)])
+    queue.enqueue_flow(3, 7)
+    queue.enqueue_flow(4, 8, delay=60)
+    assert queue.queued_flow_ids() == {(1, 5), (2, 6), (3, 7), (4, 8)}
+    assert queue.queue_depth() == 3
+    assert sorted(queue._take_waiting([(9, 1)])) == [(1, 5), (2, 6), (3, 7), (9, 1)]
+    assert queue.queued_flow_ids() == {(4, 8)}
+    queue.flush_queue()
