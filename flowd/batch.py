@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SLOW_STEP_S = 0.03        # a step running longer hands the rest of its batch to other workers
-RESTAMP_AFTER_S = 0.5     # claimed attempts not started this long get a fresh started_at
+RESTAMP_AFTER_S = 0.25    # claimed attempts not started this long get a fresh started_at
 FLUSH_AFTER_S = 0.25      # outputs are committed at the latest this long after the first of them
 
 
@@ -235,4 +235,5 @@ def _watchdog(rt: WorkerRuntime) -> Watchdog:
     found = _watchdogs.get(os.getpid())
     if found is None:
         found = _watchdogs[os.getpid()] = Watchdog(rt)
+    found.rt = rt
     return found

@@ -150,7 +150,17 @@ def insert_flow(values: dict[str, Any]) -> int:
 
 
 def update_flow(flow: Row, **changes: Any) -> None:
-    """Write ``changes`` to the flow's row and to ``flow`` itself."""
+    """Write ``changes`` to the flow's row and to ``flow`` itself.
+
+    Columns whose value ``flow`` already has are left out: a column not in the SET
+    list costs no index update (``state`` is in two indexes), and an empty change
+    costs no statement. ``flow`` must be what the row holds (read in this transaction).
+    """
+    known = flow.__dict__
+    changes = {name: value for name, value in changes.items() if name not in known or known[name] != value
+               or type(known[name]) is not type(value)}
+    if not changes:
+        return
     names = sorted(changes)
     sql = f'UPDATE flow SET {", ".join(chr(34) + n + chr(34) + " = ?" for n in names)} WHERE id = ?'
     execute(sql, [*(_encode(n, changes[n]) for n in names), flow.id])

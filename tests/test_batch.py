@@ -119,3 +119,44 @@ def test_messages_with_several_flows_are_seen_by_the_lost_message_check(db: Any)
     assert sorted(queue._take_waiting([(9, 1)])) == [(1, 5), (2, 6), (3, 7), (9, 1)]
     assert queue.queued_flow_ids() == {(4, 8)}
     queue.flush_queue()
+
+
+def test_claimed_steps_never_look_overdue_before_they_start(db: Any) -> None:
+    # 120 flows in one message, each step 20 ms: the last step of a round starts ~2.4 s
+    # after the round was claimed. The reaper kills a worker whose attempt has run past
+    # its task's timeout (+ grace) by started_at; an attempt that is only claimed must
+    # not look as if it had been running since the claim.
+    import threading
+
+    paths = db.config.flowd.task_paths
+    catalog.save_task("nap", "t.Sleep", task_paths=paths, options={"seconds": 0.02}, timeout=1)
+    catalog.save_routine("naps", ["nap"], max=1000)
+    messages: list[list[tuple[int, int]]] = []
+    engine = Engine(db.config, enqueue=lambda *a: messages.append([(a[0], a[1])]), enqueue_many=messages.append)
+    engine.submit_many([Submission("naps") for _ in range(120)])
+    pending = [[pair for message in messages for pair in message]]
+    messages.clear()
+    oldest: list[float] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            now = models.utcnow()
+            ages = [(now - r.started_at).total_seconds() for r in TaskResult.select().where(
+                TaskResult.state == "RUNNING")]
+            oldest.append(max(ages, default=0.0))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    rt = WorkerRuntime(db.config, engine, ScriptLoader(paths))
+    try:
+        while pending:
+            for message in pending:
+                run_batch(rt, message, os.getpid())
+            pending, messages[:] = list(messages), []
+    finally:
+        stop.set()
+        sampler.join()
+    assert [f.state for f in Flow.select()] == ["DONE"] * 120
+    assert len(oldest) > 20 and max(oldest) < 1.0, max(oldest)
