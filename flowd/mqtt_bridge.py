@@ -28,7 +28,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from flowd import __version__, outbox
+from flowd import __version__, integrity, outbox
 from flowd.config import Config
 from flowd.engine import Engine, flow_status_payload
 from flowd.errors import ConfigError, InputError
@@ -446,9 +446,10 @@ class MqttBridge:
                 self.handle_submit(message.topic, bytes(message.payload), message.properties)
             else:
                 self.handle_event(message.topic, bytes(message.payload), bool(message.retain))
-        except Exception:
+        except Exception as exc:
             # Not acknowledged either: the broker delivers it again on the next connection.
-            log.exception("MQTT: could not handle a message on '%s'", message.topic)
+            if not integrity.note_damage(exc, f"a message on '{message.topic}'"):  # damage: the daemon stops
+                log.exception("MQTT: could not handle a message on '%s'", message.topic)
             return
         try:
             client.ack(message.mid, message.qos)
