@@ -336,6 +336,9 @@ def recovery_text(report: RecoveryReport) -> str:
     lines.append(f"  flows now:                  {by_state(report.flows_after)}")
     if report.lost_flows:
         lines.append(f"  flows lost, by last state:  {by_state(report.lost_flows)}")
+    if report.flows_missing_steps:
+        lines.append(f"  flows saved without some step records: {id_ranges(report.flows_missing_steps)} "
+                     "('flowctl flow show ID' lists what is left)")
     if report.lost_and_found:
         lines.append(f"  {report.lost_and_found} row(s) whose table could not be told are in "
                      f"{report.lost_and_found_file} (table lost_and_found)")

@@ -108,9 +108,11 @@ class CheckResult:
         return asdict(self)
 
 
-def check_file(path: Path, *, what: str = "database", full: bool = False) -> CheckResult:
+def check_file(path: Path, *, what: str = "database", full: bool = False, describe: bool = False) -> CheckResult:
     """``PRAGMA quick_check`` (or ``integrity_check``) of ``path`` on a read-only connection.
 
+    ``describe`` adds, for a damaged file, every unreadable page and its table (flowd's
+    own reader goes through the whole file: seconds per 100 MB, so not at daemon start).
     Raises StoreUnavailable when the file cannot be checked at all (locked, no access);
     damage is a result, not an exception.
     """
@@ -138,7 +140,7 @@ def check_file(path: Path, *, what: str = "database", full: bool = False) -> Che
         conn.close()
     result.problems = [p for p in result.problems if not p.startswith("*** in database")][:MAX_PROBLEMS]
     result.ok = not result.problems
-    if not result.ok:
+    if not result.ok and describe:
         result.problems.extend(_unreadable_pages(path))
     result.seconds = round(time.monotonic() - started, 3)
     return result
@@ -174,9 +176,9 @@ def check_files(config: Config, *, full: bool = False) -> list[CheckResult]:
         raise StoreUnavailable(f"the database {path} does not exist yet; start flowd once or check "
                                "[database] url / [flowd] state_dir")
     else:
-        results = [check_file(path, full=full)]
+        results = [check_file(path, full=full, describe=True)]
     if config.queue.backend == "sqlite":
-        queue = check_file(Path(config.queue.path), what="queue file", full=full)
+        queue = check_file(Path(config.queue.path), what="queue file", full=full, describe=True)
         if queue.ok is None:
             queue.note = "does not exist yet (flowd creates it at start)"
         results.append(queue)
@@ -184,8 +186,12 @@ def check_files(config: Config, *, full: bool = False) -> list[CheckResult]:
 
 
 def _summary(result: CheckResult) -> str:
-    more = len(result.problems) - 1
-    return result.problems[0] + (f"; {more} more problem(s)" if more > 0 else "")
+    """SQLite's first finding and flowd's reader's first (which names the page and its table)."""
+    ours = [p for p in result.problems if p.startswith(("page ", "the file header"))]
+    theirs = [p for p in result.problems if p not in ours]
+    shown = theirs[:1] + ours[:1]
+    more = len(result.problems) - len(shown)
+    return "; ".join(shown) + (f"; {more} more problem(s)" if more > 0 else "")
 
 
 def database_file(config: Config) -> Path | None:
@@ -270,6 +276,7 @@ class RecoveryReport:
     flows_before: dict[str, int] = field(default_factory=dict)   # by state, from the flow_state index
     flows_after: dict[str, int] = field(default_factory=dict)
     lost_flows: dict[str, int] = field(default_factory=dict)     # by state, where the index still said it
+    flows_missing_steps: list[int] = field(default_factory=list)  # saved flows whose step records were lost
     disabled_routines: list[str] = field(default_factory=list)
     queue_kept_as: str | None = None
     seconds: float = 0.0
@@ -579,6 +586,10 @@ def _report_tables(found: Salvage, saved_ids: dict[str, set[int]], dropped: dict
         state = str(states.get(flow_id, "unknown"))
         lost[state] = lost.get(state, 0) + 1
     report.lost_flows = dict(sorted(lost.items()))
+    owners = found.indexed.get("task_result", {}).get("task_result_flow_id", {})
+    saved_flows = saved_ids.get("flow", set())
+    missing = {owners.get(rid) for rid in report.tables.get("task_result", TableReport(0, 0)).lost_ids}
+    report.flows_missing_steps = sorted(f for f in missing if isinstance(f, int) and f in saved_flows)
 
 
 def _write_lost_and_found(target: Path, rows: list[tuple[int, int, list[Any]]]) -> None:
