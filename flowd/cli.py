@@ -614,10 +614,10 @@ def cmd_db_check(ctx: Context) -> int:
 
 def cmd_db_recover(ctx: Context) -> int:
     """Salvage a damaged database into a new file; the damaged one is kept beside it."""
-    from flowd import integrity
+    from flowd import dbrecover
     from flowd.display import recovery_text
 
-    report = integrity.recover_database(ctx.config, force=ctx.args.force)
+    report = dbrecover.recover_database(ctx.config, force=ctx.args.force)
     ctx.emit(report.as_dict(), recovery_text(report))
     return EXIT_OK
 

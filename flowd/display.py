@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from typing import Any
 
-    from flowd.integrity import CheckResult, RecoveryReport
+    from flowd.dbrecover import RecoveryReport
+    from flowd.integrity import CheckResult
     from flowd.models import Flow, Routine, Task, TaskResult
 
 
