@@ -45,10 +45,12 @@ def is_damage(exc: BaseException | None) -> bool:
     seen = 0
     while exc is not None and seen < 8:
         seen += 1
+        if isinstance(exc, DatabaseDamaged):
+            return True
         code = getattr(exc, "sqlite_errorcode", None)
         if isinstance(code, int) and code & 0xFF in (SQLITE_CORRUPT, SQLITE_NOTADB):
             return True
-        if isinstance(exc, (sqlite3.DatabaseError, DatabaseDamaged)) and any(w in str(exc) for w in DAMAGE_WORDS):
+        if isinstance(exc, sqlite3.DatabaseError) and any(w in str(exc) for w in DAMAGE_WORDS):
             return True
         wrapped = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else None
         exc = wrapped or exc.__cause__ or exc.__context__

@@ -147,7 +147,7 @@ class Service:
             self.bridge = MqttBridge(self.config, self.engine)
         except Exception as exc:
             damage = exc if isinstance(exc, DatabaseDamaged) else None
-            if damage is None and integrity.note_damage(exc, "the start-up"):
+            if damage is None and integrity.note_damage(exc, "flowd's start-up"):
                 damage = integrity.damage_noticed()
             if damage is not None:
                 return self._stop_for_damage(damage)
@@ -289,7 +289,7 @@ class Service:
             action()
             self._last_error = None
         except Exception as exc:
-            if integrity.note_damage(exc, what):
+            if integrity.note_damage(exc, f"the {what}"):
                 return  # the main loop stops with one clear line
             text = f"{what}: {type(exc).__name__}: {exc}"
             if text != self._last_error:
