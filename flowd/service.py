@@ -1,7 +1,8 @@
 """``flowd run``: wires the daemon together, handles signals and talks to systemd.
 
-Start order matters. Recovery runs before the worker pool exists, so no step can be
-running while the queue is rebuilt; the pool is forked before any thread starts
+Start order matters. The database is checked first (a damaged file: one line, exit 4,
+nothing opened or published; SPEC 7). Recovery runs before the worker pool exists, so
+no step can be running while the queue is rebuilt; the pool is forked before any thread starts
 (huey re-forks the pool process to replace a dead worker, and forking a process
 that runs paho or APScheduler threads can deadlock the child); only then start the
 MQTT bridge, the outbox publisher and the scheduler. Signal handlers only set a flag
