@@ -147,7 +147,7 @@ _SECTIONS: dict[str, type] = {
 _DURATION_KEYS = {"shutdown_grace", "retention", "session_expiry", "misfire_grace"}
 _CHOICES = {
     ("flowd", "log_level"): ("debug", "info", "warning", "error"),
-    ("database", "synchronous"): ("full", "normal", "off"),
+    ("database", "synchronous"): ("full", "normal"),  # never "off": it can corrupt the file (DESIGN.md)
     ("queue", "backend"): ("sqlite", "redis"),
     ("mqtt", "protocol"): ("5", "3.1.1"),
 }
@@ -215,6 +215,10 @@ def _build_section(name: str, cls: type, values: Any, where: str | None) -> Any:
             raise ConfigError(f"unknown key; [{name}] accepts {', '.join(sorted(known))}", key=dotted, path=where)
         kwargs[key] = _convert(dotted, hints[key], value, where)
         choices = _CHOICES.get((name, key))
+        if (name, key) == ("database", "synchronous") and kwargs[key] == "off":
+            raise ConfigError('"off" is not accepted: a power cut can corrupt the database with it; use "normal", '
+                              "which syncs only before flowd acknowledges or publishes something",
+                              key=dotted, path=where)
         if choices and kwargs[key] not in choices:
             raise ConfigError(f"must be one of {', '.join(choices)}; got {value!r}", key=dotted, path=where)
     return cls(**kwargs)

@@ -20,8 +20,18 @@ from typing import Any
 
 from flowd import outbox, store
 from flowd.config import Config
-from flowd.errors import InputError, NotFoundError
-from flowd.models import ACTIVE_STATES, FlowState, Routine, StepState, dumps, isoformat, utcnow, write_transaction
+from flowd.errors import FlowdError, InputError, NotFoundError
+from flowd.models import (
+    ACTIVE_STATES,
+    FlowState,
+    Routine,
+    StepState,
+    dumps,
+    isoformat,
+    savepoint,
+    utcnow,
+    write_transaction,
+)
 from flowd.store import Row
 
 log = logging.getLogger(__name__)
@@ -39,6 +49,25 @@ class Effects:
     enqueue: list[tuple[int, int, float | None]] = field(default_factory=list)
     signal_pids: list[int] = field(default_factory=list)
     published: bool = False
+
+    def extend(self, other: Effects) -> None:
+        self.enqueue.extend(other.enqueue)
+        self.signal_pids.extend(other.signal_pids)
+        self.published = self.published or other.published
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One request to start a flow (``Engine.submit_many``)."""
+
+    routine: str
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    request_id: str | None = None
+    reply_to: str | None = None
+    correlation_data: str | None = None
+    trigger: str = "api"
+    require_mqtt: bool = False
 
 
 @dataclass
@@ -153,26 +182,61 @@ class Engine:
     # ------------------------------------------------------------------ submit
     def submit(self, routine: str | Routine, args: Iterable[Any] = (), kwargs: dict[str, Any] | None = None, *,
                request_id: str | None = None, reply_to: str | None = None, correlation_data: str | None = None,
-               trigger: str = "api", require_mqtt: bool = False, now: dt.datetime | None = None
+               trigger: str = "api", require_mqtt: bool = False, sync: bool = True, now: dt.datetime | None = None
                ) -> tuple[Row, bool]:
         """Store a new flow (or find the one with this ``request_id``); returns (flow, created).
 
         Raises NotFoundError / InputError for an unknown, disabled or (with
         ``require_mqtt``) MQTT-forbidden routine. A flow refused by the routine's
         mode is still stored, ended CANCELLED with the reason, and published.
+        ``sync=False``: the caller calls ``models.make_durable()`` before it reports the
+        flow (the MQTT bridge, before its PUBACK).
         """
         name = routine.name if isinstance(routine, Routine) else routine
+        submission = Submission(name, list(args), dict(kwargs or {}), request_id, reply_to, correlation_data,
+                                trigger, require_mqtt)
+        [outcome] = self.submit_many([submission], sync=sync, now=now)
+        if isinstance(outcome, FlowdError):
+            raise outcome
+        return outcome
+
+    def submit_many(self, submissions: list[Submission], *, sync: bool = True, now: dt.datetime | None = None
+                    ) -> list[tuple[Row, bool] | FlowdError]:
+        """Store several submits in one transaction (group commit); per submit, (flow,
+        created) or the FlowdError that refused it. A refusal changes nothing: each
+        submit runs in its own savepoint, so one failure never undoes the others."""
         effects = Effects()
         now = now or utcnow()
-        with write_transaction():
-            if request_id is not None:
-                existing = store.flow_by_request_id(request_id)
-                if existing is not None:
-                    return existing, False
-            info = self._routine_for_submit(name, require_mqtt)
-            flow = self._create_flow(info, list(args), dict(kwargs or {}), effects, now, request_id=request_id,
-                                     trigger=trigger, reply_to=reply_to, correlation_data=correlation_data)
+        outcomes: list[tuple[Row, bool] | FlowdError] = []
+        if len(submissions) == 1:  # no savepoint needed: a refusal rolls the transaction back
+            try:
+                with write_transaction(sync=sync):
+                    outcomes.append(self._submit_one(submissions[0], effects, now))
+            except FlowdError as exc:
+                return [exc]
+            self._apply(effects)
+            return outcomes
+        with write_transaction(sync=sync):
+            for submission in submissions:
+                mine = Effects()
+                try:
+                    with savepoint():
+                        outcomes.append(self._submit_one(submission, mine, now))
+                except FlowdError as exc:
+                    outcomes.append(exc)
+                    continue
+                effects.extend(mine)
         self._apply(effects)
+        return outcomes
+
+    def _submit_one(self, s: Submission, effects: Effects, now: dt.datetime) -> tuple[Row, bool]:
+        if s.request_id is not None:
+            existing = store.flow_by_request_id(s.request_id)
+            if existing is not None:
+                return existing, False
+        info = self._routine_for_submit(s.routine, s.require_mqtt)
+        flow = self._create_flow(info, s.args, s.kwargs, effects, now, request_id=s.request_id, trigger=s.trigger,
+                                 reply_to=s.reply_to, correlation_data=s.correlation_data)
         return flow, True
 
     def _create_flow(self, info: store.RoutineInfo, args: list[Any], kwargs: dict[str, Any], effects: Effects,
@@ -345,8 +409,8 @@ class Engine:
         now = now or utcnow()
         step: ClaimedStep | None = None
         self.definitions.refresh()
-        # Not durable: if a power cut loses the claim, recovery queues the step again.
-        with write_transaction(durable=False):
+        # Made durable by the next sync point: if a power cut loses the claim, recovery queues the step again.
+        with write_transaction(sync=False):
             flow = store.get_flow(flow_id)
             if (flow is None or flow.dispatch_token != token or not flow.admitted
                     or flow.state not in (FlowState.INIT.value, FlowState.RUNNING.value) or flow.worker_pid):
@@ -414,7 +478,7 @@ class Engine:
         effects = Effects()
         now = now or utcnow()
         nxt: ClaimedStep | None = None
-        with write_transaction():
+        with write_transaction(sync=False):
             flow, result = self._held(step, pid)
             if flow is None or result is None:
                 return None
@@ -449,7 +513,7 @@ class Engine:
 
     def release(self, step: ClaimedStep, pid: int) -> None:
         """Give back a held step that has not started (shutdown): recovery re-queues it."""
-        with write_transaction():
+        with write_transaction(sync=False):
             flow, result = self._held(step, pid)
             if flow is None or result is None:
                 return
@@ -471,7 +535,7 @@ class Engine:
         effects = Effects()
         now = now or utcnow()
         self.definitions.refresh()
-        with write_transaction():
+        with write_transaction(sync=False):
             flow, result = store.flow_and_result(flow_id, task_result_id)
             if (flow is None or result is None or result.state != StepState.RUNNING.value
                     or flow.state not in (FlowState.RUNNING.value, FlowState.WAITING.value)
@@ -551,7 +615,7 @@ class Engine:
         """Queue again a flow whose queue message was lost (token unchanged since)."""
         effects = Effects()
         now = now or utcnow()
-        with write_transaction():
+        with write_transaction(sync=False):
             flow = store.get_flow(flow_id)
             if (flow is None or flow.dispatch_token != token or not flow.admitted or flow.worker_pid
                     or flow.state not in (FlowState.INIT.value, FlowState.RUNNING.value)):
@@ -569,7 +633,7 @@ class Engine:
         """Park the flow WAITING for an MQTT message; frees the worker. False if not held."""
         effects = Effects()
         now = now or utcnow()
-        with write_transaction():
+        with write_transaction(sync=False):
             flow, result = self._held(step, pid)
             if flow is None or result is None:
                 return False
@@ -590,7 +654,7 @@ class Engine:
         fails the step with it)."""
         effects = Effects()
         now = now or utcnow()
-        with write_transaction():
+        with write_transaction(sync=False):
             flow, result = self._held(step, pid)
             if flow is None or result is None:
                 return None
@@ -645,7 +709,7 @@ class Engine:
         effects = Effects()
         now = now or utcnow()
         resumed: list[int] = []
-        with write_transaction():
+        with write_transaction(sync=False):
             for flow in store.select_flows("state = ? AND wait_topic IS NOT NULL", (FlowState.WAITING.value,)):
                 if not topic_matches(flow.wait_topic, topic) or not payload_matches(flow.wait_match, payload):
                     continue
@@ -677,7 +741,7 @@ class Engine:
                              (FlowState.WAITING.value, stamp, *ACTIVE_STATES, stamp)).fetchone():
             return 0
         self.definitions.refresh()
-        with write_transaction():
+        with write_transaction(sync=False):
             for flow in store.select_flows("state = ? AND wait_until <= ?", (FlowState.WAITING.value, stamp)):
                 result = store.running_result(flow.id, flow.position)
                 if result is not None:

@@ -7,7 +7,7 @@
 - :func:`replace_damaged_queue` moves a damaged queue file aside; a fresh one is
   created and recovery re-queues every unfinished flow from flowd's tables.
 - :func:`note_damage` is called where the daemon catches errors (its periodic duties,
-  the outbox thread, received messages); the main loop asks :func:`damage_noticed`
+  the outbox thread, the MQTT intake); the main loop asks :func:`damage_noticed`
   and stops with one clear line instead of failing the same way forever.
 - ``flowctl db recover`` is :mod:`flowd.dbrecover`.
 """

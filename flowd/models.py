@@ -12,6 +12,7 @@ import json
 import os
 import sqlite3
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,7 +38,6 @@ from flowd.config import DatabaseSection
 from flowd.errors import StoreUnavailable
 
 database = DatabaseProxy()
-_synchronous = "full"  # this process's [database] synchronous, restored after a relaxed commit
 BUSY_TIMEOUT_S = 15
 _busy_timeout = float(BUSY_TIMEOUT_S)  # how long a write waits for another process's lock
 
@@ -311,9 +311,9 @@ def init_database(section: DatabaseSection, *, create: bool = True,
             db = connect(section.url)
         except (peewee.ImproperlyConfigured, ImportError, RuntimeError) as exc:
             raise StoreUnavailable(f"the database {redact_url(section.url)} cannot be used: {_one_line(exc)}") from exc
-    global _synchronous, _busy_timeout
-    _synchronous = section.synchronous
+    global _busy_timeout
     _busy_timeout = busy_timeout
+    _durability.configure(path, section.synchronous)
     database.initialize(db)
     try:
         old_umask = os.umask(0o077)
@@ -338,29 +338,104 @@ def reconnect_after_fork() -> None:
 
 
 @contextmanager
-def write_transaction(durable: bool = True) -> Iterator[None]:
+def write_transaction(sync: bool = True) -> Iterator[None]:
     """A short IMMEDIATE transaction: takes the write lock first, so read-then-write
     under contention never fails with "database is locked".
 
-    ``durable=False`` commits without waiting for the disk (SQLite WAL, synchronous
-    OFF for this one commit): for changes that may be lost in a power cut because
-    recovery redoes them (a worker taking a flow). The next durable commit flushes the
-    WAL, these frames included, so ordering is kept.
+    Every commit runs at the configured ``synchronous`` (full or normal, never off).
+    With ``sync`` (the default) the change is on disk when the block exits (see
+    :func:`make_durable`), so the caller may report it. ``sync=False`` is for a caller
+    whose change becomes visible only through a path that calls :func:`make_durable`
+    first: the outbox publisher before it sends, the MQTT bridge before it acknowledges.
     """
     db = database.obj
     if isinstance(db, peewee.SqliteDatabase):
-        relaxed = not durable and _synchronous != "off"
-        if relaxed:
-            db.execute_sql("PRAGMA synchronous = OFF")  # type: ignore[no-untyped-call]
-        try:
-            with _immediate(db):
-                yield
-        finally:
-            if relaxed:
-                db.execute_sql(f"PRAGMA synchronous = {_synchronous}")  # type: ignore[no-untyped-call]
+        with _immediate(db):
+            yield
+        if sync:
+            make_durable()
     else:
         with db.atomic():
             yield
+
+
+@contextmanager
+def savepoint() -> Iterator[None]:
+    """Inside a transaction: undo only this block's changes if it raises."""
+    with database.obj.atomic():
+        yield
+
+
+class _Durability:
+    """The durability point of this process: one fsync of the SQLite WAL, shared.
+
+    At ``synchronous = full`` every commit has synced the WAL already, and PostgreSQL
+    commits are durable, so there is nothing to do. At ``normal`` a commit leaves its
+    WAL frames in the page cache; one ``fsync`` of the WAL file (from any process)
+    makes every commit made before it durable. A checkpoint syncs the WAL before it
+    copies pages into the database and syncs the database after, so frames a later
+    writer overwrites are already safe. Threads that ask while a fsync runs wait for
+    the next one, which covers them all (group fsync).
+    """
+
+    def __init__(self) -> None:
+        self.wal_path: str | None = None   # set at synchronous = normal on SQLite only
+        self._lock = threading.Lock()      # one fsync at a time
+        self._gen_lock = threading.Lock()
+        self._next_gen = 0                 # generation the next fsync to start gets
+        self._synced_gen = -1              # latest generation whose fsync finished
+        self._dir_synced: tuple[int, int] | None = None  # WAL inode whose directory entry was synced
+        self.fsyncs = 0
+
+    def configure(self, path: Path | None, synchronous: str) -> None:
+        self.wal_path = f"{path}-wal" if path is not None and synchronous != "full" else None
+        self._dir_synced = None
+
+    def sync(self) -> None:
+        if self.wal_path is None:
+            return
+        with self._gen_lock:
+            wanted = self._next_gen  # a fsync that starts from now on covers my commits
+        with self._lock:
+            if self._synced_gen >= wanted:
+                return
+            with self._gen_lock:
+                generation = self._next_gen
+                self._next_gen += 1
+            self._fsync_wal(self.wal_path)
+            self._synced_gen = generation
+
+    def _fsync_wal(self, wal_path: str) -> None:
+        try:
+            fd = os.open(wal_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return  # no WAL: the last connection checkpointed (synced) everything and removed it
+        try:
+            os.fsync(fd)
+            self.fsyncs += 1
+            inode = os.fstat(fd)
+            key = (inode.st_dev, inode.st_ino)
+        finally:
+            os.close(fd)
+        if key != self._dir_synced:  # a new WAL file: its directory entry must survive too
+            dir_fd = os.open(os.path.dirname(wal_path) or ".", os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+            self._dir_synced = key
+
+
+_durability = _Durability()
+
+
+def make_durable() -> None:
+    """Return once every commit made so far, by any process, survives a power cut.
+
+    Call it before anything makes a change visible (SPEC 4.5: an acknowledgement, a
+    published result, a reply). A no-op at ``synchronous = full`` and on PostgreSQL.
+    """
+    _durability.sync()
 
 
 @contextmanager

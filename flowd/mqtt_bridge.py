@@ -28,10 +28,11 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from flowd import __version__, integrity, outbox
+from flowd import __version__, intake, outbox
 from flowd.config import Config
-from flowd.engine import Engine, flow_status_payload
+from flowd.engine import Engine, Submission, flow_status_payload
 from flowd.errors import ConfigError, InputError
+from flowd.intake import Intake, Received
 from flowd.models import isoformat, utcnow, write_transaction
 from flowd.topics import is_valid_filter, is_valid_publish_topic, topic_matches
 
@@ -42,6 +43,7 @@ MAX_ID_LENGTH = 256
 SUBMIT_FIELDS = ("routine", "args", "kwargs", "request_id", "reply_to")
 RECONNECT_MIN_S = 1
 RECONNECT_MAX_S = 30
+RECEIVE_MAXIMUM = intake.MAX_BATCH * 2
 PAHO_INFLIGHT = outbox.MAX_HANDED  # paho never queues behind its window, so it never reorders
 _JSON_SPECIAL = re.compile(r'[\[\]{}"\\]')
 
@@ -235,6 +237,8 @@ class MqttBridge:
         self._wait_filters: set[str] = set()
         self._bad_filters: set[str] = set()
         self.publisher = outbox.OutboxPublisher(config, self, before_send=self.check_rows)
+        self.intake = Intake(self, ack=self.ack)
+        self._connection = 0  # counts connections: a packet id is only valid on its own
         self.client = self._build_client()
 
     # ------------------------------------------------------------------ set-up
@@ -283,6 +287,7 @@ class MqttBridge:
         """Start the publisher and the network thread; a broker that is down is retried."""
         self.started = True
         self.publisher.start()
+        self.intake.start()
         self._connect()
 
     def _connect(self) -> None:
@@ -290,6 +295,9 @@ class MqttBridge:
         if self.is_v5:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = min(int(m.session_expiry), 0xFFFFFFFF)
+            # Unacknowledged submits the broker may send ahead (MQTT 5 Receive Maximum):
+            # the window a batch of the intake's group commit can grow to.
+            properties.ReceiveMaximum = RECEIVE_MAXIMUM
             self.client.connect_async(m.host, m.port, m.keepalive, clean_start=False, properties=properties)
         else:
             self.client.connect_async(m.host, m.port, m.keepalive)
@@ -321,12 +329,13 @@ class MqttBridge:
 
     def publish_offline(self) -> None:
         """Queue the retained ``offline`` status (a clean disconnect sends no Last Will)."""
-        with write_transaction():
+        with write_transaction(sync=False):
             outbox.add_message(self.status_topic, self._status_payload("offline"), retain=True)
         self.publisher.poke()
 
     def stop(self, drain: float = 3.0) -> bool:
         """Send what the outbox holds for up to ``drain`` s, then disconnect; True if it all went."""
+        self.intake.stop()
         drained = self.publisher.drain(drain) if self.is_connected() else False
         self.publisher.stop()
         self.client.disconnect()
@@ -368,6 +377,7 @@ class MqttBridge:
                 self._report_problem(level, f"the broker at {m.host}:{m.port} refused the connection: {reason}")
                 return
             self._problem = None
+            self._connection += 1
             # paho would re-send what it holds before anything new, racing the outbox
             # thread; take it back and let the outbox hand it over again, in row order.
             taken_back = [held.mid for held in self.client.drop_out_messages()]
@@ -379,7 +389,7 @@ class MqttBridge:
             with self._wait_lock:
                 self._wait_filters.clear()
             self.refresh_wait_topics()
-            with write_transaction():
+            with write_transaction(sync=False):
                 outbox.add_message(self.status_topic, self._status_payload("online"), retain=True)
             self.publisher.poke()
         except Exception:
@@ -441,66 +451,78 @@ class MqttBridge:
             return  # not acknowledged: the broker keeps it for the next session
         log.debug("MQTT: message %d on '%s' (%d bytes%s)", message.mid, message.topic, len(message.payload),
                   ", again" if message.dup else "")
-        try:
-            if message.topic in self.submit_topics:
-                self.handle_submit(message.topic, bytes(message.payload), message.properties)
-            else:
-                self.handle_event(message.topic, bytes(message.payload), bool(message.retain))
-        except Exception as exc:
-            # Not acknowledged either: the broker delivers it again on the next connection.
-            if not integrity.note_damage(exc, f"a message on '{message.topic}'"):  # damage: the daemon stops
-                log.exception("MQTT: could not handle a message on '%s'", message.topic)
-            return
-        try:
-            client.ack(message.mid, message.qos)
-        except Exception:
-            log.exception("MQTT: could not acknowledge message %d on '%s'", message.mid, message.topic)
+        self.intake.put(Received(message.topic, bytes(message.payload), message.properties, message.mid,
+                                 message.qos, bool(message.retain), self._connection))
 
-    def handle_submit(self, topic: str, payload: bytes, properties: Any = None) -> None:
-        """Start a flow for a submit, or refuse it with one message on ``flow/error``."""
-        response_topic = getattr(properties, "ResponseTopic", None) if properties is not None else None
-        if response_topic is not None and not (is_valid_publish_topic(response_topic)
-                                               and not response_topic.startswith("$")):
-            response_topic = None
-        correlation = getattr(properties, "CorrelationData", None) if properties is not None else None
-        correlation_hex = bytes(correlation).hex() if correlation else None
-        try:
-            request = parse_submit(payload, self.config.mqtt.max_payload)
-        except SubmitRefused as exc:
-            self._refuse(topic, str(exc), exc.request_id, exc.reply_to or response_topic, correlation_hex)
-            return
-        reply_to = request.reply_to or response_topic
-        flow: Any
-        try:
-            flow, created = self.engine.submit(
-                request.routine, request.args, request.kwargs, request_id=request.request_id, reply_to=reply_to,
-                correlation_data=correlation_hex, trigger="mqtt", require_mqtt=True)
-        except InputError as exc:
-            self._refuse(topic, str(exc), request.request_id, reply_to, correlation_hex)
-            return
-        if created:
-            log.debug("flow %d (%s) submitted on '%s'", flow.id, flow.routine, topic,
-                      extra={"FLOW_ID": flow.id, "ROUTINE": flow.routine})
-            return
-        log.info("flow %d (%s): request_id '%s' seen again on '%s'; answering with its status", flow.id,
-                 flow.routine, request.request_id, topic, extra={"FLOW_ID": flow.id, "ROUTINE": flow.routine})
-        answer_to = reply_to or self.config.topic(f"flow/{flow.id}/status")
-        with write_transaction():
-            outbox.add_message(answer_to, flow_status_payload(flow), correlation_data=correlation_hex)
-        self.publisher.poke()
+    def ack(self, message: Received) -> None:
+        """PUBACK a handled message, called by the intake once its state is on disk."""
+        if message.connection != self._connection:
+            return  # its packet id belonged to an earlier connection: the broker sends it again
+        self.client.ack(message.mid, message.qos)
 
-    def _refuse(self, topic: str, error: str, request_id: str | None, reply_to: str | None,
-                correlation_hex: str | None) -> None:
+    def is_submit(self, topic: str) -> bool:
+        return topic in self.submit_topics
+
+    def handle_submits(self, messages: list[Received]) -> None:
+        """Start a flow for each submit, or refuse it with one message on ``flow/error``;
+        the flows share one transaction (the intake syncs once, then acknowledges).
+        Refusals and answers go out in the order the submits came."""
+        checked: list[tuple[int, Received, SubmitRequest, str | None, str | None]] = []
+        answers: list[tuple[int, str, dict[str, Any], str | None]] = []   # (order, topic, payload, correlation)
+        for order, message in enumerate(messages):
+            properties = message.properties
+            response_topic = getattr(properties, "ResponseTopic", None) if properties is not None else None
+            if response_topic is not None and not (is_valid_publish_topic(response_topic)
+                                                   and not response_topic.startswith("$")):
+                response_topic = None
+            correlation = getattr(properties, "CorrelationData", None) if properties is not None else None
+            correlation_hex = bytes(correlation).hex() if correlation else None
+            try:
+                request = parse_submit(message.payload, self.config.mqtt.max_payload)
+            except SubmitRefused as exc:
+                answers.extend((order, *answer) for answer in self._refusal(
+                    message.topic, str(exc), exc.request_id, exc.reply_to or response_topic, correlation_hex))
+                continue
+            checked.append((order, message, request, request.reply_to or response_topic, correlation_hex))
+        outcomes = self.engine.submit_many([
+            Submission(request.routine, request.args, request.kwargs, request.request_id, reply_to, correlation_hex,
+                       trigger="mqtt", require_mqtt=True)
+            for _, _, request, reply_to, correlation_hex in checked], sync=False) if checked else []
+        for (order, message, request, reply_to, correlation_hex), outcome in zip(checked, outcomes, strict=True):
+            if isinstance(outcome, InputError):
+                answers.extend((order, *answer) for answer in self._refusal(
+                    message.topic, str(outcome), request.request_id, reply_to, correlation_hex))
+                continue
+            if isinstance(outcome, Exception):
+                raise outcome
+            flow, created = outcome
+            extra = {"FLOW_ID": flow.id, "ROUTINE": flow.routine}
+            if created:
+                log.debug("flow %d (%s) submitted on '%s'", flow.id, flow.routine, message.topic, extra=extra)
+                continue
+            log.info("flow %d (%s): request_id '%s' seen again on '%s'; answering with its status", flow.id,
+                     flow.routine, request.request_id, message.topic, extra=extra)
+            answers.append((order, reply_to or self.config.topic(f"flow/{flow.id}/status"),
+                            flow_status_payload(flow), correlation_hex))
+        if answers:
+            answers.sort(key=lambda answer: answer[0])
+            with write_transaction(sync=False):
+                for _, topic, payload, correlation_hex in answers:
+                    outbox.add_message(topic, payload, correlation_data=correlation_hex)
+            self.publisher.poke()
+
+    def _refusal(self, topic: str, error: str, request_id: str | None, reply_to: str | None,
+                 correlation_hex: str | None) -> list[tuple[str, dict[str, Any], str | None]]:
+        """Log a refused submit; the messages that say so (``flow/error``, and ``reply_to``)."""
         log.warning("MQTT: submit on '%s'%s refused: %s", topic,
                     f" (request_id '{request_id}')" if request_id else "", error)
         payload: dict[str, Any] = {"error": error, "topic": topic}
         if request_id is not None:
             payload["request_id"] = request_id
-        with write_transaction():
-            outbox.add_message(self.error_topic, payload)
-            if reply_to and reply_to != self.error_topic:
-                outbox.add_message(reply_to, payload, correlation_data=correlation_hex)
-        self.publisher.poke()
+        messages: list[tuple[str, dict[str, Any], str | None]] = [(self.error_topic, payload, None)]
+        if reply_to and reply_to != self.error_topic:
+            messages.append((reply_to, payload, correlation_hex))
+        return messages
 
     def handle_event(self, topic: str, payload: bytes, retained: bool = False) -> None:
         """A message on a topic a waiting flow listens on (SPEC 2.1).

@@ -23,7 +23,7 @@ from peewee import fn
 
 from flowd import integrity
 from flowd.config import Config
-from flowd.models import Outbox, database, dumps, get_meta, set_meta, write_transaction
+from flowd.models import Outbox, database, dumps, get_meta, make_durable, set_meta, write_transaction
 from flowd.wakeup import WakeSocket, send_wakeup
 
 log = logging.getLogger(__name__)
@@ -235,6 +235,7 @@ class OutboxPublisher:
             rows = database.obj.execute_sql(self._sql, (self._cursor, READ_BATCH)).fetchall()
             if not rows:
                 return False
+            make_durable()  # durable before visible (SPEC 4.5): one fsync covers every row read
             if self.before_send is not None:
                 self.before_send(rows)
             for row_id, topic, payload, qos, retain, correlation in rows:
@@ -292,8 +293,8 @@ class OutboxPublisher:
         try:
             for start in range(0, len(done), 500):
                 chunk = done[start:start + 500]
-                # Not durable: a delete lost in a power cut only sends those messages again.
-                with write_transaction(durable=False):
+                # No sync point: a delete lost in a power cut only sends those messages again.
+                with write_transaction(sync=False):
                     Outbox.delete().where(Outbox.id.in_(chunk)).execute()
         except Exception:
             with self._lock:  # keep them for the next try; deleting a row twice is harmless

@@ -48,6 +48,14 @@ class WakeableSqliteStorage(SqliteStorage):  # type: ignore[misc]
         self.stop_fd: int | None = None
         super().__init__(*args, **kwargs)
 
+    def _create_connection(self) -> Any:
+        # WAL + NORMAL: a power cut may lose the last messages (recovery queues every
+        # admitted flow again from flowd's tables at start) but never corrupts the file.
+        # huey's fsync=False would mean synchronous = OFF, whose checkpoints can.
+        conn = super()._create_connection()
+        conn.execute("PRAGMA synchronous = NORMAL")
+        return conn
+
     def enqueue(self, data: bytes, priority: float | None = None) -> None:
         super().enqueue(data, priority)
         send_wakeup(self.wake_path)
@@ -80,7 +88,7 @@ def configure_queue(config: Config) -> Huey:
         old_umask = os.umask(0o077)
         try:
             huey = Huey(q.name, results=False, storage_class=WakeableSqliteStorage, filename=q.path,
-                        fsync=False, timeout=15, wake_path=str(config.state_dir / WAKE_SOCKET_NAME))
+                        timeout=15, wake_path=str(config.state_dir / WAKE_SOCKET_NAME))
             huey.storage.conn  # noqa: B018 - create the file now, with this umask
         finally:
             os.umask(old_umask)

@@ -172,7 +172,7 @@ def _publisher(rt: WorkerRuntime) -> Any:
         if not isinstance(payload, (str, bytes)):
             check_json(payload, f"payload published to '{topic}'")
         text = payload.decode() if isinstance(payload, bytes) else payload
-        with write_transaction():
+        with write_transaction(sync=False):  # the publisher syncs before it sends
             outbox.add_message(topic, text, qos=qos, retain=retain)
         outbox.notify(rt.config.state_dir)
 
