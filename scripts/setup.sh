@@ -16,6 +16,9 @@ python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 # systemd-python (journal logging) compiles against libsystemd.
 pkg-config --exists libsystemd 2>/dev/null || need+=(libsystemd-dev pkg-config)
 command -v gcc >/dev/null 2>&1 || need+=(gcc)
+# The power-cut tests (tests/lossyfs.py) mount a FUSE filesystem through mfusepy, which loads libfuse3.
+command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
+dpkg -s libfuse3-3 >/dev/null 2>&1 || need+=(libfuse3-3)
 python3 -c 'import os, sysconfig; assert os.path.exists(sysconfig.get_paths()["include"] + "/Python.h")' \
     >/dev/null 2>&1 || need+=(python3-dev)
 if [ ${#need[@]} -gt 0 ]; then
