@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from peewee import fn
 
+from flowd import integrity
 from flowd.config import Config
 from flowd.models import Outbox, database, dumps, get_meta, make_durable, set_meta, write_transaction
 from flowd.wakeup import WakeSocket, send_wakeup
@@ -191,9 +192,10 @@ class OutboxPublisher:
                 self._check_cap()
                 if not busy:
                     self._idle.set()
-            except Exception:
+            except Exception as exc:
                 busy = False
-                log.exception("outbox publisher: unexpected error; retrying in 1s")
+                if not integrity.note_damage(exc, "the outbox publisher"):  # damage: the daemon stops
+                    log.exception("outbox publisher: unexpected error; retrying in 1s")
                 self._stopping.wait(1.0)
         try:
             self._delete_acked(force=True)
