@@ -222,3 +222,53 @@ def test_status_messages_on_the_wire_and_without_a_daemon(tmp_path: Path) -> Non
     finally:
         inbox.stop()
     assert not (tmp_path / "status.sock").exists()
+
+
+def test_a_result_waits_for_its_flows_last_status_and_nothing_follows_it(
+        broker: Broker, db: Any, session_client: Any, config_file: Callable[..., Path]) -> None:
+    # The daemon's publisher with a real bridge. Flows 7 and 8 reported RUNNING; their
+    # results are committed before their final statuses arrive (as when a worker has
+    # committed the end and not sent the status yet). The publisher holds flow 7's
+    # result until its DONE status is there and sends it after it. Flow 8's final status
+    # never comes: its result goes anyway, within HOLD_S, and a status of flow 8 that
+    # turns up after its result is dropped.
+    from flowd import outbox
+    from flowd.config import load_config
+    from flowd.models import write_transaction
+    from flowd.mqtt_bridge import MqttBridge
+
+    def status(flow_id: int, state: str) -> Status:
+        return Status(flow_id, state, f"flow/{flow_id}/status", json.dumps({"flow_id": flow_id, "state": state}))
+
+    config = load_config(config_file(broker=broker))
+    watcher = session_client(["flow/#"])
+    bridge = MqttBridge(config, db)
+    bridge.start()
+    try:
+        wait_for(bridge.is_connected, timeout=10, message="bridge connected")
+        assert send_statuses(config.state_dir, [status(7, "RUNNING"), status(8, "RUNNING")])
+        wait_for(lambda: len(watcher.json_on("flow/+/status")) == 2, message="the RUNNING statuses")
+        with write_transaction():
+            outbox.add_message("flow/7/result", {"flow_id": 7, "state": "DONE"})
+            outbox.add_message("flow/8/result", {"flow_id": 8, "state": "DONE"})
+        outbox.notify(config.state_dir)
+        wait_for(lambda: bridge.publisher._held, message="the results held for their statuses")
+        assert not watcher.json_on("flow/+/result")
+        assert send_statuses(config.state_dir, [status(7, "DONE")])
+        wait_for(lambda: len(watcher.json_on("flow/+/result")) == 2, message="both results")
+        assert [(t.rsplit("/", 1)[1], json.loads(p)["state"]) for t, p, _, _ in watcher.received("flow/7/+")] == [
+            ("status", "RUNNING"), ("status", "DONE"), ("result", "DONE")]
+        assert send_statuses(config.state_dir, [status(8, "DONE"), status(9, "RUNNING")])
+        wait_for(lambda: watcher.json_on("flow/9/status"), message="the status after the late one")
+        assert [json.loads(p)["state"] for _, p, _, _ in watcher.received("flow/8/status")] == ["RUNNING"]
+        wait_for(bridge.publisher.is_empty, message="everything acknowledged")
+    finally:
+        bridge.stop_intake()
+        bridge.stop(drain=2)
+
+
+def test_a_routine_status_outside_steps_states_off_is_refused(db: Any) -> None:
+    from flowd.errors import InputError
+
+    with pytest.raises(InputError, match=r"routine 'r': status 'verbose' is not one of steps, states, off"):
+        catalog.save_routine("r", ["double"], status="verbose")
