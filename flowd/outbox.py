@@ -308,8 +308,10 @@ class OutboxPublisher:
         if flow_id is None:
             return True
         since = self._held.get(row_id)
-        if since is not None and self.statuses.is_awaited(flow_id) and time.monotonic() - since < HOLD_S:
-            return False
+        if since is not None and self.statuses.is_awaited(flow_id):
+            self.statuses.receive_now()
+            if self.statuses.is_awaited(flow_id) and time.monotonic() - since < HOLD_S:
+                return False
         self._held.pop(row_id, None)
         for status in self.statuses.take_before_result(flow_id):
             if len(self._status_inflight) < STATUS_INFLIGHT + MAX_HANDED:

@@ -172,6 +172,7 @@ class StatusInbox:
         self.received = 0
         self.dropped = 0                      # coalesced away, over PENDING_MAX, or late
         self._lock = threading.Lock()
+        self._receive_lock = threading.Lock()  # reading a connection and queueing what it held: in order
         self._pending: OrderedDict[int, list[Status]] = OrderedDict()  # flow id -> not handed, in order
         self._count = 0                       # statuses in _pending
         self._backed_up = False
@@ -227,18 +228,28 @@ class StatusInbox:
             except InterruptedError:
                 continue
             except (OSError, ValueError):
-                log.exception("status inbox: select failed; stopping the status thread")
-                return
+                log.exception("status inbox: select failed; retrying in 1s")
+                time.sleep(1.0)
+                continue
             if self._stop_r in readable:
                 return
             try:
-                if self._listener in readable:
-                    self._accept()
-                arrived = [s for sock in readable if sock in self._peers for s in self._read(sock)]
-                if arrived:
-                    self.put(arrived)
+                with self._receive_lock:
+                    if self._listener in readable:
+                        self._accept()
+                    arrived = [s for sock in readable if sock in self._peers for s in self._read(sock, True)]
+                    if arrived:
+                        self.put(arrived)
             except Exception:
                 log.exception("status inbox: unexpected error; carrying on")
+
+    def receive_now(self) -> None:
+        """Take in what the senders' connections hold already, from the calling thread
+        (the publisher, before it makes a result wait: the status is usually there)."""
+        with self._receive_lock:
+            arrived = [s for peer in list(self._peers) for s in self._read(peer, False)]
+            if arrived:
+                self.put(arrived)
 
     def _accept(self) -> None:
         assert self._listener is not None
@@ -250,7 +261,9 @@ class StatusInbox:
             peer.setblocking(False)
             self._peers.append(peer)
 
-    def _read(self, peer: socket.socket) -> list[Status]:
+    def _read(self, peer: socket.socket, may_close: bool) -> list[Status]:
+        """Every message waiting on one connection; ``may_close``: only the inbox's own
+        thread closes a connection whose sender went away (it selects on them)."""
         found: list[Status] = []
         while True:
             try:
@@ -260,8 +273,9 @@ class StatusInbox:
             except OSError:
                 message = b""
             if not message:  # the sender's process ended
-                self._peers.remove(peer)
-                peer.close()
+                if may_close:
+                    self._peers.remove(peer)
+                    peer.close()
                 return found
             try:
                 found.extend(decode_statuses(message))
