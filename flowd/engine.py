@@ -3,8 +3,8 @@
 Each public method is one short IMMEDIATE transaction. Side effects that must not
 happen unless the transaction committed (queueing a flow for a worker, waking the
 outbox publisher, sending status messages, signalling a worker) are collected in
-:class:`Effects` and carried out after the commit. Any process may call these: the daemon, a worker, flowctl.
-The per-step path uses the precompiled statements of :mod:`flowd.store`.
+:class:`Effects` and carried out after the commit. Any process may call these: the
+daemon, a worker, flowctl. The per-step path uses the precompiled statements of :mod:`flowd.store`.
 """
 
 from __future__ import annotations

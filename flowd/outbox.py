@@ -377,7 +377,7 @@ class OutboxPublisher:
         self.statuses.restore(statuses)  # the latest of each flow goes again, unless a newer one came
         self._handed.difference_update(rows)
         if rows:
-            self._cursor = min(rows) - 1
+            self._cursor = min(self._cursor, min(rows) - 1)
 
     def _delete_acked(self, force: bool) -> None:
         with self._lock:
