@@ -356,7 +356,8 @@ def cmd_routine_add(ctx: Context) -> int:
     existing = Routine.get_or_none(Routine.name == a.name)
     routine, changed = catalog.save_routine(
         a.name, list(a.tasks), schedule=a.schedule, timezone=a.timezone, jitter=a.jitter, mqtt=not a.no_mqtt,
-        mode=a.mode, max=a.max, timeout=a.timeout, enabled=existing.enabled if existing is not None else True)
+        mode=a.mode, max=a.max, timeout=a.timeout, enabled=existing.enabled if existing is not None else True,
+        status=a.status)
     what = "updated" if existing is not None and changed else "unchanged" if existing is not None else "created"
     ctx.emit({"action": what, "routine": routine_dict(routine)},
              f"routine {routine.name} {what}: {' -> '.join(routine.task_names())}")
@@ -369,9 +370,9 @@ def cmd_routine_list(ctx: Context) -> int:
 
     ctx.open_database()
     routines = [routine_dict(r) for r in Routine.select().order_by(Routine.name)]
-    rows = [(r["name"], "yes" if r["enabled"] else "no", r["mode"], r["schedule"], " -> ".join(r["tasks"]))
-            for r in routines]
-    text = table(("NAME", "ENABLED", "MODE", "SCHEDULE", "TASKS"), rows, flex=4) if routines else \
+    rows = [(r["name"], "yes" if r["enabled"] else "no", r["mode"], r["status"], r["schedule"],
+             " -> ".join(r["tasks"])) for r in routines]
+    text = table(("NAME", "ENABLED", "MODE", "STATUS", "SCHEDULE", "TASKS"), rows, flex=5) if routines else \
         "no routines; add one with 'flowctl routine add NAME TASK...' or 'flowctl apply FILE.toml'"
     ctx.emit(routines, text)
     return EXIT_OK
@@ -379,7 +380,7 @@ def cmd_routine_list(ctx: Context) -> int:
 
 def cmd_routine_show(ctx: Context) -> int:
     from flowd import catalog
-    from flowd.display import human_duration, local_time, parse_iso, routine_dict
+    from flowd.display import STATUS_TEXT, human_duration, local_time, parse_iso, routine_dict
 
     ctx.open_database()
     r = routine_dict(catalog.get_routine(ctx.args.name))
@@ -392,6 +393,7 @@ def cmd_routine_show(ctx: Context) -> int:
              f"  mode         {r['mode']} (max {r['max']})",
              f"  mqtt         {'may start it' if r['mqtt'] else 'may not start it'}",
              f"  timeout      {human_duration(r['timeout']) if r['timeout'] else 'none'}",
+             f"  status       {STATUS_TEXT.get(r['status'], r['status'])}",
              f"  last run     {local_time(parse_iso(r['last_scheduled_run']))} (schedule)",
              f"  updated      {local_time(parse_iso(r['updated_at']))}"]
     ctx.emit(r, "\n".join(lines))
@@ -766,6 +768,9 @@ def _add_routine_parsers(routine_cmds: Any, add: Any) -> None:
     p.add_argument("--mode", choices=("parallel", "queued", "single", "restart"), default="parallel")
     p.add_argument("--max", type=_positive, default=10, metavar="N", help="concurrency limit of the mode")
     p.add_argument("--timeout", type=_duration, metavar="S", help="seconds the whole flow may take")
+    p.add_argument("--status", choices=("steps", "states", "off"), default="steps",
+                   help="flow/<id>/status messages: each state change and finished step (steps, the default), "
+                        "state changes only (states), or none (off)")
     add(routine_cmds, "list", cmd_routine_list, "list routines")
     for name, func, text in (("show", cmd_routine_show, "show one routine"),
                              ("remove", cmd_routine_remove, "remove a routine (its flows stay)"),

@@ -160,12 +160,16 @@ def task_dict(task: Task) -> dict[str, Any]:
     }
 
 
+STATUS_TEXT = {"steps": "steps (each state change and each finished step)",
+               "states": "states (state changes only)", "off": "off (no status messages; the result still goes out)"}
+
+
 def routine_dict(routine: Routine) -> dict[str, Any]:
     """A routine for --json."""
     return {
         "name": routine.name, "tasks": routine.task_names(), "schedule": routine.schedule,
         "timezone": routine.timezone, "jitter": routine.jitter, "mqtt": routine.mqtt, "mode": routine.mode,
-        "max": routine.max, "timeout": routine.timeout, "enabled": routine.enabled,
+        "max": routine.max, "timeout": routine.timeout, "enabled": routine.enabled, "status": routine.status,
         "last_scheduled_run": iso(routine.last_scheduled_run),
         "created_at": iso(routine.created_at), "updated_at": iso(routine.updated_at),
     }
