@@ -297,6 +297,10 @@ class OutboxPublisher:
         """Start the wait of every result read whose flow's last status is on its way, so
         several such results wait together, not one after the other."""
         now = time.monotonic()
+        if any(self._result_flow(row[1]) is not None for row in rows):
+            # Statuses of a fast flow may all still sit in a sender's connection: take them
+            # in first, or the flow would not look awaited and they would all come too late.
+            self.statuses.receive_now()
         for row in rows:
             flow_id = self._result_flow(row[1])
             if flow_id is not None and row[0] not in self._held and self.statuses.is_awaited(flow_id):

@@ -181,6 +181,9 @@ class StatusInbox:
         self._listener: socket.socket | None = None
         self._peers: list[socket.socket] = []
         self._stop_r, self._stop_w = socket.socketpair()
+        self._refresh_r, self._refresh_w = socket.socketpair()  # another thread accepted: select on the new peer
+        self._refresh_r.setblocking(False)
+        self._refresh_w.setblocking(False)
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ life cycle
@@ -218,13 +221,15 @@ class StatusInbox:
                 pass
         self._stop_r.close()
         self._stop_w.close()
+        self._refresh_r.close()
+        self._refresh_w.close()
 
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
         assert self._listener is not None
         while True:
             try:
-                readable, _, _ = select.select([self._stop_r, self._listener, *self._peers], [], [])
+                readable, _, _ = select.select([self._stop_r, self._refresh_r, self._listener, *self._peers], [], [])
             except InterruptedError:
                 continue
             except (OSError, ValueError):
@@ -233,6 +238,12 @@ class StatusInbox:
                 continue
             if self._stop_r in readable:
                 return
+            if self._refresh_r in readable:
+                try:
+                    while self._refresh_r.recv(64):
+                        pass
+                except OSError:
+                    pass
             try:
                 with self._receive_lock:
                     if self._listener in readable:
@@ -245,8 +256,18 @@ class StatusInbox:
 
     def receive_now(self) -> None:
         """Take in what the senders' connections hold already, from the calling thread
-        (the publisher, before it makes a result wait: the status is usually there)."""
+        (the publisher, before it makes a result wait: the status is usually there).
+        A sender whose connection the inbox thread has not accepted yet (a worker's
+        first status) is accepted here too."""
         with self._receive_lock:
+            known = len(self._peers)
+            if self._listener is not None:
+                self._accept()
+            if len(self._peers) != known:
+                try:
+                    self._refresh_w.send(b"!")
+                except OSError:
+                    pass  # full: the thread is awake already
             arrived = [s for peer in list(self._peers) for s in self._read(peer, False)]
             if arrived:
                 self.put(arrived)
