@@ -28,7 +28,7 @@ from flowd.config import parse_duration
 from flowd.errors import InputError, TaskScriptError
 
 TASK_KEYS = ("script", "options", "retries", "retry_delay", "retry_backoff_max", "timeout")
-ROUTINE_KEYS = ("tasks", "schedule", "timezone", "mode", "max", "mqtt", "timeout", "enabled", "jitter")
+ROUTINE_KEYS = ("tasks", "schedule", "timezone", "mode", "max", "mqtt", "timeout", "enabled", "jitter", "status")
 
 
 class ApplyError(InputError):
@@ -105,6 +105,7 @@ class RoutineSpec:
     timeout: float | None
     enabled: bool | None
     jitter: float | None
+    status: str = "steps"
 
 
 def read_file(path: str | Path) -> dict[str, Any]:
@@ -128,7 +129,7 @@ def check_document(doc: dict[str, Any], task_paths: Iterable[str], existing_task
                    *, prune: bool = False) -> tuple[list[TaskSpec], list[RoutineSpec], list[str]]:
     """Check a parsed apply file without touching the database; returns the tasks,
     the routines and the problems found (each naming its table and key)."""
-    from flowd.models import MODES, Routine, Task
+    from flowd.models import MODES, STATUS_MODES, Routine, Task
 
     problems: list[str] = []
     paths = tuple(task_paths)
@@ -211,9 +212,13 @@ def check_document(doc: dict[str, Any], task_paths: Iterable[str], existing_task
         enabled = _flag(table, "enabled", where, problems, default=None)
         timeout = _seconds(table, "timeout", where, problems, default=None, positive=True)
         jitter = _seconds(table, "jitter", where, problems, default=None)
+        status: str = table.get("status", STATUS_MODES[0])
+        if status not in STATUS_MODES:
+            problems.append(f"{where} status: {status!r} is not one of {', '.join(STATUS_MODES)} (steps: each state "
+                            "change and each finished step; states: state changes only; off: none)")
         if len(problems) == before:
             routines.append(RoutineSpec(name, list(steps), schedule, timezone, mode, limit, mqtt,  # type: ignore
-                                        timeout, enabled, jitter))
+                                        timeout, enabled, jitter, status))
     return tasks, routines, problems
 
 
@@ -251,7 +256,7 @@ def apply_file(path: str | Path, task_paths: Iterable[str], prune: bool = False)
                 enabled = r.enabled if r.enabled is not None else existing_routines.get(r.name, True)
                 _, changed = catalog.save_routine(
                     r.name, r.tasks, schedule=r.schedule, timezone=r.timezone, jitter=r.jitter, mqtt=r.mqtt,
-                    mode=r.mode, max=r.max, timeout=r.timeout, enabled=enabled)
+                    mode=r.mode, max=r.max, timeout=r.timeout, enabled=enabled, status=r.status)
                 _record(report.routines, r.name, r.name in existing_routines, changed)
             if prune:
                 keep_routines = {r.name for r in routines}

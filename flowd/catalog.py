@@ -15,6 +15,7 @@ from flowd.errors import InputError, NotFoundError, TaskScriptError
 from flowd.loader import check_reference
 from flowd.models import (
     MODES,
+    STATUS_MODES,
     Routine,
     RoutineStep,
     Task,
@@ -118,13 +119,17 @@ def get_routine(name: str) -> Routine:
 
 def save_routine(name: str, tasks: list[str], *, schedule: str | None = None, timezone: str | None = None,
                  jitter: float | None = None, mqtt: bool = True, mode: str = "parallel", max: int = 10,
-                 timeout: float | None = None, enabled: bool = True) -> tuple[Routine, bool]:
-    """Create the routine or replace its definition; returns (routine, changed)."""
+                 timeout: float | None = None, enabled: bool = True, status: str = "steps"
+                 ) -> tuple[Routine, bool]:
+    """Create the routine or replace its definition; returns (routine, changed).
+
+    ``status`` says which ``flow/<id>/status`` messages its flows send (SPEC 4.4)."""
     check_name("routine", name)
     if not isinstance(tasks, (list, tuple)) or not tasks or not all(isinstance(t, str) for t in tasks):
         raise InputError(f"routine '{name}' needs a list of one or more task names")
     if mode not in MODES:
         raise InputError(f"routine '{name}': mode '{mode}' is not one of {', '.join(MODES)}")
+    check_status_mode(name, status)
     _number(f"routine '{name}': max", max, integer=True, minimum=1, allow_none=False)
     _number(f"routine '{name}': timeout", timeout, minimum=0.001)
     _number(f"routine '{name}': jitter", jitter)
@@ -139,7 +144,7 @@ def save_routine(name: str, tasks: list[str], *, schedule: str | None = None, ti
 
         validate_schedule(schedule, timezone)
     fields = {"schedule": schedule or None, "timezone": timezone, "jitter": jitter, "mqtt": mqtt, "mode": mode,
-              "max": max, "timeout": timeout, "enabled": enabled}
+              "max": max, "timeout": timeout, "enabled": enabled, "status": status}
     with write_transaction():
         rows = []
         for task_name in tasks:
@@ -166,6 +171,14 @@ def save_routine(name: str, tasks: list[str], *, schedule: str | None = None, ti
                                      for i, t in enumerate(rows)]).execute()
             bump_definitions_version()
         return routine, changed
+
+
+def check_status_mode(name: str, status: object) -> str:
+    """A routine's ``status``: InputError naming the routine and the allowed values."""
+    if status not in STATUS_MODES:
+        raise InputError(f"routine '{name}': status {status!r} is not one of {', '.join(STATUS_MODES)} (steps: each "
+                         "state change and each finished step; states: state changes only; off: none)")
+    return str(status)
 
 
 def _check_timezone(name: str, timezone: str) -> None:

@@ -13,7 +13,8 @@ Exit codes:
   0    success
   1    the flow ended FAILED or CANCELLED (``submit --wait``)
   2    bad usage or bad input (one line on stderr)
-  3    the database or the queue cannot be used (one line on stderr)
+  3    the database or the queue cannot be used (one line on stderr); ``db check``: a
+       file is damaged (the report says which and how, on stdout)
   124  ``submit --wait --timeout S``: S passed before the flow ended (it goes on)
   130  Ctrl-C (during ``submit --wait`` it stops the waiting, never the flow)
 
@@ -355,7 +356,8 @@ def cmd_routine_add(ctx: Context) -> int:
     existing = Routine.get_or_none(Routine.name == a.name)
     routine, changed = catalog.save_routine(
         a.name, list(a.tasks), schedule=a.schedule, timezone=a.timezone, jitter=a.jitter, mqtt=not a.no_mqtt,
-        mode=a.mode, max=a.max, timeout=a.timeout, enabled=existing.enabled if existing is not None else True)
+        mode=a.mode, max=a.max, timeout=a.timeout, enabled=existing.enabled if existing is not None else True,
+        status=a.status)
     what = "updated" if existing is not None and changed else "unchanged" if existing is not None else "created"
     ctx.emit({"action": what, "routine": routine_dict(routine)},
              f"routine {routine.name} {what}: {' -> '.join(routine.task_names())}")
@@ -368,9 +370,9 @@ def cmd_routine_list(ctx: Context) -> int:
 
     ctx.open_database()
     routines = [routine_dict(r) for r in Routine.select().order_by(Routine.name)]
-    rows = [(r["name"], "yes" if r["enabled"] else "no", r["mode"], r["schedule"], " -> ".join(r["tasks"]))
-            for r in routines]
-    text = table(("NAME", "ENABLED", "MODE", "SCHEDULE", "TASKS"), rows, flex=4) if routines else \
+    rows = [(r["name"], "yes" if r["enabled"] else "no", r["mode"], r["status"], r["schedule"],
+             " -> ".join(r["tasks"])) for r in routines]
+    text = table(("NAME", "ENABLED", "MODE", "STATUS", "SCHEDULE", "TASKS"), rows, flex=5) if routines else \
         "no routines; add one with 'flowctl routine add NAME TASK...' or 'flowctl apply FILE.toml'"
     ctx.emit(routines, text)
     return EXIT_OK
@@ -378,7 +380,7 @@ def cmd_routine_list(ctx: Context) -> int:
 
 def cmd_routine_show(ctx: Context) -> int:
     from flowd import catalog
-    from flowd.display import human_duration, local_time, parse_iso, routine_dict
+    from flowd.display import STATUS_TEXT, human_duration, local_time, parse_iso, routine_dict
 
     ctx.open_database()
     r = routine_dict(catalog.get_routine(ctx.args.name))
@@ -391,6 +393,7 @@ def cmd_routine_show(ctx: Context) -> int:
              f"  mode         {r['mode']} (max {r['max']})",
              f"  mqtt         {'may start it' if r['mqtt'] else 'may not start it'}",
              f"  timeout      {human_duration(r['timeout']) if r['timeout'] else 'none'}",
+             f"  status       {STATUS_TEXT.get(r['status'], r['status'])}",
              f"  last run     {local_time(parse_iso(r['last_scheduled_run']))} (schedule)",
              f"  updated      {local_time(parse_iso(r['updated_at']))}"]
     ctx.emit(r, "\n".join(lines))
@@ -600,6 +603,27 @@ def cmd_prune(ctx: Context) -> int:
     return EXIT_OK
 
 
+def cmd_db_check(ctx: Context) -> int:
+    """SQLite's quick_check (integrity_check with --full) of the database and the queue file."""
+    from flowd import integrity
+    from flowd.display import db_check_text
+
+    results = integrity.check_files(ctx.config, full=ctx.args.full)
+    damaged = any(r.ok is False for r in results)
+    ctx.emit({"ok": not damaged, "files": [r.as_dict() for r in results]}, db_check_text(results))
+    return EXIT_STORE if damaged else EXIT_OK
+
+
+def cmd_db_recover(ctx: Context) -> int:
+    """Salvage a damaged database into a new file; the damaged one is kept beside it."""
+    from flowd import dbrecover
+    from flowd.display import recovery_text
+
+    report = dbrecover.recover_database(ctx.config, force=ctx.args.force)
+    ctx.emit(report.as_dict(), recovery_text(report))
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- argument parser
 class _Parser(argparse.ArgumentParser):
     """argparse that raises instead of printing usage and exiting, so flowctl owns the output."""
@@ -618,6 +642,7 @@ COMMANDS = {
     "flows": "list flows, newest first",
     "flow": "show, cancel or retry one flow",
     "prune": "delete ended flows and their results now",
+    "db": "check the database file, or salvage a damaged one",
 }
 
 
@@ -646,7 +671,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                         help="print JSON on stdout (errors too, as {\"error\": ...})")
     parser = _Parser(prog="flowctl", description="Manage flowd: tasks, routines and flows.",
                      epilog="exit codes: 0 ok, 1 flow FAILED/CANCELLED (submit --wait), 2 bad usage or input, "
-                            "3 database or queue unreachable, 124 submit --wait --timeout ran out, "
+                            "3 database or queue unreachable (db check: damaged), 124 submit --wait --timeout ran out, "
                             "130 Ctrl-C while waiting")
     parser.add_argument("--config", metavar="PATH", default=None,
                         help="config file (default: $FLOWD_CONFIG, /etc/flowd/flowd.toml, ./config/flowd.toml)")
@@ -706,6 +731,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             p = add(commands, "prune", cmd_prune, help_text)
             p.add_argument("--older-than", type=_duration, metavar="AGE",
                            help="e.g. 30d, 12h (default: the retention)")
+        elif name == "db":
+            db_cmds = group("db", "db_command")
+            p = add(db_cmds, "check", cmd_db_check, "check the database and the queue file (exit 3: damaged); "
+                                                    "read-only, safe while flowd runs")
+            p.add_argument("--full", action="store_true", help="integrity_check (every index too) instead of "
+                                                                "quick_check")
+            p = add(db_cmds, "recover", cmd_db_recover, "with flowd stopped: salvage a damaged database into a new "
+                                                        "file, keep the damaged one beside it, say what was lost")
+            p.add_argument("--force", action="store_true", help="rebuild the file even when it passes the check")
     return parser
 
 
@@ -734,6 +768,9 @@ def _add_routine_parsers(routine_cmds: Any, add: Any) -> None:
     p.add_argument("--mode", choices=("parallel", "queued", "single", "restart"), default="parallel")
     p.add_argument("--max", type=_positive, default=10, metavar="N", help="concurrency limit of the mode")
     p.add_argument("--timeout", type=_duration, metavar="S", help="seconds the whole flow may take")
+    p.add_argument("--status", choices=("steps", "states", "off"), default="steps",
+                   help="flow/<id>/status messages: each state change and finished step (steps, the default), "
+                        "state changes only (states), or none (off)")
     add(routine_cmds, "list", cmd_routine_list, "list routines")
     for name, func, text in (("show", cmd_routine_show, "show one routine"),
                              ("remove", cmd_routine_remove, "remove a routine (its flows stay)"),
@@ -764,6 +801,10 @@ def store_failure(exc: BaseException, database: str = "the database") -> str | N
 
     import peewee
 
+    from flowd.integrity import is_damage
+
+    if is_damage(exc):
+        return damage_hint(exc, f"{database} cannot be used: {exc}")
     if isinstance(exc, (sqlite3.OperationalError, peewee.OperationalError)) or type(exc) in (
             sqlite3.DatabaseError, peewee.DatabaseError):  # the last two: "file is not a database"
         return (f"{database} cannot be used: {exc}; check that no other program holds it locked and that "
@@ -777,6 +818,16 @@ def store_failure(exc: BaseException, database: str = "the database") -> str | N
     if huey is not None and isinstance(exc, huey.ConfigurationError):  # e.g. no redis module installed
         return f"the queue cannot be used: {exc}"
     return None
+
+
+def damage_hint(exc: BaseException, message: str) -> str:
+    """``message``, with what to do added when ``exc`` says a file is damaged."""
+    from flowd.errors import DatabaseDamaged
+    from flowd.integrity import is_damage
+
+    if isinstance(exc, DatabaseDamaged) or not is_damage(exc):
+        return message  # DatabaseDamaged's own sentence says it already
+    return f"{message}; the file is damaged: see 'flowctl db check', then, with flowd stopped, 'flowctl db recover'"
 
 
 def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
@@ -804,7 +855,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, InputError, TaskScriptError) as exc:
         return _fail(str(exc), EXIT_USAGE, want_json)
     except StoreUnavailable as exc:
-        return _fail(f"{exc}", EXIT_STORE, want_json)
+        return _fail(damage_hint(exc, str(exc)), EXIT_STORE, want_json)
     except KeyboardInterrupt:
         print("flowctl: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from typing import Any
 
+    from flowd.dbrecover import RecoveryReport
+    from flowd.integrity import CheckResult
     from flowd.models import Flow, Routine, Task, TaskResult
 
 
@@ -158,12 +160,16 @@ def task_dict(task: Task) -> dict[str, Any]:
     }
 
 
+STATUS_TEXT = {"steps": "steps (each state change and each finished step)",
+               "states": "states (state changes only)", "off": "off (no status messages; the result still goes out)"}
+
+
 def routine_dict(routine: Routine) -> dict[str, Any]:
     """A routine for --json."""
     return {
         "name": routine.name, "tasks": routine.task_names(), "schedule": routine.schedule,
         "timezone": routine.timezone, "jitter": routine.jitter, "mqtt": routine.mqtt, "mode": routine.mode,
-        "max": routine.max, "timeout": routine.timeout, "enabled": routine.enabled,
+        "max": routine.max, "timeout": routine.timeout, "enabled": routine.enabled, "status": routine.status,
         "last_scheduled_run": iso(routine.last_scheduled_run),
         "created_at": iso(routine.created_at), "updated_at": iso(routine.updated_at),
     }
@@ -246,3 +252,105 @@ def script_frame(error: str) -> str | None:
 
     found = re.findall(r'File "[^"]*?([^"/]*task_[^"/]+\.py)", line (\d+), in (\S+)', error)
     return f"{found[-1][0]}:{found[-1][1]} in {found[-1][2]}" if found else None
+
+
+# --------------------------------------------------------------------------- db check / db recover
+def human_size(size: int) -> str:
+    """``812 B``, ``196 KiB``, ``12.4 MiB``."""
+    if size < 1024:
+        return f"{size} B"
+    if size < 1024 * 1024:
+        return f"{size / 1024:.0f} KiB"
+    return f"{size / 1024 / 1024:.1f} MiB"
+
+
+def id_ranges(ids: Sequence[int], limit: int = 12) -> str:
+    """``[3, 4, 5, 9]`` -> ``3-5, 9``, with ``(N more)`` past ``limit`` ranges."""
+    ranges: list[str] = []
+    start = prev = None
+    for n in sorted(ids):
+        if prev is not None and n == prev + 1:
+            prev = n
+            continue
+        if start is not None:
+            ranges.append(f"{start}-{prev}" if prev != start else str(start))
+        start = prev = n
+    if start is not None:
+        ranges.append(f"{start}-{prev}" if prev != start else str(start))
+    more = f" ({len(ranges) - limit} more)" if len(ranges) > limit else ""
+    return ", ".join(ranges[:limit]) + more
+
+
+def db_check_text(results: Sequence[CheckResult]) -> str:
+    """``flowctl db check``: one line per file, its problems under it, what to do."""
+    lines = []
+    for r in results:
+        label = f"{r.what:<10} {r.path}:"
+        if r.ok is None:
+            lines.append(f"{label} {r.note}")
+        elif r.ok:
+            lines.append(f"{label} ok ({r.check}, {human_size(r.size)}, {r.seconds:.2f}s)")
+        else:
+            lines.append(f"{label} DAMAGED ({r.check} found {len(r.problems)} problem"
+                         f"{'s' if len(r.problems) != 1 else ''})")
+            lines.extend(f"  {shorten(problem, terminal_width() - 3)}" for problem in r.problems[:10])
+            if len(r.problems) > 10:
+                lines.append(f"  ... {len(r.problems) - 10} more (--json lists them all)")
+            if r.what == "database":
+                lines.append("  -> flowd refuses to run on it: stop flowd, then 'flowctl db recover' salvages it "
+                             "into a new file (the damaged one is kept)")
+            else:
+                lines.append("  -> flowd sets it aside and starts a new one at its next start; no flow is lost "
+                             "(they are queued again from the database)")
+    return "\n".join(lines)
+
+
+def recovery_text(report: RecoveryReport) -> str:
+    """``flowctl db recover``: what was saved, what was lost, where the damaged file is."""
+    if report.action != "recovered":
+        return (f"the database {report.database} passes {report.check.check}: nothing to recover "
+                "(--force rebuilds it anyway)")
+    lines = [f"recovered {report.database} in {report.seconds:.1f}s",
+             f"  the damaged file is kept as {report.kept_as} (with its -wal/-shm, if it had them)"]
+    if report.header_damaged:
+        lines.append(f"  its header was damaged: read with page size {report.page_size}, found from the pages")
+    if report.wal_frames:
+        lines.append(f"  {report.wal_frames} committed page(s) read from its write-ahead log")
+    if report.bad_pages:
+        pages = sorted(report.bad_pages)
+        first = report.bad_pages[pages[0]]
+        lines.append(f"  unreadable page(s): {id_ranges(pages)} (first: page {pages[0]}, {first})")
+    rows = []
+    for name, t in report.tables.items():
+        rows.append((name, t.seen, t.saved, len(t.lost_ids), t.adopted or "", t.dropped or "",
+                     id_ranges(t.lost_ids, 6) if t.lost_ids else ""))
+    lines.append("")
+    lines.append(table(("TABLE", "SEEN", "SAVED", "LOST", "RE-LINKED", "DROPPED", "LOST IDS"), rows, flex=6))
+    lines.append("  SEEN: rows the damaged file still showed in the table or in one of its indexes; rows on a")
+    lines.append("  destroyed page that no index lists cannot be counted. RE-LINKED: found on pages cut off")
+    lines.append("  from their table. DROPPED: read but unusable (damaged values, or they refer to lost rows).")
+    lines.append("")
+    states = ("INIT", "RUNNING", "WAITING", "DONE", "FAILED", "CANCELLED")
+
+    def by_state(counts: dict[str, int]) -> str:
+        order = [s for s in states if s in counts] + sorted(s for s in counts if s not in states)
+        return "  ".join(f"{s} {counts[s]}" for s in order) or "none"
+
+    if report.flows_before:
+        lines.append(f"  flows before (state index): {by_state(report.flows_before)}")
+    lines.append(f"  flows now:                  {by_state(report.flows_after)}")
+    if report.lost_flows:
+        lines.append(f"  flows lost, by last state:  {by_state(report.lost_flows)}")
+    if report.flows_missing_steps:
+        lines.append(f"  flows saved without some step records: {id_ranges(report.flows_missing_steps)} "
+                     "('flowctl flow show ID' lists what is left)")
+    if report.lost_and_found:
+        lines.append(f"  {report.lost_and_found} row(s) whose table could not be told are in "
+                     f"{report.lost_and_found_file} (table lost_and_found)")
+    if report.disabled_routines:
+        lines.append(f"  routine(s) disabled because a step's task was lost: {', '.join(report.disabled_routines)}"
+                     " (re-create the task, then 'flowctl routine enable NAME')")
+    if report.queue_kept_as:
+        lines.append(f"  the queue file was damaged too: kept as {report.queue_kept_as}; flowd starts a new one")
+    lines.append("  next: start flowd (systemctl start flowd); flows that were RUNNING resume at their step")
+    return "\n".join(lines)

@@ -2,9 +2,9 @@
 
 Each public method is one short IMMEDIATE transaction. Side effects that must not
 happen unless the transaction committed (queueing a flow for a worker, waking the
-outbox publisher, signalling a worker) are collected in :class:`Effects` and carried
-out after the commit. Any process may call these: the daemon, a worker, flowctl.
-The per-step path uses the precompiled statements of :mod:`flowd.store`.
+outbox publisher, sending status messages, signalling a worker) are collected in
+:class:`Effects` and carried out after the commit. Any process may call these: the
+daemon, a worker, flowctl. The per-step path uses the precompiled statements of :mod:`flowd.store`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from flowd.models import (
     utcnow,
     write_transaction,
 )
+from flowd.status import Status, send_statuses
 from flowd.store import Row
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,13 @@ class Effects:
     enqueue: list[tuple[int, int, float | None]] = field(default_factory=list)
     signal_pids: list[int] = field(default_factory=list)
     published: bool = False
+    statuses: list[Status] = field(default_factory=list)
 
     def extend(self, other: Effects) -> None:
         self.enqueue.extend(other.enqueue)
         self.signal_pids.extend(other.signal_pids)
         self.published = self.published or other.published
+        self.statuses.extend(other.statuses)
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,10 @@ class Engine:
 
     # ------------------------------------------------------------------ effects
     def _apply(self, effects: Effects) -> None:
+        if effects.statuses:
+            # First: the daemon has them before anything below can wake its publisher,
+            # which sends a flow's result only after its last status.
+            send_statuses(self.config.flowd.state_dir, effects.statuses)
         now = [(flow_id, token) for flow_id, token, delay in effects.enqueue if not delay or delay <= 0]
         if self._enqueue_many is not None and len(now) > 1:
             # Flows admitted together travel together: one message per worker, not per flow.
@@ -183,8 +190,23 @@ class Engine:
         store.add_outbox(topic, dumps(payload), correlation_data, now)
         effects.published = True
 
-    def _publish_status(self, flow: Row, effects: Effects, now: dt.datetime) -> None:
-        self._publish(self.config.topic(f"flow/{flow.id}/status"), flow_status_payload(flow), effects, now)
+    def _publish_status(self, flow: Row, effects: Effects, *, state_change: bool, child_id: int | None = None
+                        ) -> None:
+        """Queue the flow's status (after the commit, not through the outbox: SPEC 4.4) if
+        its routine's ``status`` wants it: ``steps`` every one, ``states`` only a change
+        of state (a finished step or a failed attempt is not), ``off`` none."""
+        mode = self._status_mode(flow.routine)
+        if mode == "off" or (mode == "states" and not state_change):
+            return
+        effects.statuses.append(Status(flow.id, flow.state, self.config.topic(f"flow/{flow.id}/status"),
+                                       dumps(flow_status_payload(flow, child_id))))
+
+    def _status_mode(self, routine: str) -> str:
+        info = self.definitions.routines.get(routine)
+        if info is None and self.definitions.version is None:  # this process has not read them yet
+            self.definitions.refresh()
+            info = self.definitions.routines.get(routine)
+        return info.status if info is not None else "steps"
 
     def _publish_result(self, flow: Row, effects: Effects, now: dt.datetime) -> None:
         payload = flow_result_payload(flow)
@@ -334,7 +356,7 @@ class Engine:
         if state != FlowState.DONE:
             store.end_running_results(flow.id, StepState.CANCELLED.value if state == FlowState.CANCELLED
                                       else StepState.FAILED.value, error, now)
-        self._publish_status(flow, effects, now)
+        self._publish_status(flow, effects, state_change=True)
         self._publish_result(flow, effects, now)
         extra = {"FLOW_ID": flow.id, "ROUTINE": flow.routine}
         if state == FlowState.DONE:
@@ -378,6 +400,7 @@ class Engine:
         """End a flow CANCELLED (its running step is interrupted, its children cancelled)."""
         effects = Effects()
         now = now or utcnow()
+        self.definitions.refresh()
         with write_transaction():
             flow = self._get(flow_id)
             if flow.is_ended:
@@ -402,7 +425,7 @@ class Engine:
                 raise NotFoundError("routine", flow.routine, "the flow's routine was removed")
             store.update_flow(flow, state=FlowState.INIT.value, error=None, result=None, finished_at=None,
                               deadline=None, admitted=False, step_attempt=0, interruptions=0, updated_at=now)
-            self._publish_status(flow, effects, now)
+            self._publish_status(flow, effects, state_change=True)
             self._admit_new(flow, info, effects, now)
         self._apply(effects)
         return self._get(flow_id)
@@ -457,7 +480,7 @@ class Engine:
                 if info is not None and info.timeout and flow.deadline is None:
                     changes["deadline"] = now + dt.timedelta(seconds=info.timeout)
                 store.update_flow(flow, **changes)
-                self._publish_status(flow, effects, now)
+                self._publish_status(flow, effects, state_change=True)
             else:
                 store.update_flow(flow, **changes)
             if flow.position == 0:
@@ -544,10 +567,11 @@ class Engine:
             store.update_flow(flow, position=flow.position + 1)
             self._end(flow, FlowState.FAILED, effects, now, error=self._flow_timeout_text(flow))
             return None
+        resumed = flow.state != FlowState.RUNNING.value  # a wait or a sub-flow ended
         store.update_flow(flow, position=flow.position + 1, step_attempt=0, interruptions=0,
                           state=FlowState.RUNNING.value, wait_topic=None, wait_match=None, wait_until=None,
                           updated_at=now, worker_pid=pid)
-        self._publish_status(flow, effects, now)
+        self._publish_status(flow, effects, state_change=resumed)
         if pid is None:
             self._admit(flow, effects, now)
             return None
@@ -645,13 +669,14 @@ class Engine:
         attempts = flow.step_attempt + 1
         timed_out = bool(flow.deadline and now >= flow.deadline)
         if attempts <= retries and not timed_out:
+            resumed = flow.state != FlowState.RUNNING.value  # a wait that timed out
             base = task.retry_delay if task else 1.0
             delay = min(base * (2 ** (attempts - 1)), task.retry_backoff_max if task else base)
             store.update_flow(flow, step_attempt=attempts, state=FlowState.RUNNING.value,
                               next_attempt_at=now + dt.timedelta(seconds=delay), updated_at=now, **waits)
             log.info("flow %d %s attempt %d failed, retry in %.1fs: %s", flow.id, label, result.attempt, delay,
                      summary, extra={"FLOW_ID": flow.id, "ROUTINE": flow.routine, "TASK": result.task})
-            self._publish_status(flow, effects, now)
+            self._publish_status(flow, effects, state_change=resumed)
             self._admit(flow, effects, now, delay=delay)
             return
         store.update_flow(flow, step_attempt=attempts)
@@ -722,7 +747,7 @@ class Engine:
             store.update_flow(flow, state=FlowState.WAITING.value, worker_pid=None, wait_topic=topic,
                               wait_match=match, updated_at=now,
                               wait_until=now + dt.timedelta(seconds=timeout) if timeout else None)
-            self._publish_status(flow, effects, now)
+            self._publish_status(flow, effects, state_change=True)
         self._apply(effects)
         return True
 
@@ -749,8 +774,7 @@ class Engine:
             child = self._create_flow(info, list(args), dict(kwargs), effects, now, trigger="flow",
                                       parent_id=flow.id, depth=flow.depth + 1)
             store.update_result(result.id, output={"child": child.id})
-            self._publish(self.config.topic(f"flow/{flow.id}/status"), flow_status_payload(flow, child.id),
-                          effects, now)
+            self._publish_status(flow, effects, state_change=True, child_id=child.id)
             if child.is_ended:  # refused by its routine's mode
                 self._child_ended(child, effects, now)
         self._apply(effects)
@@ -789,6 +813,7 @@ class Engine:
         effects = Effects()
         now = now or utcnow()
         resumed: list[int] = []
+        self.definitions.refresh()  # the routines' status settings, for the statuses below
         with write_transaction(sync=False):
             for flow in store.select_flows("state = ? AND wait_topic IS NOT NULL", (FlowState.WAITING.value,)):
                 if not topic_matches(flow.wait_topic, topic) or not payload_matches(flow.wait_match, payload):

@@ -48,3 +48,16 @@ class TaskScriptError(FlowdError):
 
 class StepError(FlowdError):
     """A step produced something flowd cannot pass on (e.g. a value that is not JSON)."""
+
+
+class DatabaseDamaged(StoreUnavailable):
+    """A SQLite file of flowd is damaged: SQLite's own check or a query says so."""
+
+    def __init__(self, path: object, problem: str, *, what: str = "database", found_by: str = "quick_check"):
+        super().__init__(f"the {what} {path} is damaged: {problem} (found by {found_by}); flowd does not run on a "
+                         "damaged file: see 'flowctl db check', then, with flowd stopped, 'flowctl db recover' "
+                         "salvages what can be read into a new file and keeps the damaged one beside it")
+        self.path = path
+        self.problem = problem
+        self.what = what
+        self.found_by = found_by

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from flowd import integrity
 from flowd.models import make_durable
 
 log = logging.getLogger(__name__)
@@ -139,16 +140,18 @@ class Intake:
                 try:
                     self.handler.handle_submits(run)
                     handled.extend(run)
-                except Exception:
-                    log.exception("MQTT: could not store %d submit(s); the broker sends them again on the next "
-                                  "connection", len(run))
+                except Exception as exc:
+                    if not integrity.note_damage(exc, "the MQTT intake"):  # damage: the daemon stops
+                        log.exception("MQTT: could not store %d submit(s); the broker sends them again on the "
+                                      "next connection", len(run))
                 run = []
             if submit:
                 continue
             try:
                 self.handler.handle_event(message.topic, message.payload, message.retain)
-            except Exception:
-                log.exception("MQTT: could not handle a message on '%s'", message.topic)
+            except Exception as exc:
+                if not integrity.note_damage(exc, f"the MQTT intake (a message on '{message.topic}')"):
+                    log.exception("MQTT: could not handle a message on '%s'", message.topic)
                 continue
             handled.append(message)
         return handled

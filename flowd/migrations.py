@@ -64,10 +64,22 @@ def _v3_drop_redundant_index(db: peewee.Database, migrator: SchemaMigrator) -> N
     migrate(migrator.drop_index("flow", "flow_routine"))
 
 
+def _v4_routine_status(db: peewee.Database, migrator: SchemaMigrator) -> None:
+    """v4: a routine's ``status`` (SPEC 4.4), ``steps`` for every existing routine.
+
+    One ALTER TABLE with the default in the column: playhouse's add_column would add it
+    nullable and then rebuild the table for NOT NULL, and dropping the old routine table
+    inside the migration's transaction would cascade to routine_step.
+    """
+    db.execute_sql(  # type: ignore[no-untyped-call]
+        "ALTER TABLE \"routine\" ADD COLUMN \"status\" VARCHAR(255) NOT NULL DEFAULT 'steps'")
+
+
 # Step N takes a database at version N-1 to version N.
 STEPS: dict[int, Callable[[peewee.Database, SchemaMigrator], None]] = {
     2: _v2_waits_and_subflows,
     3: _v3_drop_redundant_index,
+    4: _v4_routine_status,
 }
 LATEST = max(STEPS)
 

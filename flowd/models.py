@@ -22,6 +22,7 @@ from typing import Any
 
 import peewee
 from peewee import (
+    SQL,
     AutoField,
     BooleanField,
     CharField,
@@ -65,6 +66,9 @@ class StepState(StrEnum):
 ENDED_STATES = (FlowState.DONE.value, FlowState.FAILED.value, FlowState.CANCELLED.value)
 ACTIVE_STATES = (FlowState.INIT.value, FlowState.RUNNING.value, FlowState.WAITING.value)
 MODES = ("parallel", "queued", "single", "restart")
+# Which flow/<id>/status messages a routine sends (SPEC 4.4): every state change and
+# every finished step, state changes only, or none (the result is still published).
+STATUS_MODES = ("steps", "states", "off")
 TRIGGERS = ("mqtt", "schedule", "cli", "api", "flow")
 
 
@@ -132,6 +136,8 @@ class Routine(BaseModel):
     last_scheduled_run = DateTimeField(null=True)
     created_at = DateTimeField(default=utcnow)
     updated_at = DateTimeField(default=utcnow)
+    # The SQL default makes a new database and an upgraded one (schema v4) the same.
+    status = CharField(default="steps", constraints=[SQL("DEFAULT 'steps'")])
 
     def task_names(self) -> list[str]:
         """The routine's steps, in order, as task names."""

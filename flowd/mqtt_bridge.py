@@ -44,7 +44,7 @@ SUBMIT_FIELDS = ("routine", "args", "kwargs", "request_id", "reply_to")
 RECONNECT_MIN_S = 1
 RECONNECT_MAX_S = 30
 RECEIVE_MAXIMUM = intake.MAX_BATCH * 2
-PAHO_INFLIGHT = outbox.MAX_HANDED  # paho never queues behind its window, so it never reorders
+PAHO_INFLIGHT = outbox.MAX_IN_FLIGHT  # paho never queues behind its window, so it never reorders
 _JSON_SPECIAL = re.compile(r'[\[\]{}"\\]')
 
 
@@ -419,7 +419,8 @@ class MqttBridge:
 
     def check_rows(self, rows: list[tuple[Any, ...]]) -> None:
         """Before a flow's WAITING status goes out, subscribe what it waits for, so an
-        answer sent on seeing that status cannot arrive before the subscription."""
+        answer sent on seeing that status cannot arrive before the subscription.
+        ``rows`` are (id, topic, payload, ...): outbox rows, and statuses with id None."""
         if any('"WAITING"' in row[2] for row in rows):
             self.refresh_wait_topics()
 

@@ -1,10 +1,13 @@
-"""Store and forward: everything flowd publishes is a row here first (SPEC 4.4).
+"""Store and forward: everything flowd publishes is a row here first (SPEC 4.4),
+except status messages, which are progress reports (:mod:`flowd.status`).
 
 ``add_message`` is called inside the transaction that changes state, so a message
 exists if and only if the change it reports was committed. The daemon's
 :class:`OutboxPublisher` sends rows in id order and deletes each only after the
 broker's PUBACK, so a message survives a broker outage and a daemon crash (it is sent
-again at the next start: at-least-once).
+again at the next start: at-least-once). The same thread sends the statuses the
+:class:`~flowd.status.StatusInbox` holds, ahead of the rows it reads in a pass, and a
+flow's last status ahead of its result.
 """
 
 from __future__ import annotations
@@ -21,14 +24,18 @@ from typing import Any, Protocol
 
 from peewee import fn
 
+from flowd import integrity
 from flowd.config import Config
 from flowd.models import Outbox, database, dumps, get_meta, make_durable, set_meta, write_transaction
+from flowd.status import HOLD_S, SOCKET_NAME, STATUS_INFLIGHT, Status, StatusInbox
 from flowd.wakeup import WakeSocket, send_wakeup
 
 log = logging.getLogger(__name__)
 
 WAKE_SOCKET_NAME = "wake-outbox.sock"
 MAX_HANDED = 256          # rows handed to the MQTT client and not yet deleted (= its in-flight window)
+# The MQTT client's window: rows, statuses, and statuses sent just before their results.
+MAX_IN_FLIGHT = MAX_HANDED + STATUS_INFLIGHT + MAX_HANDED
 READ_BATCH = 200          # rows read per query
 DELETE_BATCH = 100        # delete acknowledged rows once this many are waiting...
 DELETE_AFTER_S = 0.5      # ...or once the oldest has waited this long
@@ -70,7 +77,8 @@ def _correlation_bytes(value: str | None) -> bytes | None:
 
 
 class OutboxPublisher:
-    """Thread that moves Outbox rows to the broker and deletes them once acknowledged.
+    """Thread that moves Outbox rows to the broker and deletes them once acknowledged,
+    and sends the status messages of :attr:`statuses` (never stored, never retried).
 
     Rows are handed to the client in id order while it is connected, at most
     ``MAX_HANDED`` at a time. On a reconnect the bridge takes back what paho still
@@ -107,11 +115,16 @@ class OutboxPublisher:
         self._reconnected = False
         self._taken_back: set[int] = set()           # mids paho gave back at a reconnect
         self._sql: str | None = None
+        self.statuses = StatusInbox(config.state_dir / SOCKET_NAME, on_arrival=self.poke)
+        self._status_inflight: dict[int, Status] = {}  # mid -> status handed and not acknowledged
+        self._held: dict[int, float] = {}           # result row id -> when it began waiting for a status
+        self._result_prefix = config.topic("flow/")
 
     # ------------------------------------------------------------------ called by other threads
     def start(self) -> None:
-        """Bind the wake socket (workers poke it after each commit) and start the thread."""
+        """Bind the wake and status sockets (workers use them after each commit) and start the thread."""
         self._wake = WakeSocket(self.config.state_dir / WAKE_SOCKET_NAME)
+        self.statuses.start()
         self._thread = threading.Thread(target=self._run, name="flowd-outbox", daemon=True)
         self._thread.start()
 
@@ -127,10 +140,14 @@ class OutboxPublisher:
         with self._lock:
             entry = self._inflight.pop(mid, None)
             if entry is None:
-                self._early_acks[mid] = delivered
-                return
-            self._ack_row(entry[0], delivered)
-            batch_ready = len(self._acked) == DELETE_BATCH
+                window_was_full = len(self._status_inflight) >= STATUS_INFLIGHT
+                if self._status_inflight.pop(mid, None) is None:
+                    self._early_acks[mid] = delivered
+                    return
+                batch_ready = window_was_full  # statuses that back up may go now
+            else:
+                self._ack_row(entry[0], delivered)
+                batch_ready = len(self._acked) == DELETE_BATCH
         if batch_ready:
             self.poke()  # free the window without waiting for the timer
 
@@ -162,9 +179,12 @@ class OutboxPublisher:
         return self.is_empty()
 
     def is_empty(self) -> bool:
+        """Nothing left to send or to be acknowledged: no row, no status."""
         with self._lock:
-            if self._inflight or self._acked:
+            if self._inflight or self._acked or self._status_inflight:
                 return False
+        if self.statuses.has_pending():
+            return False
         return not Outbox.select(Outbox.id).limit(1).exists()
 
     def stop(self) -> None:
@@ -174,6 +194,7 @@ class OutboxPublisher:
             self._thread.join(10)
         if self._wake is not None:
             self._wake.close()
+            self.statuses.stop()
         self._poke_r.close()
         self._poke_w.close()
 
@@ -186,14 +207,19 @@ class OutboxPublisher:
                 if self._stopping.is_set():
                     break
                 self._take_back()
-                busy = self._send_rows() if self.sender.is_connected() else False
+                if self.sender.is_connected():
+                    busy = self._send_rows()
+                else:
+                    self.statuses.set_backed_up(True)
+                    busy = False
                 self._delete_acked(force=False)
                 self._check_cap()
                 if not busy:
                     self._idle.set()
-            except Exception:
+            except Exception as exc:
                 busy = False
-                log.exception("outbox publisher: unexpected error; retrying in 1s")
+                if not integrity.note_damage(exc, "the outbox publisher"):  # damage: the daemon stops
+                    log.exception("outbox publisher: unexpected error; retrying in 1s")
                 self._stopping.wait(1.0)
         try:
             self._delete_acked(force=True)
@@ -222,29 +248,104 @@ class OutboxPublisher:
                 f"WHERE id > {param} ORDER BY id LIMIT {param}")
 
     def _send_rows(self) -> bool:
-        """Hand waiting rows to the client in id order; True when more wait than it could take."""
+        """Hand waiting statuses, then rows in id order, to the client; True when more
+        wait than it could take (or a result waits for its flow's last status)."""
         if self._sql is None:
             self._sql = self._select_sql()
         while True:
             if self._reconnected:
                 return True  # hand the taken-back rows over first
-            if len(self._handed) >= MAX_HANDED:
-                return True
-            rows = database.obj.execute_sql(self._sql, (self._cursor, READ_BATCH)).fetchall()
-            if not rows:
-                return False
-            make_durable()  # durable before visible (SPEC 4.5): one fsync covers every row read
+            statuses = self.statuses.take(STATUS_INFLIGHT - len(self._status_inflight))
+            window_full = len(self._handed) >= MAX_HANDED
+            rows = [] if window_full else database.obj.execute_sql(self._sql, (self._cursor, READ_BATCH)).fetchall()
+            if not rows and not statuses:
+                return window_full
+            # Durable before visible (SPEC 4.5): one fsync covers every row read and every
+            # status taken (each was sent after its commit).
+            make_durable()
             if self.before_send is not None:
-                self.before_send(rows)
+                self.before_send([(None, s.topic, s.payload) for s in statuses] + rows)
+            for index, status in enumerate(statuses):
+                if not self._hand_status(status):
+                    self.statuses.restore(statuses[index:])
+                    self.statuses.set_backed_up(True)
+                    return True
+            self.statuses.set_backed_up(len(self._status_inflight) >= STATUS_INFLIGHT)
+            if not rows:
+                return window_full
+            self._note_awaited_results(rows)
             for row_id, topic, payload, qos, retain, correlation in rows:
                 if row_id not in self._handed:
                     if len(self._handed) >= MAX_HANDED:
+                        return True
+                    if not self._is_result_due(row_id, topic):
                         return True
                     if not self._hand_over(row_id, topic, payload, qos, bool(retain), correlation):
                         return True
                 self._cursor = row_id
             if len(rows) < READ_BATCH:
                 return False
+
+    def _result_flow(self, topic: str) -> int | None:
+        """The flow id of a ``flow/<id>/result`` topic, else None."""
+        if not (topic.endswith("/result") and topic.startswith(self._result_prefix)):
+            return None
+        middle = topic[len(self._result_prefix):-len("/result")]
+        return int(middle) if middle.isdigit() else None
+
+    def _note_awaited_results(self, rows: list[tuple[Any, ...]]) -> None:
+        """Start the wait of every result read whose flow's last status is on its way, so
+        several such results wait together, not one after the other."""
+        now = time.monotonic()
+        if any(self._result_flow(row[1]) is not None for row in rows):
+            # Statuses of a fast flow may all still sit in a sender's connection: take them
+            # in first, or the flow would not look awaited and they would all come too late.
+            self.statuses.receive_now()
+        for row in rows:
+            flow_id = self._result_flow(row[1])
+            if flow_id is not None and row[0] not in self._held and self.statuses.is_awaited(flow_id):
+                self._held[row[0]] = now
+
+    def _is_result_due(self, row_id: int, topic: str) -> bool:
+        """A result goes after its flow's last status: False while that status is on its
+        way (sent by the process that committed the end, not received yet), for at most
+        HOLD_S; a pending status of the flow is handed over first."""
+        flow_id = self._result_flow(topic)
+        if flow_id is None:
+            return True
+        since = self._held.get(row_id)
+        if since is not None and self.statuses.is_awaited(flow_id):
+            self.statuses.receive_now()
+            if self.statuses.is_awaited(flow_id) and time.monotonic() - since < HOLD_S:
+                return False
+        self._held.pop(row_id, None)
+        for status in self.statuses.take_before_result(flow_id):
+            if len(self._status_inflight) < STATUS_INFLIGHT + MAX_HANDED:
+                self._hand_status(status)  # beyond the statuses' window: they go with their result
+        return True
+
+    def _hand_status(self, status: Status) -> bool:
+        """Hand one status to the client; False when it cannot take it now."""
+        try:
+            mid = self.sender.send(status.topic, status.payload.encode("utf-8"), 1, False, None)
+        except ValueError as exc:
+            log.error("outbox: status of flow %d to '%s' can never be sent (%s); dropping it", status.flow_id,
+                      status.topic, exc)
+            return True
+        if mid is None:
+            return False
+        with self._lock:
+            if mid in self._taken_back:  # the connection dropped under us: paho gave it back
+                self._taken_back.discard(mid)
+                restore = True
+            else:
+                restore = False
+                if self._early_acks.pop(mid, None) is None:
+                    self._status_inflight[mid] = status
+        if restore:
+            self.statuses.restore([status])
+            return False
+        return True
 
     def _hand_over(self, row_id: int, topic: str, payload: str, qos: int, retain: bool,
                    correlation: str | None) -> bool:
@@ -276,7 +377,10 @@ class OutboxPublisher:
             self._reconnected = False
             lost = [mid for mid, (_, qos) in self._inflight.items() if qos == 0 or mid in self._taken_back]
             rows = [self._inflight.pop(mid)[0] for mid in lost]
+            statuses = [self._status_inflight.pop(mid) for mid in list(self._status_inflight)
+                        if mid in self._taken_back]
             self._taken_back.clear()
+        self.statuses.restore(statuses)  # the latest of each flow goes again, unless a newer one came
         self._handed.difference_update(rows)
         if rows:
             self._cursor = min(self._cursor, min(rows) - 1)
@@ -318,6 +422,7 @@ class OutboxPublisher:
         if now < self._next_cap_check:
             return
         self._next_cap_check = now + CAP_CHECK_EVERY_S
+        self._held = {row_id: since for row_id, since in self._held.items() if now - since < 60}  # rows gone
         self._sweep_gaps()
         limit = self.config.mqtt.outbox_max
         bounds = Outbox.select(fn.MIN(Outbox.id), fn.MAX(Outbox.id)).tuples().first()

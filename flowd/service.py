@@ -1,7 +1,8 @@
 """``flowd run``: wires the daemon together, handles signals and talks to systemd.
 
-Start order matters. Recovery runs before the worker pool exists, so no step can be
-running while the queue is rebuilt; the pool is forked before any thread starts
+Start order matters. The database is checked first (a damaged file: one line, exit 4,
+nothing opened or published; SPEC 7). Recovery runs before the worker pool exists, so
+no step can be running while the queue is rebuilt; the pool is forked before any thread starts
 (huey re-forks the pool process to replace a dead worker, and forking a process
 that runs paho or APScheduler threads can deadlock the child); only then start the
 MQTT bridge, the outbox publisher and the scheduler. Signal handlers only set a flag
@@ -21,12 +22,13 @@ import signal
 import socket
 import sys
 import time
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from flowd import __version__
 from flowd.config import Config, load_config
-from flowd.errors import ConfigError, FlowdError, StoreUnavailable
+from flowd.errors import ConfigError, DatabaseDamaged, FlowdError, StoreUnavailable
 from flowd.logs import set_level, setup_logging
 from flowd.models import utcnow
 from flowd.sdnotify import Notifier
@@ -38,6 +40,9 @@ SCHEDULE_CHECK_EVERY_S = 2.0
 HEARTBEAT_EVERY_S = 30.0
 STOP_DRAIN_S = 5.0
 LOCK_FILE = "flowd.pid"
+# A damaged database file (SPEC 7): restarting cannot help, so flowd.service names this
+# code in RestartPreventExitStatus= and a person runs flowctl db check / db recover.
+EXIT_DATABASE_DAMAGED = 4
 # Keys that take effect on SIGHUP; the rest are read once by a thread or process
 # that lives as long as the daemon, so they wait for a restart.
 LIVE_KEYS = ("flowd.log_level",)
@@ -110,6 +115,7 @@ class Service:
         self._last_heartbeat = 0.0
         self._last_connected: bool | None = None
         self._last_error: str | None = None
+        self._damaged = False
 
     # ------------------------------------------------------------------ life cycle
     def run(self) -> int:
@@ -127,21 +133,32 @@ class Service:
             self._release_lock()
 
     def _run_locked(self) -> int:
-        from flowd import api, recovery
+        from flowd import api, integrity, recovery
         from flowd.mqtt_bridge import MqttBridge
         from flowd.queue import WorkerPool
 
         try:
+            # Before anything opens the files: a damaged database is never served half-working,
+            # a damaged queue file is set aside (recovery rebuilds the queue from the database).
+            integrity.check_at_start(self.config)
+            integrity.replace_damaged_queue(self.config)
             self.engine = api.configure(self.config)
             recovered = recovery.recover(self.config, self.engine)
             # Built (not started) before the fork: a bad TLS file stops us here, cleanly.
             self.bridge = MqttBridge(self.config, self.engine)
-        except StoreUnavailable as exc:
-            log.error("cannot start: %s", exc)
-            return 3
-        except FlowdError as exc:
-            log.error("cannot start: %s", exc)
-            return 2
+        except Exception as exc:
+            damage = exc if isinstance(exc, DatabaseDamaged) else None
+            if damage is None and integrity.note_damage(exc, "flowd's start-up"):
+                damage = integrity.damage_noticed()
+            if damage is not None:
+                return self._stop_for_damage(damage)
+            if isinstance(exc, StoreUnavailable):
+                log.error("cannot start: %s", exc)
+                return 3
+            if isinstance(exc, FlowdError):
+                log.error("cannot start: %s", exc)
+                return 2
+            raise
         self.pool = WorkerPool(self.config)
         self.pool.start()  # fork: before any thread exists in this process
         try:
@@ -155,9 +172,20 @@ class Service:
         except FlowdError as exc:
             log.error("cannot run: %s", exc)
             self._exit_code = 2
+        except Exception as exc:
+            if not integrity.note_damage(exc, "the daemon"):
+                raise
+            self._exit_code = self._stop_for_damage(integrity.damage_noticed())
         finally:
             self._shutdown()
         return self._exit_code
+
+    def _stop_for_damage(self, damage: DatabaseDamaged | None) -> int:
+        """One clear line, a STATUS= for systemctl status, and the exit code that stops restarts."""
+        self._damaged = True
+        log.error("%s", damage)
+        self.notifier.status("stopped: the database is damaged; run 'flowctl db check' and 'flowctl db recover'")
+        return EXIT_DATABASE_DAMAGED
 
     def _start_threads(self) -> None:
         from flowd.reaper import Reaper
@@ -184,6 +212,12 @@ class Service:
             self._guard("stopping the scheduler", self.scheduler.shutdown)
         if self.pool is not None:
             self._guard("stopping the worker pool", lambda: self.pool.stop(grace=grace))
+        if self._damaged:
+            # Nothing more is written to a damaged file. No clean disconnect either: the
+            # broker then publishes the Last Will, the retained "offline".
+            signal.set_wakeup_fd(-1)
+            log.info("flowd stopped")
+            return
         if self.bridge is not None and self.bridge.started:
             self._guard("publishing the offline status", self.bridge.publish_offline)
             drained = self._guard("disconnecting from the broker", lambda: self.bridge.stop(drain=STOP_DRAIN_S))
@@ -213,6 +247,8 @@ class Service:
             self._wait_for_signal(timeout)
             if self._stop_signal is not None:
                 break
+            if self._is_damage_noticed():
+                return
             if self._reload_requested:
                 self._reload_requested = False
                 self._reload()
@@ -225,6 +261,8 @@ class Service:
                 if self.scheduler is not None:
                     self._guarded("schedule check", self.scheduler.check_for_changes)
                 self._guarded("wait topics", self.bridge.refresh_wait_topics)
+            if self._is_damage_noticed():
+                return
             if not self.pool.is_alive():
                 log.error("the worker pool (pid %s) has died; stopping so the service manager can restart flowd",
                           self.pool.pid)
@@ -234,12 +272,26 @@ class Service:
             if self.notifier.watchdog_due():
                 self.notifier.watchdog()
 
+    def _is_damage_noticed(self) -> bool:
+        """A thread or a duty met a damaged database: stop rather than fail the same way forever."""
+        from flowd import integrity
+
+        damage = integrity.damage_noticed()
+        if damage is None:
+            return False
+        self._exit_code = self._stop_for_damage(damage)
+        return True
+
     def _guarded(self, what: str, action: Any) -> None:
         """Run a periodic duty; an error is logged (once while it repeats) and the loop goes on."""
+        from flowd import integrity
+
         try:
             action()
             self._last_error = None
         except Exception as exc:
+            if integrity.note_damage(exc, f"the {what}"):
+                return  # the main loop stops with one clear line
             text = f"{what}: {type(exc).__name__}: {exc}"
             if text != self._last_error:
                 self._last_error = text
@@ -348,31 +400,12 @@ class Service:
 
     # ------------------------------------------------------------------ one daemon per state folder
     def _take_lock(self) -> None:
-        """Refuse to start twice on one state folder (a POSIX lock: forked children do not
-        inherit it, and the kernel drops it when this process dies)."""
-        folder = self.config.state_dir
-        try:
-            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise StoreUnavailable(f"cannot use the state folder {folder}: {exc.strerror}") from None
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise FlowdError(f"another flowd (pid {other}) is already running with state_dir {folder}") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+        self._lock_fd = lock_state_dir(self.config.state_dir)
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
-            try:
-                os.ftruncate(self._lock_fd, 0)
-            finally:
-                os.close(self._lock_fd)
-                self._lock_fd = None
+            unlock_state_dir(self._lock_fd)
+            self._lock_fd = None
 
     def _log_config(self) -> None:
         c = self.config
@@ -382,3 +415,37 @@ class Service:
                  c.path or "(defaults)", c.flowd.node_id, c.state_dir, ", ".join(c.flowd.task_paths),
                  c.flowd.workers, c.database.url, c.queue.backend, m.host, m.port, m.protocol,
                  ", TLS" if m.tls else "", f", user '{m.username}'" if m.username else "", c.flowd.log_level)
+
+
+def lock_state_dir(folder: Path, purpose: str | None = None) -> int:
+    """Take the state folder's lock (one daemon per folder; ``flowctl db recover`` takes it too).
+
+    A POSIX lock: forked children do not inherit it, and the kernel drops it when this
+    process dies. Raises FlowdError when someone holds it (StoreUnavailable naming the
+    daemon when ``purpose`` says what flowctl wanted to do).
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StoreUnavailable(f"cannot use the state folder {folder}: {exc.strerror}") from None
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        if purpose:
+            raise StoreUnavailable(f"flowd (pid {other}) is running with state_dir {folder}; stop it first "
+                                   f"(systemctl stop flowd), then {purpose}") from None
+        raise FlowdError(f"another flowd (pid {other}) is already running with state_dir {folder}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def unlock_state_dir(fd: int) -> None:
+    """Release :func:`lock_state_dir`'s lock."""
+    try:
+        os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)

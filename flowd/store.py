@@ -250,6 +250,7 @@ class RoutineInfo:
     timeout: float | None
     enabled: bool
     mqtt: bool
+    status: str = "steps"
 
 
 @dataclass(frozen=True)
@@ -286,8 +287,8 @@ class Definitions:
                 "SELECT s.routine_id, s.position, t.name FROM routine_step s JOIN task t ON t.id = s.task_id"):
             steps.setdefault(routine_id, []).append((position, task_name))
         routines = {}
-        for routine_id, name, mode, limit, timeout, enabled, mqtt in execute(
-                'SELECT id, name, mode, "max", timeout, enabled, mqtt FROM routine'):
+        for routine_id, name, mode, limit, timeout, enabled, mqtt, status in execute(
+                'SELECT id, name, mode, "max", timeout, enabled, mqtt, status FROM routine'):
             routines[name] = RoutineInfo(name, [t for _, t in sorted(steps.get(routine_id, []))], mode, limit,
-                                         timeout, bool(enabled), bool(mqtt))
+                                         timeout, bool(enabled), bool(mqtt), status)
         self.tasks, self.routines, self.version = tasks, routines, version

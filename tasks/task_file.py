@@ -16,7 +16,7 @@ class AppendLine(Task):
 
     def perform(self, *args, path, keys=None, **kwargs):
         record = {key: kwargs.get(key) for key in keys} if keys else dict(kwargs)
-        line = json.dumps({"at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        line = json.dumps({"at": datetime.datetime.now(datetime.UTC).isoformat(),
                            "flow": self.flow_id, **record}, sort_keys=True)
         with open(path, "a", encoding="utf-8") as handle:
             handle.write(line + "\n")

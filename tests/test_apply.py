@@ -137,6 +137,16 @@ def test_enabled_left_out_keeps_the_state_flowctl_gave(db: Any, tmp_path: Path) 
     assert Routine.get(Routine.name == "sum").enabled is True
 
 
+def test_routine_status_is_applied_and_taken_out_means_steps(db: Any, tmp_path: Path) -> None:
+    apply_file(write(tmp_path, BASE), paths(db))
+    assert Routine.get(Routine.name == "sum").status == "steps"
+    report = apply_file(write(tmp_path, BASE + 'status = "off"\n'), paths(db))
+    assert report.routines.updated == ["sum"] and Routine.get(Routine.name == "sum").status == "off"
+    assert not apply_file(write(tmp_path, BASE + 'status = "off"\n'), paths(db)).changed
+    assert apply_file(write(tmp_path, BASE), paths(db)).routines.updated == ["sum"]
+    assert Routine.get(Routine.name == "sum").status == "steps"
+
+
 @pytest.mark.parametrize("mistake, expected", [
     ('[tasks.x]\nscript = "t.Add"\ncolour = "red"\n', r"\[tasks.x\] colour: unknown key; allowed keys are script"),
     ('[tasks.x]\nscript = "nosuch.Thing"\n', r"\[tasks.x\] script: no file task_nosuch.py"),
@@ -161,6 +171,9 @@ def test_enabled_left_out_keeps_the_state_flowctl_gave(db: Any, tmp_path: Path) 
     ('[routines.r]\ntasks = ["add"]\nmqtt = "yes"\n', r"\[routines.r\] mqtt: must be true or false"),
     ('[routines.r]\ntasks = ["add"]\nenabled = 1\n', r"\[routines.r\] enabled: must be true or false"),
     ('[routines.r]\ntasks = ["add"]\nevery = 5\n', r"\[routines.r\] every: unknown key"),
+    ('[routines.r]\ntasks = ["add"]\nstatus = "some"\n', r"\[routines.r\] status: 'some' is not one of steps, "
+     r"states, off"),
+    ('[routines.r]\ntasks = ["add"]\nstatus = false\n', r"\[routines.r\] status: False is not one of"),
     ('[jobs.r]\ntasks = ["add"]\n', r"\[jobs\]: unknown table"),
 ])
 def test_any_mistake_applies_nothing_and_names_file_table_and_key(db: Any, tmp_path: Path, mistake: str,
@@ -213,4 +226,5 @@ def test_shipped_example_applies_cleanly_and_idempotently(db: Any, tmp_path: Pat
     assert set(report.routines.created) == {"read-sensor", "slow-demo", "heartbeat"}
     assert Routine.get(Routine.name == "heartbeat").enabled is False
     assert Routine.get(Routine.name == "slow-demo").task_names() == ["pause", "pass-on", "pause"]
+    assert Routine.get(Routine.name == "slow-demo").status == "states"
     assert not apply_file(example, paths(db)).changed

@@ -278,16 +278,18 @@ def test_task_add_refuses_unknown_scripts(cli: Run, script: str, words: list[str
 def test_routine_commands(cli: Run, with_routine: Run) -> None:
     shown = data(cli("--json", "routine", "show", "sum"))
     assert shown["tasks"] == ["add", "echo", "add"] and shown["enabled"] is True and shown["mqtt"] is True
+    assert shown["status"] == "steps"
     made = data(cli("--json", "routine", "add", "timed", "echo", "--schedule", "*/5 * * * *", "--timezone",
                     "Europe/Oslo", "--no-mqtt", "--mode", "queued", "--max", "3", "--timeout", "2m",
-                    "--jitter", "10"))
+                    "--jitter", "10", "--status", "states"))
     r = made["routine"]
     assert made["action"] == "created"
-    assert (r["schedule"], r["timezone"], r["mqtt"], r["mode"], r["max"], r["timeout"], r["jitter"]) == (
-        "*/5 * * * *", "Europe/Oslo", False, "queued", 3, 120.0, 10.0)
+    assert (r["schedule"], r["timezone"], r["mqtt"], r["mode"], r["max"], r["timeout"], r["jitter"], r["status"]) == (
+        "*/5 * * * *", "Europe/Oslo", False, "queued", 3, 120.0, 10.0, "states")
     assert [x["name"] for x in data(cli("--json", "routine", "list"))] == ["sum", "timed"]
     text = ok(cli("routine", "list")).stdout
-    assert "*/5 * * * *" in text and "add -> echo -> add" in text
+    assert "*/5 * * * *" in text and "add -> echo -> add" in text and "STATUS" in text
+    assert "status       states (state changes only)" in ok(cli("routine", "show", "timed")).stdout
 
     assert data(cli("--json", "routine", "disable", "sum"))["routine"]["enabled"] is False
     refused(cli("submit", "sum"), 2, "disabled", "flowctl routine enable sum")
@@ -307,6 +309,7 @@ def test_routine_commands(cli: Run, with_routine: Run) -> None:
     (["add", "--schedule", "every day"], ["schedule"]),
     (["add", "--schedule", "@every 5m", "--timezone", "Mars/Olympus"], ["Mars/Olympus"]),
     (["add", "--timezone", "Nowhere/Town"], ["Nowhere/Town"]),
+    (["add", "--status", "all"], ["--status", "'all'", "steps", "states", "off"]),
 ])
 def test_routine_add_refusals(cli: Run, with_routine: Run, extra: list[str], words: list[str]) -> None:
     refused(cli("routine", "add", "bad", *extra), 2, *words)

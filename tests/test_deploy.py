@@ -288,6 +288,9 @@ def test_unit_matches_the_daemon_contract() -> None:
     assert "mosquitto.service" in s["Wants"][0] and "mosquitto.service" in s["After"][0]
     assert "Requires" not in s and "BindsTo" not in s   # flowd outlives a broker restart
     assert s["Restart"] == ["on-failure"] and s["WatchdogSec"] == ["30"]
+    from flowd.service import EXIT_DATABASE_DAMAGED
+
+    assert s["RestartPreventExitStatus"] == [str(EXIT_DATABASE_DAMAGED)]  # damaged database: no restart loop
     assert s["OOMPolicy"] == ["continue"]                # a worker killed for memory is replaced, not fatal
 
 

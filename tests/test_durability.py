@@ -82,6 +82,7 @@ def test_schema_v1_database_upgrades_with_data_intact(tmp_path: Path) -> None:
         "weather", "DONE", {"city": "Oslo"}, {"args": [], "kwargs": {"t": 3}})
     assert (flow.depth, flow.parent_id, flow.wait_topic) == (0, None, None)
     assert Routine.get(Routine.name == "weather").task_names() == ["fetch"]
+    assert Routine.get(Routine.name == "weather").status == "steps"  # v4
     # The upgraded file has exactly the columns the models describe.
     for model in (Flow, Routine, TaskResult):
         table = model._meta.table_name
