@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flows", type=int, default=0, help="flows to run before a second reading")
     p.add_argument("--json", action="store_true", help="also print one JSON line")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
+    p.add_argument("--daemon-wrapper", metavar="SCRIPT", help="experiments: start the daemon as "
+                   "'python SCRIPT run --config X' instead of 'python -m flowd run --config X'")
     a = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="flowd-pss-", dir="/var/tmp"))
     port = free_port()
@@ -136,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([sys.executable, "-m", "flowd.cli", "--config", str(config), "apply",
                         str(BENCH / "bench3.toml")], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         log = open(work / "flowd.log", "wb")  # noqa: SIM115 - lives as long as the daemon
-        daemon = subprocess.Popen([sys.executable, "-m", "flowd", "run", "--config", str(config)], cwd=ROOT,
+        entry = [a.daemon_wrapper] if a.daemon_wrapper else ["-m", "flowd"]
+        daemon = subprocess.Popen([sys.executable, *entry, "run", "--config", str(config)], cwd=ROOT,
                                   stdout=log, stderr=subprocess.STDOUT)
         procs.append(daemon)
         wait_until("flowd ready", lambda: b" ready: " in (work / "flowd.log").read_bytes(), 30)
