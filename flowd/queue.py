@@ -13,8 +13,8 @@ needs a scheduler process of its own and is checked once a second.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import datetime as dt
+import gc
 import logging
 import os
 import signal
@@ -230,10 +230,23 @@ class RetryTimer:
 def _die_with_parent() -> None:
     """Ask the kernel to SIGKILL this process when its parent dies (Linux prctl)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # The running program's symbols include libc's; ctypes.util.find_library("c")
+        # would run ldconfig in a child process in every worker at its start.
+        libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+
+
+def freeze_for_fork() -> None:
+    """Before a fork: put every object alive now out of the collector's reach.
+
+    A collection writes to the header of each object it examines, which copies every
+    page a forked child shares with its parent; frozen objects are never examined.
+    What exists before the fork (modules, configuration) lives as long as the process.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 class WorkerPool:
@@ -256,6 +269,7 @@ class WorkerPool:
     def start(self) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+        freeze_for_fork()
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -371,6 +385,7 @@ def _run_pool(config: Config) -> int:
     if wake is not None:
         huey.storage.stop_fd = consumer.stop_flag._r  # huey's ForkSafeFlag is a pipe: wake on stop
     logging.getLogger("huey").setLevel(logging.WARNING)
+    freeze_for_fork()  # the workers, and any worker forked later to replace one
     consumer.run()
     if wake is not None:
         wake.close(unlink=False)
