@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from conftest import wait_for
+from conftest import Broker, wait_for
 
 from flowd import api, catalog, queue
+from flowd.config import load_config
 from flowd.models import utcnow
 
 
@@ -90,3 +92,35 @@ def test_a_retry_runs_on_time(db: Any, worker_pool: Any, tmp_path: Path) -> None
     first, second = api.flow_trace(flow.id)
     late = (second.started_at - first.finished_at).total_seconds() - 0.5
     assert 0 <= late < 0.25, late
+
+
+def test_the_daemon_on_sqlite(broker: Broker, config_file: Callable[..., Path], flowd_proc: Callable[..., Any],
+                              tmp_path: Path) -> None:
+    # flowd run on SQLite: the daemon, the pool and its two workers, nothing else; no
+    # process loaded the Postgres or Redis driver, yet a task can import them; a retry
+    # runs on time (the daemon's retry timer).
+    path = config_file(broker, workers=2)
+    engine = api.configure(load_config(path))
+    paths = engine.config.flowd.task_paths
+    Path(paths[0], "task_drivers.py").write_text(
+        "import sys\nfrom flowd.task import Task\n\n\nclass Drivers(Task):\n"
+        "    def perform(self, **kwargs):\n"
+        "        loaded = sorted(n for n in ('psycopg2', 'psycopg', 'redis') if n in sys.modules)\n"
+        "        import psycopg2, redis  # noqa: F401\n"
+        "        return {'loaded_before': loaded}\n")
+    catalog.save_task("drivers", "drivers.Drivers", task_paths=paths)
+    catalog.save_routine("drivers-r", ["drivers"])
+    counter = tmp_path / "count"
+    catalog.save_task("flaky", "t.FailTimes", task_paths=paths, retries=1, retry_delay=0.5,
+                      options={"counter": str(counter), "times": 1})
+    catalog.save_routine("flaky-r", ["flaky"])
+    daemon = flowd_proc(path)
+    wait_for(lambda: "ready" in daemon.log_text(), 30, message="flowd ready")
+
+    assert done(api.submit_flow("drivers-r").id).result["kwargs"]["loaded_before"] == []
+    first, second = api.flow_trace(done(api.submit_flow("flaky-r").id).id)
+    assert 0 <= (second.started_at - first.finished_at).total_seconds() - 0.5 < 0.25
+
+    [pool] = children(daemon.pid)
+    assert len(children(pool)) == 2 and all(children(worker) == [] for worker in children(pool))
+    assert daemon.terminate() == 0
