@@ -124,3 +124,26 @@ def test_the_daemon_on_sqlite(broker: Broker, config_file: Callable[..., Path], 
     [pool] = children(daemon.pid)
     assert len(children(pool)) == 2 and all(children(worker) == [] for worker in children(pool))
     assert daemon.terminate() == 0
+
+
+def test_a_retry_pending_at_a_kill_9_runs_at_its_time_after_restart(
+        broker: Broker, config_file: Callable[..., Path], flowd_proc: Callable[..., Any], tmp_path: Path) -> None:
+    # The first attempt fails and the retry is due in 3 s; flowd is killed -9 meanwhile
+    # and started again: the retry runs once, at its time, not before (the timer reads
+    # the due time from the database at start; no queue message carried it).
+    path = config_file(broker, workers=2)
+    engine = api.configure(load_config(path))
+    counter = tmp_path / "count"
+    catalog.save_task("flaky", "t.FailTimes", task_paths=engine.config.flowd.task_paths, retries=1, retry_delay=3,
+                      options={"counter": str(counter), "times": 1})
+    catalog.save_routine("flaky-r", ["flaky"])
+    daemon = flowd_proc(path)
+    flow_id = api.submit_flow("flaky-r").id
+    due = wait_for(lambda: api.get_flow(flow_id).next_attempt_at, 30, message="the retry to be set")
+    daemon.kill9()
+    daemon = flowd_proc(path)
+    flow = done(flow_id)
+    assert counter.read_text().splitlines() == ["attempt:1", "attempt:2"]
+    late = (api.flow_trace(flow.id)[1].started_at - due).total_seconds()
+    assert 0 <= late < 0.5, late
+    assert daemon.terminate() == 0
