@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 MAX_INTERRUPTIONS = 5
 MAX_SUBFLOW_DEPTH = 8
 CANCEL_SIGNAL = signal.SIGUSR1
+# (flow id, dispatch token, delay): a delay is always the flow's stored next_attempt_at
+# minus now, so the queue may take the time from the database (queue.RetryTimer).
 Enqueue = Callable[[int, int, float | None], None]
 EnqueueMany = Callable[[list[tuple[int, int]]], None]
 
@@ -731,6 +733,21 @@ class Engine:
             self._admit(flow, effects, now, delay=delay)
         self._apply(effects)
         return True
+
+    def due_retries(self, now: dt.datetime | None = None) -> tuple[list[tuple[int, int]], dt.datetime | None]:
+        """Flows waiting for a retry (``next_attempt_at``): (id, dispatch token) of those due
+        at ``now``, and when the next of the others falls due (None: no other)."""
+        now = now or utcnow()
+        due: list[tuple[int, int]] = []
+        later: dt.datetime | None = None
+        for flow in store.select_flows("state IN (?, ?) AND admitted = ? AND worker_pid IS NULL "
+                                       "AND next_attempt_at IS NOT NULL",
+                                       (FlowState.INIT.value, FlowState.RUNNING.value, store.sql_bool(True))):
+            if flow.next_attempt_at <= now:
+                due.append((flow.id, flow.dispatch_token))
+            elif later is None or flow.next_attempt_at < later:
+                later = flow.next_attempt_at
+        return due, later
 
     # ------------------------------------------------------------------ waits and sub-flows (SPEC 2.1)
     def wait_step(self, step: ClaimedStep, pid: int, topic: str, match: dict[str, Any] | None,

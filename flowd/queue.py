@@ -5,35 +5,46 @@ one flow, or the flows admitted together in one transaction; the database holds
 everything else. Workers do not poll: the SQLite storage blocks on a
 Unix datagram socket that every enqueue pokes (``wakeup``), so a new flow is picked
 up in well under a millisecond and an idle worker costs nothing.
+
+A retry is not a message until it is due: the flow's ``next_attempt_at`` is the
+schedule, and the daemon's ``RetryTimer`` queues it on time. huey's own schedule
+needs a scheduler process of its own and is checked once a second.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import datetime as dt
+import gc
 import logging
 import os
 import signal
+import socket
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from huey import Huey
-from huey.consumer import Consumer
+from huey.consumer import Consumer, Scheduler
 from huey.storage import SqliteStorage
 
 from flowd.config import Config
 from flowd.errors import StoreUnavailable
+from flowd.models import utcnow
 from flowd.wakeup import WakeSocket, send_wakeup
 
 log = logging.getLogger(__name__)
 
 WAKE_SOCKET_NAME = "wake-queue.sock"
+RETRY_SOCKET_NAME = "wake-retry.sock"
 RUN_FLOW_TASK = "flowd.run_flow"
 RUN_FLOWS_TASK = "flowd.run_flows"
 MAX_FLOWS_PER_RUN = 64  # a worker merges waiting messages into the one it took, up to this many flows
 _IDLE_WAIT_S = 10.0  # an idle worker's longest sleep; enqueues and the stop flag wake it at once
+_RETRY_RECHECK_S = 60.0  # the retry timer reads the database at least this often
 
 
 class WakeableSqliteStorage(SqliteStorage):  # type: ignore[misc]
@@ -78,11 +89,12 @@ class WakeableSqliteStorage(SqliteStorage):  # type: ignore[misc]
 _huey: Huey | None = None
 _run_flow_task: Any = None
 _run_flows_task: Any = None
+_retry_wake_path = ""
 
 
 def configure_queue(config: Config) -> Huey:
     """Create this process's huey instance for ``config`` and register the flow task."""
-    global _huey, _run_flow_task, _run_flows_task
+    global _huey, _run_flow_task, _run_flows_task, _retry_wake_path
     q = config.queue
     if q.backend == "redis":
         from huey import RedisHuey
@@ -104,6 +116,7 @@ def configure_queue(config: Config) -> Huey:
     _run_flow_task = huey.task(name=RUN_FLOW_TASK)(_run_flow)
     _run_flows_task = huey.task(name=RUN_FLOWS_TASK)(_run_flows)
     _huey = huey
+    _retry_wake_path = str(config.state_dir / RETRY_SOCKET_NAME)
     return huey
 
 
@@ -157,10 +170,11 @@ def _take_waiting(pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def enqueue_flow(flow_id: int, token: int, delay: float | None = None) -> None:
-    """Ask a worker to run flow ``flow_id`` (after ``delay`` seconds for a retry)."""
+    """Ask a worker to run flow ``flow_id``; with ``delay`` (a retry, already committed as
+    the flow's ``next_attempt_at``), the daemon's RetryTimer queues it when it is due."""
     get_huey()
     if delay and delay > 0:
-        _run_flow_task.schedule(args=(flow_id, token), delay=delay)
+        send_wakeup(_retry_wake_path)  # re-read the next due time; no daemon: recovery queues it at start
     else:
         _run_flow_task(flow_id, token)
 
@@ -175,13 +189,14 @@ def enqueue_flows(pairs: list[tuple[int, int]]) -> None:
 
 
 def queue_depth() -> int:
-    """Messages waiting in the queue, scheduled retries included."""
+    """Messages waiting in the queue (retries not yet due wait in the database)."""
     huey = get_huey()
     return int(huey.pending_count()) + int(huey.scheduled_count())
 
 
 def queued_flow_ids() -> set[tuple[int, int]]:
-    """(flow_id, token) of every message waiting in the queue or the schedule."""
+    """(flow_id, token) of every message waiting in the queue (or in huey's schedule,
+    which flowd no longer fills)."""
     huey = get_huey()
     found: set[tuple[int, int]] = set()
     for task in list(huey.pending()) + list(huey.scheduled()):
@@ -194,31 +209,122 @@ def flush_queue() -> None:
     get_huey().storage.flush_all()
 
 
+DueRetries = Callable[[dt.datetime], tuple[list[tuple[int, int]], dt.datetime | None]]
+
+
+class RetryTimer:
+    """Queues each flow whose retry falls due, on time, from a thread of the daemon.
+
+    ``due(now)`` lists the flows due and the next due time (``Engine.due_retries``).
+    The database is the schedule: whoever commits a retry sends a datagram to
+    ``wake-retry.sock`` (``enqueue_flow``), and the timer reads the next due time
+    again, so a retry is queued within milliseconds of its time. A message that was
+    sent once is not sent again while the flow stays due (a busy pool); the reaper
+    still queues a flow whose message was lost.
+
+    >>> timer = RetryTimer(config, engine.due_retries); timer.start(); ...; timer.stop()
+    """
+
+    def __init__(self, config: Config, due: DueRetries):
+        self.config = config
+        self.due = due
+        self._sent: set[tuple[int, int]] = set()
+        self._wake: WakeSocket | None = None
+        self._stopping = threading.Event()
+        self._stop_r, self._stop_w = socket.socketpair()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._wake = WakeSocket(self.config.state_dir / RETRY_SOCKET_NAME)
+        self._thread = threading.Thread(target=self._run, name="flowd-retries", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._stop_w.send(b"!")
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+        if self._wake is not None:
+            self._wake.close()
+            self._wake = None
+        self._stop_r.close()
+        self._stop_w.close()
+
+    def run_once(self, now: dt.datetime | None = None) -> float:
+        """Queue the retries due at ``now`` (once each); seconds until the next one."""
+        now = now or utcnow()
+        due, later = self.due(now)
+        for flow_id, token in due:
+            if (flow_id, token) not in self._sent:
+                enqueue_flow(flow_id, token)
+        self._sent = set(due)
+        if later is None:
+            return _RETRY_RECHECK_S
+        return min(max((later - now).total_seconds(), 0.0), _RETRY_RECHECK_S)
+
+    def _run(self) -> None:
+        from flowd import models
+
+        assert self._wake is not None
+        failing = False
+        try:
+            while not self._stopping.is_set():
+                try:
+                    wait = self.run_once()
+                    failing = False
+                except Exception:
+                    if not failing:
+                        log.exception("retry timer: cannot read the flows waiting for a retry; trying again")
+                    failing, wait = True, 1.0
+                self._wake.wait(wait, self._stop_r.fileno())
+        finally:
+            models.database.close()
+
+
 def _die_with_parent() -> None:
     """Ask the kernel to SIGKILL this process when its parent dies (Linux prctl)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # The running program's symbols include libc's; ctypes.util.find_library("c")
+        # would run ldconfig in a child process in every worker at its start.
+        libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
 
 
+def freeze_for_fork() -> None:
+    """Before a fork: put every object alive now out of the collector's reach.
+
+    A collection writes to the header of each object it examines, which copies every
+    page a forked child shares with its parent; frozen objects are never examined.
+    What exists before the fork (modules, configuration) lives as long as the process.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 class WorkerPool:
-    """huey's consumer with process workers, in a process forked from the daemon.
+    """huey's consumer with process workers, in a process forked from the daemon, and
+    the RetryTimer that queues retries when they fall due, a thread of the daemon.
 
     Fork it before the daemon starts any thread: huey restarts a dead worker by
-    forking the pool process, which must then be single-threaded.
+    forking the pool process, which must then be single-threaded. ``due`` lists the
+    retries (default: ``Engine.due_retries`` on this process's database).
 
     >>> pool = WorkerPool(config); pool.start(); ...; pool.stop(grace=30)
     """
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, due: DueRetries | None = None):
         self.config = config
+        self.due = due
         self.pid: int | None = None
+        self.retries: RetryTimer | None = None
 
     def start(self) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+        freeze_for_fork()
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -230,6 +336,12 @@ class WorkerPool:
             finally:
                 os._exit(code)
         self.pid = pid
+        if self.due is None:
+            from flowd.engine import Engine
+
+            self.due = Engine(self.config, enqueue=enqueue_flow).due_retries
+        self.retries = RetryTimer(self.config, self.due)
+        self.retries.start()
         log.info("worker pool started: pid %d, %d process workers", pid, self.config.flowd.workers)
 
     def is_alive(self) -> bool:
@@ -243,6 +355,9 @@ class WorkerPool:
 
     def stop(self, grace: float) -> None:
         """Graceful stop: running steps get ``grace`` seconds, then they are interrupted."""
+        if self.retries is not None:
+            self.retries.stop()
+            self.retries = None
         if self.pid is None:
             return
         try:
@@ -265,8 +380,32 @@ class WorkerPool:
         self.pid = None
 
 
+class _NoScheduler:
+    """Stands in for huey's scheduler process, which flowd does without: retries are
+    queued by the daemon's RetryTimer and there are no periodic tasks. "Alive" while
+    the consumer runs, so huey neither restarts it nor waits for it at the stop."""
+
+    def __init__(self, stop_flag: Any):
+        self.stop_flag = stop_flag
+
+    def start(self) -> None:
+        pass
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+    def is_alive(self) -> bool:
+        return not self.stop_flag.is_set()
+
+
 class _PoolConsumer(Consumer):  # type: ignore[misc]
-    """huey's Consumer minus its SIGHUP "re-exec myself" (the daemon handles SIGHUP)."""
+    """huey's Consumer without its scheduler process, and minus its SIGHUP "re-exec
+    myself" (the daemon handles SIGHUP)."""
+
+    def _create_process(self, process: Any, name: str) -> Any:
+        if isinstance(process, Scheduler):
+            return _NoScheduler(self.stop_flag)
+        return super()._create_process(process, name)
 
     def _set_signal_handlers(self) -> None:
         self._signal_actions.pop(signal.SIGHUP, None)
@@ -295,12 +434,13 @@ def _run_pool(config: Config) -> int:
         runner.init_worker(config, stop_flag_holder.get("flag"))
 
     consumer = _PoolConsumer(huey, workers=config.flowd.workers, worker_type="process", periodic=False,
-                             check_worker_health=True, health_check_interval=1, scheduler_interval=1,
+                             check_worker_health=True, health_check_interval=1,
                              shutdown_timeout=config.flowd.shutdown_grace)
     stop_flag_holder["flag"] = consumer.stop_flag
     if wake is not None:
         huey.storage.stop_fd = consumer.stop_flag._r  # huey's ForkSafeFlag is a pipe: wake on stop
     logging.getLogger("huey").setLevel(logging.WARNING)
+    freeze_for_fork()  # the workers, and any worker forked later to replace one
     consumer.run()
     if wake is not None:
         wake.close(unlink=False)

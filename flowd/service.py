@@ -30,7 +30,6 @@ from flowd import __version__
 from flowd.config import Config, load_config
 from flowd.errors import ConfigError, DatabaseDamaged, FlowdError, StoreUnavailable
 from flowd.logs import set_level, setup_logging
-from flowd.models import utcnow
 from flowd.sdnotify import Notifier
 
 log = logging.getLogger(__name__)
@@ -66,11 +65,28 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"flowd: {exc}", file=sys.stderr)
         return 2
-    if config.queue.backend == "sqlite" and "redis" not in sys.modules:
-        # huey.storage imports redis whenever it is installed: ~8 MiB and ~0.2 s a node
-        # on the SQLite queue never uses. Marking it absent makes huey skip it.
-        sys.modules["redis"] = None  # type: ignore[assignment]
+    # huey.storage imports redis, and peewee and playhouse.migrate psycopg2 (and psycopg),
+    # whenever they are installed: ~8 and ~5 MiB in every process of a node on SQLite.
+    unused = ["redis"] if config.queue.backend == "sqlite" else []
+    if config.database.url.startswith("sqlite:"):
+        unused += ["psycopg2", "psycopg"]
+    import_without(unused, ["peewee", "playhouse.migrate", "huey.storage"])
     return Service(config, config_arg=args.config).run()
+
+
+def import_without(absent: list[str], modules: list[str]) -> None:
+    """Import ``modules`` as if the packages ``absent`` were not installed; later imports
+    (a task script's) find them as usual."""
+    hidden = [name for name in absent if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]  # what "import" takes for "not installed"
+    try:
+        for module in modules:
+            importlib.import_module(module)
+    finally:
+        for name in hidden:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
 
 
 def config_changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
@@ -105,6 +121,8 @@ class Service:
         self.bridge: Any = None
         self.scheduler: Any = None
         self.reaper: Any = None
+        from flowd.models import utcnow
+
         self.started_at = utcnow()
         self._stop_signal: int | None = None
         self._reload_requested = False
