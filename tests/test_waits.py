@@ -428,8 +428,10 @@ def test_wait_topic_stays_subscribed_when_two_refreshes_overlap(
         loop.join(10)
         publisher.join(10)
 
-        device.publish("x/door", {"n": 2})
-        wait_for(lambda: Flow.get_by_id(second).state == "DONE", timeout=5, message="flow B resumed")
+        # Subscribing is asynchronous: the last SUBACK may still be on its way, so the device
+        # repeats itself (no refresh runs on its own here: unsubscribed would stay so).
+        wait_for(lambda: device.publish("x/door", {"n": 2}) or Flow.get_by_id(second).state == "DONE", timeout=5,
+                 interval=0.2, message="flow B resumed")
     finally:
         bridge.stop_intake()
         bridge.stop(drain=1)
