@@ -610,7 +610,7 @@ class Engine:
         reaper's step timeouts count from (about) their real start."""
         if not steps:
             return
-        stamp = store._encode("started_at", now or utcnow())
+        stamp = store.encode("started_at", now or utcnow())
         with write_transaction(sync=False):
             for step in steps:
                 store.execute("UPDATE task_result SET started_at = ? WHERE id = ? AND state = ?",
@@ -857,7 +857,7 @@ class Engine:
         now = now or utcnow()
         effects = Effects()
         touched = 0
-        stamp = store._encode("wait_until", now)
+        stamp = store.encode("wait_until", now)
         if not store.execute("SELECT 1 FROM flow WHERE (state = ? AND wait_until <= ?) OR (state IN (?, ?, ?) "
                              "AND deadline <= ? AND worker_pid IS NULL) LIMIT 1",
                              (FlowState.WAITING.value, stamp, *ACTIVE_STATES, stamp)).fetchone():

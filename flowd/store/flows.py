@@ -1,0 +1,145 @@
+"""Flows and their attempts: the statements of the hot path, compiled once per process.
+
+peewee builds its SQL anew for every query, which costs more than SQLite itself on
+the per-step path; the engine goes through these named operations instead. The tables
+are still the peewee models of ``models.py`` (same columns, same encodings).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from typing import Any
+
+from flowd.models import ACTIVE_STATES, FlowState, StepState
+from flowd.store.rows import FLOW_COLUMNS, RESULT_COLUMNS, Row, decode, encode, execute, is_sqlite, rows, sql_bool
+
+_FLOW_SELECT = "SELECT " + ", ".join(f'"{c}"' for c in FLOW_COLUMNS) + " FROM flow"
+_RESULT_SELECT = "SELECT " + ", ".join(f'"{c}"' for c in RESULT_COLUMNS) + " FROM task_result"
+
+
+def get_flow(flow_id: int) -> Row | None:
+    found = rows(execute(_FLOW_SELECT + " WHERE id = ?", (flow_id,)), FLOW_COLUMNS)
+    return found[0] if found else None
+
+
+def select_flows(where: str, params: Iterable[Any] = (), suffix: str = "ORDER BY id") -> list[Row]:
+    return rows(execute(f"{_FLOW_SELECT} WHERE {where} {suffix}", params), FLOW_COLUMNS)
+
+
+_HELD_SELECT = ("SELECT " + ", ".join(f'f."{c}"' for c in FLOW_COLUMNS)
+                + ', r.state, r.task, r.attempt FROM flow f LEFT JOIN task_result r ON r.id = ? WHERE f.id = ?')
+
+
+def flow_and_result(flow_id: int, result_id: int) -> tuple[Row | None, Row | None]:
+    """A flow and one of its attempts (id, state, task, attempt) in one query."""
+    raw = execute(_HELD_SELECT, (result_id, flow_id)).fetchone()
+    if raw is None:
+        return None, None
+    flow = Row({name: decode(name, value) for name, value in zip(FLOW_COLUMNS, raw, strict=False)})
+    state, task, attempt = raw[len(FLOW_COLUMNS):]
+    result = None if state is None else Row({"id": result_id, "state": state, "task": task, "attempt": attempt})
+    return flow, result
+
+
+def flow_by_request_id(request_id: str) -> Row | None:
+    found = select_flows("request_id = ?", (request_id,))
+    return found[0] if found else None
+
+
+def insert_flow(values: dict[str, Any]) -> int:
+    names = list(values)
+    sql = f'INSERT INTO flow ({", ".join(chr(34) + n + chr(34) for n in names)}) VALUES ({", ".join("?" * len(names))})'
+    if not is_sqlite():
+        cursor = execute(sql + " RETURNING id", [encode(n, values[n]) for n in names])
+        return int(cursor.fetchone()[0])
+    cursor = execute(sql, [encode(n, values[n]) for n in names])
+    return int(cursor.lastrowid)
+
+
+def update_flow(flow: Row, **changes: Any) -> None:
+    """Write ``changes`` to the flow's row and to ``flow`` itself.
+
+    Columns whose value ``flow`` already has are left out: a column not in the SET
+    list costs no index update (``state`` is in two indexes), and an empty change
+    costs no statement. ``flow`` must be what the row holds (read in this transaction).
+    """
+    known = flow.__dict__
+    changes = {name: value for name, value in changes.items() if name not in known or known[name] != value
+               or type(known[name]) is not type(value)}
+    if not changes:
+        return
+    names = sorted(changes)
+    sql = f'UPDATE flow SET {", ".join(chr(34) + n + chr(34) + " = ?" for n in names)} WHERE id = ?'
+    execute(sql, [*(encode(n, changes[n]) for n in names), flow.id])
+    flow.__dict__.update(changes)
+
+
+def running_result(flow_id: int, position: int) -> Row | None:
+    found = rows(execute(_RESULT_SELECT + " WHERE flow_id = ? AND position = ? AND state = ? "
+                          "ORDER BY attempt DESC LIMIT 1", (flow_id, position, StepState.RUNNING.value)),
+                  RESULT_COLUMNS)
+    return found[0] if found else None
+
+
+def insert_result(flow_id: int, position: int, task: str, step_input: Any, worker_pid: int | None,
+                  started_at: dt.datetime, attempt: int | None = None) -> tuple[int, int]:
+    """Start the next attempt of a step (``attempt`` when the caller knows it is the
+    first); returns (task_result id, attempt number)."""
+    if attempt is None:
+        row = execute("SELECT COALESCE(MAX(attempt), 0) + 1 FROM task_result WHERE flow_id = ? AND position = ?",
+                      (flow_id, position)).fetchone()
+        attempt = int(row[0])
+    values = [flow_id, position, task, attempt, StepState.RUNNING.value, encode("input", step_input), worker_pid,
+              encode("started_at", started_at)]
+    sql = ('INSERT INTO task_result (flow_id, position, task, attempt, state, input, worker_pid, started_at) '
+           'VALUES (?, ?, ?, ?, ?, ?, ?, ?)')
+    if not is_sqlite():
+        return int(execute(sql + " RETURNING id", values).fetchone()[0]), attempt
+    return int(execute(sql, values).lastrowid), attempt
+
+
+def update_result(result_id: int, **changes: Any) -> None:
+    names = sorted(changes)
+    sql = f'UPDATE task_result SET {", ".join(chr(34) + n + chr(34) + " = ?" for n in names)} WHERE id = ?'
+    execute(sql, [*(encode(n, changes[n]) for n in names), result_id])
+
+
+def end_running_results(flow_id: int, state: str, error: str | None, now: dt.datetime) -> None:
+    execute("UPDATE task_result SET state = ?, error = ?, finished_at = ? WHERE flow_id = ? AND state = ?",
+            (state, error, encode("finished_at", now), flow_id, StepState.RUNNING.value))
+
+
+def step_output(flow_id: int, position: int) -> Any:
+    """The output of the latest DONE attempt of a step (None if there is none)."""
+    row = execute("SELECT output FROM task_result WHERE flow_id = ? AND position = ? AND state = ? "
+                  "ORDER BY attempt DESC LIMIT 1", (flow_id, position, StepState.DONE.value)).fetchone()
+    return decode("output", row[0]) if row else None
+
+
+def done_outputs(flow_id: int, before: int) -> list[Any]:
+    """Outputs of every finished step before ``before``, in order (``Task.results``)."""
+    rows = execute("SELECT position, output FROM task_result WHERE flow_id = ? AND position < ? AND state = ? "
+                   "ORDER BY position, attempt", (flow_id, before, StepState.DONE.value)).fetchall()
+    by_position = {position: decode("output", output) for position, output in rows}
+    return [by_position[p] for p in sorted(by_position)]
+
+
+def count_active(routine: str) -> int:
+    placeholders = ", ".join("?" * len(ACTIVE_STATES))
+    row = execute(f"SELECT COUNT(*) FROM flow WHERE routine = ? AND admitted = ? AND state IN ({placeholders})",
+                  (routine, sql_bool(True), *ACTIVE_STATES)).fetchone()
+    return int(row[0])
+
+
+def active_flows(routine: str) -> list[Row]:
+    placeholders = ", ".join("?" * len(ACTIVE_STATES))
+    return select_flows(f"routine = ? AND admitted = ? AND state IN ({placeholders})",
+                        (routine, sql_bool(True), *ACTIVE_STATES))
+
+
+def pending_flows(routine: str, limit: int = 1_000_000) -> list[Row]:
+    return select_flows("routine = ? AND admitted = ? AND state = ?",
+                        (routine, sql_bool(False), FlowState.INIT.value), f"ORDER BY id LIMIT {int(limit)}")
+
+

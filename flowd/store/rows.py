@@ -1,0 +1,105 @@
+"""The one row type of the store and the value encodings of its columns.
+
+A ``Row`` is a flow or an attempt as plain attributes (``flow.state``), decoded once
+when read; ``execute`` runs one statement on the process's database connection, with
+the placeholders the backend wants (SQLite ``?``, PostgreSQL ``%s``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import peewee
+
+from flowd.models import ACTIVE_STATES, database, dumps
+
+FLOW_COLUMNS = (
+    "id", "uid", "routine", "steps", "state", "position", "args", "kwargs", "request_id", "trigger", "reply_to",
+    "correlation_data", "admitted", "dispatch_token", "worker_pid", "step_attempt", "interruptions",
+    "next_attempt_at", "deadline", "result", "error", "created_at", "started_at", "finished_at", "updated_at",
+    "parent_id", "depth", "wait_topic", "wait_match", "wait_until",
+)
+RESULT_COLUMNS = ("id", "flow_id", "position", "task", "attempt", "state", "input", "output", "error", "worker_pid",
+                  "started_at", "finished_at")
+_JSON = {"steps", "args", "kwargs", "result", "wait_match", "input", "output"}
+_TIMES = {"next_attempt_at", "deadline", "created_at", "started_at", "finished_at", "updated_at", "wait_until"}
+_BOOLS = {"admitted"}
+
+
+class Row:
+    """A row as plain attributes (``flow.state``), like a peewee model instance."""
+
+    __slots__ = ("__dict__",)
+
+    def __init__(self, values: dict[str, Any]):
+        self.__dict__.update(values)
+
+    def __getattr__(self, name: str) -> Any:  # columns are set in __init__; this only types them
+        raise AttributeError(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self.__dict__[name] = value
+
+    @property
+    def is_ended(self) -> bool:
+        return self.state not in ACTIVE_STATES
+
+
+def decode(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if name in _JSON:
+        return json.loads(value)
+    if name in _TIMES and isinstance(value, str):
+        return dt.datetime.fromisoformat(value)
+    if name in _BOOLS:
+        return bool(value)
+    return value
+
+
+def encode(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if name in _JSON:
+        return dumps(value)
+    if name in _TIMES and isinstance(value, dt.datetime) and is_sqlite():
+        return value.isoformat(sep=" ")
+    if isinstance(value, bool) and is_sqlite():
+        return int(value)
+    return value
+
+
+def is_sqlite() -> bool:
+    return isinstance(database.obj, peewee.SqliteDatabase)
+
+
+def sql_bool(value: bool) -> Any:
+    """A boolean as the backend wants it as a parameter (SQLite 0/1, PostgreSQL bool)."""
+    return encode("admitted", value)
+
+
+_postgres_sql: dict[str, str] = {}
+
+
+def _sql(text: str) -> str:
+    """Adapt '?' placeholders to the backend's paramstyle (PostgreSQL wants %s)."""
+    if is_sqlite():
+        return text
+    cached = _postgres_sql.get(text)
+    if cached is None:
+        cached = _postgres_sql[text] = text.replace("?", "%s")
+    return cached
+
+
+def execute(text: str, params: Iterable[Any] = ()) -> Any:
+    return database.obj.execute_sql(_sql(text), tuple(params))
+
+
+def rows(cursor: Any, columns: tuple[str, ...]) -> list[Row]:
+    return [Row({name: decode(name, value) for name, value in zip(columns, raw, strict=True)})
+            for raw in cursor.fetchall()]
+
+
