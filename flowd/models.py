@@ -8,12 +8,11 @@ calls :func:`init_database` once and then uses these models.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import os
 import sqlite3
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
@@ -40,7 +39,6 @@ from flowd.errors import StoreUnavailable
 
 database = DatabaseProxy()
 BUSY_TIMEOUT_S = 15
-_busy_timeout = float(BUSY_TIMEOUT_S)  # how long a write waits for another process's lock
 
 
 class FlowState(StrEnum):
@@ -317,9 +315,8 @@ def init_database(section: DatabaseSection, *, create: bool = True,
             db = connect(section.url)
         except (peewee.ImproperlyConfigured, ImportError, RuntimeError) as exc:
             raise StoreUnavailable(f"the database {redact_url(section.url)} cannot be used: {_one_line(exc)}") from exc
-    global _busy_timeout
-    _busy_timeout = busy_timeout
     _durability.configure(path, section.synchronous)
+    _writer_lock.configure(path)
     database.initialize(db)
     try:
         old_umask = os.umask(0o077)
@@ -450,39 +447,64 @@ def make_durable() -> None:
     _durability.sync()
 
 
+class _WriterLock:
+    """The write lock of a SQLite file, taken before BEGIN IMMEDIATE: one ``flock`` per
+    process (the file ``<db>-writer``) and one mutex per thread of the process.
+
+    SQLite's own lock cannot be waited on: a busy writer is retried by sleeping, which
+    costs statements, system calls and up to milliseconds of idle lock per try. A
+    process blocked in ``flock`` sleeps in the kernel and wakes the moment the holder
+    commits; the lock goes when its holder dies. Processes that do not take it (the
+    sqlite3 shell) still meet SQLite's busy timeout. Without the file (no permission),
+    writes fall back to that timeout alone.
+    """
+
+    def __init__(self) -> None:
+        self.path: str | None = None
+        self._pid = 0
+        self._fd: int | None = None
+        self._mutex = threading.Lock()
+
+    def configure(self, path: Path | None) -> None:
+        self.path = f"{path}-writer" if path is not None else None
+        self._pid, self._fd = 0, None
+
+    def _file(self) -> int | None:
+        if self._pid != os.getpid():  # a forked child: its own descriptor, its own flock
+            self._pid, self._fd, self._mutex = os.getpid(), None, threading.Lock()
+            if self.path is not None:
+                try:
+                    self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                except OSError:
+                    self._fd = None
+        return self._fd
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        fd = self._file()
+        with self._mutex:
+            if fd is None:
+                yield
+                return
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+_writer_lock = _WriterLock()
+
+
 @contextmanager
 def _immediate(db: peewee.SqliteDatabase) -> Iterator[None]:
-    """BEGIN IMMEDIATE, retried every 0.1-2 ms while another process holds the lock.
-
-    SQLite's own busy handler sleeps 1, 2, 5, 10... ms between tries, which would
-    dominate a step that takes a fraction of a millisecond; a nested call is a savepoint.
-    """
+    """BEGIN IMMEDIATE under this process's writer lock; a nested call is a savepoint."""
     if db.in_transaction():
         with db.atomic():
             yield
         return
-    deadline = time.monotonic() + _busy_timeout
-    delay = 0.0001
-    db.execute_sql("PRAGMA busy_timeout = 0")  # type: ignore[no-untyped-call]
-    try:
-        while True:
-            txn = db.atomic(lock_type="IMMEDIATE")
-            try:
-                txn.__enter__()
-                break
-            except peewee.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() >= deadline:
-                    raise
-            time.sleep(delay)
-            delay = min(delay * 2, 0.002)
-    finally:
-        db.execute_sql(f"PRAGMA busy_timeout = {int(_busy_timeout * 1000)}")  # type: ignore[no-untyped-call]
-    try:
+    with _writer_lock.held(), db.atomic(lock_type="IMMEDIATE"):
         yield
-    except BaseException:
-        txn.__exit__(*sys.exc_info())
-        raise
-    txn.__exit__(None, None, None)
 
 
 def get_meta(key: str, default: str | None = None) -> str | None:
