@@ -54,12 +54,50 @@ class Effects:
     signal_pids: list[int] = field(default_factory=list)
     published: bool = False
     statuses: list[Status] = field(default_factory=list)
+    slots: Slots = field(default_factory=lambda: Slots())
 
     def extend(self, other: Effects) -> None:
         self.enqueue.extend(other.enqueue)
         self.signal_pids.extend(other.signal_pids)
         self.published = self.published or other.published
         self.statuses.extend(other.statuses)
+
+
+@dataclass
+class Slots:
+    """What one transaction has learnt about its routines' admission, so a batch of
+    submits or step completions asks the database once per routine, not once per flow.
+
+    Every flow the transaction admits, ends or leaves pending updates it; nothing else
+    writes flows while the transaction holds the write lock.
+    """
+
+    active: dict[str, int] = field(default_factory=dict)   # admitted, not ended
+    pending: dict[str, bool] = field(default_factory=dict)  # some flow waits for admission
+
+    def count_active(self, routine: str) -> int:
+        if routine not in self.active:
+            self.active[routine] = store.count_active(routine)
+        return self.active[routine]
+
+    def has_pending(self, routine: str) -> bool:
+        if routine not in self.pending:
+            self.pending[routine] = store.has_pending(routine)
+        return self.pending[routine]
+
+    def admitted(self, routine: str) -> None:
+        if routine in self.active:
+            self.active[routine] += 1
+
+    def ended(self, routine: str) -> None:
+        if routine in self.active:
+            self.active[routine] -= 1
+
+    def left_pending(self, routine: str) -> None:
+        self.pending[routine] = True
+
+    def copy(self) -> Slots:
+        return Slots(dict(self.active), dict(self.pending))
 
 
 @dataclass(frozen=True)
@@ -97,6 +135,9 @@ class ClaimedStep:
     results: list[dict[str, Any]]
     deadline: dt.datetime | None
     started_at: dt.datetime | None = None  # set by the runner when perform() really starts
+    # The flow as this worker last wrote it: a held flow changes only through its holder
+    # (a cancel or a takeover changes its token, worker or state, which the next write checks).
+    flow: Row | None = field(default=None, repr=False, compare=False)
 
 
 def flow_status_payload(flow: Any, child_id: int | None = None) -> dict[str, Any]:
@@ -245,6 +286,7 @@ class Engine:
         effects = Effects()
         now = now or utcnow()
         outcomes: list[tuple[Row, bool] | FlowdError] = []
+        self.definitions.refresh()
         if len(submissions) == 1:  # no savepoint needed: a refusal rolls the transaction back
             try:
                 with write_transaction(sync=sync):
@@ -255,7 +297,7 @@ class Engine:
             return outcomes
         with write_transaction(sync=sync):
             for submission in submissions:
-                mine = Effects()
+                mine = Effects(slots=effects.slots.copy())
                 try:
                     with savepoint():
                         outcomes.append(self._submit_one(submission, mine, now))
@@ -263,6 +305,7 @@ class Engine:
                     outcomes.append(exc)
                     continue
                 effects.extend(mine)
+                effects.slots = mine.slots
         self._apply(effects)
         return outcomes
 
@@ -271,7 +314,7 @@ class Engine:
             existing = store.flow_by_request_id(s.request_id)
             if existing is not None:
                 return existing, False
-        info = self._routine_for_submit(s.routine, s.require_mqtt)
+        info = self._routine_for_submit(s.routine, s.require_mqtt, refresh=False)
         flow = self._create_flow(info, s.args, s.kwargs, effects, now, request_id=s.request_id, trigger=s.trigger,
                                  reply_to=s.reply_to, correlation_data=s.correlation_data)
         return flow, True
@@ -286,15 +329,23 @@ class Engine:
                   "finished_at": None, "updated_at": now, "parent_id": None, "depth": 0, "wait_topic": None,
                   "wait_match": None, "wait_until": None}
         values.update(fields)
+        admit_now = info.mode == "parallel" and self._parallel_slot_free(info, effects)
+        if admit_now:  # admitted as it is stored: one statement, not two
+            values.update(admitted=True, dispatch_token=1)
+            effects.slots.admitted(info.name)
         values["id"] = store.insert_flow({k: v for k, v in values.items() if v is not None or k == "request_id"})
         flow = Row(values)
         if flow.reply_to:
             self._publish(flow.reply_to, flow_status_payload(flow), effects, now, flow.correlation_data)
-        self._admit_new(flow, info, effects, now)
+        if admit_now:
+            effects.enqueue.append((flow.id, flow.dispatch_token, None))
+        else:
+            self._admit_new(flow, info, effects, now)
         return flow
 
-    def _routine_for_submit(self, name: str, require_mqtt: bool) -> store.RoutineInfo:
-        self.definitions.refresh()
+    def _routine_for_submit(self, name: str, require_mqtt: bool, *, refresh: bool = True) -> store.RoutineInfo:
+        if refresh:
+            self.definitions.refresh()
         info = self.definitions.routines.get(name)
         if info is None:
             raise NotFoundError("routine", name, "list them with 'flowctl routine list'")
@@ -309,10 +360,13 @@ class Engine:
     # ------------------------------------------------------------------ admission (SPEC 1 modes)
     def _admit_new(self, flow: Row, info: store.RoutineInfo, effects: Effects, now: dt.datetime) -> None:
         mode, limit = info.mode, max(info.max, 1)
-        if mode == "parallel":
-            if store.count_active(info.name) < limit and not [f for f in store.pending_flows(info.name, 2)
-                                                              if f.id != flow.id]:
+        if mode == "parallel":  # a flow stored already (a retry): it is one of the pending ones itself
+            if (effects.slots.count_active(info.name) < limit
+                    and not [f for f in store.pending_flows(info.name, 2) if f.id != flow.id]):
                 self._admit(flow, effects, now)
+                effects.slots.admitted(info.name)
+            else:
+                effects.slots.left_pending(info.name)
             return
         active = [f for f in store.active_flows(info.name) if f.id != flow.id]
         if mode == "single" and active:
@@ -327,11 +381,20 @@ class Engine:
             pending = [f for f in store.pending_flows(info.name) if f.id != flow.id]
             if not active and not pending:
                 self._admit(flow, effects, now)
-            elif len(pending) >= limit:
+                return
+            effects.slots.left_pending(info.name)
+            if len(pending) >= limit:
                 self._end(flow, FlowState.CANCELLED, effects, now, error=(
                     f"routine '{info.name}' runs in mode queued and its queue is full ({limit} waiting)"))
         else:
             self._admit(flow, effects, now)
+
+    @staticmethod
+    def _parallel_slot_free(info: store.RoutineInfo, effects: Effects) -> bool:
+        """A new flow of a parallel routine may start now: a slot is free and no older
+        flow waits for one (it would be overtaken)."""
+        return (effects.slots.count_active(info.name) < max(info.max, 1)
+                and not effects.slots.has_pending(info.name))
 
     def _admit(self, flow: Row, effects: Effects, now: dt.datetime, delay: float | None = None) -> None:
         store.update_flow(flow, admitted=True, dispatch_token=flow.dispatch_token + 1, worker_pid=None,
@@ -339,20 +402,26 @@ class Engine:
         effects.enqueue.append((flow.id, flow.dispatch_token, delay))
 
     def _admit_pending(self, routine_name: str, effects: Effects, now: dt.datetime) -> None:
+        if not effects.slots.has_pending(routine_name):
+            return
         pending = store.pending_flows(routine_name)
         if not pending:
+            effects.slots.pending[routine_name] = False
             return
         self.definitions.refresh()
         info = self.definitions.routines.get(routine_name)
         limit = 1 if info is None or info.mode in ("queued", "single") else max(info.max, 1)
-        free = limit - store.count_active(routine_name)
-        for flow in pending[:max(free, 0)]:
+        active = store.count_active(routine_name)
+        free = max(limit - active, 0)
+        effects.slots.active[routine_name] = active + min(free, len(pending))
+        effects.slots.pending[routine_name] = len(pending) > free
+        for flow in pending[:free]:
             self._admit(flow, effects, now)
 
     # ------------------------------------------------------------------ ending
     def _end(self, flow: Row, state: FlowState, effects: Effects, now: dt.datetime, *,
              result: Any = None, error: str | None = None) -> None:
-        was_admitted = flow.admitted
+        was_admitted = flow.admitted and not flow.is_ended
         store.update_flow(flow, state=state.value, result=result, error=error, finished_at=now, updated_at=now,
                           worker_pid=None, next_attempt_at=None, wait_topic=None, wait_match=None, wait_until=None)
         if state != FlowState.DONE:
@@ -370,6 +439,7 @@ class Engine:
                 why = "was cancelled" if state == FlowState.CANCELLED else f"ended {state.value}"
                 self._cancel_tree(child, effects, now, f"parent flow {flow.id} {why}")
         if was_admitted:
+            effects.slots.ended(flow.routine)
             self._admit_pending(flow.routine, effects, now)
         if flow.parent_id:
             self._child_ended(flow, effects, now)
@@ -456,17 +526,17 @@ class Engine:
         self.definitions.refresh()
         # Made durable by the next sync point: if a power cut loses the claim, recovery queues the step again.
         with write_transaction(sync=False):
+            flows = store.flows_by_id([flow_id for flow_id, _ in pairs])
             for flow_id, token in pairs:
-                step = self._claim_one(flow_id, token, pid, effects, now)
+                step = self._claim_one(flows.get(flow_id), token, pid, effects, now)
                 if step is not None:
                     steps.append(step)
         self._apply(effects)
         return steps
 
-    def _claim_one(self, flow_id: int, token: int, pid: int, effects: Effects, now: dt.datetime
+    def _claim_one(self, flow: Row | None, token: int, pid: int, effects: Effects, now: dt.datetime
                    ) -> ClaimedStep | None:
         step: ClaimedStep | None = None
-        flow = store.get_flow(flow_id)
         if (flow is None or flow.dispatch_token != token or not flow.admitted
                 or flow.state not in (FlowState.INIT.value, FlowState.RUNNING.value) or flow.worker_pid):
             return None
@@ -476,6 +546,7 @@ class Engine:
             self._end(flow, FlowState.FAILED, effects, now, error=self._flow_timeout_text(flow))
         else:
             changes: dict[str, Any] = {"worker_pid": pid, "next_attempt_at": None, "updated_at": now}
+            fresh = flow.started_at is None  # set with its first attempt, in the same transaction
             if flow.state == FlowState.INIT.value:
                 info = self.definitions.routines.get(flow.routine)
                 changes.update(state=FlowState.RUNNING.value, started_at=flow.started_at or now)
@@ -491,7 +562,8 @@ class Engine:
             else:
                 step_input = store.step_output(flow.id, flow.position - 1) or {"args": [], "kwargs": {}}
                 results = store.done_outputs(flow.id, flow.position)
-            step = self._start_step(flow, step_input, results, pid, now)
+            # A flow that never ran has no earlier attempt: no need to count them.
+            step = self._start_step(flow, step_input, results, pid, now, attempt=1 if fresh else None)
         return step
 
     def _flow_timeout_text(self, flow: Row) -> str:
@@ -509,7 +581,7 @@ class Engine:
             steps=list(flow.steps), position=flow.position, attempt=attempt, task_result_id=result_id,
             task_name=task_name, script=task.script if task else None, options=dict(task.options) if task else {},
             timeout=task.timeout if task else None, args=list(step_input.get("args", [])),
-            kwargs=dict(step_input.get("kwargs", {})), results=results, deadline=flow.deadline)
+            kwargs=dict(step_input.get("kwargs", {})), results=results, deadline=flow.deadline, flow=flow)
 
     @staticmethod
     def _held(step: ClaimedStep, pid: int) -> tuple[Row | None, Row | None]:
@@ -542,11 +614,12 @@ class Engine:
         nxt: list[ClaimedStep] = []
         with write_transaction(sync=False):
             for step, output in finished:
-                flow, result = self._held(step, pid)
-                if flow is None or result is None:
-                    continue
-                started = self._advance(flow, result, output, effects, now, pid=pid if hold else None,
-                                        results=[*step.results, output], started_at=step.started_at)
+                flow = step.flow
+                if flow is None or not store.finish_held_result(step.task_result_id, output, now, step.started_at,
+                                                                step.flow_id, pid, step.token):
+                    continue  # cancelled or taken over meanwhile: its new owner decides
+                started = self._next_step(flow, output, effects, now, pid=pid if hold else None,
+                                          results=[*step.results, output])
                 if started is not None:
                     nxt.append(started)
         self._apply(effects)
@@ -562,6 +635,11 @@ class Engine:
                                 started_at=started_at)
         else:
             store.update_result(result.id, state=StepState.DONE.value, output=output, finished_at=now)
+        return self._next_step(flow, output, effects, now, pid=pid, results=results)
+
+    def _next_step(self, flow: Row, output: Any, effects: Effects, now: dt.datetime, *, pid: int | None,
+                   results: list[Any] | None) -> ClaimedStep | None:
+        """After a step's output is recorded: start the next step, or end the flow DONE."""
         if flow.position + 1 >= len(flow.steps):
             self._end(flow, FlowState.DONE, effects, now, result=output)
             return None

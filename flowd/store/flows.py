@@ -143,3 +143,36 @@ def pending_flows(routine: str, limit: int = 1_000_000) -> list[Row]:
                         (routine, sql_bool(False), FlowState.INIT.value), f"ORDER BY id LIMIT {int(limit)}")
 
 
+
+
+def has_pending(routine: str) -> bool:
+    """Whether some flow of ``routine`` waits for admission."""
+    return execute("SELECT 1 FROM flow WHERE routine = ? AND admitted = ? AND state = ? LIMIT 1",
+                   (routine, sql_bool(False), FlowState.INIT.value)).fetchone() is not None
+
+
+def flows_by_id(flow_ids: list[int]) -> dict[int, Row]:
+    """Several flows in one query (a worker claiming one queue message)."""
+    if not flow_ids:
+        return {}
+    if len(flow_ids) == 1:
+        found = get_flow(flow_ids[0])
+        return {found.id: found} if found is not None else {}
+    marks = ", ".join("?" * len(flow_ids))
+    return {row.id: row for row in select_flows(f"id IN ({marks})", flow_ids)}
+
+
+_FINISH_HELD = ("UPDATE task_result SET state = ?, output = ?, finished_at = ?, started_at = COALESCE(?, started_at) "
+                "WHERE id = ? AND state = ? AND EXISTS (SELECT 1 FROM flow WHERE id = ? AND state = ? "
+                "AND worker_pid = ? AND dispatch_token = ?)")
+
+
+def finish_held_result(result_id: int, output: Any, now: dt.datetime, started_at: dt.datetime | None,
+                       flow_id: int, worker_pid: int, token: int) -> bool:
+    """Record a finished attempt if its worker still holds the flow (same worker, same
+    dispatch token, flow RUNNING, attempt RUNNING): the check and the write in one
+    statement. False: the flow was cancelled or taken over, and nothing was written."""
+    cursor = execute(_FINISH_HELD, (StepState.DONE.value, encode("output", output), encode("finished_at", now),
+                                    encode("started_at", started_at), result_id, StepState.RUNNING.value, flow_id,
+                                    FlowState.RUNNING.value, worker_pid, token))
+    return int(cursor.rowcount) == 1
