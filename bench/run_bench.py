@@ -349,9 +349,14 @@ class Bench:
             "", "[database]", f'synchronous = "{a.synchronous}"', ""]))
 
     def apply_routine(self) -> None:
+        routines = BENCH / "bench3.toml"
+        if self.args.status != "steps":  # the routine's status setting (SPEC 4.4); steps is the default
+            text = routines.read_text().replace("[routines.bench3]\n", f'[routines.bench3]\nstatus = "{self.args.status}"\n')
+            routines = self.work / "bench3.toml"
+            routines.write_text(text)
         code, out, err = run_child(self.children, "flowctl apply",
                                    [sys.executable, "-m", "flowd.cli", "--config", str(self.config), "apply",
-                                    str(BENCH / "bench3.toml")], 60, cwd=ROOT)
+                                    str(routines)], 60, cwd=ROOT)
         if code != 0:
             raise BenchError(f"flowctl apply failed ({code}): {err.strip() or out.strip()}")
 
@@ -1027,6 +1032,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny counts, for the smoke test (figures meaningless)")
     p.add_argument("--synchronous", choices=("full", "normal"), default="full", help="[database] synchronous")
+    p.add_argument("--status", choices=("steps", "states", "off"), default="steps",
+                   help="the bench routine's status setting (SPEC 4.4)")
     p.add_argument("--peer", action="store_true", help="also run the peers, Node-RED (peer_nodered.sh) and DBOS "
                    "(peer_dbos.sh), with the same N and C")
     p.add_argument("--peers", default="nodered,dbos", help="which peers --peer runs (comma-separated)")
@@ -1096,7 +1103,7 @@ def main(argv: list[str] | None = None) -> int:
                         date=started.isoformat(timespec="seconds"),
                         machine=machine(),
                         versions=versions(), config={
-                            "workers": a.workers, "synchronous": a.synchronous, "quick": a.quick, "lat_n": a.lat_n,
+                            "workers": a.workers, "synchronous": a.synchronous, "status": a.status, "quick": a.quick, "lat_n": a.lat_n,
                             "tp_n": a.tp_n, "tp_c": a.tp_c, "peers": a.peers, "count_lat_n": a.count_lat_n,
                             "count_tp_n": a.count_tp_n, "tail_s": a.tail,
                             "broker": "mosquitto set_tcp_nodelay, no persistence"})
