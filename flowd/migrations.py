@@ -75,11 +75,21 @@ def _v4_routine_status(db: peewee.Database, migrator: SchemaMigrator) -> None:
         "ALTER TABLE \"routine\" ADD COLUMN \"status\" VARCHAR(255) NOT NULL DEFAULT 'steps'")
 
 
+def _v5_drop_write_heavy_indexes(db: peewee.Database, migrator: SchemaMigrator) -> None:
+    """v5: two indexes no query needs, each written on every new flow or attempt (SD-card
+    wear, issue 12): ``flow_uid`` (a random UUID lands on a random page; uids are shown,
+    never looked up) and ``task_result_flow_id`` (the unique (flow, position, attempt)
+    index serves every lookup by flow)."""
+    for name in ("flow_uid", "task_result_flow_id"):
+        db.execute_sql(f'DROP INDEX IF EXISTS "{name}"')  # type: ignore[no-untyped-call]
+
+
 # Step N takes a database at version N-1 to version N.
 STEPS: dict[int, Callable[[peewee.Database, SchemaMigrator], None]] = {
     2: _v2_waits_and_subflows,
     3: _v3_drop_redundant_index,
     4: _v4_routine_status,
+    5: _v5_drop_write_heavy_indexes,
 }
 LATEST = max(STEPS)
 

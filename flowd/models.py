@@ -166,7 +166,7 @@ class Flow(BaseModel):
     """
 
     id = AutoField()
-    uid = CharField(unique=True)
+    uid = CharField()  # UUID4, never looked up: an index on it would write a random page per new flow
     routine = CharField()  # looked up through the (routine, state) index
     steps = JSONField()
     state = CharField(default=FlowState.INIT.value, index=True)
@@ -209,7 +209,7 @@ class TaskResult(BaseModel):
     """One attempt of one step of a flow."""
 
     id = AutoField()
-    flow = ForeignKeyField(Flow, backref="task_results", on_delete="CASCADE")
+    flow = ForeignKeyField(Flow, backref="task_results", on_delete="CASCADE", index=False)  # (flow, ...) below
     position = IntegerField()
     task = CharField()
     attempt = IntegerField()

@@ -90,6 +90,14 @@ def test_schema_v1_database_upgrades_with_data_intact(tmp_path: Path) -> None:
     # The upgraded file has exactly the indexes a new database gets.
     indexes = {i.name for i in db.get_indexes("flow")}
     assert "flow_routine" not in indexes and "flow_routine_state" in indexes
+    assert "flow_uid" not in indexes  # v5: a random page written per new flow, for no query
+    assert "task_result_flow_id" not in {i.name for i in db.get_indexes("task_result")}
+    db.close()
+    fresh = init_database(DatabaseSection(url=f"sqlite:///{tmp_path / 'new.db'}"))
+    wanted = {table: {i.name for i in fresh.get_indexes(table)} for table in ("flow", "task_result", "outbox")}
+    fresh.close()
+    db = init_database(DatabaseSection(url=f"sqlite:///{path}"))
+    assert {table: {i.name for i in db.get_indexes(table)} for table in wanted} == wanted
     # Opening it again is a no-op.
     db.close()
     db = init_database(DatabaseSection(url=f"sqlite:///{path}"))
