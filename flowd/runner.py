@@ -158,14 +158,19 @@ def _perform(rt: WorkerRuntime, step: ClaimedStep) -> Any:
     task = cls()
     task.flow_id, task.flow_uid, task.routine = step.flow_id, step.flow_uid, step.routine
     task.position, task.attempt, task.results = step.position, step.attempt, list(step.results)
-    task.log = logging.LoggerAdapter(logging.getLogger(f"flowd.task.{step.script}"),
+    task.log = logging.LoggerAdapter(_task_logger(step.script),
                                      {"FLOW_ID": step.flow_id, "ROUTINE": step.routine, "TASK": step.task_name})
     task._publisher = _publisher(rt)
     kwargs = {**step.options, **step.kwargs}
     timeout = _effective_timeout(step)
+    if not timeout:  # no alarm to arm: two system calls and two handler swaps less per step
+        rt.in_user_code = True
+        try:
+            return task.perform(*step.args, **kwargs)
+        finally:
+            rt.in_user_code = False
     previous = signal.signal(signal.SIGALRM, _on_alarm)
-    if timeout:
-        signal.setitimer(signal.ITIMER_REAL, timeout)
+    signal.setitimer(signal.ITIMER_REAL, timeout)
     rt.in_user_code = True
     try:
         return task.perform(*step.args, **kwargs)
@@ -173,6 +178,16 @@ def _perform(rt: WorkerRuntime, step: ClaimedStep) -> Any:
         rt.in_user_code = False
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+_task_loggers: dict[str, logging.Logger] = {}
+
+
+def _task_logger(script: str) -> logging.Logger:
+    found = _task_loggers.get(script)
+    if found is None:
+        found = _task_loggers[script] = logging.getLogger(f"flowd.task.{script}")
+    return found
 
 
 def _publisher(rt: WorkerRuntime) -> Any:

@@ -155,7 +155,8 @@ def test_claimed_steps_never_look_overdue_before_they_start(db: Any) -> None:
         while pending:
             for message in pending:
                 run_batch(rt, message, os.getpid())
-            pending, messages[:] = list(messages), []
+            # The watchdog thread may append while we take them: pop, never copy-then-clear.
+            pending = [messages.pop(0) for _ in range(len(messages))]
     finally:
         stop.set()
         sampler.join()
