@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 SLOW_STEP_S = 0.03        # a step running longer hands the rest of its batch to other workers
 RESTAMP_AFTER_S = 0.25    # claimed attempts not started this long get a fresh started_at
 FLUSH_AFTER_S = 0.25      # outputs are committed at the latest this long after the first of them
+MAX_HELD = 64             # flows a batch takes in from the queue between rounds, at most
 
 
 class Batch:
@@ -108,8 +109,7 @@ def run_batch(rt: WorkerRuntime, pairs: list[tuple[int, int]], pid: int) -> None
     if not steps:
         return
     batch = Batch(steps)
-    if len(steps) > 1:
-        _watchdog(rt).watch(batch)
+    _watchdog(rt).watch(batch)
     rt.batch = batch
     try:
         while True:
@@ -129,7 +129,11 @@ def run_batch(rt: WorkerRuntime, pairs: list[tuple[int, int]], pid: int) -> None
                 done = batch.take_done()
                 if not done:
                     return
-                batch.start_round(rt.engine.finish_many(done, pid, hold=not rt.stopping()))
+                hold = not rt.stopping()
+                # Flows queued meanwhile join the batch in the round's commit: under load a
+                # worker's batch stays full, and its commits carry more steps each.
+                more = rt.take_waiting(MAX_HELD - len(done)) if hold and rt.take_waiting is not None else None
+                batch.start_round(rt.engine.finish_many(done, pid, hold=hold, claim=more))
                 continue
             step.started_at = utcnow()
             output = None
@@ -142,8 +146,7 @@ def run_batch(rt: WorkerRuntime, pairs: list[tuple[int, int]], pid: int) -> None
         raise
     finally:
         rt.batch = None
-        if len(steps) > 1:
-            _watchdog(rt).watch(None)
+        _watchdog(rt).watch(None)
 
 
 def _hand_back(rt: WorkerRuntime, batch: Batch, pid: int, *, requeue: bool) -> None:

@@ -605,13 +605,18 @@ class Engine:
         return nxt[0] if nxt else None
 
     def finish_many(self, finished: list[tuple[ClaimedStep, dict[str, Any]]], pid: int, *, hold: bool = True,
-                    now: dt.datetime | None = None) -> list[ClaimedStep]:
+                    now: dt.datetime | None = None, claim: list[tuple[int, int]] | None = None
+                    ) -> list[ClaimedStep]:
         """Commit several finished steps, and start the next step of each, in one
         transaction (group commit); returns the next steps, held by ``pid`` (or queued
-        for any worker when ``hold`` is false). Flows no longer held are skipped."""
+        for any worker when ``hold`` is false). Flows no longer held are skipped.
+        ``claim``: (flow id, token) of queue messages taken meanwhile, claimed in the
+        same transaction; their steps come last."""
         effects = Effects()
         now = now or utcnow()
         nxt: list[ClaimedStep] = []
+        if claim:
+            self.definitions.refresh()
         with write_transaction(sync=False):
             for step, output in finished:
                 flow = step.flow
@@ -622,6 +627,12 @@ class Engine:
                                           results=[*step.results, output])
                 if started is not None:
                     nxt.append(started)
+            if claim:
+                flows = store.flows_by_id([flow_id for flow_id, _ in claim])
+                for flow_id, token in claim:
+                    started = self._claim_one(flows.get(flow_id), token, pid, effects, now)
+                    if started is not None:
+                        nxt.append(started)
         self._apply(effects)
         return nxt
 

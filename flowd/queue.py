@@ -149,11 +149,20 @@ def _flows_of(task: Any) -> list[tuple[int, int]] | None:
 def _take_waiting(pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Add the flows of messages already waiting (never wait for more): under load the
     batches a worker commits together grow by themselves."""
+    return pairs + take_waiting_flows(MAX_FLOWS_PER_RUN - len(pairs))
+
+
+def take_waiting_flows(limit: int) -> list[tuple[int, int]]:
+    """(flow id, token) of queue messages already waiting, taken off the queue, about
+    ``limit`` flows at most (a message is never split); never waits. A worker between
+    two rounds of its batch adds them to it (:mod:`flowd.batch`). If the worker dies
+    before it claims them, the daemon's reaper queues them again (lost messages)."""
     huey = get_huey()
     storage = huey.storage
+    pairs: list[tuple[int, int]] = []
     if not isinstance(storage, WakeableSqliteStorage):
         return pairs
-    while len(pairs) < MAX_FLOWS_PER_RUN:
+    while len(pairs) < limit:
         data = storage.dequeue_waiting()
         if data is None:
             break

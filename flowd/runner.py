@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +54,7 @@ class WorkerRuntime:
     stop_flag: Any = None
     in_user_code: bool = False
     batch: Batch | None = None  # the flows of the message being run
+    take_waiting: Callable[[int], list[tuple[int, int]]] | None = None  # queue messages waiting, taken
     cancel_seen: bool = False   # a cancel signal came: check the held flows before the next step
 
     def stopping(self) -> bool:
@@ -68,7 +70,7 @@ def init_worker(config: Config, stop_flag: Any = None) -> WorkerRuntime:
     from flowd import queue
 
     _runtime = WorkerRuntime(config, Engine(config, enqueue=queue.enqueue_flow, enqueue_many=queue.enqueue_flows),
-                             ScriptLoader(config.flowd.task_paths), stop_flag)
+                             ScriptLoader(config.flowd.task_paths), stop_flag, take_waiting=queue.take_waiting_flows)
     signal.signal(CANCEL_SIGNAL, _on_cancel_signal)
     return _runtime
 
