@@ -28,7 +28,6 @@ from flowd.models import (
     StepState,
     dumps,
     isoformat,
-    savepoint,
     utcnow,
     write_transaction,
 )
@@ -281,43 +280,44 @@ class Engine:
     def submit_many(self, submissions: list[Submission], *, sync: bool = True, now: dt.datetime | None = None
                     ) -> list[tuple[Row, bool] | FlowdError]:
         """Store several submits in one transaction (group commit); per submit, (flow,
-        created) or the FlowdError that refused it. A refusal changes nothing: each
-        submit runs in its own savepoint, so one failure never undoes the others."""
+        created) or the FlowdError that refused it. A refusal changes nothing and never
+        undoes the others: every refusal is decided by reads, before its submit writes."""
         effects = Effects()
         now = now or utcnow()
         outcomes: list[tuple[Row, bool] | FlowdError] = []
         self.definitions.refresh()
-        if len(submissions) == 1:  # no savepoint needed: a refusal rolls the transaction back
-            try:
-                with write_transaction(sync=sync):
-                    outcomes.append(self._submit_one(submissions[0], effects, now))
-            except FlowdError as exc:
-                return [exc]
-            self._apply(effects)
-            return outcomes
         with write_transaction(sync=sync):
             for submission in submissions:
-                mine = Effects(slots=effects.slots.copy())
-                try:
-                    with savepoint():
-                        outcomes.append(self._submit_one(submission, mine, now))
+                try:  # every refusal comes from these reads, before anything is written
+                    found = self._check_submit(submission)
                 except FlowdError as exc:
                     outcomes.append(exc)
                     continue
-                effects.extend(mine)
-                effects.slots = mine.slots
+                if isinstance(found, Row):
+                    outcomes.append((found, False))
+                else:
+                    outcomes.append((self._create_submitted(submission, found, effects, now), True))
         self._apply(effects)
         return outcomes
 
     def _submit_one(self, s: Submission, effects: Effects, now: dt.datetime) -> tuple[Row, bool]:
+        found = self._check_submit(s)
+        if isinstance(found, Row):
+            return found, False
+        return self._create_submitted(s, found, effects, now), True
+
+    def _check_submit(self, s: Submission) -> Row | store.RoutineInfo:
+        """The flow this submit's ``request_id`` already started, or the routine to start;
+        raises the FlowdError that refuses the submit. Reads only: a refusal undoes nothing."""
         if s.request_id is not None:
             existing = store.flow_by_request_id(s.request_id)
             if existing is not None:
-                return existing, False
-        info = self._routine_for_submit(s.routine, s.require_mqtt, refresh=False)
-        flow = self._create_flow(info, s.args, s.kwargs, effects, now, request_id=s.request_id, trigger=s.trigger,
+                return existing
+        return self._routine_for_submit(s.routine, s.require_mqtt, refresh=False)
+
+    def _create_submitted(self, s: Submission, info: store.RoutineInfo, effects: Effects, now: dt.datetime) -> Row:
+        return self._create_flow(info, s.args, s.kwargs, effects, now, request_id=s.request_id, trigger=s.trigger,
                                  reply_to=s.reply_to, correlation_data=s.correlation_data)
-        return flow, True
 
     def _create_flow(self, info: store.RoutineInfo, args: list[Any], kwargs: dict[str, Any], effects: Effects,
                      now: dt.datetime, **fields: Any) -> Row:

@@ -368,13 +368,6 @@ def write_transaction(sync: bool = True) -> Iterator[None]:
         write_transactions += 1
 
 
-@contextmanager
-def savepoint() -> Iterator[None]:
-    """Inside a transaction: undo only this block's changes if it raises."""
-    with database.obj.atomic():
-        yield
-
-
 class _Durability:
     """The durability point of this process: one fsync of the SQLite WAL, shared.
 
