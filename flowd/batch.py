@@ -174,6 +174,8 @@ class Watchdog:
         self.batch: Batch | None = None
         self.changed = threading.Event()
         self.handovers = 0
+        self._handing = threading.Condition()
+        self._in_hand = 0  # flows taken from a batch and not yet committed back to the queue
         self.thread = threading.Thread(target=self._run, name="flowd-batch-watchdog", daemon=True)
         self.thread.start()
 
@@ -205,7 +207,20 @@ class Watchdog:
                     done, batch.done = batch.done, []
                     todo = list(batch.todo)
                     batch.todo.clear()
-                self._hand_over(batch, running, done, todo, pid)
+                    with self._handing:  # still under batch.cond: the batch never looks empty before this
+                        self._in_hand += 1
+                try:
+                    self._hand_over(batch, running, done, todo, pid)
+                finally:
+                    with self._handing:
+                        self._in_hand -= 1
+                        self._handing.notify_all()
+
+    def settle(self, timeout: float = 10.0) -> bool:
+        """Wait until no hand-over is under way (its flows are back in the queue): a batch
+        that ran empty may have given flows away a moment ago. False on timeout."""
+        with self._handing:
+            return self._handing.wait_for(lambda: self._in_hand == 0, timeout)
 
     def _hand_over(self, batch: Batch, running: ClaimedStep | None, done: list[tuple[ClaimedStep, dict[str, Any]]],
                    todo: list[ClaimedStep], pid: int) -> None:

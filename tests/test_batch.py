@@ -10,7 +10,7 @@ from typing import Any
 from conftest import wait_for
 
 from flowd import api, catalog, models
-from flowd.batch import run_batch
+from flowd.batch import _watchdog, run_batch
 from flowd.engine import Engine, Submission
 from flowd.loader import ScriptLoader
 from flowd.models import Flow, TaskResult
@@ -155,7 +155,9 @@ def test_claimed_steps_never_look_overdue_before_they_start(db: Any) -> None:
         while pending:
             for message in pending:
                 run_batch(rt, message, os.getpid())
-            # The watchdog thread may append while we take them: pop, never copy-then-clear.
+            # The watchdog may still be handing flows back: wait for it, and take its
+            # messages by popping (it appends from its own thread).
+            _watchdog(rt).settle()
             pending = [messages.pop(0) for _ in range(len(messages))]
     finally:
         stop.set()
