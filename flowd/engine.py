@@ -22,7 +22,6 @@ from flowd import outbox, store
 from flowd.config import Config
 from flowd.errors import FlowdError, InputError, NotFoundError
 from flowd.models import (
-    ACTIVE_STATES,
     FlowState,
     Routine,
     StepState,
@@ -435,7 +434,7 @@ class Engine:
         else:
             log.info("flow %d (%s) ended %s: %s", flow.id, flow.routine, state.value, error, extra=extra)
         if state != FlowState.DONE:
-            for child in store.select_flows("parent_id = ? AND state IN (?, ?, ?)", (flow.id, *ACTIVE_STATES)):
+            for child in store.active_children(flow.id):
                 why = "was cancelled" if state == FlowState.CANCELLED else f"ended {state.value}"
                 self._cancel_tree(child, effects, now, f"parent flow {flow.id} {why}")
         if was_admitted:
@@ -686,7 +685,7 @@ class Engine:
                 flow, result = self._held(step, pid)
                 if flow is None or result is None:
                     continue
-                store.execute("DELETE FROM task_result WHERE id = ?", (result.id,))
+                store.delete_result(result.id)
                 if requeue:
                     self._admit(flow, effects, now)
                 else:
@@ -699,21 +698,15 @@ class Engine:
         reaper's step timeouts count from (about) their real start."""
         if not steps:
             return
-        stamp = store.encode("started_at", now or utcnow())
         with write_transaction(sync=False):
-            for step in steps:
-                store.execute("UPDATE task_result SET started_at = ? WHERE id = ? AND state = ?",
-                              (stamp, step.task_result_id, StepState.RUNNING.value))
+            store.restamp_running([step.task_result_id for step in steps], now or utcnow())
 
     def held_flow_ids(self, steps: list[ClaimedStep], pid: int) -> set[int]:
         """Which of these steps' flows this worker still holds (after a cancel signal)."""
         if not steps:
             return set()
-        marks = ", ".join("?" * len(steps))
-        rows = store.execute(f"SELECT id, dispatch_token FROM flow WHERE id IN ({marks}) AND state = ? "
-                             "AND worker_pid = ?", (*(s.flow_id for s in steps), FlowState.RUNNING.value, pid))
-        tokens = {s.flow_id: s.token for s in steps}
-        return {int(flow_id) for flow_id, token in rows.fetchall() if tokens.get(int(flow_id)) == token}
+        held = store.held_tokens([s.flow_id for s in steps], pid)
+        return {s.flow_id for s in steps if held.get(s.flow_id) == s.token}
 
     def fail_step(self, step: ClaimedStep, error: str, pid: int | None, *, interrupted: bool = False,
                   now: dt.datetime | None = None) -> None:
@@ -785,24 +778,21 @@ class Engine:
         now = now or utcnow()
         self.definitions.refresh()
         with write_transaction():
-            running = store.select_flows("state = ? AND admitted = ?", (FlowState.RUNNING.value, store.sql_bool(True)))
+            running = store.running_admitted()
             for flow in running:
                 result = store.running_result(flow.id, flow.position)
                 if result is not None:
                     self._record_failure(flow, result, "interrupted: flowd stopped while this step ran", effects,
                                          now, interrupted=True)
             queued = {flow_id for flow_id, _, _ in effects.enqueue}
-            for flow in store.select_flows("admitted = ? AND state IN (?, ?)",
-                                           (store.sql_bool(True), FlowState.INIT.value, FlowState.RUNNING.value)):
+            for flow in store.admitted_not_ended():
                 if flow.id in queued:
                     continue
                 delay = None
                 if flow.next_attempt_at and flow.next_attempt_at > now:
                     delay = (flow.next_attempt_at - now).total_seconds()
                 self._admit(flow, effects, now, delay=delay)
-            pending = store.select_flows("admitted = ? AND state = ?", (store.sql_bool(False), FlowState.INIT.value))
-            names = {f.routine for f in pending}
-            for name in sorted(names):
+            for name in sorted(store.pending_routines()):
                 self._admit_pending(name, effects, now)
         self._apply(effects)
         return len(effects.enqueue)
@@ -829,9 +819,7 @@ class Engine:
         now = now or utcnow()
         due: list[tuple[int, int]] = []
         later: dt.datetime | None = None
-        for flow in store.select_flows("state IN (?, ?) AND admitted = ? AND worker_pid IS NULL "
-                                       "AND next_attempt_at IS NOT NULL",
-                                       (FlowState.INIT.value, FlowState.RUNNING.value, store.sql_bool(True))):
+        for flow in store.retry_waiting():
             if flow.next_attempt_at <= now:
                 due.append((flow.id, flow.dispatch_token))
             elif later is None or flow.next_attempt_at < later:
@@ -921,7 +909,7 @@ class Engine:
         resumed: list[int] = []
         self.definitions.refresh()  # the routines' status settings, for the statuses below
         with write_transaction(sync=False):
-            for flow in store.select_flows("state = ? AND wait_topic IS NOT NULL", (FlowState.WAITING.value,)):
+            for flow in store.waiting_flows():
                 if not topic_matches(flow.wait_topic, topic) or not payload_matches(flow.wait_match, payload):
                     continue
                 result = store.running_result(flow.id, flow.position)
@@ -936,9 +924,7 @@ class Engine:
 
     def waiting_topics(self) -> set[str]:
         """Topic filters the MQTT bridge must subscribe to for waiting flows."""
-        rows = store.execute("SELECT DISTINCT wait_topic FROM flow WHERE state = ? AND wait_topic IS NOT NULL",
-                             (FlowState.WAITING.value,)).fetchall()
-        return {row[0] for row in rows}
+        return store.waiting_topics()
 
     # ------------------------------------------------------------------ reaper duties
     def expire(self, now: dt.datetime | None = None) -> int:
@@ -946,21 +932,17 @@ class Engine:
         now = now or utcnow()
         effects = Effects()
         touched = 0
-        stamp = store.encode("wait_until", now)
-        if not store.execute("SELECT 1 FROM flow WHERE (state = ? AND wait_until <= ?) OR (state IN (?, ?, ?) "
-                             "AND deadline <= ? AND worker_pid IS NULL) LIMIT 1",
-                             (FlowState.WAITING.value, stamp, *ACTIVE_STATES, stamp)).fetchone():
+        if not store.anything_expired(now):
             return 0
         self.definitions.refresh()
         with write_transaction(sync=False):
-            for flow in store.select_flows("state = ? AND wait_until <= ?", (FlowState.WAITING.value, stamp)):
+            for flow in store.expired_waits(now):
                 result = store.running_result(flow.id, flow.position)
                 if result is not None:
                     self._record_failure(flow, result, f"timed out waiting for a message on '{flow.wait_topic}'"
                                          f" matching {flow.wait_match or {}}", effects, now)
                     touched += 1
-            for flow in store.select_flows("state IN (?, ?, ?) AND deadline <= ? AND worker_pid IS NULL",
-                                           (*ACTIVE_STATES, stamp)):
+            for flow in store.overdue_unheld(now):
                 self._end(flow, FlowState.FAILED, effects, now, error=self._flow_timeout_text(flow))
                 touched += 1
         self._apply(effects)

@@ -176,3 +176,86 @@ def finish_held_result(result_id: int, output: Any, now: dt.datetime, started_at
                                     encode("started_at", started_at), result_id, StepState.RUNNING.value, flow_id,
                                     FlowState.RUNNING.value, worker_pid, token))
     return int(cursor.rowcount) == 1
+
+
+# ---------------------------------------------------------------- named selections of the engine
+def active_children(parent_id: int) -> list[Row]:
+    placeholders = ", ".join("?" * len(ACTIVE_STATES))
+    return select_flows(f"parent_id = ? AND state IN ({placeholders})", (parent_id, *ACTIVE_STATES))
+
+
+def running_admitted() -> list[Row]:
+    """Flows a worker was running (or about to) when the daemon stopped."""
+    return select_flows("state = ? AND admitted = ?", (FlowState.RUNNING.value, sql_bool(True)))
+
+
+def admitted_not_ended() -> list[Row]:
+    """Flows admitted and not finished (INIT or RUNNING): each needs a queue message."""
+    return select_flows("admitted = ? AND state IN (?, ?)", (sql_bool(True), FlowState.INIT.value,
+                                                             FlowState.RUNNING.value))
+
+
+def pending_routines() -> set[str]:
+    """Routines with flows waiting for admission."""
+    rows = execute("SELECT DISTINCT routine FROM flow WHERE admitted = ? AND state = ?",
+                   (sql_bool(False), FlowState.INIT.value)).fetchall()
+    return {row[0] for row in rows}
+
+
+def retry_waiting() -> list[Row]:
+    """Admitted flows no worker holds that wait for a retry (``next_attempt_at``)."""
+    return select_flows("state IN (?, ?) AND admitted = ? AND worker_pid IS NULL AND next_attempt_at IS NOT NULL",
+                        (FlowState.INIT.value, FlowState.RUNNING.value, sql_bool(True)))
+
+
+def waiting_flows() -> list[Row]:
+    """Flows WAITING for an MQTT message."""
+    return select_flows("state = ? AND wait_topic IS NOT NULL", (FlowState.WAITING.value,))
+
+
+def waiting_topics() -> set[str]:
+    rows = execute("SELECT DISTINCT wait_topic FROM flow WHERE state = ? AND wait_topic IS NOT NULL",
+                   (FlowState.WAITING.value,)).fetchall()
+    return {row[0] for row in rows}
+
+
+def anything_expired(now: dt.datetime) -> bool:
+    """Whether some wait or some unheld flow is past its time (one cheap query)."""
+    stamp = encode("wait_until", now)
+    placeholders = ", ".join("?" * len(ACTIVE_STATES))
+    return execute(f"SELECT 1 FROM flow WHERE (state = ? AND wait_until <= ?) OR (state IN ({placeholders}) "
+                   "AND deadline <= ? AND worker_pid IS NULL) LIMIT 1",
+                   (FlowState.WAITING.value, stamp, *ACTIVE_STATES, stamp)).fetchone() is not None
+
+
+def expired_waits(now: dt.datetime) -> list[Row]:
+    return select_flows("state = ? AND wait_until <= ?", (FlowState.WAITING.value, encode("wait_until", now)))
+
+
+def overdue_unheld(now: dt.datetime) -> list[Row]:
+    """Active flows past their routine's deadline that no worker holds."""
+    placeholders = ", ".join("?" * len(ACTIVE_STATES))
+    return select_flows(f"state IN ({placeholders}) AND deadline <= ? AND worker_pid IS NULL",
+                        (*ACTIVE_STATES, encode("deadline", now)))
+
+
+def delete_result(result_id: int) -> None:
+    execute("DELETE FROM task_result WHERE id = ?", (result_id,))
+
+
+def restamp_running(result_ids: list[int], now: dt.datetime) -> None:
+    """Move the ``started_at`` of attempts still RUNNING to ``now``."""
+    stamp = encode("started_at", now)
+    for result_id in result_ids:
+        execute("UPDATE task_result SET started_at = ? WHERE id = ? AND state = ?",
+                (stamp, result_id, StepState.RUNNING.value))
+
+
+def held_tokens(flow_ids: list[int], worker_pid: int) -> dict[int, int]:
+    """flow id -> dispatch token of those of ``flow_ids`` RUNNING and held by ``worker_pid``."""
+    if not flow_ids:
+        return {}
+    marks = ", ".join("?" * len(flow_ids))
+    rows = execute(f"SELECT id, dispatch_token FROM flow WHERE id IN ({marks}) AND state = ? AND worker_pid = ?",
+                   (*flow_ids, FlowState.RUNNING.value, worker_pid)).fetchall()
+    return {int(flow_id): int(token) for flow_id, token in rows}
