@@ -318,10 +318,12 @@ def _complete_schema(work: Path) -> None:
                 version = migrations.LATEST
             elif not has_version:
                 # The version row was lost: tell it from the schema (v2 added parent_id, v3
-                # dropped the flow_routine index).
+                # dropped the flow_routine index, v4 added routine.status, v5 dropped flow_uid).
                 columns = {c.name for c in db.get_columns("flow")}
                 indexes = {i.name for i in db.get_indexes("flow")}
-                version = 1 if "parent_id" not in columns else 2 if "flow_routine" in indexes else 3
+                has_status = db.table_exists("routine") and "status" in {c.name for c in db.get_columns("routine")}
+                version = (1 if "parent_id" not in columns else 2 if "flow_routine" in indexes
+                           else 3 if not has_status else 4 if "flow_uid" in indexes else 5)
             if version is not None:
                 db.create_tables([models.Meta], safe=True)
                 models.set_meta("schema_version", str(version))
@@ -373,7 +375,9 @@ def _report_tables(found: Salvage, saved_ids: dict[str, set[int]], dropped: dict
         state = str(states.get(flow_id, "unknown"))
         lost[state] = lost.get(state, 0) + 1
     report.lost_flows = dict(sorted(lost.items()))
-    owners = found.indexed.get("task_result", {}).get("task_result_flow_id", {})
+    # Any index of task_result led by flow_id names a lost attempt's flow (v5 kept only the unique one).
+    by_index = found.indexed.get("task_result", {})
+    owners = {**by_index.get("task_result_flow_id_position_attempt", {}), **by_index.get("task_result_flow_id", {})}
     saved_flows = saved_ids.get("flow", set())
     missing = {owners.get(rid) for rid in report.tables.get("task_result", TableReport(0, 0)).lost_ids}
     report.flows_missing_steps = sorted(f for f in missing if isinstance(f, int) and f in saved_flows)
