@@ -195,6 +195,30 @@ def wait_for(condition: Callable[[], T], timeout: float, what: str, every: float
         time.sleep(every)
 
 
+def own_cgroup(name: str) -> Path:
+    """A new, empty cgroup2 folder below this process's own (hybrid or unified hierarchy)."""
+    mount = next((line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+                  if line.split(" - ", 1)[1].startswith("cgroup2 ")), None)
+    assert mount, "no cgroup2 hierarchy is mounted: systemd cannot be booted here"
+    mine = next(line[3:] for line in Path("/proc/self/cgroup").read_text().splitlines() if line.startswith("0::"))
+    folder = Path(mount + mine.rstrip("/")) / f"flowd-test-{os.getpid()}-{name}"
+    folder.mkdir()
+    return folder
+
+
+def remove_cgroup(folder: Path) -> None:
+    """Remove a cgroup tree the booted systemd left (empty folders once its processes are gone)."""
+    for path in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        try:
+            path.rmdir()
+        except OSError:
+            pass
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
 class BootedDebian:
     """A Debian root booted under its own systemd, reached through nsenter.
 
@@ -210,11 +234,16 @@ class BootedDebian:
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid = 0  # systemd's pid, as this machine sees it
+        self.cgroup: Path | None = None
 
     def boot(self, timeout: float = 60) -> None:
+        # A cgroup of its own first: the booted systemd makes its slices under the root of
+        # its cgroup namespace, and two test runs must not manage the same cgroups.
+        self.cgroup = own_cgroup(self.root.parent.name)
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
-                ["unshare", "--fork", "--pid", "--mount", "--net", "--uts", "--ipc", "--cgroup",
+                ["bash", "-c", 'echo $$ > "$1/cgroup.procs" && shift && exec "$@"', "enter", str(self.cgroup),
+                 "unshare", "--fork", "--pid", "--mount", "--net", "--uts", "--ipc", "--cgroup",
                  "--propagation", "private", "bash", "-c", BOOT_SCRIPT, "boot", str(self.root)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
         self.pid = wait_for(self._systemd_pid, 20, f"systemd to start as PID 1 (see {self.log})")
@@ -294,3 +323,6 @@ class BootedDebian:
                 pass
             self.proc.wait(10)
         self.proc = None
+        if self.cgroup is not None:
+            remove_cgroup(self.cgroup)
+            self.cgroup = None

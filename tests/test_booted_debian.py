@@ -219,6 +219,7 @@ def test_systemd_analyze_security_exposure_is_at_most_2(machine: BootedDebian,
     match = EXPOSURE.search(report)
     assert match, report
     assert float(match.group(1)) <= 2.0, report
+    print(f"systemd-analyze security flowd, booted: {match.group(1)}")
 
 
 def test_kill_9_of_the_main_process_is_restarted(machine: BootedDebian,

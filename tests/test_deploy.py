@@ -240,7 +240,8 @@ def test_verify_of_the_bare_unit_only_misses_the_binary() -> None:
     result = subprocess.run(["systemd-analyze", "verify", str(UNIT)], capture_output=True, text=True, timeout=60)
     lines = (result.stdout + result.stderr).strip().splitlines()
     # Once for ExecStart=, once for ExecReload= (flowd reload): nothing else is missing.
-    assert lines == ["flowd.service: Command /opt/flowd/venv/bin/flowd is not executable: No such file or directory"] * 2
+    missing = "flowd.service: Command /opt/flowd/venv/bin/flowd is not executable: No such file or directory"
+    assert lines == [missing, missing]
 
 
 def test_security_exposure_is_at_most_2(installed: tuple[Path, str, Path]) -> None:
