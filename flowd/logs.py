@@ -17,6 +17,7 @@ import os
 import sys
 from collections.abc import Mapping
 
+from flowd import journal
 from flowd.config import Config
 
 JOURNAL_FIELDS = ("FLOW_ID", "ROUTINE", "TASK")
@@ -48,8 +49,6 @@ def _journal_handler() -> logging.Handler | None:
 
 
 def _native_journal_handler() -> logging.Handler | None:
-    from flowd import journal
-
     if not os.path.exists(journal.JOURNAL_SOCKET):
         return None
     handler: logging.Handler = journal.JournalHandler(identifier="flowd")
