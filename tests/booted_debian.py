@@ -10,7 +10,8 @@ a changed recipe builds a new one. Each boot unpacks a fresh copy and runs
 with a short script that bind-mounts the root onto itself, gives it a private ``/dev``
 (a few bound device nodes, no host disks or consoles), a read-only ``/sys`` and a
 cgroup2 hierarchy of its own, enters it with ``pivot_root`` and execs
-``/lib/systemd/systemd`` as PID 1. The pivot matters: the unit's sandboxing
+``/lib/systemd/systemd`` as PID 1, with ``$container`` set as systemd's container
+interface asks (so it leaves hardware alone). The pivot matters: the unit's sandboxing
 (ProtectSystem=, PrivateTmp=, PrivateUsers=) sets up mount namespaces from the root
 mount, and under a plain chroot every sandboxed start fails with 226/NAMESPACE.
 Commands run inside through ``nsenter``.
