@@ -238,10 +238,10 @@ elif command -v pkg-config >/dev/null && pkg-config --exists libsystemd; then
     if "$VENV/bin/pip" install --quiet --disable-pip-version-check $PIP_ARGS 'systemd-python>=235'; then
         say "installed systemd-python (journal fields, sd_notify)"
     else
-        say "warning: systemd-python did not build (gcc and python3-dev needed); flowd uses its pure-Python fallback"
+        say "warning: systemd-python did not build (gcc and python3-dev needed); flowd speaks the journal and sd_notify protocols itself"
     fi
 else
-    say "skipped systemd-python: libsystemd-dev and pkg-config not both present; flowd uses its pure-Python fallback"
+    say "skipped systemd-python: libsystemd-dev and pkg-config not both present; flowd speaks the journal and sd_notify protocols itself (same fields and priorities)"
 fi
 
 # --- flowctl for administrators ---
@@ -297,7 +297,8 @@ if [ "$WITH_MOSQUITTO" = 1 ]; then
     elif dpkg-query -W -f='${Status}' mosquitto 2>/dev/null | grep -q 'install ok installed'; then
         say "ok      mosquitto already installed"
     else
-        apt-get update
+        # Offline, or with a mirror down, apt can still install from the lists it has.
+        apt-get update || say "warning: apt-get update failed; installing from the package lists already here"
         apt-get install -y mosquitto
         say "installed mosquitto (Debian's default: listens on localhost only)"
     fi

@@ -432,7 +432,9 @@ class Engine:
         if state == FlowState.DONE:
             log.debug("flow %d (%s) ended DONE", flow.id, flow.routine, extra=extra)
         else:
-            log.info("flow %d (%s) ended %s: %s", flow.id, flow.routine, state.value, error, extra=extra)
+            # A failed flow is what `journalctl -p warning` is read for; a cancel was asked for.
+            level = logging.WARNING if state == FlowState.FAILED else logging.INFO
+            log.log(level, "flow %d (%s) ended %s: %s", flow.id, flow.routine, state.value, error, extra=extra)
         if state != FlowState.DONE:
             for child in store.active_children(flow.id):
                 why = "was cancelled" if state == FlowState.CANCELLED else f"ended {state.value}"

@@ -1,10 +1,13 @@
 """Logging set-up for the daemon: the systemd journal with structured fields, or stderr.
 
-Under systemd (``$JOURNAL_STREAM`` set) with python-systemd installed, records go to
-journald with ``FLOW_ID``, ``ROUTINE`` and ``TASK`` fields taken from the record's
-``extra``; otherwise to stderr. Never both: journald already captures stderr, so two
-handlers would log every line twice. ``JournalHandler`` silently drops records when
-there is no journald socket, which is why the choice follows ``$JOURNAL_STREAM``.
+Under systemd (``$JOURNAL_STREAM`` set) records go to journald with ``FLOW_ID``,
+``ROUTINE`` and ``TASK`` fields taken from the record's ``extra`` and a priority per
+level: through python-systemd when it is installed, else through ``flowd.journal``,
+which speaks the same native protocol itself. Otherwise they go to stderr. Never both:
+journald already captures stderr, so two handlers would log every line twice.
+python-systemd's ``JournalHandler`` silently drops records when there is no journald
+socket, which is why the choice follows ``$JOURNAL_STREAM`` (and flowd's own handler
+is used only where the socket exists).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import sys
 from collections.abc import Mapping
 
+from flowd import journal
 from flowd.config import Config
 
 JOURNAL_FIELDS = ("FLOW_ID", "ROUTINE", "TASK")
@@ -36,10 +40,18 @@ def _journal_handler() -> logging.Handler | None:
     try:
         from systemd.journal import JournalHandler
     except ImportError:
-        return None
+        return _native_journal_handler()
     # JournalHandler passes every upper-case attribute of the record (our ``extra``
     # FLOW_ID/ROUTINE/TASK) as a journal field, and maps the level to PRIORITY.
     handler: logging.Handler = JournalHandler(SYSLOG_IDENTIFIER="flowd")
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    return handler
+
+
+def _native_journal_handler() -> logging.Handler | None:
+    if not os.path.exists(journal.JOURNAL_SOCKET):
+        return None
+    handler: logging.Handler = journal.JournalHandler(identifier="flowd")
     handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
     return handler
 

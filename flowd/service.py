@@ -55,16 +55,23 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     run = commands.add_parser("run", help="run the daemon in the foreground")
     run.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="configuration file (TOML)")
+    reload = commands.add_parser("reload", help="check the configuration, then make the running daemon reload it")
+    reload.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="configuration file (TOML)")
+    reload.add_argument("--pid", type=int, help="the daemon's pid (ExecReload passes $MAINPID); "
+                        "default: the one holding the state folder's lock")
     args = parser.parse_args(argv)
-    if args.command != "run":
+    if args.command not in ("run", "reload"):
         parser.print_usage(sys.stderr)
         print("flowd: error: say what to do, e.g. 'flowd run --config /etc/flowd/flowd.toml'", file=sys.stderr)
         return 2
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        print(f"flowd: {exc}", file=sys.stderr)
+        print(f"flowd: {exc}" + ("; the running daemon keeps its configuration" if args.command == "reload" else ""),
+              file=sys.stderr)
         return 2
+    if args.command == "reload":
+        return request_reload(config, args.pid)
     # huey.storage imports redis, and peewee and playhouse.migrate psycopg2 (and psycopg),
     # whenever they are installed: ~8 and ~5 MiB in every process of a node on SQLite.
     unused = ["redis"] if config.queue.backend == "sqlite" else []
@@ -459,6 +466,52 @@ def lock_state_dir(folder: Path, purpose: str | None = None) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def daemon_pid(folder: Path) -> int | None:
+    """The pid of the daemon holding ``folder``'s lock, or None when none runs there.
+
+    The pid written in the lock file is believed only while its lock is held: after a
+    kill -9 the file still names a pid that may now be another process.
+    """
+    try:
+        fd = os.open(folder / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else None
+        return None  # we got the lock: nobody holds it
+    finally:
+        os.close(fd)
+
+
+def request_reload(config: Config, pid: int | None = None) -> int:
+    """``flowd reload`` (ExecReload=): SIGHUP to the daemon, sent by Python itself.
+
+    A minimal Debian has no /bin/kill (procps), so the unit cannot rely on it. The
+    configuration was checked by the caller: a broken file fails the reload here, with
+    its sentence, and the daemon is not disturbed. Exit 1 when no daemon can be signalled.
+    """
+    where = config.path or "the defaults"
+    if pid is None:
+        pid = daemon_pid(config.state_dir)
+        if pid is None:
+            print(f"flowd reload: no flowd is running with state_dir {config.state_dir}", file=sys.stderr)
+            return 1
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        print(f"flowd reload: no process {pid}", file=sys.stderr)
+        return 1
+    except PermissionError:
+        print(f"flowd reload: not allowed to signal process {pid} (run as its user or root)", file=sys.stderr)
+        return 1
+    print(f"flowd reload: {where} is valid; asked flowd (pid {pid}) to reload it")
+    return 0
 
 
 def unlock_state_dir(fd: int) -> None:

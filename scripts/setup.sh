@@ -11,6 +11,8 @@ command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v sqlite3 >/dev/null 2>&1 || need+=(sqlite3)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+# tests/test_booted_debian.py boots a minimal Debian 12 root under systemd to test deploy/install.sh.
+[ -x /usr/sbin/debootstrap ] || need+=(debootstrap)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 [ -x /usr/bin/python3 ] && ! /usr/bin/python3 -c 'import seccomp' >/dev/null 2>&1 && need+=(python3-seccomp)
 # systemd-python (journal logging) compiles against libsystemd.
