@@ -58,16 +58,21 @@ def reset() -> None:
         database.obj.close()
 
 
-def submit_flow(routine: str | Routine, *args: Any, request_id: str | None = None, reply_to: str | None = None,
-                trigger: str = "api", **kwargs: Any) -> Flow:
-    """Store and queue a flow of ``routine``; returns at once. A repeated ``request_id``
-    returns the flow already started with it."""
+def check_flow_input(args: Any, kwargs: dict[str, Any]) -> None:
+    """Raise InputError when a flow's input cannot be stored as JSON (a set, NaN, a lone surrogate)."""
     from flowd.runner import check_json
 
     try:
         check_json({"args": list(args), "kwargs": kwargs}, "the flow's input")
     except Exception as exc:
         raise InputError(str(exc).replace(" returned", " contains")) from None
+
+
+def submit_flow(routine: str | Routine, *args: Any, request_id: str | None = None, reply_to: str | None = None,
+                trigger: str = "api", **kwargs: Any) -> Flow:
+    """Store and queue a flow of ``routine``; returns at once. A repeated ``request_id``
+    returns the flow already started with it."""
+    check_flow_input(args, kwargs)
     if request_id is not None and (not isinstance(request_id, str) or not request_id):
         raise InputError(f"request_id must be a non-empty string, not {request_id!r}")
     row, _ = engine().submit(routine, args, kwargs, request_id=request_id, reply_to=reply_to, trigger=trigger)

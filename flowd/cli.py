@@ -267,6 +267,7 @@ def cmd_scripts(ctx: Context) -> int:
             path = os.path.join(folder, name)
             try:
                 # list_scripts stops at the first broken file; one file at a time keeps the others listed.
+                loader.check_inside(Path(path), ctx.config.flowd.task_paths)
                 classes = loader._task_classes(Path(path))
             except TaskScriptError as exc:
                 data.append({"script": None, "path": path, "doc": "", "error": str(exc)})
@@ -445,6 +446,9 @@ def cmd_submit(ctx: Context) -> int:
     kwargs = parse_pairs(a.kw, "--kw")
     if a.request_id is not None and not a.request_id:
         raise UsageError("--request-id must not be empty")
+    from flowd.api import check_flow_input
+
+    check_flow_input(args, kwargs)  # e.g. bytes of another encoding in an argument: not UTF-8
     engine = ctx.engine()
     submitted, created = engine.submit(a.routine, args, kwargs, request_id=a.request_id, trigger="cli")
     flow = reload_flow(submitted.id)
@@ -788,7 +792,7 @@ def _version() -> str:
 # --------------------------------------------------------------------------- main
 def redact(url: str) -> str:
     """A database URL without its password (``postgresql://u:***@host/db``)."""
-    from flowd.models import redact_url
+    from flowd.config import redact_url
 
     return redact_url(url)
 

@@ -44,6 +44,28 @@ def parse_duration(value: object, *, what: str = "duration") -> float:
     raise ValueError(f"{what} must be a number of seconds or a string like '30s', '5m', '30d'; got {value!r}")
 
 
+_SECRET_PARAMETER = re.compile(r"pass|secret|token|key", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """A database or queue URL fit to log or show: the password (``postgresql://u:***@host/db``)
+    and any secret-looking query parameter (``?password=``, ``?sslkey=``) masked."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    location, query_sep, query = rest.partition("?")
+    credentials, at, host = location.rpartition("@")
+    if at and ":" in credentials:
+        location = f"{credentials.split(':', 1)[0]}:***@{host}"
+    if query_sep:
+        masked = []
+        for pair in query.split("&"):
+            name, eq, value = pair.partition("=")
+            masked.append(f"{name}=***" if eq and value and _SECRET_PARAMETER.search(name) else pair)
+        query = "&".join(masked)
+    return f"{scheme}://{location}{query_sep}{query}"
+
+
 def _under_systemd(env: Mapping[str, str]) -> bool:
     return bool(env.get("INVOCATION_ID") or env.get("STATE_DIRECTORY"))
 

@@ -34,7 +34,7 @@ from peewee import (
     TextField,
 )
 
-from flowd.config import DatabaseSection
+from flowd.config import DatabaseSection, redact_url
 from flowd.errors import StoreUnavailable
 
 database = DatabaseProxy()
@@ -269,15 +269,6 @@ def sqlite_path(url: str) -> Path | None:
 def _one_line(exc: BaseException) -> str:
     """A driver's message on one line (PostgreSQL's span several)."""
     return " ".join(str(exc).split())
-
-
-def redact_url(url: str) -> str:
-    """A database URL without its password (``postgresql://u:***@host/db``)."""
-    scheme, sep, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if not sep or not at or ":" not in credentials:
-        return url
-    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
 
 
 def init_database(section: DatabaseSection, *, create: bool = True,

@@ -27,6 +27,7 @@ from flowd.engine import CANCEL_SIGNAL, ClaimedStep, Engine
 from flowd.errors import FlowdError, StepError
 from flowd.loader import ScriptLoader
 from flowd.models import utcnow, write_transaction
+from flowd.payloads import has_surrogate
 from flowd.task import SubFlow, Wait
 
 if TYPE_CHECKING:
@@ -200,9 +201,14 @@ def _publisher(rt: WorkerRuntime) -> Any:
             raise StepError(f"cannot publish to {topic!r}: a topic is non-empty text without '+', '#'")
         if qos not in (0, 1, 2):
             raise StepError(f"qos must be 0, 1 or 2, not {qos!r}")
-        if not isinstance(payload, (str, bytes)):
-            check_json(payload, f"payload published to '{topic}'")
-        text = payload.decode() if isinstance(payload, bytes) else payload
+        label = f"payload published to '{topic}'"
+        if isinstance(payload, bytes):
+            try:
+                payload = payload.decode("utf-8")
+            except UnicodeDecodeError:
+                raise StepError(f"the {label} is bytes that are not UTF-8 text") from None
+        check_json(payload, label)
+        text = payload
         with write_transaction(sync=False):  # the publisher syncs before it sends
             outbox.add_message(topic, text, qos=qos, retain=retain)
         outbox.notify(rt.config.state_dir)
@@ -234,12 +240,17 @@ def check_json(value: Any, label: str) -> None:
     problem = _first_non_json(value, "")
     if problem is not None:
         path, bad = problem
+        if isinstance(bad, str):
+            raise StepError(f"{label} returned a string with a lone surrogate (\\ud800-\\udfff, not UTF-8) "
+                            f"at '{path.lstrip('.') or '(the value itself)'}': {_short(bad)}")
         raise StepError(f"{label} returned a value that is not JSON-serialisable at '{path.lstrip('.')}': "
                         f"{type(bad).__name__} {_short(bad)}")
 
 
 def _first_non_json(value: Any, path: str) -> tuple[str, Any] | None:
-    if value is None or isinstance(value, (bool, int, str)):
+    if isinstance(value, str):
+        return (path, value) if has_surrogate(value) else None
+    if value is None or isinstance(value, (bool, int)):
         return None
     if isinstance(value, float):
         return None if math.isfinite(value) else (path, value)
@@ -251,7 +262,7 @@ def _first_non_json(value: Any, path: str) -> tuple[str, Any] | None:
         return None
     if isinstance(value, dict):
         for key, item in value.items():
-            if not isinstance(key, str):
+            if not isinstance(key, str) or has_surrogate(key):
                 return (f"{path}.{key!r}", key)
             found = _first_non_json(item, f"{path}.{key}")
             if found:
