@@ -143,8 +143,11 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def parse_json_payload(payload: bytes, max_payload: int) -> Any:
-    """Decode an MQTT payload as JSON safely; raises InputError with the reason."""
+def parse_json_payload(payload: bytes, max_payload: int, *, allow_surrogates: bool = False) -> Any:
+    """Decode an MQTT payload as JSON safely; raises InputError with the reason.
+
+    ``allow_surrogates=True`` leaves the check for lone surrogates to the caller
+    (:func:`check_surrogates`), which can then name the request in its refusal."""
     if len(payload) > max_payload:
         raise InputError(f"the payload is {len(payload)} bytes; the limit is {max_payload} bytes (mqtt.max_payload)")
     try:
@@ -164,13 +167,18 @@ def parse_json_payload(payload: bytes, max_payload: int) -> Any:
     except (ValueError, RecursionError) as exc:
         raise InputError(f"the payload is not valid JSON: {exc}") from None
     # A surrogate can only arrive escaped ("\ud800"): raw, the bytes are not UTF-8.
-    if "\\u" in text or "\\U" in text:
-        where = find_surrogate(data)
-        if where is not None:
-            at = f" at '{where}'" if where else ""
-            raise InputError(f"the payload holds a lone surrogate (a \\ud800-\\udfff escape not part of a pair){at}; "
-                             "such text cannot be stored or sent as UTF-8")
+    if not allow_surrogates and "\\u" in text:
+        check_surrogates(data)
     return data
+
+
+def check_surrogates(data: Any) -> None:
+    """Raise InputError naming where decoded JSON ``data`` holds a lone surrogate."""
+    where = find_surrogate(data)
+    if where is not None:
+        at = f" at '{where}'" if where else ""
+        raise InputError(f"the payload holds a lone surrogate (a \\ud800-\\udfff escape not part of a pair){at}; "
+                         "such text cannot be stored or sent as UTF-8")
 
 
 def _describe_type(value: Any) -> str:
@@ -182,7 +190,8 @@ def _describe_type(value: Any) -> str:
 # ---------------------------------------------------------------------- submits
 def _readable_request_id(value: Any) -> str | None:
     """``request_id`` when it may be echoed back in a refusal, else None."""
-    if isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH and not has_control(value):
+    if isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH and not (has_control(value)
+                                                                             or has_surrogate(value)):
         return value
     return None
 
@@ -195,7 +204,7 @@ def is_reply_topic(value: Any) -> bool:
 def parse_submit(payload: bytes, max_payload: int) -> SubmitRequest:
     """Check a ``flow/submit`` payload (SPEC 4.1/4.3); raises SubmitRefused saying what is wrong."""
     try:
-        data = parse_json_payload(payload, max_payload)
+        data = parse_json_payload(payload, max_payload, allow_surrogates=True)
     except InputError as exc:
         raise SubmitRefused(str(exc)) from None
     if not isinstance(data, dict):
@@ -207,6 +216,11 @@ def parse_submit(payload: bytes, max_payload: int) -> SubmitRequest:
 
     def refuse(message: str) -> SubmitRefused:
         return SubmitRefused(message, request_id, reply_to)
+
+    try:
+        check_surrogates(data)
+    except InputError as exc:
+        raise refuse(str(exc)) from None
 
     unknown = sorted(str(key) for key in data if key not in SUBMIT_FIELDS)
     if unknown:
