@@ -478,6 +478,11 @@ def wait_for_flow(ctx: Context, flow_id: int, timeout: float | None) -> int:
     started = time.monotonic()
     last_line = None
     flow = Flow.get_by_id(flow_id)
+    import signal
+
+    # Python leaves SIGINT ignored when it starts that way (nohup, `&` in a script, CI
+    # runners); stopping to wait harms no flow, so Ctrl-C and `kill -INT` always work here.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if not flow.is_ended and not any_daemon_alive(ctx.config.flowd.node_id):
         print("flowctl: note: flowd is not running; the flow waits in the queue until it starts", file=sys.stderr)
     try:

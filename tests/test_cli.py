@@ -410,10 +410,12 @@ def test_wait_timeout_stops_waiting_not_the_flow(cli: Run, with_routine: Run) ->
     assert data(cli("--json", "flows"))[0]["state"] == "INIT"
 
 
-def test_ctrl_c_stops_waiting_not_the_flow(with_routine: Run, config_file: Callable[..., Path]) -> None:
+@pytest.mark.parametrize("sigint", [signal.SIG_DFL, signal.SIG_IGN], ids=["sigint-default", "sigint-ignored"])
+def test_ctrl_c_stops_waiting_not_the_flow(with_routine: Run, config_file: Callable[..., Path], sigint: Any) -> None:
+    # Also when flowctl starts with SIGINT ignored (nohup, `&` in a script, CI runners).
     proc = subprocess.Popen([sys.executable, "-m", "flowd.cli", "--config", str(config_file()), "submit", "sum",
                              "--wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=flowd_env(),
-                            cwd=str(ROOT))
+                            cwd=str(ROOT), preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
     try:
         assert proc.stdout is not None
         first = proc.stdout.readline()
