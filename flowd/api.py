@@ -33,13 +33,18 @@ from flowd.models import (
 _engine: Engine | None = None
 
 
-def configure(config: Config | str | None = None) -> Engine:
-    """Open the database and queue of ``config`` (a Config, a file path, or the default lookup)."""
+def configure(config: Config | str | None = None, *, create: bool = False) -> Engine:
+    """Open the database and queue of ``config`` (a Config, a file path, or the default lookup).
+
+    A SQLite database that does not exist yet is created only with ``create=True`` (the
+    daemon does it at its first start); otherwise StoreUnavailable says where it was
+    looked for, so a script run with the wrong configuration never makes an empty one.
+    """
     global _engine
     from flowd import queue
 
     cfg = config if isinstance(config, Config) else load_config(config)
-    init_database(cfg.database)
+    init_database(cfg.database, create=create)
     queue.configure_queue(cfg)
     _engine = Engine(cfg, enqueue=queue.enqueue_flow, enqueue_many=queue.enqueue_flows)
     return _engine

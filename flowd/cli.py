@@ -133,6 +133,8 @@ class Context:
         self.args = args
         self.json: bool = bool(args.json)
         self._config: Config | None = None
+        self.fresh = False  # no database yet: reads show an empty one
+        self.created: Any = None  # the database this command made (a Path)
 
     @property
     def config(self) -> Config:
@@ -143,10 +145,43 @@ class Context:
         return self._config
 
     def open_database(self, *, create: bool = False) -> None:
-        """Open the database without the queue (reads; catalog changes)."""
-        from flowd.models import init_database
+        """Open the database without the queue (reads; catalog changes).
 
+        A SQLite file that is not there yet (flowd never ran with this configuration) is
+        never made silently: ``create`` (a command that stores a task or routine) makes it
+        and says so on stderr; a read answers from an empty database in memory, so there
+        is simply nothing to list (``self.fresh``).
+        """
+        from flowd.models import init_database, sqlite_path
+
+        path = sqlite_path(self.config.database.url)
+        if path is not None and not path.exists():
+            if not create:
+                from flowd.config import DatabaseSection
+
+                self.fresh = True
+                init_database(DatabaseSection(url="sqlite:///:memory:"))
+                return
+            self.created = path
         init_database(self.config.database, create=create)
+
+    def finish(self, succeeded: bool) -> None:
+        """Say that the command made the database, or take back the one it made for nothing."""
+        if self.created is None:
+            return
+        if succeeded:
+            print(f"flowctl: note: created the database {self.created} (flowd has not run with this "
+                  "configuration yet)", file=sys.stderr)
+            return
+        from flowd.models import database
+
+        if database.obj is not None:
+            database.obj.close()
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.unlink(f"{self.created}{suffix}")
+            except FileNotFoundError:
+                pass
 
     def engine(self) -> Engine:
         """Open the database and the queue (submitting, cancelling, retrying)."""
@@ -190,8 +225,9 @@ def cmd_status(ctx: Context) -> int:
     try:
         from flowd import queue
 
-        queue.configure_queue(ctx.config)
-        depth = queue.queue_depth()
+        if not ctx.fresh:  # no database: no queue either, and none is made here
+            queue.configure_queue(ctx.config)
+        depth = queue.queue_depth() if not ctx.fresh else 0
     except Exception as exc:
         # status is how people diagnose: report the queue's trouble and show the rest.
         queue_error = str(exc) if isinstance(exc, (StoreUnavailable, OSError)) else store_failure(exc, "the queue")
@@ -200,7 +236,7 @@ def cmd_status(ctx: Context) -> int:
     data = {"node_id": ctx.config.flowd.node_id, "nodes": nodes,
             "daemon_running": any(n["running"] for n in nodes if n["node_id"] == ctx.config.flowd.node_id),
             "queue_depth": depth, "queue_error": queue_error, "flows": counts, "outbox": outbox,
-            "database": redact(ctx.config.database.url), "config": ctx.config.path}
+            "database": redact(ctx.config.database.url), "database_exists": not ctx.fresh, "config": ctx.config.path}
     lines = []
     if not nodes:
         lines.append(f"{'daemon':<9} not running (never started with this database)")
@@ -219,7 +255,9 @@ def cmd_status(ctx: Context) -> int:
     lines.append(f"{'queue':<9} " + (f"{depth} waiting" if queue_error is None else f"unreachable: {queue_error}"))
     lines.append(f"{'flows':<9} " + "  ".join(f"{state} {counts[state]}" for state in STATES))
     lines.append(f"{'outbox':<9} {outbox} message{'s' if outbox != 1 else ''} to publish")
-    lines.append(f"{'database':<9} {redact(ctx.config.database.url)}")
+    lines.append(f"{'database':<9} {redact(ctx.config.database.url)}"
+                 + (" (not there yet: flowd has not run with this configuration)" if ctx.fresh else ""))
+    lines.append(f"{'config':<9} {ctx.config.path or '(none found: defaults)'}")
     ctx.emit(data, "\n".join(lines))
     return EXIT_STORE if queue_error else EXIT_OK
 
@@ -860,8 +898,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse_arguments(argv)
         ctx = Context(args)
         want_json = ctx.json
-        return int(args.func(ctx))
+        code = int(args.func(ctx))
+        ctx.finish(succeeded=True)
+        return code
     except (ConfigError, InputError, TaskScriptError) as exc:
+        if ctx is not None:
+            ctx.finish(succeeded=False)
         return _fail(str(exc), EXIT_USAGE, want_json)
     except StoreUnavailable as exc:
         return _fail(damage_hint(exc, str(exc)), EXIT_STORE, want_json)

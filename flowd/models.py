@@ -282,8 +282,9 @@ def init_database(section: DatabaseSection, *, create: bool = True,
     path = sqlite_path(section.url)
     if path is not None:
         if not create and not path.exists():
-            raise StoreUnavailable(f"the database {path} does not exist yet; start flowd once or check "
-                                   "[database] url / [flowd] state_dir")
+            raise StoreUnavailable(f"the database {path} does not exist yet: flowd creates it at its first start; "
+                                   "if flowd has run, check the configuration file used ([flowd] state_dir, "
+                                   "[database] url)")
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:

@@ -168,7 +168,7 @@ class Service:
             # a damaged queue file is set aside (recovery rebuilds the queue from the database).
             integrity.check_at_start(self.config)
             integrity.replace_damaged_queue(self.config)
-            self.engine = api.configure(self.config)
+            self.engine = api.configure(self.config, create=True)
             recovered = recovery.recover(self.config, self.engine)
             # Built (not started) before the fork: a bad TLS file stops us here, cleanly.
             self.bridge = MqttBridge(self.config, self.engine)

@@ -159,14 +159,25 @@ def test_config_found_through_flowd_config(cli: Run, config_file: Callable[..., 
     assert [t["name"] for t in json.loads(proc.stdout)] == ["echo"]
 
 
-def test_missing_database_exits_3_for_reads(cli: Run, config_file: Callable[..., Path]) -> None:
+def test_reads_on_a_state_folder_flowd_never_ran_in_list_nothing(cli: Run, config_file: Callable[..., Path]) -> None:
+    # flowctl works whether or not the daemon ever ran: nothing to list is the answer
+    # (exit 0), and no read creates the database (nor the queue file).
     path = db_path(config_file)
     assert not path.exists()
-    refused(cli("flows"), 3, "does not exist yet")
-    refused(cli("status"), 3, "does not exist yet")
-    assert not path.exists()  # reading does not create it
-    ok(cli("task", "add", "echo", "example.Echo"))  # a change does
-    assert path.exists()
+    assert json.loads(ok(cli("--json", "routine", "list")).stdout) == []
+    assert json.loads(ok(cli("--json", "task", "list")).stdout) == []
+    assert json.loads(ok(cli("--json", "flows")).stdout) == []
+    assert "no flows yet" in ok(cli("flows")).stdout
+    status = ok(cli("status"))
+    assert "never started with this database" in status.stdout and "not there yet" in status.stdout
+    assert json.loads(ok(cli("--json", "status")).stdout)["database_exists"] is False
+    refused(cli("routine", "show", "nope"), 2, "routine 'nope' does not exist")
+    assert not path.exists() and not (path.parent / "queue.db").exists()
+    refused(cli("task", "add", "x", "nosuch.Thing"), 2, "no file task_nosuch.py")  # a refused change leaves none
+    assert not path.exists()
+    added = ok(cli("task", "add", "echo", "example.Echo"))  # a change does, and says so
+    assert path.exists() and f"created the database {path}" in added.stderr
+    assert "created the database" not in ok(cli("task", "add", "echo2", "example.Echo")).stderr
 
 
 def test_not_a_database_exits_3(cli: Run, config_file: Callable[..., Path]) -> None:

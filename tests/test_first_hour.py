@@ -1,0 +1,112 @@
+"""A new user's first hour (SPEC 6, 8): the same database from any folder, no empty
+database made by accident, refusals instead of silent replacement, examples that are
+safe to apply, a FAILED flow in the warnings, a hint when the broker is not there."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, flowd_env, write_config
+
+from flowd.config import load_config
+
+Run = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def flowctl_in(folder: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The real flowctl, run from ``folder``."""
+    return subprocess.run([sys.executable, "-m", "flowd.cli", *args], capture_output=True, text=True,
+                          env=flowd_env(env), cwd=str(folder), timeout=60)
+
+
+def python_in(folder: Path, code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=flowd_env(env),
+                          cwd=str(folder), timeout=60)
+
+
+# ---------------------------------------------------------------------- paths
+def test_relative_paths_in_a_file_are_beside_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "secret.txt").write_text("pw\n")
+    path = write_config(site / "flowd.toml", {
+        "flowd": {"state_dir": "state", "task_paths": ["tasks", "/opt/flowd-tasks"]},
+        "mqtt": {"password_file": "secret.txt"},
+        "mqtt.tls": {"ca": "tls/ca.pem", "cert": "/etc/c.pem"},
+        "database": {"url": "sqlite:///db/flowd.db"},
+        "queue": {"path": "q/queue.db"},
+    })
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_config(path, env={})
+    assert config.flowd.state_dir == str(site / "state")
+    assert config.flowd.task_paths == (str(site / "tasks"), "/opt/flowd-tasks")
+    assert config.database.url == f"sqlite:///{site / 'db' / 'flowd.db'}"
+    assert config.queue.path == str(site / "q" / "queue.db")
+    assert config.mqtt.password == "pw" and config.mqtt.password_file == str(site / "secret.txt")
+    assert config.mqtt.tls is not None and (config.mqtt.tls.ca, config.mqtt.tls.cert) == (str(site / "tls/ca.pem"),
+                                                                                            "/etc/c.pem")
+
+
+def test_defaults_sit_beside_the_file_or_beside_its_config_folder(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b" / "config").mkdir(parents=True)
+    alone = load_config(write_config(tmp_path / "a" / "flowd.toml", {}), env={})
+    assert (alone.flowd.state_dir, alone.flowd.task_paths) == (str(tmp_path / "a" / "var"),
+                                                               (str(tmp_path / "a" / "tasks"),))
+    project = load_config(write_config(tmp_path / "b" / "config" / "flowd.toml", {}), env={})
+    assert (project.flowd.state_dir, project.flowd.task_paths) == (str(tmp_path / "b" / "var"),
+                                                                   (str(tmp_path / "b" / "tasks"),))
+    assert project.database.url == f"sqlite:///{tmp_path / 'b' / 'var' / 'flowd.db'}"
+    systemd = load_config(write_config(tmp_path / "a" / "flowd.toml", {}), env={"INVOCATION_ID": "x"})
+    assert (systemd.flowd.state_dir, systemd.flowd.task_paths) == ("/var/lib/flowd", ("/etc/flowd/tasks",))
+
+
+def test_flowctl_and_api_find_the_same_database_from_any_folder(tmp_path: Path) -> None:
+    # The config keeps its paths relative (the repository's layout: config/, tasks/,
+    # var/). flowctl adds a routine from the project folder; from two other folders,
+    # by --config and by $FLOWD_CONFIG, flowctl and the Python API see it, and no
+    # var/ appears in those folders.
+    project = tmp_path / "project"
+    (project / "config").mkdir(parents=True)
+    (project / "tasks").mkdir()
+    (project / "tasks" / "task_example.py").write_text((ROOT / "tasks" / "task_example.py").read_text())
+    config = write_config(project / "config" / "flowd.toml", {"flowd": {"node_id": "n1"}})
+    assert flowctl_in(project, "--config", "config/flowd.toml", "task", "add", "echo", "example.Echo").returncode == 0
+    assert flowctl_in(project, "--config", "config/flowd.toml", "routine", "add", "r", "echo").returncode == 0
+    assert (project / "var" / "flowd.db").exists()
+
+    other, third = tmp_path / "other", tmp_path / "third"
+    other.mkdir()
+    third.mkdir()
+    listed = flowctl_in(other, "--json", "--config", str(config), "routine", "list")
+    assert listed.returncode == 0 and [r["name"] for r in json.loads(listed.stdout)] == ["r"], listed.stderr
+    by_env = flowctl_in(other, "--json", "routine", "list", env={"FLOWD_CONFIG": str(config)})
+    assert [r["name"] for r in json.loads(by_env.stdout)] == ["r"], by_env.stderr
+    status = flowctl_in(other, "--json", "status", env={"FLOWD_CONFIG": str(config)})
+    assert json.loads(status.stdout)["database"] == f"sqlite:///{project / 'var' / 'flowd.db'}"
+    api = python_in(third, "from flowd import api; f = api.submit_flow('r', 1); print(f.id, api.get_flow(f.id).state)",
+                    {"FLOWD_CONFIG": str(config)})
+    assert api.returncode == 0 and api.stdout.split() == ["1", "INIT"], api.stderr
+    assert not (other / "var").exists() and not (third / "var").exists()
+
+
+def test_api_never_creates_an_empty_database(tmp_path: Path, config_file: Callable[..., Path]) -> None:
+    # A script using the API with a configuration flowd never ran with gets one clear
+    # error naming the database, and no empty file is left behind.
+    config = config_file()
+    db = Path(load_config(config).database.url[len("sqlite:///"):])
+    code = ("from flowd import api\nfrom flowd.errors import StoreUnavailable\n"
+            "try:\n    api.submit_flow('anything')\nexcept StoreUnavailable as exc:\n    print('refused:', exc)\n")
+    result = python_in(tmp_path, code, {"FLOWD_CONFIG": str(config)})
+    assert result.returncode == 0, result.stderr
+    assert f"refused: the database {db} does not exist yet" in result.stdout
+    assert not db.exists()
