@@ -246,7 +246,7 @@ def cmd_status(ctx: Context) -> int:
             since = local_time(parse_iso(n["started_at"]))
             lines.append(f"{label:<9} running on {n['node_id']} (pid {n['pid']}, flowd {n['version']}) "
                          f"since {since}")
-            lines.append(f"{'broker':<9} {'connected' if n['broker_connected'] else 'NOT connected'}")
+            lines.append(f"{'broker':<9} {'connected' if n['broker_connected'] else broker_hint(ctx.config)}")
         elif n["stopped_at"]:
             lines.append(f"{label:<9} stopped on {n['node_id']} at {local_time(parse_iso(n['stopped_at']))}")
         else:
@@ -260,6 +260,14 @@ def cmd_status(ctx: Context) -> int:
     lines.append(f"{'config':<9} {ctx.config.path or '(none found: defaults)'}")
     ctx.emit(data, "\n".join(lines))
     return EXIT_STORE if queue_error else EXIT_OK
+
+
+def broker_hint(config: Config) -> str:
+    """What "broker NOT connected" means, and how to check and start one."""
+    m = config.mqtt
+    return (f"NOT connected to {m.host}:{m.port} ([mqtt] host, port); check: `mosquitto_pub -h {m.host} -p {m.port} "
+            "-t test -m hi` (an error: no broker there); a local one: `sudo apt-get install mosquitto` (starts at "
+            "once) or `sudo systemctl start mosquitto`; flowd's log says why it cannot connect")
 
 
 def any_daemon_alive(local_node_id: str) -> bool:
@@ -334,7 +342,11 @@ def cmd_task_add(ctx: Context) -> int:
     a = ctx.args
     options = parse_pairs(a.option, "--option") if a.option is not None else None
     ctx.open_database(create=True)
-    existed = Task.get_or_none(Task.name == a.name) is not None
+    existing_task = Task.get_or_none(Task.name == a.name)
+    existed = existing_task is not None
+    if existing_task is not None and not a.replace:
+        raise UsageError(f"task '{a.name}' exists already ({existing_task.script}); add --replace to change it "
+                         "(options left out keep their values), or keep tasks in a file for 'flowctl apply'")
     task, changed = catalog.save_task(a.name, a.script, options=options, retries=a.retries,
                                       retry_delay=a.retry_delay, timeout=a.timeout,
                                       task_paths=ctx.config.flowd.task_paths)
@@ -393,6 +405,9 @@ def cmd_routine_add(ctx: Context) -> int:
     a = ctx.args
     ctx.open_database(create=True)
     existing = Routine.get_or_none(Routine.name == a.name)
+    if existing is not None and not a.replace:
+        raise UsageError(f"routine '{a.name}' exists already ({' -> '.join(existing.task_names())}); add --replace "
+                         "to replace its definition, or keep routines in a file for 'flowctl apply'")
     routine, changed = catalog.save_routine(
         a.name, list(a.tasks), schedule=a.schedule, timezone=a.timezone, jitter=a.jitter, mqtt=not a.no_mqtt,
         mode=a.mode, max=a.max, timeout=a.timeout, enabled=existing.enabled if existing is not None else True,
@@ -756,7 +771,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         elif name == "submit":
             p = add(commands, "submit", cmd_submit, help_text)
             p.add_argument("routine", metavar="ROUTINE")
-            p.add_argument("args", metavar="ARG", nargs="*", help="positional arguments (JSON or strings)")
+            p.add_argument("args", metavar="ARG", nargs="*", default=[], help="positional arguments (JSON or strings)")
             p.add_argument("--kw", action="append", metavar="K=V",
                            help="keyword argument (repeatable; V is JSON or a string)")
             p.add_argument("--request-id", metavar="ID", help="idempotency key: a repeat returns the existing flow")
@@ -791,8 +806,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def _add_task_parsers(task_cmds: Any, add: Any) -> None:
-    p = add(task_cmds, "add", cmd_task_add, "create a task (or update it in place)")
+    p = add(task_cmds, "add", cmd_task_add, "create a task (--replace: update an existing one in place)")
     p.add_argument("name", metavar="NAME")
+    p.add_argument("--replace", action="store_true", help="change the task if it exists (else: refused)")
     p.add_argument("script", metavar="SCRIPT", help="module.Class, e.g. example.VeryLong")
     p.add_argument("--retries", type=_count, metavar="N")
     p.add_argument("--retry-delay", type=_duration, metavar="S", help="seconds before the first retry (doubles)")
@@ -805,8 +821,9 @@ def _add_task_parsers(task_cmds: Any, add: Any) -> None:
 
 
 def _add_routine_parsers(routine_cmds: Any, add: Any) -> None:
-    p = add(routine_cmds, "add", cmd_routine_add, "create a routine (or replace its definition)")
+    p = add(routine_cmds, "add", cmd_routine_add, "create a routine (--replace: replace an existing one's definition)")
     p.add_argument("name", metavar="NAME")
+    p.add_argument("--replace", action="store_true", help="replace the routine if it exists (else: refused)")
     p.add_argument("tasks", metavar="TASK", nargs="+")
     p.add_argument("--schedule", metavar="CRON", help="'*/5 * * * *' or '@every 30s'")
     p.add_argument("--timezone", metavar="TZ", help="IANA zone of the schedule (default: the system's)")

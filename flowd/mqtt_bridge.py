@@ -51,7 +51,8 @@ def describe_connect_error(exc: BaseException, host: str, port: int) -> tuple[in
     if isinstance(exc, ssl.SSLError):
         return logging.ERROR, f"TLS handshake with the broker at {where} failed: {exc.reason or exc}"
     if isinstance(exc, ConnectionRefusedError):
-        return logging.WARNING, f"the broker at {where} refused the connection (nothing listening?)"
+        return logging.WARNING, (f"the broker at {where} refused the connection (nothing listening?): start one "
+                                 "(sudo systemctl start mosquitto) or set [mqtt] host and port")
     if isinstance(exc, socket.gaierror):
         return logging.ERROR, f"cannot resolve the broker host '{host}': {exc.strerror}"
     if isinstance(exc, (TimeoutError, socket.timeout)):

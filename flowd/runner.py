@@ -73,6 +73,9 @@ def init_worker(config: Config, stop_flag: Any = None) -> WorkerRuntime:
     _runtime = WorkerRuntime(config, Engine(config, enqueue=queue.enqueue_flow, enqueue_many=queue.enqueue_flows),
                              ScriptLoader(config.flowd.task_paths), stop_flag, take_waiting=queue.take_waiting_flows)
     signal.signal(CANCEL_SIGNAL, _on_cancel_signal)
+    # A relative path in a task's options lands in the state folder: under systemd the
+    # rest of the file system is read-only, and the daemon's own folder is anybody's guess.
+    os.chdir(config.state_dir)
     return _runtime
 
 

@@ -110,3 +110,50 @@ def test_api_never_creates_an_empty_database(tmp_path: Path, config_file: Callab
     assert result.returncode == 0, result.stderr
     assert f"refused: the database {db} does not exist yet" in result.stdout
     assert not db.exists()
+
+
+# ---------------------------------------------------------------------- setup.sh
+def _setup_sandbox(tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
+    """scripts/setup.sh in a copy of the project whose apt-get, sudo and .venv/bin/python
+    only write down how they were called; PATH holds no other tool, so every system
+    package counts as missing."""
+    project = tmp_path / "project"
+    (project / "scripts").mkdir(parents=True)
+    (project / "scripts" / "setup.sh").write_text((ROOT / "scripts" / "setup.sh").read_text())
+    calls = tmp_path / "calls.txt"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    recorder = f'#!/bin/sh\necho "$(basename "$0") $*" >> {calls}\n'
+    for name in ("apt-get", "sudo"):
+        (bin_dir / name).write_text(recorder if name == "apt-get" else '#!/bin/sh\nexec "$@"\n')
+        (bin_dir / name).chmod(0o755)
+    for tool in ("bash", "sh", "id", "dirname", "basename", "python3", "cat"):
+        (bin_dir / tool).symlink_to(subprocess.run(["/bin/sh", "-c", f"command -v {tool}"], capture_output=True,
+                                                   text=True, check=True).stdout.strip())
+    venv_python = project / ".venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.write_text(f'#!/bin/sh\necho "venv-python $*" >> {calls}\n')
+    venv_python.chmod(0o755)
+    return project, calls, {"PATH": str(bin_dir)}
+
+
+@pytest.mark.parametrize(("args", "extras", "absent"), [
+    ([], "-e .[test,systemd]", []),
+    (["--run"], "-e .", ["gcc", "fuse3", "libsystemd-dev", "python3-dev", "sqlite3", "openssl"]),
+])
+def test_setup_installs_for_running_or_for_testing(tmp_path: Path, args: list[str], extras: str,
+                                                   absent: list[str]) -> None:
+    project, calls, env = _setup_sandbox(tmp_path)
+    result = subprocess.run(["/bin/bash", str(project / "scripts" / "setup.sh"), *args], capture_output=True,
+                            text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    recorded = calls.read_text().splitlines()
+    [install] = [line for line in recorded if line.startswith("apt-get install")]
+    packages = set(install.split()[5:])
+    assert "mosquitto-clients" in packages  # both paths: a broker's tools (and the broker, unless /usr/sbin has it)
+    assert not packages & set(absent), packages
+    if not absent:
+        assert {"gcc", "fuse3", "libsystemd-dev"} <= packages
+    assert recorded[-1].endswith(extras) and recorded[-1].startswith("venv-python -m pip install")
+    assert subprocess.run(["/bin/bash", str(project / "scripts" / "setup.sh"), "--bogus"], capture_output=True,
+                          text=True, env=env, timeout=60).returncode == 2
