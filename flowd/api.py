@@ -135,11 +135,14 @@ def counts_by_state() -> dict[str, int]:
     return counts
 
 
-def prune(older_than: float, now: dt.datetime | None = None) -> int:
+def prune(older_than: float, now: dt.datetime | None = None, *, dry_run: bool = False) -> int:
     """Delete flows that ended more than ``older_than`` seconds ago, with their results,
-    and give the freed pages back to the file system (SPEC 9)."""
+    and give the freed pages back to the file system (SPEC 9); how many. ``dry_run``
+    only counts them."""
     engine()
     cutoff = (now or utcnow()) - dt.timedelta(seconds=older_than)
+    if dry_run:
+        return int(Flow.select().where(Flow.state.in_(ENDED_STATES) & (Flow.finished_at < cutoff)).count())
     with write_transaction():
         ended = Flow.select(Flow.id).where(Flow.state.in_(ENDED_STATES) & (Flow.finished_at < cutoff))
         # Children keep their own rows; unlink them so the parent can go.

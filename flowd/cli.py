@@ -655,13 +655,16 @@ def cmd_flow_retry(ctx: Context) -> int:
 
 def cmd_prune(ctx: Context) -> int:
     from flowd import api
-    from flowd.display import human_duration
+    from flowd.display import human_age
 
     older_than = ctx.args.older_than if ctx.args.older_than is not None else ctx.config.flowd.retention
     ctx.engine()
-    removed = api.prune(older_than)
-    ctx.emit({"removed": removed, "older_than": older_than},
-             f"pruned {removed} flow{'s' if removed != 1 else ''} ended more than {human_duration(older_than)} ago")
+    dry_run = ctx.args.dry_run
+    removed = api.prune(older_than, dry_run=dry_run)
+    flows = f"{removed} flow{'s' if removed != 1 else ''} ended more than {human_age(older_than)} ago"
+    ctx.emit({"removed": 0 if dry_run else removed, "would_remove": removed if dry_run else None,
+              "older_than": older_than, "dry_run": dry_run},
+             f"would prune {flows} (--dry-run: nothing deleted)" if dry_run else f"pruned {flows}")
     return EXIT_OK
 
 
@@ -691,7 +694,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises instead of printing usage and exiting, so flowctl owns the output."""
 
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see '{self.prog} --help')")
+        from flowd.suggest import explain_invalid_choice
+
+        raise UsageError(f"{explain_invalid_choice(message)} (see '{self.prog} --help')")
 
 
 COMMANDS = {
@@ -793,6 +798,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             p = add(commands, "prune", cmd_prune, help_text)
             p.add_argument("--older-than", type=_duration, metavar="AGE",
                            help="e.g. 30d, 12h (default: the retention)")
+            p.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
         elif name == "db":
             db_cmds = group("db", "db_command")
             p = add(db_cmds, "check", cmd_db_check, "check the database and the queue file (exit 3: damaged); "
@@ -921,7 +927,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, InputError, TaskScriptError) as exc:
         if ctx is not None:
             ctx.finish(succeeded=False)
-        return _fail(str(exc), EXIT_USAGE, want_json)
+        return _fail(with_suggestion(exc), EXIT_USAGE, want_json)
     except StoreUnavailable as exc:
         return _fail(damage_hint(exc, str(exc)), EXIT_STORE, want_json)
     except KeyboardInterrupt:
@@ -937,6 +943,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if reason is None:
             raise
         return _fail(reason, EXIT_STORE, want_json)
+
+
+def with_suggestion(exc: Exception) -> str:
+    """The error's sentence; for a routine or task that does not exist, with the closest stored name."""
+    from flowd.errors import NotFoundError
+
+    message = str(exc)
+    if isinstance(exc, NotFoundError) and isinstance(exc.name, str):
+        from flowd.suggest import did_you_mean, known_names
+
+        hint = did_you_mean(exc.name, known_names(exc.kind))
+        message = f"{message}; {hint}" if hint else message
+    return message
 
 
 def _fail(message: str, code: int, want_json: bool) -> int:

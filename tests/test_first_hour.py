@@ -9,9 +9,10 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import ROOT, flowd_env, write_config
+from conftest import ROOT, flowd_env, wait_for, write_config
 
 from flowd.config import load_config
 
@@ -157,3 +158,90 @@ def test_setup_installs_for_running_or_for_testing(tmp_path: Path, args: list[st
     assert recorded[-1].endswith(extras) and recorded[-1].startswith("venv-python -m pip install")
     assert subprocess.run(["/bin/bash", str(project / "scripts" / "setup.sh"), "--bogus"], capture_output=True,
                           text=True, env=env, timeout=60).returncode == 2
+
+
+# ---------------------------------------------------------------------- flowctl small things
+@pytest.fixture
+def cli(flowctl: Run, db: Any, task_dir: Path) -> Run:
+    """flowctl on a database with one task and one routine."""
+    from flowd import catalog
+
+    catalog.save_task("echo", "example.Echo", task_paths=[str(task_dir)])
+    catalog.save_routine("greenhouse", ["echo"])
+    return flowctl
+
+
+def test_a_mistyped_command_action_or_routine_gets_a_suggestion(cli: Run) -> None:
+    for args, hint in ((["stauts"], "did you mean 'status'?"), (["routine", "lsit"], "did you mean 'list'?"),
+                       (["submit", "greenhose"], "did you mean 'greenhouse'?"),
+                       (["routine", "show", "grenhouse"], "did you mean 'greenhouse'?"),
+                       (["task", "show", "ecko"], "did you mean 'echo'?")):
+        result = cli(*args)
+        assert result.returncode == 2 and hint in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    far = cli("routine", "show", "zzzzzz")
+    assert far.returncode == 2 and "did you mean" not in far.stderr
+
+
+def test_submit_usage_shows_arg_as_optional(cli: Run) -> None:
+    result = cli("submit")
+    assert result.returncode == 2
+    assert "required: ROUTINE (" in result.stderr and "ARG" not in result.stderr.split("(")[0]
+
+
+def test_prune_dry_run_counts_and_deletes_nothing(cli: Run, db: Any) -> None:
+    from flowd import api
+
+    flow = api.submit_flow("greenhouse")
+    api.cancel_flow(flow.id)
+    dry = json.loads(cli("--json", "prune", "--older-than", "0", "--dry-run").stdout)
+    assert (dry["would_remove"], dry["removed"], dry["dry_run"]) == (1, 0, True)
+    text = cli("prune", "--older-than", "7d", "--dry-run").stdout
+    assert "would prune 0 flows ended more than 7 days ago (--dry-run: nothing deleted)" in text
+    assert api.get_flow(flow.id).state == "CANCELLED"
+    assert "pruned 1 flow ended more than" in cli("prune", "--older-than", "0").stdout
+    assert "ended more than 12 hours ago" in cli("prune", "--older-than", "12h").stdout
+
+
+# ---------------------------------------------------------------------- examples and the journal
+def test_the_shipped_examples_are_safe_and_a_failed_flow_is_a_warning(
+        broker: Any, config_file: Callable[..., Path], flowd_proc: Any, flowctl: Run, state_dir: Path,
+        tmp_path: Path) -> None:
+    # A new user applies config/routines.toml as the README says, with flowd running:
+    # no schedule starts, no path points outside the state folder, and the reading a
+    # flow stores lands there. A flow that ends FAILED is logged at WARNING, where
+    # `journalctl -p warning` sees it.
+    import shutil
+
+    from flowd import api, catalog
+
+    path = config_file(broker=broker)
+    proc = flowd_proc(path)
+    wait_for(lambda: "ready" in proc.log_text(), timeout=30, message="flowd ready")
+    example = tmp_path / "routines.toml"
+    shutil.copy(ROOT / "config" / "routines.toml", example)
+    applied = flowctl("--json", "apply", str(example), config=path)
+    assert applied.returncode == 0, applied.stderr
+    routines = json.loads(flowctl("--json", "routine", "list", config=path).stdout)
+    assert routines and all(not r["enabled"] for r in routines if r["schedule"]), routines
+    tasks = json.loads(flowctl("--json", "task", "list", config=path).stdout)
+    for task in tasks:
+        shown = json.loads(flowctl("--json", "task", "show", task["name"], config=path).stdout)
+        assert not Path(str(shown["options"].get("path", "x"))).is_absolute(), shown
+
+    api.configure(load_config(path))
+    catalog.save_routine("store", ["store-reading"])
+    catalog.save_task("boom", "t.Fail", task_paths=list(load_config(path).flowd.task_paths))
+    catalog.save_routine("boom", ["boom"])
+    stored = api.submit_flow("store", status=200, sha256="ab", data={"t": 21})
+    failed = api.submit_flow("boom")
+    for flow_id in (stored.id, failed.id):
+        wait_for(lambda i=flow_id: api.get_flow(i).is_ended, timeout=30, message=f"flow {flow_id} to end")
+    assert api.get_flow(stored.id).state == "DONE", api.get_flow(stored.id).error
+    [line] = (state_dir / "readings.jsonl").read_text().splitlines()
+    assert json.loads(line)["data"] == {"t": 21}
+    assert api.get_flow(failed.id).state == "FAILED"
+    wait_for(lambda: f"WARNING flowd.engine: flow {failed.id} (boom) ended FAILED" in proc.log_text(), timeout=10,
+             message=f"the FAILED flow in the log at WARNING:\n{proc.log_text()[-2000:]}")
+    assert api.list_flows(routine="read-sensor") == [] and api.list_flows(routine="heartbeat") == []
+    api.reset()
