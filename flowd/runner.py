@@ -138,14 +138,19 @@ def run_step(rt: WorkerRuntime, step: ClaimedStep, pid: int) -> dict[str, Any] |
         raise
     except FlowdError as exc:
         log.warning("flow %d %s failed: %s", step.flow_id, where, exc, extra=extra)
-        rt.engine.fail_step(step, str(exc), pid)
+        rt.engine.fail_step(step, storable(str(exc)), pid)
         return None
     except Exception as exc:
         log.info("flow %d %s raised %s: %s", step.flow_id, where, type(exc).__name__, exc, extra=extra)
-        rt.engine.fail_step(step, "".join(traceback.format_exception(exc)).rstrip() + "\n"
-                            f"{type(exc).__name__}: {exc}", pid)
+        rt.engine.fail_step(step, storable("".join(traceback.format_exception(exc)).rstrip() + "\n"
+                                           f"{type(exc).__name__}: {exc}"), pid)
         return None
     return output
+
+
+def storable(text: str) -> str:
+    """``text`` as UTF-8 can carry it: an exception message may hold a lone surrogate."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8") if has_surrogate(text) else text
 
 
 def _effective_timeout(step: ClaimedStep, now: dt.datetime | None = None) -> float | None:

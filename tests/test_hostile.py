@@ -84,6 +84,11 @@ class PublishText(Task):
 class PublishTopic(Task):
     def perform(self, *args, **kwargs):
         self.publish("app/\\ud800", "fine")
+
+
+class Raise(Task):
+    def perform(self, *args, **kwargs):
+        raise ValueError("bad\\udc80 value")
 '''
 
 
@@ -95,7 +100,8 @@ def test_a_step_cannot_store_or_publish_a_lone_surrogate(db: Any, worker_pool: A
     expected = {"Output": "step 1/1 (output) failed: perform() returned a string with a lone surrogate",
                 "PublishPayload": "payload published to 'app/out' returned a string with a lone surrogate",
                 "PublishText": "payload published to 'app/out' returned a string with a lone surrogate",
-                "PublishTopic": "cannot publish to 'app/\\ud800'"}
+                "PublishTopic": "cannot publish to 'app/\\ud800'",
+                "Raise": "ValueError: bad\\udc80 value"}
     flows = {}
     for name in expected:
         catalog.save_task(name.lower(), f"hostile.{name}", task_paths=[str(task_dir)])
