@@ -203,6 +203,7 @@ def cmd_status(ctx: Context) -> int:
     """Daemon, broker, queue depth, flows by state, outbox size."""
     from peewee import fn
 
+    from flowd import hints
     from flowd.display import human_duration, iso, local_time, parse_iso, span
     from flowd.models import Flow, NodeStatus, Outbox, utcnow
 
@@ -246,7 +247,7 @@ def cmd_status(ctx: Context) -> int:
             since = local_time(parse_iso(n["started_at"]))
             lines.append(f"{label:<9} running on {n['node_id']} (pid {n['pid']}, flowd {n['version']}) "
                          f"since {since}")
-            lines.append(f"{'broker':<9} {'connected' if n['broker_connected'] else broker_hint(ctx.config)}")
+            lines.append(f"{'broker':<9} {'connected' if n['broker_connected'] else hints.broker_hint(ctx.config)}")
         elif n["stopped_at"]:
             lines.append(f"{label:<9} stopped on {n['node_id']} at {local_time(parse_iso(n['stopped_at']))}")
         else:
@@ -260,14 +261,6 @@ def cmd_status(ctx: Context) -> int:
     lines.append(f"{'config':<9} {ctx.config.path or '(none found: defaults)'}")
     ctx.emit(data, "\n".join(lines))
     return EXIT_STORE if queue_error else EXIT_OK
-
-
-def broker_hint(config: Config) -> str:
-    """What "broker NOT connected" means, and how to check and start one."""
-    m = config.mqtt
-    return (f"NOT connected to {m.host}:{m.port} ([mqtt] host, port); check: `mosquitto_pub -h {m.host} -p {m.port} "
-            "-t test -m hi` (an error: no broker there); a local one: `sudo apt-get install mosquitto` (starts at "
-            "once) or `sudo systemctl start mosquitto`; flowd's log says why it cannot connect")
 
 
 def any_daemon_alive(local_node_id: str) -> bool:
@@ -694,7 +687,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises instead of printing usage and exiting, so flowctl owns the output."""
 
     def error(self, message: str) -> NoReturn:
-        from flowd.suggest import explain_invalid_choice
+        from flowd.hints import explain_invalid_choice
 
         raise UsageError(f"{explain_invalid_choice(message)} (see '{self.prog} --help')")
 
@@ -925,10 +918,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         ctx.finish(succeeded=True)
         return code
     except (ConfigError, InputError, TaskScriptError) as exc:
+        from flowd.hints import with_suggestion
+
         if ctx is not None:
             ctx.finish(succeeded=False)
         return _fail(with_suggestion(exc), EXIT_USAGE, want_json)
     except StoreUnavailable as exc:
+        if ctx is not None:
+            ctx.finish(succeeded=False)
         return _fail(damage_hint(exc, str(exc)), EXIT_STORE, want_json)
     except KeyboardInterrupt:
         print("flowctl: interrupted", file=sys.stderr)
@@ -943,19 +940,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if reason is None:
             raise
         return _fail(reason, EXIT_STORE, want_json)
-
-
-def with_suggestion(exc: Exception) -> str:
-    """The error's sentence; for a routine or task that does not exist, with the closest stored name."""
-    from flowd.errors import NotFoundError
-
-    message = str(exc)
-    if isinstance(exc, NotFoundError) and isinstance(exc.name, str):
-        from flowd.suggest import did_you_mean, known_names
-
-        hint = did_you_mean(exc.name, known_names(exc.kind))
-        message = f"{message}; {hint}" if hint else message
-    return message
 
 
 def _fail(message: str, code: int, want_json: bool) -> int:

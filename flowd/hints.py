@@ -1,11 +1,15 @@
-"""'Did you mean ...?' for a mistyped name: the closest known names (difflib)."""
+"""Sentences that help a person past a mistake: "did you mean ...?" for a mistyped
+name (difflib), and what to do when the broker cannot be reached."""
 
 from __future__ import annotations
 
 import difflib
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flowd.config import Config
 
 _INVALID_CHOICE = re.compile(r"invalid choice: '([^']*)' \(choose from (.*)\)")
 
@@ -37,3 +41,22 @@ def known_names(kind: str) -> list[str]:
     if model is None:
         return []
     return [str(row.name) for row in model.select(model.name)]
+
+
+def with_suggestion(exc: Exception) -> str:
+    """The error's sentence; for a routine or task that does not exist, with the closest stored name."""
+    from flowd.errors import NotFoundError
+
+    message = str(exc)
+    if isinstance(exc, NotFoundError) and isinstance(exc.name, str):
+        hint = did_you_mean(exc.name, known_names(exc.kind))
+        message = f"{message}; {hint}" if hint else message
+    return message
+
+
+def broker_hint(config: Config) -> str:
+    """What "broker NOT connected" means, and how to check and start one."""
+    m = config.mqtt
+    return (f"NOT connected to {m.host}:{m.port} ([mqtt] host, port); check: `mosquitto_pub -h {m.host} -p {m.port} "
+            "-t test -m hi` (an error: no broker there); a local one: `sudo apt-get install mosquitto` (starts at "
+            "once) or `sudo systemctl start mosquitto`; flowd's log says why it cannot connect")
