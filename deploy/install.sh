@@ -183,6 +183,7 @@ fi
 if ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then
     [ -z "$P" ] || die "$PYTHON cannot create virtualenvs; install python3-venv"
     say "installing python3-venv (needed for the virtualenv)"
+    apt-get update
     apt-get install -y python3-venv
 fi
 
@@ -277,7 +278,15 @@ else
     say "wrote   $CONF_DIR/flowd.toml (example with every default)"
 fi
 found_task=0
-for script in "$SRC"/tasks/task_*.py; do
+# The project's example scripts only: in a git checkout, the tracked ones (a script
+# written there while trying flowd out is not an example to install).
+if git -c safe.directory="$SRC" -C "$SRC" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    mapfile -t examples < <(git -c safe.directory="$SRC" -C "$SRC" ls-files -- 'tasks/task_*.py')
+    examples=("${examples[@]/#/$SRC/}")
+else
+    examples=("$SRC"/tasks/task_*.py)
+fi
+for script in "${examples[@]}"; do
     [ -f "$script" ] || continue
     found_task=1
     dest=$CONF_DIR/tasks/$(basename "$script")

@@ -33,13 +33,18 @@ from flowd.models import (
 _engine: Engine | None = None
 
 
-def configure(config: Config | str | None = None) -> Engine:
-    """Open the database and queue of ``config`` (a Config, a file path, or the default lookup)."""
+def configure(config: Config | str | None = None, *, create: bool = False) -> Engine:
+    """Open the database and queue of ``config`` (a Config, a file path, or the default lookup).
+
+    A SQLite database that does not exist yet is created only with ``create=True`` (the
+    daemon does it at its first start); otherwise StoreUnavailable says where it was
+    looked for, so a script run with the wrong configuration never makes an empty one.
+    """
     global _engine
     from flowd import queue
 
     cfg = config if isinstance(config, Config) else load_config(config)
-    init_database(cfg.database)
+    init_database(cfg.database, create=create)
     queue.configure_queue(cfg)
     _engine = Engine(cfg, enqueue=queue.enqueue_flow, enqueue_many=queue.enqueue_flows)
     return _engine
@@ -58,16 +63,21 @@ def reset() -> None:
         database.obj.close()
 
 
-def submit_flow(routine: str | Routine, *args: Any, request_id: str | None = None, reply_to: str | None = None,
-                trigger: str = "api", **kwargs: Any) -> Flow:
-    """Store and queue a flow of ``routine``; returns at once. A repeated ``request_id``
-    returns the flow already started with it."""
+def check_flow_input(args: Any, kwargs: dict[str, Any]) -> None:
+    """Raise InputError when a flow's input cannot be stored as JSON (a set, NaN, a lone surrogate)."""
     from flowd.runner import check_json
 
     try:
         check_json({"args": list(args), "kwargs": kwargs}, "the flow's input")
     except Exception as exc:
         raise InputError(str(exc).replace(" returned", " contains")) from None
+
+
+def submit_flow(routine: str | Routine, *args: Any, request_id: str | None = None, reply_to: str | None = None,
+                trigger: str = "api", **kwargs: Any) -> Flow:
+    """Store and queue a flow of ``routine``; returns at once. A repeated ``request_id``
+    returns the flow already started with it."""
+    check_flow_input(args, kwargs)
     if request_id is not None and (not isinstance(request_id, str) or not request_id):
         raise InputError(f"request_id must be a non-empty string, not {request_id!r}")
     row, _ = engine().submit(routine, args, kwargs, request_id=request_id, reply_to=reply_to, trigger=trigger)
@@ -125,11 +135,14 @@ def counts_by_state() -> dict[str, int]:
     return counts
 
 
-def prune(older_than: float, now: dt.datetime | None = None) -> int:
+def prune(older_than: float, now: dt.datetime | None = None, *, dry_run: bool = False) -> int:
     """Delete flows that ended more than ``older_than`` seconds ago, with their results,
-    and give the freed pages back to the file system (SPEC 9)."""
+    and give the freed pages back to the file system (SPEC 9); how many. ``dry_run``
+    only counts them."""
     engine()
     cutoff = (now or utcnow()) - dt.timedelta(seconds=older_than)
+    if dry_run:
+        return int(Flow.select().where(Flow.state.in_(ENDED_STATES) & (Flow.finished_at < cutoff)).count())
     with write_transaction():
         ended = Flow.select(Flow.id).where(Flow.state.in_(ENDED_STATES) & (Flow.finished_at < cutoff))
         # Children keep their own rows; unlink them so the parent can go.

@@ -24,12 +24,12 @@ from flowd.models import (
     write_transaction,
 )
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # whole string: fullmatch
 
 
 def check_name(kind: str, name: object) -> str:
     """Names are 1-128 letters, digits, '_', '-', '.' (they appear in topics and commands)."""
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise InputError(f"{kind} name {name!r} is not valid; use letters, digits, '_', '-' or '.', "
                          "starting with a letter or digit (at most 128)")
     return name

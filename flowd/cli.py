@@ -133,6 +133,8 @@ class Context:
         self.args = args
         self.json: bool = bool(args.json)
         self._config: Config | None = None
+        self.fresh = False  # no database yet: reads show an empty one
+        self.created: Any = None  # the database this command made (a Path)
 
     @property
     def config(self) -> Config:
@@ -143,10 +145,43 @@ class Context:
         return self._config
 
     def open_database(self, *, create: bool = False) -> None:
-        """Open the database without the queue (reads; catalog changes)."""
-        from flowd.models import init_database
+        """Open the database without the queue (reads; catalog changes).
 
+        A SQLite file that is not there yet (flowd never ran with this configuration) is
+        never made silently: ``create`` (a command that stores a task or routine) makes it
+        and says so on stderr; a read answers from an empty database in memory, so there
+        is simply nothing to list (``self.fresh``).
+        """
+        from flowd.models import init_database, sqlite_path
+
+        path = sqlite_path(self.config.database.url)
+        if path is not None and not path.exists():
+            if not create:
+                from flowd.config import DatabaseSection
+
+                self.fresh = True
+                init_database(DatabaseSection(url="sqlite:///:memory:"))
+                return
+            self.created = path
         init_database(self.config.database, create=create)
+
+    def finish(self, succeeded: bool) -> None:
+        """Say that the command made the database, or take back the one it made for nothing."""
+        if self.created is None:
+            return
+        if succeeded:
+            print(f"flowctl: note: created the database {self.created} (flowd has not run with this "
+                  "configuration yet)", file=sys.stderr)
+            return
+        from flowd.models import database
+
+        if database.obj is not None:
+            database.obj.close()
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.unlink(f"{self.created}{suffix}")
+            except FileNotFoundError:
+                pass
 
     def engine(self) -> Engine:
         """Open the database and the queue (submitting, cancelling, retrying)."""
@@ -168,6 +203,7 @@ def cmd_status(ctx: Context) -> int:
     """Daemon, broker, queue depth, flows by state, outbox size."""
     from peewee import fn
 
+    from flowd import hints
     from flowd.display import human_duration, iso, local_time, parse_iso, span
     from flowd.models import Flow, NodeStatus, Outbox, utcnow
 
@@ -190,8 +226,9 @@ def cmd_status(ctx: Context) -> int:
     try:
         from flowd import queue
 
-        queue.configure_queue(ctx.config)
-        depth = queue.queue_depth()
+        if not ctx.fresh:  # no database: no queue either, and none is made here
+            queue.configure_queue(ctx.config)
+        depth = queue.queue_depth() if not ctx.fresh else 0
     except Exception as exc:
         # status is how people diagnose: report the queue's trouble and show the rest.
         queue_error = str(exc) if isinstance(exc, (StoreUnavailable, OSError)) else store_failure(exc, "the queue")
@@ -200,7 +237,7 @@ def cmd_status(ctx: Context) -> int:
     data = {"node_id": ctx.config.flowd.node_id, "nodes": nodes,
             "daemon_running": any(n["running"] for n in nodes if n["node_id"] == ctx.config.flowd.node_id),
             "queue_depth": depth, "queue_error": queue_error, "flows": counts, "outbox": outbox,
-            "database": redact(ctx.config.database.url), "config": ctx.config.path}
+            "database": redact(ctx.config.database.url), "database_exists": not ctx.fresh, "config": ctx.config.path}
     lines = []
     if not nodes:
         lines.append(f"{'daemon':<9} not running (never started with this database)")
@@ -210,7 +247,7 @@ def cmd_status(ctx: Context) -> int:
             since = local_time(parse_iso(n["started_at"]))
             lines.append(f"{label:<9} running on {n['node_id']} (pid {n['pid']}, flowd {n['version']}) "
                          f"since {since}")
-            lines.append(f"{'broker':<9} {'connected' if n['broker_connected'] else 'NOT connected'}")
+            lines.append(f"{'broker':<9} {'connected' if n['broker_connected'] else hints.broker_hint(ctx.config)}")
         elif n["stopped_at"]:
             lines.append(f"{label:<9} stopped on {n['node_id']} at {local_time(parse_iso(n['stopped_at']))}")
         else:
@@ -219,7 +256,9 @@ def cmd_status(ctx: Context) -> int:
     lines.append(f"{'queue':<9} " + (f"{depth} waiting" if queue_error is None else f"unreachable: {queue_error}"))
     lines.append(f"{'flows':<9} " + "  ".join(f"{state} {counts[state]}" for state in STATES))
     lines.append(f"{'outbox':<9} {outbox} message{'s' if outbox != 1 else ''} to publish")
-    lines.append(f"{'database':<9} {redact(ctx.config.database.url)}")
+    lines.append(f"{'database':<9} {redact(ctx.config.database.url)}"
+                 + (" (not there yet: flowd has not run with this configuration)" if ctx.fresh else ""))
+    lines.append(f"{'config':<9} {ctx.config.path or '(none found: defaults)'}")
     ctx.emit(data, "\n".join(lines))
     return EXIT_STORE if queue_error else EXIT_OK
 
@@ -267,6 +306,7 @@ def cmd_scripts(ctx: Context) -> int:
             path = os.path.join(folder, name)
             try:
                 # list_scripts stops at the first broken file; one file at a time keeps the others listed.
+                loader.check_inside(Path(path), ctx.config.flowd.task_paths)
                 classes = loader._task_classes(Path(path))
             except TaskScriptError as exc:
                 data.append({"script": None, "path": path, "doc": "", "error": str(exc)})
@@ -295,7 +335,11 @@ def cmd_task_add(ctx: Context) -> int:
     a = ctx.args
     options = parse_pairs(a.option, "--option") if a.option is not None else None
     ctx.open_database(create=True)
-    existed = Task.get_or_none(Task.name == a.name) is not None
+    existing_task = Task.get_or_none(Task.name == a.name)
+    existed = existing_task is not None
+    if existing_task is not None and not a.replace:
+        raise UsageError(f"task '{a.name}' exists already ({existing_task.script}); add --replace to change it "
+                         "(options left out keep their values), or keep tasks in a file for 'flowctl apply'")
     task, changed = catalog.save_task(a.name, a.script, options=options, retries=a.retries,
                                       retry_delay=a.retry_delay, timeout=a.timeout,
                                       task_paths=ctx.config.flowd.task_paths)
@@ -354,6 +398,9 @@ def cmd_routine_add(ctx: Context) -> int:
     a = ctx.args
     ctx.open_database(create=True)
     existing = Routine.get_or_none(Routine.name == a.name)
+    if existing is not None and not a.replace:
+        raise UsageError(f"routine '{a.name}' exists already ({' -> '.join(existing.task_names())}); add --replace "
+                         "to replace its definition, or keep routines in a file for 'flowctl apply'")
     routine, changed = catalog.save_routine(
         a.name, list(a.tasks), schedule=a.schedule, timezone=a.timezone, jitter=a.jitter, mqtt=not a.no_mqtt,
         mode=a.mode, max=a.max, timeout=a.timeout, enabled=existing.enabled if existing is not None else True,
@@ -445,6 +492,9 @@ def cmd_submit(ctx: Context) -> int:
     kwargs = parse_pairs(a.kw, "--kw")
     if a.request_id is not None and not a.request_id:
         raise UsageError("--request-id must not be empty")
+    from flowd.api import check_flow_input
+
+    check_flow_input(args, kwargs)  # e.g. bytes of another encoding in an argument: not UTF-8
     engine = ctx.engine()
     submitted, created = engine.submit(a.routine, args, kwargs, request_id=a.request_id, trigger="cli")
     flow = reload_flow(submitted.id)
@@ -474,6 +524,11 @@ def wait_for_flow(ctx: Context, flow_id: int, timeout: float | None) -> int:
     started = time.monotonic()
     last_line = None
     flow = Flow.get_by_id(flow_id)
+    import signal
+
+    # Python leaves SIGINT ignored when it starts that way (nohup, `&` in a script, CI
+    # runners); stopping to wait harms no flow, so Ctrl-C and `kill -INT` always work here.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if not flow.is_ended and not any_daemon_alive(ctx.config.flowd.node_id):
         print("flowctl: note: flowd is not running; the flow waits in the queue until it starts", file=sys.stderr)
     try:
@@ -593,13 +648,16 @@ def cmd_flow_retry(ctx: Context) -> int:
 
 def cmd_prune(ctx: Context) -> int:
     from flowd import api
-    from flowd.display import human_duration
+    from flowd.display import human_age
 
     older_than = ctx.args.older_than if ctx.args.older_than is not None else ctx.config.flowd.retention
     ctx.engine()
-    removed = api.prune(older_than)
-    ctx.emit({"removed": removed, "older_than": older_than},
-             f"pruned {removed} flow{'s' if removed != 1 else ''} ended more than {human_duration(older_than)} ago")
+    dry_run = ctx.args.dry_run
+    removed = api.prune(older_than, dry_run=dry_run)
+    flows = f"{removed} flow{'s' if removed != 1 else ''} ended more than {human_age(older_than)} ago"
+    ctx.emit({"removed": 0 if dry_run else removed, "would_remove": removed if dry_run else None,
+              "older_than": older_than, "dry_run": dry_run},
+             f"would prune {flows} (--dry-run: nothing deleted)" if dry_run else f"pruned {flows}")
     return EXIT_OK
 
 
@@ -629,7 +687,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises instead of printing usage and exiting, so flowctl owns the output."""
 
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see '{self.prog} --help')")
+        from flowd.hints import explain_invalid_choice
+
+        raise UsageError(f"{explain_invalid_choice(message)} (see '{self.prog} --help')")
 
 
 COMMANDS = {
@@ -709,7 +769,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         elif name == "submit":
             p = add(commands, "submit", cmd_submit, help_text)
             p.add_argument("routine", metavar="ROUTINE")
-            p.add_argument("args", metavar="ARG", nargs="*", help="positional arguments (JSON or strings)")
+            p.add_argument("args", metavar="ARG", nargs="*", default=[], help="positional arguments (JSON or strings)")
             p.add_argument("--kw", action="append", metavar="K=V",
                            help="keyword argument (repeatable; V is JSON or a string)")
             p.add_argument("--request-id", metavar="ID", help="idempotency key: a repeat returns the existing flow")
@@ -731,6 +791,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             p = add(commands, "prune", cmd_prune, help_text)
             p.add_argument("--older-than", type=_duration, metavar="AGE",
                            help="e.g. 30d, 12h (default: the retention)")
+            p.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
         elif name == "db":
             db_cmds = group("db", "db_command")
             p = add(db_cmds, "check", cmd_db_check, "check the database and the queue file (exit 3: damaged); "
@@ -744,8 +805,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def _add_task_parsers(task_cmds: Any, add: Any) -> None:
-    p = add(task_cmds, "add", cmd_task_add, "create a task (or update it in place)")
+    p = add(task_cmds, "add", cmd_task_add, "create a task (--replace: update an existing one in place)")
     p.add_argument("name", metavar="NAME")
+    p.add_argument("--replace", action="store_true", help="change the task if it exists (else: refused)")
     p.add_argument("script", metavar="SCRIPT", help="module.Class, e.g. example.VeryLong")
     p.add_argument("--retries", type=_count, metavar="N")
     p.add_argument("--retry-delay", type=_duration, metavar="S", help="seconds before the first retry (doubles)")
@@ -758,8 +820,9 @@ def _add_task_parsers(task_cmds: Any, add: Any) -> None:
 
 
 def _add_routine_parsers(routine_cmds: Any, add: Any) -> None:
-    p = add(routine_cmds, "add", cmd_routine_add, "create a routine (or replace its definition)")
+    p = add(routine_cmds, "add", cmd_routine_add, "create a routine (--replace: replace an existing one's definition)")
     p.add_argument("name", metavar="NAME")
+    p.add_argument("--replace", action="store_true", help="replace the routine if it exists (else: refused)")
     p.add_argument("tasks", metavar="TASK", nargs="+")
     p.add_argument("--schedule", metavar="CRON", help="'*/5 * * * *' or '@every 30s'")
     p.add_argument("--timezone", metavar="TZ", help="IANA zone of the schedule (default: the system's)")
@@ -788,7 +851,7 @@ def _version() -> str:
 # --------------------------------------------------------------------------- main
 def redact(url: str) -> str:
     """A database URL without its password (``postgresql://u:***@host/db``)."""
-    from flowd.models import redact_url
+    from flowd.config import redact_url
 
     return redact_url(url)
 
@@ -851,10 +914,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse_arguments(argv)
         ctx = Context(args)
         want_json = ctx.json
-        return int(args.func(ctx))
+        code = int(args.func(ctx))
+        ctx.finish(succeeded=True)
+        return code
     except (ConfigError, InputError, TaskScriptError) as exc:
-        return _fail(str(exc), EXIT_USAGE, want_json)
+        from flowd.hints import with_suggestion
+
+        if ctx is not None:
+            ctx.finish(succeeded=False)
+        return _fail(with_suggestion(exc), EXIT_USAGE, want_json)
     except StoreUnavailable as exc:
+        if ctx is not None:
+            ctx.finish(succeeded=False)
         return _fail(damage_hint(exc, str(exc)), EXIT_STORE, want_json)
     except KeyboardInterrupt:
         print("flowctl: interrupted", file=sys.stderr)

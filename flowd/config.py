@@ -44,6 +44,28 @@ def parse_duration(value: object, *, what: str = "duration") -> float:
     raise ValueError(f"{what} must be a number of seconds or a string like '30s', '5m', '30d'; got {value!r}")
 
 
+_SECRET_PARAMETER = re.compile(r"pass|secret|token|key", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """A database or queue URL fit to log or show: the password (``postgresql://u:***@host/db``)
+    and any secret-looking query parameter (``?password=``, ``?sslkey=``) masked."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    location, query_sep, query = rest.partition("?")
+    credentials, at, host = location.rpartition("@")
+    if at and ":" in credentials:
+        location = f"{credentials.split(':', 1)[0]}:***@{host}"
+    if query_sep:
+        masked = []
+        for pair in query.split("&"):
+            name, eq, value = pair.partition("=")
+            masked.append(f"{name}=***" if eq and value and _SECRET_PARAMETER.search(name) else pair)
+        query = "&".join(masked)
+    return f"{scheme}://{location}{query_sep}{query}"
+
+
 def _under_systemd(env: Mapping[str, str]) -> bool:
     return bool(env.get("INVOCATION_ID") or env.get("STATE_DIRECTORY"))
 
@@ -263,18 +285,36 @@ def _hostname_node_id() -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname()) or "flowd"
 
 
+def base_folders(where: str | None) -> tuple[Path, Path]:
+    """(folder for relative paths written in the file, folder for the default ``var`` and
+    ``tasks``): the file's folder, so flowd, flowctl and api agree from any current folder.
+    A file in a folder named ``config`` (this repository's layout: config/, tasks/, var/)
+    keeps its defaults beside that folder. Without a file, both are the current folder."""
+    if where is None:
+        return Path.cwd(), Path.cwd()
+    folder = Path(where).expanduser().absolute().parent
+    return folder, folder.parent if folder.name == "config" else folder
+
+
+def _resolve(path: str, base: Path) -> str:
+    return str(base / Path(path).expanduser())  # an absolute path stays as it is
+
+
 def _complete(config: Config, env: Mapping[str, str], where: str | None) -> Config:
-    """Fill the defaults that depend on the machine, and read secrets from files."""
+    """Fill the defaults that depend on the machine, resolve relative paths, and read
+    secrets from files."""
     f = config.flowd
     systemd = _under_systemd(env)
-    state_dir = f.state_dir or env.get("STATE_DIRECTORY", "").split(":")[0] or (
-        "/var/lib/flowd" if systemd else "./var")
-    task_paths = f.task_paths or (("/etc/flowd/tasks",) if systemd else ("./tasks",))
+    base, home = base_folders(where)
+    default_state = env.get("STATE_DIRECTORY", "").split(":")[0] or ("/var/lib/flowd" if systemd else "var")
+    state_dir = _resolve(f.state_dir, base) if f.state_dir else _resolve(default_state, home)
+    task_paths = tuple(_resolve(p, base) for p in f.task_paths) or (
+        ("/etc/flowd/tasks",) if systemd else (_resolve("tasks", home),))
     flowd = dataclasses.replace(
         f,
         node_id=f.node_id or _hostname_node_id(),
-        state_dir=str(Path(state_dir).expanduser().absolute()),
-        task_paths=tuple(str(Path(p).expanduser().absolute()) for p in task_paths),
+        state_dir=state_dir,
+        task_paths=task_paths,
         workers=f.workers or os.cpu_count() or 1,
     )
     if any(c in flowd.node_id for c in "+#/") or not flowd.node_id:
@@ -284,22 +324,31 @@ def _complete(config: Config, env: Mapping[str, str], where: str | None) -> Conf
     if not 1 <= m.port <= 65535:
         raise ConfigError(f"must be a TCP port from 1 to 65535, not {m.port}", key="mqtt.port", path=where)
     password = m.password
-    if m.password_file:
+    password_file = _resolve(m.password_file, base) if m.password_file else None
+    tls = m.tls
+    if tls is not None:
+        tls = dataclasses.replace(tls, ca=tls.ca and _resolve(tls.ca, base), cert=tls.cert and _resolve(tls.cert, base),
+                                  key=tls.key and _resolve(tls.key, base))
+    if password_file:
         try:
-            password = Path(m.password_file).read_text(encoding="utf-8").strip()
+            password = Path(password_file).read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise ConfigError(f"cannot read the password file: {exc.strerror}", key="mqtt.password_file",
                               path=where) from None
     if any(c in m.topic_prefix for c in "+#"):
         raise ConfigError(f"must not contain '+' or '#'; got {m.topic_prefix!r}", key="mqtt.topic_prefix", path=where)
-    mqtt = dataclasses.replace(m, password=password, client_id=m.client_id or f"flowd-{flowd.node_id}")
+    mqtt = dataclasses.replace(m, password=password, password_file=password_file, tls=tls,
+                               client_id=m.client_id or f"flowd-{flowd.node_id}")
     db = config.database
-    database = dataclasses.replace(db, url=db.url or f"sqlite:///{Path(flowd.state_dir) / 'flowd.db'}")
+    url = db.url or f"sqlite:///{Path(flowd.state_dir) / 'flowd.db'}"
+    if url.startswith("sqlite:///"):
+        url = "sqlite:///" + _resolve(url[len("sqlite:///"):], base)
+    database = dataclasses.replace(db, url=url)
     if not (database.url.startswith("sqlite:///") or database.url.startswith(("postgresql://", "postgres://"))):
         raise ConfigError(f"must start with sqlite:/// or postgresql://; got {database.url!r}",
                           key="database.url", path=where)
     q = config.queue
-    queue = dataclasses.replace(q, path=str(Path(q.path or Path(flowd.state_dir) / "queue.db").absolute()))
+    queue = dataclasses.replace(q, path=_resolve(q.path, base) if q.path else str(Path(flowd.state_dir) / "queue.db"))
     tz = config.scheduler.timezone
     if tz:
         from zoneinfo import ZoneInfo, ZoneInfoNotFoundError

@@ -25,7 +25,7 @@ ALIASES = {
     "@midnight": "0 0 * * *",
     "@hourly": "0 * * * *",
 }
-_EVERY = re.compile(r"^@every\s+((?:\d+\s*[smhd]\s*)+)$", re.IGNORECASE)
+_EVERY = re.compile(r"@every\s+((?:\d+\s*[smhd]\s*)+)", re.IGNORECASE)
 _EVERY_PART = re.compile(r"(\d+)\s*([smhd])", re.IGNORECASE)
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MONTH_NAMES = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
@@ -148,7 +148,7 @@ def parse_schedule(expr: str) -> Schedule:
         lowered = text.lower()
         if lowered in ALIASES:
             return _parse_cron(expr, ALIASES[lowered])
-        match = _EVERY.match(text)
+        match = _EVERY.fullmatch(text)
         if match is None:
             known = ", ".join(ALIASES)
             raise _error(expr, f"not understood; use '@every <n>s|m|h' (e.g. '@every 30s') or one of {known}")

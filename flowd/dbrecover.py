@@ -87,7 +87,7 @@ def recover_database(config: Config, *, force: bool = False, now: dt.datetime | 
 
     path = database_file(config)
     if path is None:
-        from flowd.models import redact_url
+        from flowd.config import redact_url
 
         raise InputError(f"flowctl db recover works on SQLite files; [database] url is "
                          f"{redact_url(config.database.url)}: use the server's own tools")

@@ -55,6 +55,15 @@ def human_duration(seconds: float | None) -> str:
     return f"{hours // 24}d{hours % 24}h"
 
 
+def human_age(seconds: float) -> str:
+    """An age a person gave (``--older-than 7d``) said back in words: ``7 days``, ``12 hours``."""
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
+        count = seconds / size
+        if count >= 1 and count == int(count):
+            return f"{int(count)} {unit}{'s' if count != 1 else ''}"
+    return human_duration(seconds)
+
+
 def span(start: dt.datetime | None, end: dt.datetime | None, now: dt.datetime | None = None) -> float | None:
     """Seconds from ``start`` to ``end`` (or ``now``, for what still runs); None before it starts."""
     if start is None:

@@ -431,10 +431,9 @@ class Engine:
         extra = {"FLOW_ID": flow.id, "ROUTINE": flow.routine}
         if state == FlowState.DONE:
             log.debug("flow %d (%s) ended DONE", flow.id, flow.routine, extra=extra)
-        else:
-            # A failed flow is what `journalctl -p warning` is read for; a cancel was asked for.
-            level = logging.WARNING if state == FlowState.FAILED else logging.INFO
-            log.log(level, "flow %d (%s) ended %s: %s", flow.id, flow.routine, state.value, error, extra=extra)
+        else:  # FAILED is for `journalctl -p warning`; a cancel is somebody's decision
+            log.log(logging.WARNING if state == FlowState.FAILED else logging.INFO, "flow %d (%s) ended %s: %s",
+                    flow.id, flow.routine, state.value, (error or "").strip().split("\n", 1)[0], extra=extra)
         if state != FlowState.DONE:
             for child in store.active_children(flow.id):
                 why = "was cancelled" if state == FlowState.CANCELLED else f"ended {state.value}"

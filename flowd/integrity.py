@@ -162,7 +162,7 @@ def check_files(config: Config, *, full: bool = False) -> list[CheckResult]:
 
     Raises StoreUnavailable when the database file does not exist.
     """
-    from flowd.models import redact_url
+    from flowd.config import redact_url
 
     check = "integrity_check" if full else "quick_check"
     path = database_file(config)

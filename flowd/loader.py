@@ -21,7 +21,7 @@ from types import ModuleType
 from flowd.errors import TaskScriptError
 from flowd.task import Task
 
-_REFERENCE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)$")
+_REFERENCE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)")  # whole string: fullmatch
 _MODULE_PREFIX = "flowd_tasks."
 
 
@@ -36,20 +36,33 @@ class ScriptInfo:
 
 def parse_reference(reference: str) -> tuple[str, str]:
     """Split ``"module.Class"``; raises TaskScriptError for anything else."""
-    match = _REFERENCE.match(reference or "")
+    match = _REFERENCE.fullmatch(reference) if isinstance(reference, str) else None
     if not match:
         raise TaskScriptError(
-            f"'{reference}' is not a task script reference; write it as module.Class, e.g. "
+            f"{reference!r} is not a task script reference; write it as module.Class, e.g. "
             "'example.VeryLong' for class VeryLong in task_example.py")
     return match.group(1), match.group(2)
 
 
+def check_inside(path: Path, task_paths: Iterable[str]) -> None:
+    """Refuse a script that is (or sits behind) a symbolic link leading out of the task
+    folders: only what lies inside them may run."""
+    real = path.resolve()
+    for folder in task_paths:
+        if real.is_relative_to(Path(folder).resolve()):
+            return
+    raise TaskScriptError(f"{path} is a symbolic link to {real}, outside the task folders; flowd runs only "
+                          "files inside them (copy the file in instead)")
+
+
 def find_script_file(module: str, task_paths: Iterable[str]) -> Path:
-    """The first ``task_<module>.py`` in the task folders."""
+    """The first ``task_<module>.py`` in the task folders; raises TaskScriptError when it
+    is missing or a symbolic link out of them."""
     paths = list(task_paths)
     for folder in paths:
         candidate = Path(folder) / f"task_{module}.py"
         if candidate.is_file():
+            check_inside(candidate, paths)
             return candidate
     raise TaskScriptError(f"no file task_{module}.py in the task folders ({', '.join(paths) or 'none configured'})")
 
@@ -92,6 +105,7 @@ class ScriptLoader:
         cached = self._modules.get(path)
         if cached and cached[0] == stamp:
             return cached[1]
+        check_inside(path, self.task_paths)  # again: the file may have been replaced since it was found
         qualified = _MODULE_PREFIX + module_name
         spec = importlib.util.spec_from_file_location(qualified, path)
         if spec is None or spec.loader is None:
@@ -130,6 +144,7 @@ def list_scripts(task_paths: Iterable[str], errors: list[str] | None = None) -> 
     A file that cannot be read or parsed raises TaskScriptError, or, when ``errors``
     is a list, is skipped with its message appended there.
     """
+    task_paths = tuple(task_paths)
     found: list[ScriptInfo] = []
     seen: set[str] = set()
     for folder in task_paths:
@@ -143,6 +158,7 @@ def list_scripts(task_paths: Iterable[str], errors: list[str] | None = None) -> 
             module = name[len("task_"):-3]
             path = Path(folder) / name
             try:
+                check_inside(path, task_paths)
                 classes = _task_classes(path)
             except TaskScriptError as exc:
                 if errors is None:

@@ -34,7 +34,7 @@ from peewee import (
     TextField,
 )
 
-from flowd.config import DatabaseSection
+from flowd.config import DatabaseSection, redact_url
 from flowd.errors import StoreUnavailable
 
 database = DatabaseProxy()
@@ -271,15 +271,6 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-def redact_url(url: str) -> str:
-    """A database URL without its password (``postgresql://u:***@host/db``)."""
-    scheme, sep, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if not sep or not at or ":" not in credentials:
-        return url
-    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
-
-
 def init_database(section: DatabaseSection, *, create: bool = True,
                   busy_timeout: float = BUSY_TIMEOUT_S) -> peewee.Database:
     """Open the database for this process and bring its schema up to date.
@@ -291,8 +282,9 @@ def init_database(section: DatabaseSection, *, create: bool = True,
     path = sqlite_path(section.url)
     if path is not None:
         if not create and not path.exists():
-            raise StoreUnavailable(f"the database {path} does not exist yet; start flowd once or check "
-                                   "[database] url / [flowd] state_dir")
+            raise StoreUnavailable(f"the database {path} does not exist yet: flowd creates it at its first start; "
+                                   "if flowd has run, check the configuration file used ([flowd] state_dir, "
+                                   "[database] url)")
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:

@@ -6,19 +6,16 @@ while flowd was away are delivered when it reconnects. Subscriptions are renewed
 every connect. A submit is acknowledged (``manual_ack``) only once its flow is
 committed or it was refused, so a crash in between loses nothing: the broker sends it
 again. Nothing from the network is ever unpickled or evaluated; every payload is
-checked (size, UTF-8, nesting depth, JSON, field types) before it touches the engine.
+checked (``payloads.py``) before it touches the engine.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import re
 import socket
 import ssl
 import threading
-from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -34,150 +31,15 @@ from flowd.engine import Engine, Submission, flow_status_payload
 from flowd.errors import ConfigError, InputError
 from flowd.intake import Intake, Received
 from flowd.models import isoformat, utcnow, write_transaction
-from flowd.topics import is_valid_filter, is_valid_publish_topic, topic_matches
+from flowd.payloads import SubmitRefused, SubmitRequest, is_reply_topic, parse_json_payload, parse_submit
+from flowd.topics import is_valid_filter, topic_matches
 
 log = logging.getLogger(__name__)
 
-MAX_JSON_DEPTH = 32
-MAX_ID_LENGTH = 256
-SUBMIT_FIELDS = ("routine", "args", "kwargs", "request_id", "reply_to")
 RECONNECT_MIN_S = 1
 RECONNECT_MAX_S = 30
 RECEIVE_MAXIMUM = intake.MAX_BATCH * 2
 PAHO_INFLIGHT = outbox.MAX_IN_FLIGHT  # paho never queues behind its window, so it never reorders
-_JSON_SPECIAL = re.compile(r'[\[\]{}"\\]')
-
-
-# ---------------------------------------------------------------------- payload checks
-class SubmitRefused(InputError):
-    """A submit flowd will not run; ``str()`` is the sentence published on ``flow/error``."""
-
-    def __init__(self, message: str, request_id: str | None = None, reply_to: str | None = None):
-        super().__init__(message)
-        self.request_id = request_id
-        self.reply_to = reply_to
-
-
-@dataclass(frozen=True)
-class SubmitRequest:
-    """A checked submit (SPEC 4.1)."""
-
-    routine: str
-    args: list[Any] = field(default_factory=list)
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    request_id: str | None = None
-    reply_to: str | None = None
-
-
-def is_nested_deeper(text: str, limit: int) -> bool:
-    """True when the JSON ``text`` nests arrays/objects deeper than ``limit``.
-
-    Runs before ``json.loads``, whose recursion a 10,000-deep payload would exhaust.
-    Counting brackets first keeps the usual small payload on the fast path.
-    """
-    if text.count("[") + text.count("{") <= limit:
-        return False
-    depth = 0
-    in_string = False
-    skip = -1
-    for match in _JSON_SPECIAL.finditer(text):
-        position = match.start()
-        if position == skip:
-            continue
-        char = match.group()
-        if in_string:
-            if char == "\\":
-                skip = position + 1
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-            if depth > limit:
-                return True
-        elif char in "]}":
-            depth -= 1
-    return False
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if math.isinf(value):
-        raise ValueError(f"the number {text[:40]} is too large")
-    return value
-
-
-def parse_json_payload(payload: bytes, max_payload: int) -> Any:
-    """Decode an MQTT payload as JSON safely; raises InputError with the reason."""
-    if len(payload) > max_payload:
-        raise InputError(f"the payload is {len(payload)} bytes; the limit is {max_payload} bytes (mqtt.max_payload)")
-    try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"the payload is not UTF-8 text (byte 0x{payload[exc.start]:02x} at offset "
-                         f"{exc.start})") from None
-    if is_nested_deeper(text, MAX_JSON_DEPTH):
-        raise InputError(f"the JSON is nested more than {MAX_JSON_DEPTH} levels deep")
-    try:
-        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"the payload is not valid JSON: {exc.msg} (line {exc.lineno} column {exc.colno})") from None
-    except (ValueError, RecursionError) as exc:
-        raise InputError(f"the payload is not valid JSON: {exc}") from None
-
-
-def _describe_type(value: Any) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
-             float: "a number", type(None): "null"}
-    return names.get(type(value), type(value).__name__)
-
-
-def parse_submit(payload: bytes, max_payload: int) -> SubmitRequest:
-    """Check a ``flow/submit`` payload (SPEC 4.1/4.3); raises SubmitRefused saying what is wrong."""
-    try:
-        data = parse_json_payload(payload, max_payload)
-    except InputError as exc:
-        raise SubmitRefused(str(exc)) from None
-    if not isinstance(data, dict):
-        raise SubmitRefused(f'the payload must be a JSON object like {{"routine": "name"}}, not '
-                            f"{_describe_type(data)}")
-    request_id = data.get("request_id")
-    request_id = request_id if isinstance(request_id, str) and 0 < len(request_id) <= MAX_ID_LENGTH else None
-    reply_to = data.get("reply_to")
-    reply_to = reply_to if is_valid_publish_topic(reply_to) and not str(reply_to).startswith("$") else None
-
-    def refuse(message: str) -> SubmitRefused:
-        return SubmitRefused(message, request_id, reply_to)
-
-    unknown = sorted(str(key) for key in data if key not in SUBMIT_FIELDS)
-    if unknown:
-        raise refuse(f"unknown field '{unknown[0]}' in the submit; the fields are {', '.join(SUBMIT_FIELDS)}")
-    routine = data.get("routine")
-    if routine is None:
-        raise refuse("the submit has no 'routine'; send at least {\"routine\": \"name\"}")
-    if not isinstance(routine, str) or not routine.strip():
-        raise refuse(f"'routine' must be a non-empty string, not {_describe_type(routine)}")
-    args = data.get("args")
-    if args is not None and not isinstance(args, list):
-        raise refuse(f"'args' must be an array, not {_describe_type(args)}")
-    kwargs = data.get("kwargs")
-    if kwargs is not None and not isinstance(kwargs, dict):
-        raise refuse(f"'kwargs' must be an object, not {_describe_type(kwargs)}")
-    raw_id = data.get("request_id")
-    if raw_id is not None and request_id is None:
-        raise refuse(f"'request_id' must be a non-empty string of at most {MAX_ID_LENGTH} characters, "
-                     f"not {_describe_type(raw_id) if not isinstance(raw_id, str) else repr(raw_id[:40])}")
-    raw_reply = data.get("reply_to")
-    if raw_reply is not None and reply_to is None:
-        raise refuse(f"'reply_to' must be a topic to publish to (no '+', '#', leading '$' or NUL), "
-                     f"not {raw_reply!r:.80}")
-    return SubmitRequest(routine=routine, args=args or [], kwargs=kwargs or {}, request_id=request_id,
-                         reply_to=reply_to)
 
 
 # ---------------------------------------------------------------------- connection problems
@@ -189,7 +51,8 @@ def describe_connect_error(exc: BaseException, host: str, port: int) -> tuple[in
     if isinstance(exc, ssl.SSLError):
         return logging.ERROR, f"TLS handshake with the broker at {where} failed: {exc.reason or exc}"
     if isinstance(exc, ConnectionRefusedError):
-        return logging.WARNING, f"the broker at {where} refused the connection (nothing listening?)"
+        return logging.WARNING, (f"the broker at {where} refused the connection (nothing listening?): start one "
+                                 "(sudo systemctl start mosquitto) or set [mqtt] host and port")
     if isinstance(exc, socket.gaierror):
         return logging.ERROR, f"cannot resolve the broker host '{host}': {exc.strerror}"
     if isinstance(exc, (TimeoutError, socket.timeout)):
@@ -473,8 +336,7 @@ class MqttBridge:
         for order, message in enumerate(messages):
             properties = message.properties
             response_topic = getattr(properties, "ResponseTopic", None) if properties is not None else None
-            if response_topic is not None and not (is_valid_publish_topic(response_topic)
-                                                   and not response_topic.startswith("$")):
+            if response_topic is not None and not is_reply_topic(response_topic):
                 response_topic = None
             correlation = getattr(properties, "CorrelationData", None) if properties is not None else None
             correlation_hex = bytes(correlation).hex() if correlation else None

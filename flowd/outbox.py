@@ -26,7 +26,9 @@ from peewee import fn
 
 from flowd import integrity
 from flowd.config import Config
+from flowd.errors import InputError
 from flowd.models import Outbox, database, dumps, get_meta, make_durable, set_meta, write_transaction
+from flowd.payloads import has_surrogate, shown
 from flowd.status import HOLD_S, SOCKET_NAME, STATUS_INFLIGHT, Status, StatusInbox
 from flowd.wakeup import WakeSocket, send_wakeup
 
@@ -45,8 +47,14 @@ IDLE_WAIT_S = 5.0         # longest idle sleep: new rows, (re)connects and stop 
 
 def add_message(topic: str, payload: Any, *, qos: int = 1, retain: bool = False,
                 correlation_data: str | None = None) -> None:
-    """Queue a message; call inside the caller's transaction, then :func:`notify` after commit."""
+    """Queue a message; call inside the caller's transaction, then :func:`notify` after commit.
+
+    Raises InputError for text UTF-8 cannot carry (a lone surrogate): it could be
+    neither stored nor sent, and would block the outbox behind it."""
     text = payload if isinstance(payload, str) else dumps(payload)
+    if has_surrogate(text) or has_surrogate(topic):
+        raise InputError(f"cannot queue a message for {shown(topic)}: its topic or payload holds a lone surrogate "
+                         "(\\ud800-\\udfff), which is not UTF-8 text")
     Outbox.insert(topic=topic, payload=text, qos=qos, retain=retain,
                   correlation_data=correlation_data).execute()
 

@@ -291,8 +291,9 @@ class RetryTimer:
             models.database.close()
 
 
-def _die_with_parent() -> None:
-    """Ask the kernel to SIGKILL this process when its parent dies (Linux prctl)."""
+def _die_with_parent(parent: int) -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux prctl); exit at
+    once if ``parent`` died already, between the fork and this call."""
     try:
         # The running program's symbols include libc's; ctypes.util.find_library("c")
         # would run ldconfig in a child process in every worker at its start.
@@ -300,6 +301,15 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+_early_stop: list[int] = []  # SIGINTs the pool process got before huey's handlers were in place
+
+
+def _note_early_stop(signum: int, frame: Any) -> None:
+    _early_stop.append(signum)
 
 
 def freeze_for_fork() -> None:
@@ -334,11 +344,16 @@ class WorkerPool:
         sys.stdout.flush()
         sys.stderr.flush()
         freeze_for_fork()
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
-                _die_with_parent()
+                # stop() may send SIGINT before huey sets its handlers; a SIGINT inherited
+                # as ignored (nohup, CI runners) would then be lost and the stop time out.
+                signal.signal(signal.SIGINT, _note_early_stop)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                _die_with_parent(parent)
                 code = _run_pool(self.config)
             except BaseException:
                 log.exception("worker pool crashed")
@@ -421,6 +436,8 @@ class _PoolConsumer(Consumer):  # type: ignore[misc]
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         super()._set_signal_handlers()
+        if _early_stop:  # the stop asked for while the consumer was starting
+            self._handle_signal(_early_stop[0], None)
 
 
 def _run_pool(config: Config) -> int:
@@ -436,9 +453,11 @@ def _run_pool(config: Config) -> int:
         huey.storage.wake_socket = wake
     stop_flag_holder: dict[str, Any] = {}
 
+    pool_pid = os.getpid()
+
     @huey.on_startup()  # type: ignore[untyped-decorator]
     def _worker_started() -> None:
-        _die_with_parent()
+        _die_with_parent(pool_pid)
         models.reconnect_after_fork()
         runner.init_worker(config, stop_flag_holder.get("flag"))
 

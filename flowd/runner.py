@@ -27,6 +27,7 @@ from flowd.engine import CANCEL_SIGNAL, ClaimedStep, Engine
 from flowd.errors import FlowdError, StepError
 from flowd.loader import ScriptLoader
 from flowd.models import utcnow, write_transaction
+from flowd.payloads import has_surrogate
 from flowd.task import SubFlow, Wait
 
 if TYPE_CHECKING:
@@ -72,6 +73,9 @@ def init_worker(config: Config, stop_flag: Any = None) -> WorkerRuntime:
     _runtime = WorkerRuntime(config, Engine(config, enqueue=queue.enqueue_flow, enqueue_many=queue.enqueue_flows),
                              ScriptLoader(config.flowd.task_paths), stop_flag, take_waiting=queue.take_waiting_flows)
     signal.signal(CANCEL_SIGNAL, _on_cancel_signal)
+    # A relative path in a task's options lands in the state folder: under systemd the
+    # rest of the file system is read-only, and the daemon's own folder is anybody's guess.
+    os.chdir(config.state_dir)
     return _runtime
 
 
@@ -134,14 +138,19 @@ def run_step(rt: WorkerRuntime, step: ClaimedStep, pid: int) -> dict[str, Any] |
         raise
     except FlowdError as exc:
         log.warning("flow %d %s failed: %s", step.flow_id, where, exc, extra=extra)
-        rt.engine.fail_step(step, str(exc), pid)
+        rt.engine.fail_step(step, storable(str(exc)), pid)
         return None
     except Exception as exc:
         log.info("flow %d %s raised %s: %s", step.flow_id, where, type(exc).__name__, exc, extra=extra)
-        rt.engine.fail_step(step, "".join(traceback.format_exception(exc)).rstrip() + "\n"
-                            f"{type(exc).__name__}: {exc}", pid)
+        rt.engine.fail_step(step, storable("".join(traceback.format_exception(exc)).rstrip() + "\n"
+                                           f"{type(exc).__name__}: {exc}"), pid)
         return None
     return output
+
+
+def storable(text: str) -> str:
+    """``text`` as UTF-8 can carry it: an exception message may hold a lone surrogate."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8") if has_surrogate(text) else text
 
 
 def _effective_timeout(step: ClaimedStep, now: dt.datetime | None = None) -> float | None:
@@ -200,9 +209,14 @@ def _publisher(rt: WorkerRuntime) -> Any:
             raise StepError(f"cannot publish to {topic!r}: a topic is non-empty text without '+', '#'")
         if qos not in (0, 1, 2):
             raise StepError(f"qos must be 0, 1 or 2, not {qos!r}")
-        if not isinstance(payload, (str, bytes)):
-            check_json(payload, f"payload published to '{topic}'")
-        text = payload.decode() if isinstance(payload, bytes) else payload
+        label = f"payload published to '{topic}'"
+        if isinstance(payload, bytes):
+            try:
+                payload = payload.decode("utf-8")
+            except UnicodeDecodeError:
+                raise StepError(f"the {label} is bytes that are not UTF-8 text") from None
+        check_json(payload, label)
+        text = payload
         with write_transaction(sync=False):  # the publisher syncs before it sends
             outbox.add_message(topic, text, qos=qos, retain=retain)
         outbox.notify(rt.config.state_dir)
@@ -234,12 +248,17 @@ def check_json(value: Any, label: str) -> None:
     problem = _first_non_json(value, "")
     if problem is not None:
         path, bad = problem
+        if isinstance(bad, str):
+            raise StepError(f"{label} returned a string with a lone surrogate (\\ud800-\\udfff, not UTF-8) "
+                            f"at '{path.lstrip('.') or '(the value itself)'}': {_short(bad)}")
         raise StepError(f"{label} returned a value that is not JSON-serialisable at '{path.lstrip('.')}': "
                         f"{type(bad).__name__} {_short(bad)}")
 
 
 def _first_non_json(value: Any, path: str) -> tuple[str, Any] | None:
-    if value is None or isinstance(value, (bool, int, str)):
+    if isinstance(value, str):
+        return (path, value) if has_surrogate(value) else None
+    if value is None or isinstance(value, (bool, int)):
         return None
     if isinstance(value, float):
         return None if math.isfinite(value) else (path, value)
@@ -251,7 +270,7 @@ def _first_non_json(value: Any, path: str) -> tuple[str, Any] | None:
         return None
     if isinstance(value, dict):
         for key, item in value.items():
-            if not isinstance(key, str):
+            if not isinstance(key, str) or has_surrogate(key):
                 return (f"{path}.{key!r}", key)
             found = _first_non_json(item, f"{path}.{key}")
             if found:

@@ -27,7 +27,7 @@ from types import FrameType
 from typing import Any
 
 from flowd import __version__
-from flowd.config import Config, load_config
+from flowd.config import Config, load_config, redact_url
 from flowd.errors import ConfigError, DatabaseDamaged, FlowdError, StoreUnavailable
 from flowd.logs import set_level, setup_logging
 from flowd.sdnotify import Notifier
@@ -105,12 +105,20 @@ def config_changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
             for f in dataclasses.fields(a):
                 walk(f"{prefix}.{f.name}" if prefix else f.name, getattr(a, f.name), getattr(b, f.name))
         elif a != b:
-            secret = prefix.endswith("password")
-            changes.append((prefix, "***" if secret and a else a, "***" if secret and b else b))
+            changes.append((prefix, _shown_value(prefix, a), _shown_value(prefix, b)))
 
     for section in ("flowd", "mqtt", "scheduler", "database", "queue"):
         walk(section, getattr(old, section), getattr(new, section))
     return changes
+
+
+def _shown_value(key: str, value: Any) -> Any:
+    """A config value fit for the log: passwords masked, URLs without their credentials."""
+    if key.endswith("password"):
+        return "***" if value else value
+    if key.endswith(".url") and isinstance(value, str):
+        return redact_url(value)
+    return value
 
 
 class Service:
@@ -167,7 +175,7 @@ class Service:
             # a damaged queue file is set aside (recovery rebuilds the queue from the database).
             integrity.check_at_start(self.config)
             integrity.replace_damaged_queue(self.config)
-            self.engine = api.configure(self.config)
+            self.engine = api.configure(self.config, create=True)
             recovered = recovery.recover(self.config, self.engine)
             # Built (not started) before the fork: a bad TLS file stops us here, cleanly.
             self.bridge = MqttBridge(self.config, self.engine)
@@ -438,7 +446,7 @@ class Service:
         log.info("flowd %s starting (pid %d): config %s; node '%s'; state_dir %s; task_paths %s; %d worker(s); "
                  "database %s; queue %s; broker %s:%d (MQTT %s%s%s); log level %s", __version__, os.getpid(),
                  c.path or "(defaults)", c.flowd.node_id, c.state_dir, ", ".join(c.flowd.task_paths),
-                 c.flowd.workers, c.database.url, c.queue.backend, m.host, m.port, m.protocol,
+                 c.flowd.workers, redact_url(c.database.url), c.queue.backend, m.host, m.port, m.protocol,
                  ", TLS" if m.tls else "", f", user '{m.username}'" if m.username else "", c.flowd.log_level)
 
 

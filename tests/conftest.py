@@ -185,7 +185,7 @@ def db(config: Any) -> Iterator[Any]:
     """The real SQLite database of ``config``, opened in this process."""
     from flowd import api
 
-    engine = api.configure(config)
+    engine = api.configure(config, create=True)
     yield engine
     api.reset()
 

@@ -35,7 +35,7 @@ def backend(request: Any, config_file: Any) -> Iterator[Any]:
         queue_name = f"flowd-test-{uuid.uuid4().hex[:8]}"
         sections = {"database": {"url": f"postgresql://postgres@127.0.0.1:5432/{dbname}"},
                     "queue": {"backend": "redis", "url": REDIS_URL, "name": queue_name}}
-    engine = api.configure(load_config(config_file(**sections)))
+    engine = api.configure(load_config(config_file(**sections)), create=True)
     pool = WorkerPool(engine.config)
     pool.start()
     yield engine

@@ -19,7 +19,7 @@ from conftest import wait_for
 from flowd import catalog
 from flowd.errors import InputError
 from flowd.models import Flow, Outbox, TaskResult
-from flowd.mqtt_bridge import MAX_JSON_DEPTH, SubmitRefused, is_nested_deeper, parse_json_payload, parse_submit
+from flowd.payloads import MAX_JSON_DEPTH, SubmitRefused, is_nested_deeper, parse_json_payload, parse_submit
 
 MAX_PAYLOAD = 64 * 1024
 
@@ -72,6 +72,22 @@ def hostile_payloads(tmp_path: Path) -> list[tuple[bytes, str]]:
         (b'{"routine": "ok", "reply_to": "$SYS/x"}', "'reply_to' must be a topic"),
         (b'{"routine": "ok", "reply_to": 7}', "'reply_to' must be a topic"),
         (b'{"routine": "ok", "kwarg": {"x": 1}}', "unknown field 'kwarg'"),
+        (b'{"routine": "\\ud800"}', "lone surrogate"),
+        (b'{"routine": "ok", "kwargs": {"city": "Oslo\\udc00"}}', "lone surrogate (a \\ud800-\\udfff escape not part "
+                                                               "of a pair) at 'kwargs.city'"),
+        (b'{"routine": "ok", "kwargs": {"\\udfff": 1}}', "lone surrogate"),
+        (b'{"routine": "ok", "args": [1, ["\\ud83d"]]}', "at 'args[1][0]'"),
+        (b'{"routine": "ok", "reply_to": "app/\\ud800"}', "lone surrogate"),
+        (b'{"routine": "nope", "routine": "ok"}', "the key 'routine' is given twice"),
+        (b'{"routine": "ok", "kwargs": {"a": 1, "a": 2}}', "the key 'a' is given twice"),
+        (b'{"routine": "ok\\u0000"}', "'routine' must not contain control characters, got 'ok\\x00'"),
+        (b'{"routine": "ok\\n2026-12-01 10:00:00,000 ERROR   flowd: forged"}', "must not contain control characters"),
+        (b'{"routine": "ok\\u007f"}', "must not contain control characters"),
+        (b'{"routine": "ok", "request_id": "r\\u0000"}', "without control characters, not 'r\\x00'"),
+        (b'{"routine": "ok", "request_id": "r\\n1"}', "'request_id' must be"),
+        (b'{"routine": "ok", "reply_to": "app/x\\r"}', "'reply_to' must be a topic"),
+        (b'{"routine": "ok", "reply_to": "app/\\u001b[31m"}', "'reply_to' must be a topic"),
+        (b'{"routine": "ok", "\\nforged": 1}', "unknown field '\\nforged'"),
         (b'{"routine": "no-such-routine"}', "routine 'no-such-routine' does not exist"),
         (b'{"routine": "off"}', "routine 'off' is disabled"),
         (b'{"routine": "local"}', "may not be started over MQTT"),

@@ -159,14 +159,25 @@ def test_config_found_through_flowd_config(cli: Run, config_file: Callable[..., 
     assert [t["name"] for t in json.loads(proc.stdout)] == ["echo"]
 
 
-def test_missing_database_exits_3_for_reads(cli: Run, config_file: Callable[..., Path]) -> None:
+def test_reads_on_a_state_folder_flowd_never_ran_in_list_nothing(cli: Run, config_file: Callable[..., Path]) -> None:
+    # flowctl works whether or not the daemon ever ran: nothing to list is the answer
+    # (exit 0), and no read creates the database (nor the queue file).
     path = db_path(config_file)
     assert not path.exists()
-    refused(cli("flows"), 3, "does not exist yet")
-    refused(cli("status"), 3, "does not exist yet")
-    assert not path.exists()  # reading does not create it
-    ok(cli("task", "add", "echo", "example.Echo"))  # a change does
-    assert path.exists()
+    assert json.loads(ok(cli("--json", "routine", "list")).stdout) == []
+    assert json.loads(ok(cli("--json", "task", "list")).stdout) == []
+    assert json.loads(ok(cli("--json", "flows")).stdout) == []
+    assert "no flows yet" in ok(cli("flows")).stdout
+    status = ok(cli("status"))
+    assert "never started with this database" in status.stdout and "not there yet" in status.stdout
+    assert json.loads(ok(cli("--json", "status")).stdout)["database_exists"] is False
+    refused(cli("routine", "show", "nope"), 2, "routine 'nope' does not exist")
+    assert not path.exists() and not (path.parent / "queue.db").exists()
+    refused(cli("task", "add", "x", "nosuch.Thing"), 2, "no file task_nosuch.py")  # a refused change leaves none
+    assert not path.exists()
+    added = ok(cli("task", "add", "echo", "example.Echo"))  # a change does, and says so
+    assert path.exists() and f"created the database {path}" in added.stderr
+    assert "created the database" not in ok(cli("task", "add", "echo2", "example.Echo")).stderr
 
 
 def test_not_a_database_exits_3(cli: Run, config_file: Callable[..., Path]) -> None:
@@ -254,8 +265,12 @@ def test_task_add_list_show_update_remove(cli: Run) -> None:
     assert data(cli("--json", "task", "show", "fetch"))["script"] == "http.FetchDigest"
     assert "http.FetchDigest" in ok(cli("task", "show", "fetch")).stdout
 
-    assert data(cli("--json", "task", "add", "fetch", "http.FetchDigest", "--retries", "3"))["action"] == "unchanged"
-    updated = data(cli("--json", "task", "add", "fetch", "http.FetchDigest", "--retries", "1"))
+    refused(cli("task", "add", "fetch", "example.Echo"), 2, "task 'fetch' exists already (http.FetchDigest)",
+            "--replace")
+    assert data(cli("--json", "task", "show", "fetch"))["script"] == "http.FetchDigest"  # nothing changed
+    assert data(cli("--json", "task", "add", "fetch", "http.FetchDigest", "--retries", "3",
+                    "--replace"))["action"] == "unchanged"
+    updated = data(cli("--json", "task", "add", "fetch", "http.FetchDigest", "--retries", "1", "--replace"))
     assert updated["action"] == "updated" and updated["task"]["retries"] == 1
     assert updated["task"]["timeout"] == 30.0  # a flag left out keeps its value
 
@@ -293,8 +308,11 @@ def test_routine_commands(cli: Run, with_routine: Run) -> None:
 
     assert data(cli("--json", "routine", "disable", "sum"))["routine"]["enabled"] is False
     refused(cli("submit", "sum"), 2, "disabled", "flowctl routine enable sum")
-    # Re-adding keeps the disabled state; only enable turns it on.
-    assert data(cli("--json", "routine", "add", "sum", "add"))["routine"]["enabled"] is False
+    # Adding an existing routine is refused (the user would lose its steps) unless
+    # --replace; replacing keeps the disabled state; only enable turns it on.
+    refused(cli("routine", "add", "sum", "add"), 2, "routine 'sum' exists already (add -> echo -> add)", "--replace")
+    assert data(cli("--json", "routine", "show", "sum"))["tasks"] == ["add", "echo", "add"]
+    assert data(cli("--json", "routine", "add", "sum", "add", "--replace"))["routine"]["enabled"] is False
     assert data(cli("--json", "routine", "enable", "sum"))["routine"]["enabled"] is True
 
     refused(cli("task", "remove", "echo"), 2, "used by routine(s)", "timed")
@@ -410,10 +428,12 @@ def test_wait_timeout_stops_waiting_not_the_flow(cli: Run, with_routine: Run) ->
     assert data(cli("--json", "flows"))[0]["state"] == "INIT"
 
 
-def test_ctrl_c_stops_waiting_not_the_flow(with_routine: Run, config_file: Callable[..., Path]) -> None:
+@pytest.mark.parametrize("sigint", [signal.SIG_DFL, signal.SIG_IGN], ids=["sigint-default", "sigint-ignored"])
+def test_ctrl_c_stops_waiting_not_the_flow(with_routine: Run, config_file: Callable[..., Path], sigint: Any) -> None:
+    # Also when flowctl starts with SIGINT ignored (nohup, `&` in a script, CI runners).
     proc = subprocess.Popen([sys.executable, "-m", "flowd.cli", "--config", str(config_file()), "submit", "sum",
                              "--wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=flowd_env(),
-                            cwd=str(ROOT))
+                            cwd=str(ROOT), preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
     try:
         assert proc.stdout is not None
         first = proc.stdout.readline()
@@ -461,7 +481,7 @@ def test_submit_wait_exits_1_when_the_flow_fails(cli: Run, worker_pool: Any, tmp
     assert "RuntimeError: failing on purpose" in trace[-1]["error"]
     assert "failing on purpose" in ok(cli("flow", "show", str(flow["id"]))).stdout
 
-    ok(cli("task", "add", "flaky", "t.FailTimes", "--option", f"counter={counter}", "--option", "times=0"))
+    ok(cli("task", "add", "flaky", "t.FailTimes", "--option", f"counter={counter}", "--option", "times=0", "--replace"))
     assert data(cli("--json", "flow", "retry", str(flow["id"])))["state"] in ("INIT", "RUNNING", "DONE")
     wait_for(lambda: data(cli("--json", "flows"))[0]["state"] in ("DONE", "FAILED"), timeout=30,
              message="the retried flow to end")
@@ -588,7 +608,10 @@ def test_status_and_wait_with_the_real_daemon(cli: Run, with_routine: Run, broke
     broker.stop()
     wait_for(lambda: status()["nodes"][0]["broker_connected"] is False, timeout=30,
              message="status to show the broker link down")
-    assert "NOT connected" in ok(cli("status", config=path)).stdout
+    down = ok(cli("status", config=path)).stdout
+    assert f"NOT connected to 127.0.0.1:{broker.port}" in down
+    assert f"mosquitto_pub -h 127.0.0.1 -p {broker.port}" in down
+    assert "systemctl start mosquitto" in down
     assert daemon.terminate() == 0
     stopped = status()
     assert stopped["daemon_running"] is False and stopped["nodes"][0]["stopped_at"]

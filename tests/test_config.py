@@ -64,8 +64,9 @@ def test_under_systemd_defaults_follow_state_directory(tmp_path: Path) -> None:
 
 
 def test_example_file_equals_the_defaults(tmp_path: Path) -> None:
-    example = load_config(EXAMPLE, env=NO_SYSTEMD)
-    empty = load_config(write(tmp_path, ""), env=NO_SYSTEMD)
+    (tmp_path / "config").mkdir()
+    example = load_config(write(tmp_path / "config", EXAMPLE.read_text()), env=NO_SYSTEMD)
+    empty = load_config(write(tmp_path / "config", "", name="empty.toml"), env=NO_SYSTEMD)
     assert dataclasses.replace(example, path=None) == dataclasses.replace(empty, path=None)
 
 
@@ -210,7 +211,7 @@ misfire_grace = "500ms"
 timezone = "Europe/Oslo"
 """)
     config = load_config(path, env=NO_SYSTEMD)
-    assert config.flowd.task_paths == (str(Path.cwd() / "scripts"),)
+    assert config.flowd.task_paths == (str(tmp_path / "scripts"),)  # beside the file, not the current folder
     assert (config.flowd.shutdown_grace, config.flowd.retention, config.flowd.workers) == (60.0, 14 * 86400.0, 3)
     assert (config.mqtt.protocol, config.mqtt.session_expiry) == ("3.1.1", 90.0)
     assert config.mqtt.tls is not None and config.mqtt.tls.ca == "/etc/ssl/ca.pem" and not config.mqtt.tls.insecure

@@ -139,6 +139,12 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, Path
     for name in ("flowd", "config", "deploy", "tasks"):
         if (ROOT / name).is_dir():
             shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    # A git checkout, with a task script the user wrote there and never added: not an example.
+    subprocess.run(["git", "init", "-q", str(source)], check=True)
+    subprocess.run(["git", "-C", str(source), "add", "-A"], check=True)
+    subprocess.run(["git", "-C", str(source), "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm",
+                    "source"], check=True)
+    (source / "tasks" / "task_scratch.py").write_text("from flowd.task import Task\n")
     script = source / "deploy" / "install.sh"
     root = tmp_path_factory.mktemp("root")
     seed_root(root)
@@ -167,6 +173,7 @@ def test_install_creates_account_folders_and_files(installed: tuple[Path, str, P
     assert (root / "etc/flowd/flowd.toml").read_text() == (ROOT / "config/flowd.toml").read_text()
     for script in (ROOT / "tasks").glob("task_*.py"):
         assert owner_mode(root / "etc/flowd/tasks" / script.name) == (0, 0, "0o644")
+    assert not (root / "etc/flowd/tasks/task_scratch.py").exists()  # untracked in the checkout
     assert (root / "etc/systemd/system/flowd.service").read_text() == UNIT.read_text()
     assert owner_mode(root / "etc/systemd/system/flowd.service") == (0, 0, "0o644")
     wants = root / "etc/systemd/system/multi-user.target.wants/flowd.service"

@@ -23,7 +23,7 @@ def test_kill_9_mid_run_then_restart_finishes_every_flow_once(
     # whose result was committed before a kill ran again (executions counted in a file).
     counter = tmp_path / "executions"
     path = config_file(broker, workers=2)
-    engine = api.configure(load_config(path))
+    engine = api.configure(load_config(path), create=True)
     paths = engine.config.flowd.task_paths
     catalog.save_task("first", "t.Count", task_paths=paths, options={"counter": str(counter), "label": "s"})
     catalog.save_task("middle", "t.Count", task_paths=paths,

@@ -191,3 +191,36 @@ def restore_logging() -> Iterator[None]:
             root.removeHandler(handler)
             handler.close()
     root.setLevel(level)
+
+
+def test_flowds_native_journal_handler_escapes_text_from_outside(
+        journal_socket: JournalSocket, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The handler setup_logging installs without python-systemd: a newline in a routine
+    # name or a message (a payload's text) must not start a forged line in MESSAGE or a field.
+    from flowd import journal, logs
+
+    monkeypatch.setattr(journal, "JOURNAL_SOCKET", journal_socket.path)
+    monkeypatch.setattr(journal.JournalHandler, "__init__", _pointing_at(journal_socket.path))
+    handler = logs._native_journal_handler()
+    assert handler is not None
+    log = logging.getLogger("flowd.test_journal_escape")
+    log.propagate = False
+    log.addHandler(handler)
+    try:
+        log.warning("refused %s", "x\n2026-12-01 00:00:00 ERROR forged", extra={"ROUTINE": "r\nPRIORITY=0"})
+        entry = journal_socket.receive()
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+    assert entry["MESSAGE"] == b"flowd.test_journal_escape: refused x\\x0a2026-12-01 00:00:00 ERROR forged"
+    assert entry["ROUTINE"] == b"r\\x0aPRIORITY=0" and entry["PRIORITY"] == b"4"
+
+
+def _pointing_at(path: str) -> object:
+    original = JournalHandler.__init__
+
+    def init(self: JournalHandler, *args: object, **kwargs: object) -> None:
+        kwargs["path"] = path
+        original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    return init

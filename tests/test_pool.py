@@ -100,7 +100,7 @@ def test_the_daemon_on_sqlite(broker: Broker, config_file: Callable[..., Path], 
     # process loaded the Postgres or Redis driver, yet a task can import them; a retry
     # runs on time (the daemon's retry timer).
     path = config_file(broker, workers=2)
-    engine = api.configure(load_config(path))
+    engine = api.configure(load_config(path), create=True)
     paths = engine.config.flowd.task_paths
     Path(paths[0], "task_drivers.py").write_text(
         "import sys\nfrom flowd.task import Task\n\n\nclass Drivers(Task):\n"
@@ -132,7 +132,7 @@ def test_a_retry_pending_at_a_kill_9_runs_at_its_time_after_restart(
     # and started again: the retry runs once, at its time, not before (the timer reads
     # the due time from the database at start; no queue message carried it).
     path = config_file(broker, workers=2)
-    engine = api.configure(load_config(path))
+    engine = api.configure(load_config(path), create=True)
     counter = tmp_path / "count"
     catalog.save_task("flaky", "t.FailTimes", task_paths=engine.config.flowd.task_paths, retries=1, retry_delay=3,
                       options={"counter": str(counter), "times": 1})

@@ -35,7 +35,7 @@ class Site:
         self.config_path = config_path
         self.watcher = watcher
         self._start_proc = start_proc
-        self.engine = api.configure(load_config(config_path))
+        self.engine = api.configure(load_config(config_path), create=True)
         self.paths = self.engine.config.flowd.task_paths
         self.proc: FlowdProcess | None = None
 
@@ -402,7 +402,7 @@ def test_wait_topic_stays_subscribed_when_two_refreshes_overlap(
     from flowd.mqtt_bridge import MqttBridge
 
     config = load_config(config_file(broker))
-    api.configure(config)
+    api.configure(config, create=True)
     catalog.save_task("await", "w.Await", options={"topic": "x/door"}, task_paths=config.flowd.task_paths)
     catalog.save_routine("door", ["await"])
     engine = PausingEngine(config)
