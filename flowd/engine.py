@@ -166,6 +166,13 @@ def flow_result_payload(flow: Any) -> dict[str, Any]:
     }
 
 
+def retry_delay(task: store.TaskInfo | None, failed: int) -> float:
+    """Seconds before the attempt after ``failed`` failed ones: ``retry_delay`` doubling
+    each time, up to ``retry_backoff_max``."""
+    base = task.retry_delay if task else 1.0
+    return float(min(base * (2 ** (failed - 1)), task.retry_backoff_max if task else base))
+
+
 def payload_matches(match: dict[str, Any] | None, payload: Any) -> bool:
     """True when every key/value of ``match`` is in the JSON object ``payload``."""
     if not match:
@@ -754,8 +761,7 @@ class Engine:
         timed_out = bool(flow.deadline and now >= flow.deadline)
         if attempts <= retries and not timed_out:
             resumed = flow.state != FlowState.RUNNING.value  # a wait that timed out
-            base = task.retry_delay if task else 1.0
-            delay = min(base * (2 ** (attempts - 1)), task.retry_backoff_max if task else base)
+            delay = retry_delay(task, attempts)
             store.update_flow(flow, step_attempt=attempts, state=FlowState.RUNNING.value,
                               next_attempt_at=now + dt.timedelta(seconds=delay), updated_at=now, **waits)
             log.info("flow %d %s attempt %d failed, retry in %.1fs: %s", flow.id, label, result.attempt, delay,
