@@ -100,6 +100,19 @@ def retry_flow(flow_id: int) -> Flow:
     return get_flow(engine().retry(flow_id).id)
 
 
+def wait_flow(flow_id: int, timeout: float | None = None) -> Flow:
+    """Block until the flow ends (started anywhere: this process, flowctl, MQTT, another
+    node); returns it. Raises FlowWaitTimeout (a TimeoutError) after ``timeout`` s, the
+    flow going on. Woken by the flow's messages on the broker, with a slow check of the
+    database when the broker is away (see flowd.waiting)."""
+    from flowd.waiting import FlowWaiter
+
+    config = engine().config
+    get_flow(flow_id)
+    with FlowWaiter(config, flow_id) as waiter:
+        return waiter.wait(timeout)
+
+
 def list_flows(state: str | None = None, routine: str | None = None, limit: int = 50) -> list[Flow]:
     """Newest flows first, optionally filtered."""
     engine()

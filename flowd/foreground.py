@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from flowd.engine import MAX_SUBFLOW_DEPTH, payload_matches, retry_delay
 from flowd.errors import InputError, NotFoundError, StepError
@@ -144,23 +144,39 @@ def _attempt_dict(a: Attempt) -> dict[str, Any]:
             "retry_in": a.retry_in, "subflow": a.subflow.as_dict() if a.subflow is not None else None}
 
 
-class Reporter:
-    """What a foreground run tells as it goes (``flowctl run`` prints it); does nothing here."""
+class Reporter(Protocol):
+    """What a foreground run tells as it goes (``flowctl run`` prints it)."""
 
-    def step_started(self, run: Run, attempt: Attempt) -> None:
-        """Called before ``perform``."""
+    def step_started(self, run: Run, attempt: Attempt) -> None: ...
 
-    def published(self, run: Run, attempt: Attempt, message: Published) -> None:
-        """Called for each ``self.publish``."""
+    def published(self, run: Run, attempt: Attempt, message: Published) -> None: ...
 
     def step_ended(self, run: Run, attempt: Attempt) -> None:
-        """Called once the attempt has an output, an error, a wait or a sub-flow."""
+        """Once the attempt has an output, an error (with ``retry_in`` if it retries), a wait or a sub-flow."""
 
-    def subflow_started(self, run: Run, attempt: Attempt, child: Run) -> None:
-        """Called before a sub-flow's first step."""
+    def subflow_started(self, run: Run, attempt: Attempt, child: Run) -> None: ...
 
     def run_ended(self, run: Run) -> None:
-        """Called when the run is DONE, FAILED or stopped WAITING."""
+        """The run (or a sub-flow's) is DONE, FAILED or stopped WAITING."""
+
+
+class _Silent:
+    """The reporter of a run nobody watches (flowd.testing)."""
+
+    def step_started(self, run: Run, attempt: Attempt) -> None:
+        pass
+
+    def published(self, run: Run, attempt: Attempt, message: Published) -> None:
+        pass
+
+    def step_ended(self, run: Run, attempt: Attempt) -> None:
+        pass
+
+    def subflow_started(self, run: Run, attempt: Attempt, child: Run) -> None:
+        pass
+
+    def run_ended(self, run: Run) -> None:
+        pass
 
 
 @dataclass
@@ -207,7 +223,7 @@ class ForegroundRunner:
         self.definitions = definitions
         self.loader = loader
         self.events = list(events)
-        self.reporter = reporter or Reporter()
+        self.reporter: Reporter = reporter or _Silent()
         self.sleep = sleep
 
     def run_routine(self, name: str, args: Iterable[Any] = (), kwargs: Mapping[str, Any] | None = None,

@@ -18,6 +18,7 @@ import re
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,6 +212,20 @@ class _Client(mqtt.Client):
             raise
 
 
+def set_credentials(client: mqtt.Client, config: Config) -> None:
+    """The configured user, password and TLS files; ConfigError when a TLS file cannot be loaded."""
+    m = config.mqtt
+    if m.username:
+        client.username_pw_set(m.username, m.password)
+    if m.tls is not None:
+        try:
+            client.tls_set(ca_certs=m.tls.ca, certfile=m.tls.cert, keyfile=m.tls.key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load the TLS files: {exc}", key="mqtt.tls", path=config.path) from None
+        if m.tls.insecure:
+            client.tls_insecure_set(True)
+
+
 # ---------------------------------------------------------------------- the bridge
 class MqttBridge:
     """Connects flowd to the broker; owns the outbox publisher that feeds it.
@@ -239,7 +254,10 @@ class MqttBridge:
         self.publisher = outbox.OutboxPublisher(config, self, before_send=self.check_rows)
         self.intake = Intake(self, ack=self.ack)
         self._connection = 0  # counts connections: a packet id is only valid on its own
+        self._since: str | None = None  # when the current connection began: the status's "since"
         self.client = self._build_client()
+        self.counts: Callable[[], dict[str, int]] | None = None  # the node's flow counts, for its status
+        self.on_connected: Callable[[], None] | None = None     # called after each connect (Home Assistant)
 
     # ------------------------------------------------------------------ set-up
     def _subscriptions(self) -> list[str]:
@@ -261,15 +279,7 @@ class MqttBridge:
         client.max_inflight_messages_set(PAHO_INFLIGHT)
         client.max_queued_messages_set(0)  # the outbox publisher bounds what it hands over
         client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
-        if m.username:
-            client.username_pw_set(m.username, m.password)
-        if m.tls is not None:
-            try:
-                client.tls_set(ca_certs=m.tls.ca, certfile=m.tls.cert, keyfile=m.tls.key)
-            except (OSError, ssl.SSLError) as exc:
-                raise ConfigError(f"cannot load the TLS files: {exc}", key="mqtt.tls", path=self.config.path) from None
-            if m.tls.insecure:
-                client.tls_insecure_set(True)
+        set_credentials(client, self.config)
         client.will_set(self.status_topic, self._status_payload("offline"), qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
@@ -280,8 +290,23 @@ class MqttBridge:
         return client
 
     def _status_payload(self, state: str) -> str:
-        return json.dumps({"state": state, "version": __version__, "since": isoformat(utcnow())},
-                          separators=(",", ":"))
+        since = self._since if state == "online" and self._since else isoformat(utcnow())
+        payload: dict[str, Any] = {"state": state, "version": __version__, "since": since}
+        if state == "online" and self.counts is not None:
+            try:
+                payload["counts"] = self.counts()
+            except Exception:  # the status must go out without them
+                log.exception("MQTT: cannot count flows for the node status")
+        return json.dumps(payload, separators=(",", ":"))
+
+    def publish_online(self) -> None:
+        """Queue the retained ``online`` status again, with fresh counts (the daemon's loop,
+        when they changed)."""
+        if not self.is_connected():
+            return
+        with write_transaction(sync=False):
+            outbox.add_message(self.status_topic, self._status_payload("online"), retain=True)
+        self.publisher.poke()
 
     def start(self) -> None:
         """Start the publisher and the network thread; a broker that is down is retried."""
@@ -389,9 +414,12 @@ class MqttBridge:
             with self._wait_lock:
                 self._wait_filters.clear()
             self.refresh_wait_topics()
+            self._since = isoformat(utcnow())
             with write_transaction(sync=False):
                 outbox.add_message(self.status_topic, self._status_payload("online"), retain=True)
             self.publisher.poke()
+            if self.on_connected is not None:
+                self.on_connected()
         except Exception:
             log.exception("MQTT: error while setting up the connection")
 
@@ -566,3 +594,69 @@ class MqttBridge:
         if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos == 0:
             return None  # paho dropped it; send again once connected
         return int(info.mid)
+
+
+# ---------------------------------------------------------------------- a listener for flowctl and the API
+class Listener:
+    """A short-lived subscriber with the node's broker settings (flowctl nodes, flow
+    wait, ``api.wait_flow``): a clean session, no Last Will, nothing acknowledged late.
+
+    >>> listener = Listener(config, ["flowd/+/status"], on_message=lambda topic, payload, retained: ...)
+    >>> listener.start(); listener.wait_subscribed(3.0); ...; listener.close()
+    """
+
+    def __init__(self, config: Config, topics: list[str], on_message: Any):
+        import uuid
+
+        m = config.mqtt
+        self.topics = topics
+        self.on_message = on_message
+        self._subscribed = threading.Event()
+        self.problem: str | None = None
+        version = mqtt.MQTTv5 if m.protocol == "5" else mqtt.MQTTv311
+        self.client = _Client(CallbackAPIVersion.VERSION2, client_id=f"flowctl-{uuid.uuid4().hex[:12]}",
+                              protocol=version)
+        self.client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
+        set_credentials(self.client, config)
+        self.client.on_connect = self._on_connect
+        self.client.on_connect_fail = self._on_connect_fail
+        self.client.on_subscribe = lambda *args: self._subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.on_disconnect = lambda *args: self._subscribed.clear()
+        self._host, self._port, self._keepalive = m.host, m.port, m.keepalive
+
+    def start(self) -> None:
+        """Connect in the background (a broker that is away is retried)."""
+        self.client.connect_async(self._host, self._port, self._keepalive)
+        self.client.loop_start()
+
+    def wait_subscribed(self, timeout: float) -> bool:
+        return self._subscribed.wait(timeout)
+
+    def is_subscribed(self) -> bool:
+        return self._subscribed.is_set()
+
+    def publish(self, topic: str, payload: str) -> None:
+        self.client.publish(topic, payload, qos=1)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any) -> None:
+        if reason.is_failure:
+            self.problem = f"the broker at {self._host}:{self._port} refused the connection: {reason}"
+            return
+        self.problem = None
+        client.subscribe([(topic, 1) for topic in self.topics])
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        exc = self.client.last_error
+        self.problem = describe_connect_error(exc, self._host, self._port)[1] if exc else \
+            f"cannot connect to the broker at {self._host}:{self._port}"
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            self.on_message(message.topic, bytes(message.payload), bool(message.retain))
+        except Exception:
+            log.exception("MQTT: error handling a message on %r", message.topic)

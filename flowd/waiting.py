@@ -1,0 +1,126 @@
+"""Waiting for a flow to end, from any process: ``api.wait_flow``, ``flowctl flow wait``
+and ``submit --wait``.
+
+The database is the truth, the broker the doorbell: the waiter subscribes to the
+flow's ``flow/<id>/status`` and ``flow/<id>/result`` (published by whichever node runs
+it, after the state behind them is on disk) and reads the flow once each time one
+arrives. Subscribing comes before the first read, so an end between the two is not
+missed. A slow check of the database covers what the broker cannot tell: a routine
+with ``status = "off"``, a broker that is away, a daemon on another broker. No broker
+at all only makes the waiter check once a second.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from flowd.config import Config
+from flowd.errors import FlowWaitTimeout, NotFoundError
+from flowd.models import Flow, Task, TaskResult
+
+CHECK_EVERY_S = 5.0          # with the broker: the slow check of the database
+CHECK_OFFLINE_EVERY_S = 1.0  # without it
+SUBSCRIBE_WAIT_S = 2.0       # at most this long for the SUBACK before the first read
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a flow is: its row, the task of its current step, that step's latest attempt."""
+
+    flow: Flow
+    task: str
+    attempt: int
+    attempt_state: str | None
+    retries: int
+
+
+def read_progress(flow_id: int, retries: dict[str, int] | None = None) -> Progress:
+    """The flow and its current step's latest attempt; NotFoundError for an unknown id."""
+    flow = Flow.get_or_none(Flow.id == flow_id)
+    if flow is None:
+        raise NotFoundError("flow", flow_id, "list flows with 'flowctl flows'")
+    latest: Any = (TaskResult.select(TaskResult.attempt, TaskResult.state)
+                   .where((TaskResult.flow == flow_id) & (TaskResult.position == flow.position))
+                   .order_by(TaskResult.attempt.desc()).tuples().first())
+    attempt, attempt_state = latest if latest else (0, None)
+    task_name = flow.steps[flow.position] if flow.position < len(flow.steps) else "?"
+    known = retries if retries is not None else {}
+    if task_name not in known:
+        task = Task.get_or_none(Task.name == task_name)
+        known[task_name] = task.retries if task else 0
+    return Progress(flow, task_name, attempt, attempt_state, known[task_name])
+
+
+class FlowWaiter:
+    """Follows one flow until it ends.
+
+    >>> with FlowWaiter(config, 12) as waiter:
+    ...     flow = waiter.wait(timeout=30, on_progress=print)
+    """
+
+    def __init__(self, config: Config, flow_id: int, *, listen: bool = True):
+        self.config = config
+        self.flow_id = flow_id
+        self._woken = threading.Event()
+        self._listener: Any = None
+        if listen:
+            from flowd.mqtt_bridge import Listener
+
+            topics = [config.topic(f"flow/{flow_id}/status"), config.topic(f"flow/{flow_id}/result")]
+            self._listener = Listener(config, topics, self._on_message)
+
+    def __enter__(self) -> FlowWaiter:
+        if self._listener is not None:
+            self._listener.start()
+            self._listener.wait_subscribed(SUBSCRIBE_WAIT_S)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._listener is not None:
+            self._listener.close()
+
+    def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        self._woken.set()
+
+    @property
+    def is_listening(self) -> bool:
+        return self._listener is not None and bool(self._listener.is_subscribed())
+
+    def wait(self, timeout: float | None = None, on_progress: Callable[[Progress], None] | None = None,
+             on_tick: Callable[[Progress], None] | None = None, tick: float = 1.0) -> Flow:
+        """The flow once it has ended; FlowWaitTimeout after ``timeout`` s (the flow goes on).
+
+        ``on_progress`` is called at the start and each time the flow was read again
+        (a message came, or the slow check); ``on_tick`` every ``tick`` s in between,
+        with the progress last read (to redraw an elapsed time), without reading.
+        """
+        started = time.monotonic()
+        retries: dict[str, int] = {}
+        last_read = 0.0
+        progress = None
+        while True:
+            now = time.monotonic()
+            interval = CHECK_EVERY_S if self.is_listening else CHECK_OFFLINE_EVERY_S
+            if progress is None or self._woken.is_set() or now - last_read >= interval:
+                self._woken.clear()
+                last_read = now
+                progress = read_progress(self.flow_id, retries)
+                if on_progress is not None:
+                    on_progress(progress)
+                if progress.flow.is_ended:
+                    return progress.flow
+            elif on_tick is not None:
+                on_tick(progress)
+            pause = interval - (time.monotonic() - last_read)
+            if on_tick is not None:
+                pause = min(pause, tick)
+            if timeout is not None:
+                left = timeout - (time.monotonic() - started)
+                if left <= 0:
+                    raise FlowWaitTimeout(self.flow_id, timeout, progress.flow.state, progress.flow)
+                pause = min(pause, left)
+            self._woken.wait(max(pause, 0.0))
