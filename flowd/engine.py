@@ -261,6 +261,10 @@ class Engine:
         self._publish(self.config.topic(f"flow/{flow.id}/result"), payload, effects, now)
         if flow.reply_to:
             self._publish(flow.reply_to, payload, effects, now, flow.correlation_data)
+        if self.config.homeassistant.discovery:  # the routine's sensor (SPEC 12): its last flow, retained
+            from flowd.homeassistant import last_flow_topic
+
+            outbox.add_message(last_flow_topic(self.config, flow.routine), payload, retain=True)
 
     # ------------------------------------------------------------------ submit
     def submit(self, routine: str | Routine, args: Iterable[Any] = (), kwargs: dict[str, Any] | None = None, *,

@@ -258,6 +258,7 @@ class MqttBridge:
         self.client = self._build_client()
         self.counts: Callable[[], dict[str, int]] | None = None  # the node's flow counts, for its status
         self.on_connected: Callable[[], None] | None = None     # called after each connect (Home Assistant)
+        self.extra_topics: dict[str, Callable[[bytes], None]] = {}  # topic -> handler, not flowd's own input
 
     # ------------------------------------------------------------------ set-up
     def _subscriptions(self) -> list[str]:
@@ -410,7 +411,7 @@ class MqttBridge:
             self._connected.set()
             log.info("MQTT: connected to %s:%d (session present: %s)", m.host, m.port,
                      "yes" if flags.session_present else "no")
-            self._subscribe(self._subscriptions())
+            self._subscribe(self._subscriptions() + sorted(self.extra_topics))
             with self._wait_lock:
                 self._wait_filters.clear()
             self.refresh_wait_topics()
@@ -478,6 +479,15 @@ class MqttBridge:
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if not self._intake:
             return  # not acknowledged: the broker keeps it for the next session
+        handler = self.extra_topics.get(message.topic)
+        if handler is not None:
+            try:
+                handler(bytes(message.payload))
+            except Exception:
+                log.exception("MQTT: error handling a message on %r", message.topic)
+            if message.qos:
+                self.client.ack(message.mid, message.qos)
+            return
         log.debug("MQTT: message %d on '%s' (%d bytes%s)", message.mid, message.topic, len(message.payload),
                   ", again" if message.dup else "")
         self.intake.put(Received(message.topic, bytes(message.payload), message.properties, message.mid,

@@ -102,7 +102,7 @@ def config_changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
             secret = prefix.endswith("password")
             changes.append((prefix, "***" if secret and a else a, "***" if secret and b else b))
 
-    for section in ("flowd", "mqtt", "scheduler", "database", "queue"):
+    for section in ("flowd", "mqtt", "scheduler", "database", "queue", "homeassistant"):
         walk(section, getattr(old, section), getattr(new, section))
     return changes
 
@@ -122,6 +122,7 @@ class Service:
         self.bridge: Any = None
         self.scheduler: Any = None
         self.reaper: Any = None
+        self.discovery: Any = None
         from flowd.models import utcnow
 
         self.started_at = utcnow()
@@ -168,6 +169,9 @@ class Service:
             # Built (not started) before the fork: a bad TLS file stops us here, cleanly.
             self.bridge = MqttBridge(self.config, self.engine)
             self.bridge.counts = node_counts
+            from flowd.homeassistant import Discovery
+
+            self.discovery = Discovery(self.config, self.bridge)
         except Exception as exc:
             damage = exc if isinstance(exc, DatabaseDamaged) else None
             if damage is None and integrity.note_damage(exc, "flowd's start-up"):
@@ -325,6 +329,8 @@ class Service:
         self._guarded("heartbeat", self._write_heartbeat)
         self._guarded("status", self._send_status)
         self._guarded("node status", self._publish_counts)
+        if self.discovery is not None:
+            self._guarded("Home Assistant discovery", self.discovery.tick)
 
     def _send_status(self) -> None:
         if not self.notifier.enabled:
