@@ -4,14 +4,19 @@ and ``submit --wait``.
 The database is the truth, the broker the doorbell: the waiter subscribes to the
 flow's ``flow/<id>/status`` and ``flow/<id>/result`` (published by whichever node runs
 it, after the state behind them is on disk) and reads the flow once each time one
-arrives. Subscribing comes before the first read, so an end between the two is not
-missed. A slow check of the database covers what the broker cannot tell: a routine
-with ``status = "off"``, a broker that is away, a daemon on another broker. No broker
-at all only makes the waiter check once a second.
+arrives, and once more when the subscription is in place (an end before it is not
+missed). A slow check of the database (every 5 s) covers what the broker cannot tell:
+a routine with ``status = "off"``, a daemon on another broker.
+
+While the broker cannot be reached, the doorbell is the SQLite file itself: every
+commit changes the size or time of its write-ahead log, so the waiter looks at those
+(a ``stat``, no query, no lock) five times a second and reads the flow only after a
+change. On PostgreSQL it reads once a second.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -23,8 +28,8 @@ from flowd.errors import FlowWaitTimeout, NotFoundError
 from flowd.models import Flow, Task, TaskResult
 
 CHECK_EVERY_S = 5.0          # with the broker: the slow check of the database
-CHECK_OFFLINE_EVERY_S = 1.0  # without it
-SUBSCRIBE_WAIT_S = 2.0       # at most this long for the SUBACK before the first read
+CHECK_OFFLINE_EVERY_S = 1.0  # without it, when there is no SQLite file to watch
+FILE_CHECK_EVERY_S = 0.2     # without it: how often the SQLite file's stamp is looked at
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,9 @@ class FlowWaiter:
         self.flow_id = flow_id
         self._woken = threading.Event()
         self._listener: Any = None
+        self._was_listening = False
+        self._files = _database_files(config)
+        self._stamp: tuple[Any, ...] | None = None
         if listen:
             from flowd.mqtt_bridge import Listener
 
@@ -75,8 +83,7 @@ class FlowWaiter:
 
     def __enter__(self) -> FlowWaiter:
         if self._listener is not None:
-            self._listener.start()
-            self._listener.wait_subscribed(SUBSCRIBE_WAIT_S)
+            self._listener.start()  # not waited for: the file's stamp serves until it is subscribed
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -95,7 +102,7 @@ class FlowWaiter:
         """The flow once it has ended; FlowWaitTimeout after ``timeout`` s (the flow goes on).
 
         ``on_progress`` is called at the start and each time the flow was read again
-        (a message came, or the slow check); ``on_tick`` every ``tick`` s in between,
+        (a message came, the file changed, or the slow check); ``on_tick`` every ``tick`` s in between,
         with the progress last read (to redraw an elapsed time), without reading.
         """
         started = time.monotonic()
@@ -104,9 +111,15 @@ class FlowWaiter:
         progress = None
         while True:
             now = time.monotonic()
-            interval = CHECK_EVERY_S if self.is_listening else CHECK_OFFLINE_EVERY_S
-            if progress is None or self._woken.is_set() or now - last_read >= interval:
+            listening = self.is_listening
+            subscribed_now = listening and not self._was_listening
+            self._was_listening = listening
+            interval = CHECK_EVERY_S if listening or self._files else CHECK_OFFLINE_EVERY_S
+            stamp = self._stamp if listening else self._file_stamp()
+            changed = not listening and stamp != self._stamp
+            if progress is None or self._woken.is_set() or subscribed_now or changed or now - last_read >= interval:
                 self._woken.clear()
+                self._stamp = stamp  # taken before the read: a commit after it shows next time
                 last_read = now
                 progress = read_progress(self.flow_id, retries)
                 if on_progress is not None:
@@ -116,6 +129,8 @@ class FlowWaiter:
             elif on_tick is not None:
                 on_tick(progress)
             pause = interval - (time.monotonic() - last_read)
+            if not listening:
+                pause = min(pause, FILE_CHECK_EVERY_S if self._files else CHECK_OFFLINE_EVERY_S)
             if on_tick is not None:
                 pause = min(pause, tick)
             if timeout is not None:
@@ -124,3 +139,23 @@ class FlowWaiter:
                     raise FlowWaitTimeout(self.flow_id, timeout, progress.flow.state, progress.flow)
                 pause = min(pause, left)
             self._woken.wait(max(pause, 0.0))
+
+    def _file_stamp(self) -> tuple[Any, ...] | None:
+        if not self._files:
+            return None
+        stamp: list[Any] = []
+        for path in self._files:
+            try:
+                info = os.stat(path)
+                stamp.append((info.st_size, info.st_mtime_ns, info.st_ino))
+            except FileNotFoundError:
+                stamp.append(None)
+        return tuple(stamp)
+
+
+def _database_files(config: Config) -> tuple[str, ...]:
+    """The SQLite database and its write-ahead log, whose stamps change at every commit."""
+    from flowd.models import sqlite_path
+
+    path = sqlite_path(config.database.url)
+    return (str(path), f"{path}-wal") if path is not None else ()
