@@ -608,9 +608,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print JSON on stdout (errors too, as {\"error\": ...})")
     parser = _Parser(prog="flowctl", description="Manage flowd: tasks, routines and flows.",
-                     epilog="exit codes: 0 ok, 1 flow FAILED/CANCELLED (submit --wait), 2 bad usage or input, "
-                            "3 database or queue unreachable (db check: damaged), 124 submit --wait --timeout ran out, "
-                            "130 Ctrl-C while waiting")
+                     epilog="exit codes: 0 ok, 1 flow FAILED/CANCELLED (submit --wait, flow wait, run), "
+                            "2 bad usage or input, 3 database, queue or broker unreachable (db check: damaged), "
+                            "124 --timeout ran out while waiting, 130 Ctrl-C while waiting")
     parser.add_argument("--config", metavar="PATH", default=None,
                         help="config file (default: $FLOWD_CONFIG, /etc/flowd/flowd.toml, ./config/flowd.toml)")
     parser.add_argument("--json", action="store_true", default=False,

@@ -80,7 +80,7 @@ class RunPrinter:
 
     def published(self, run: Run, attempt: Attempt, message: Published) -> None:
         payload = message.payload.decode("utf-8", "replace") if isinstance(message.payload, bytes) else message.payload
-        shown = payload if isinstance(payload, str) else self._value(payload, run.depth)
+        shown = _printable(payload) if isinstance(payload, str) else self._value(payload, run.depth)
         flags = f"qos {message.qos}" + (", retained" if message.retain else "")
         self._line(run.depth, f"  publish  {message.topic} {shown} ({flags}; not sent: flowctl run sends nothing)")
 
@@ -89,7 +89,7 @@ class RunPrinter:
 
         took = human_duration(attempt.seconds) if attempt.seconds >= 1 else f"{attempt.seconds * 1000:.1f} ms"
         if attempt.error is not None:
-            lines = attempt.error.rstrip().splitlines() or ["failed"]
+            lines = [_printable(line) for line in attempt.error.rstrip().splitlines()] or ["failed"]
             self._line(run.depth, f"  FAILED   {lines[-1]} ({took})")
             for line in lines[:-1]:
                 self._line(run.depth, f"           {line}")
@@ -211,7 +211,7 @@ def cmd_nodes(ctx: Context) -> int:
     import threading
     import uuid
 
-    from flowd.display import local_time, parse_iso, table
+    from flowd.display import table
     from flowd.errors import StoreUnavailable
     from flowd.mqtt_bridge import Listener
 
@@ -228,15 +228,20 @@ def cmd_nodes(ctx: Context) -> int:
             return
         node_id = topic[len(prefix):-len(suffix)]
         last_news[0] = time.monotonic()
+        if not payload:
+            found.pop(node_id, None)  # its retained status was cleared: the node is gone
+            return
         try:
             data = json.loads(payload.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
             data = None
         if not isinstance(data, dict):
-            found[node_id] = {"node_id": node_id, "state": "unreadable", "version": None, "since": None}
+            found[node_id] = {"node_id": node_id, "state": "unreadable", "version": None, "since": None,
+                              "counts": None}
             return
-        found[node_id] = {"node_id": node_id, "state": str(data.get("state", "?")), "version": data.get("version"),
-                          "since": data.get("since"), "counts": data.get("counts")}
+        counts = data.get("counts")
+        found[node_id] = {"node_id": node_id, "state": _text(data.get("state")), "version": _text(data.get("version")),
+                          "since": _text(data.get("since")), "counts": counts if isinstance(counts, dict) else None}
 
     listener = Listener(config, [f"{prefix}+{suffix}", marker], on_message)
     listener.start()
@@ -256,14 +261,32 @@ def cmd_nodes(ctx: Context) -> int:
     nodes = [found[key] for key in sorted(found)]
     rows = []
     for n in nodes:
-        counts = n.get("counts") or {}
-        rows.append((n["node_id"], n["state"], n["version"] or "?", local_time(parse_iso(n["since"])) if isinstance(
-            n["since"], str) else "?", counts.get("running", ""), counts.get("queued", ""),
-            counts.get("failed_last_hour", "")))
+        counts = n["counts"] or {}
+        rows.append((_printable(n["node_id"]), _printable(n["state"] or "?"), _printable(n["version"] or "?"),
+                     _since(n["since"]), *(_printable(str(counts.get(key, ""))) for key in (
+                         "running", "queued", "failed_last_hour"))))
     text = table(("NODE", "STATE", "VERSION", "SINCE", "RUNNING", "QUEUED", "FAILED 1H"), rows, flex=0) if nodes \
         else f"no flowd node has published its status on {config.mqtt.host}:{config.mqtt.port} ({prefix}+{suffix})"
     ctx.emit(nodes, text)
     return EXIT_OK
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None if value is None else str(value)
+
+
+def _printable(text: str) -> str:
+    """Text from the broker, safe on a terminal: control characters shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _since(text: str | None) -> str:
+    from flowd.display import local_time, parse_iso
+
+    try:
+        return local_time(parse_iso(text)) if text else "?"
+    except ValueError:
+        return _printable(text or "?")
 
 
 # --------------------------------------------------------------------------- parsers

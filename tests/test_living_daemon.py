@@ -117,7 +117,8 @@ def test_wait_flow_and_flow_wait_from_another_process_and_folder(
 
 
 def test_nodes_lists_two_daemons_on_one_broker(broker: Any, config_file: Callable[..., Path], flowd_proc: Any,
-                                               session_client: Any, tmp_path: Path, task_dir: Path) -> None:
+                                               session_client: Any, mqtt_client: Any, tmp_path: Path,
+                                               task_dir: Path) -> None:
     # Two nodes, each with its own state folder, share one broker. Node "alpha" has one
     # flow that failed a moment ago (recorded with flowctl run --record). flowctl nodes
     # lists both, online, with version, since and counts; stopped, beta is offline.
@@ -153,6 +154,15 @@ def test_nodes_lists_two_daemons_on_one_broker(broker: Any, config_file: Callabl
     assert nodes["beta"]["counts"]["failed_last_hour"] == 0
     text = flowctl(alpha, "nodes").stdout
     assert "alpha" in text and "beta" in text and "online" in text and "FAILED 1H" in text
+    # Whatever else sits on the broker cannot break the listing or the terminal.
+    other = mqtt_client("someone-else")
+    other.client.publish("flowd/junk/status", "not json", qos=1, retain=True).wait_for_publish(5)
+    other.client.publish("flowd/evil/status", json.dumps({"state": "online\x1b[31m", "since": "yesterday",
+                                                                "counts": [1]}), qos=1, retain=True).wait_for_publish(5)
+    listed = flowctl(alpha, "nodes")
+    assert listed.returncode == 0, listed.stderr
+    assert "\x1b" not in listed.stdout and "junk" in listed.stdout and "unreadable" in listed.stdout
+    assert "online\\x1b[31m" in listed.stdout and "yesterday" in listed.stdout
     assert beta_proc.terminate() == 0
     nodes = {n["node_id"]: n for n in json.loads(flowctl(alpha, "--json", "nodes").stdout)}
     assert nodes["beta"]["state"] == "offline" and nodes["alpha"]["state"] == "online"
