@@ -107,8 +107,8 @@ class RunPrinter:
         if attempt.output is not None:
             self._line(run.depth, f"  output   {self._value(attempt.output, run.depth)} ({took})")
 
-    def subflow_started(self, run: Run, attempt: Attempt, child: Run) -> None:
-        self._line(run.depth, f"  sub-flow routine {child.routine} (the daemon runs it as its own flow, trigger "
+    def subflow_started(self, run: Run, attempt: Attempt, routine: str) -> None:
+        self._line(run.depth, f"  sub-flow routine {routine} (the daemon runs it as its own flow, trigger "
                               "'flow'; here it runs nested):")
 
     def run_ended(self, run: Run) -> None:

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 from flowd.engine import MAX_SUBFLOW_DEPTH, payload_matches, retry_delay
 from flowd.errors import InputError, NotFoundError, StepError
 from flowd.loader import ScriptLoader
-from flowd.models import isoformat, utcnow
+from flowd.models import Flow, FlowState, TaskResult, isoformat, utcnow, write_transaction
 from flowd.runner import (
     StepTimeout,
     check_json,
@@ -154,7 +154,7 @@ class Reporter(Protocol):
     def step_ended(self, run: Run, attempt: Attempt) -> None:
         """Once the attempt has an output, an error (with ``retry_in`` if it retries), a wait or a sub-flow."""
 
-    def subflow_started(self, run: Run, attempt: Attempt, child: Run) -> None: ...
+    def subflow_started(self, run: Run, attempt: Attempt, routine: str) -> None: ...
 
     def run_ended(self, run: Run) -> None:
         """The run (or a sub-flow's) is DONE, FAILED or stopped WAITING."""
@@ -172,7 +172,7 @@ class _Silent:
     def step_ended(self, run: Run, attempt: Attempt) -> None:
         pass
 
-    def subflow_started(self, run: Run, attempt: Attempt, child: Run) -> None:
+    def subflow_started(self, run: Run, attempt: Attempt, routine: str) -> None:
         pass
 
     def run_ended(self, run: Run) -> None:
@@ -257,7 +257,7 @@ class ForegroundRunner:
             task = self.definitions.tasks[steps[run.position]]
             failed = 0
             while True:
-                attempt = self._run_attempt(run, task, step_input, failed + 1, flow_uid, deadline, timeout)
+                attempt = self._run_attempt(run, task, step_input, failed + 1, flow_uid, deadline)
                 if attempt.error is None:
                     break
                 failed += 1
@@ -273,6 +273,9 @@ class ForegroundRunner:
                              if out_of_time and timeout else f"{attempt.label} failed: {summary}")
                 return self._end(run, FAILED)
             self.reporter.step_ended(run, attempt)
+            if deadline is not None and time.monotonic() >= deadline and run.position + 1 < len(steps):
+                run.error = f"flow timed out: routine '{routine}' allows {timeout:g}s for the whole flow"
+                return self._end(run, FAILED)  # as the engine: the step is done, the flow out of time
             if attempt.wait is not None and attempt.output is None:
                 run.error = (f"{attempt.label} waits for a message on '{attempt.wait['topic']}'"
                              + (f" matching {attempt.wait['match']}" if attempt.wait.get("match") else "")
@@ -299,7 +302,7 @@ class ForegroundRunner:
             self.sleep(delay)
 
     def _run_attempt(self, run: Run, task: TaskInfo, step_input: dict[str, Any], number: int, flow_uid: str,
-                     deadline: float | None, flow_timeout: float | None) -> Attempt:
+                     deadline: float | None) -> Attempt:
         args, kwargs = list(step_input.get("args", [])), dict(step_input.get("kwargs", {}))
         attempt = Attempt(run.position, len(run.steps), task.name, task.script, number,
                           {"args": args, "kwargs": kwargs}, dict(task.options), utcnow())
@@ -308,13 +311,14 @@ class ForegroundRunner:
         label = "perform()"
         started = time.monotonic()
         limit = _step_limit(task.timeout, deadline)
-        try:
-            def publish(topic: str, payload: Any, qos: int = 1, retain: bool = False) -> None:
-                check_publish(topic, payload, qos)
-                message = Published(topic, payload, qos, bool(retain), run.position, task.name)
-                attempt.published.append(message)
-                self.reporter.published(run, attempt, message)
 
+        def publish(topic: str, payload: Any, qos: int = 1, retain: bool = False) -> None:
+            check_publish(topic, payload, qos)
+            message = Published(topic, payload, qos, bool(retain), run.position, task.name)
+            attempt.published.append(message)
+            self.reporter.published(run, attempt, message)
+
+        try:
             instance = make_task(self.loader.load(task.script), flow_id=0, flow_uid=flow_uid, routine=run.routine,
                                  position=run.position, attempt=number, results=run.outputs,
                                  task_name=task.name, script=task.script, publisher=publish)
@@ -334,9 +338,6 @@ class ForegroundRunner:
             attempt.error = failure_text(exc)
         attempt.seconds = time.monotonic() - started
         attempt.finished_at = utcnow()
-        if flow_timeout and deadline is not None and attempt.error is None and time.monotonic() >= deadline \
-                and run.position + 1 < len(run.steps):
-            attempt.error = f"flow timed out: routine '{run.routine}' allows {flow_timeout:g}s for the whole flow"
         return attempt
 
     def _resume_with_event(self, attempt: Attempt, wait: Wait, args: list[Any], kwargs: dict[str, Any]) -> None:
@@ -359,8 +360,7 @@ class ForegroundRunner:
         routine = self.definitions.routines.get(sub.routine)
         if routine is None:
             raise StepError(f"perform() returned SubFlow('{sub.routine}'), but there is no routine '{sub.routine}'")
-        child = Run(routine.name, list(sub.args), dict(sub.kwargs), list(routine.steps), run.depth + 1)
-        self.reporter.subflow_started(run, attempt, child)
+        self.reporter.subflow_started(run, attempt, routine.name)
         child = self.run_routine(sub.routine, sub.args, sub.kwargs, depth=run.depth + 1)
         attempt.subflow = child
         if child.state == DONE:
@@ -401,28 +401,26 @@ def record_run(run: Run, *, trigger: str = "cli", parent_id: int | None = None) 
     """Store a finished foreground run as an ended flow with its attempts (``--record``);
     its id. A run stopped at a Wait is stored CANCELLED, saying so; nothing it
     published is stored or sent. The database must be open."""
-    from flowd.models import Flow, FlowState, TaskResult, write_transaction
-
     with write_transaction():
-        return _record(run, trigger, parent_id, Flow, FlowState, TaskResult)
+        return _record(run, trigger, parent_id)
 
 
-def _record(run: Run, trigger: str, parent_id: int | None, flow_model: Any, states: Any, result_model: Any) -> int:
-    state = run.state if run.state in (DONE, FAILED) else states.CANCELLED.value
+def _record(run: Run, trigger: str, parent_id: int | None) -> int:
+    state = run.state if run.state in (DONE, FAILED) else FlowState.CANCELLED.value
     error = run.error if run.state != WAITING else f"flowctl run stopped here: {run.error}"
     now = run.finished_at or utcnow()
-    flow = flow_model.create(
+    flow = Flow.create(
         uid=str(uuid.uuid4()), routine=run.routine, steps=run.steps, state=state, position=run.position,
         args=run.args, kwargs=run.kwargs, trigger=trigger, admitted=True, result=run.result, error=error,
-        created_at=run.started_at, started_at=run.started_at, finished_at=now,
-        updated_at=now, parent=parent_id, depth=run.depth)
+        created_at=run.started_at, started_at=run.started_at, finished_at=now, updated_at=now, parent=parent_id,
+        depth=run.depth)
     for a in run.attempts:
         output = a.output
         if a.subflow is not None:
-            child_id = _record(a.subflow, "flow", flow.id, flow_model, states, result_model)
+            child_id = _record(a.subflow, "flow", flow.id)
             output = a.output if a.output is not None else {"child": child_id}
         step_state = "DONE" if a.error is None and a.output is not None else "FAILED" if a.error else "CANCELLED"
-        result_model.create(flow=flow.id, position=a.position, task=a.task, attempt=a.attempt, state=step_state,
-                            input=a.input, output=output, error=a.error, started_at=a.started_at,
-                            finished_at=a.finished_at or now)
+        TaskResult.create(flow=flow.id, position=a.position, task=a.task, attempt=a.attempt, state=step_state,
+                          input=a.input, output=output, error=a.error, started_at=a.started_at,
+                          finished_at=a.finished_at or now)
     return int(flow.id)

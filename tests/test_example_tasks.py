@@ -132,3 +132,14 @@ def test_the_apply_file_routine_and_bad_definitions(tmp_path: Path) -> None:
         run_routine(["x"], tasks={"x": {"script": "greenhouse.Nope"}}, task_paths=TASKS)
     with pytest.raises(InputError, match="not JSON-serialisable"):
         run_task("greenhouse.Reading", kwargs={"raw": object()}, task_paths=TASKS)
+
+
+def test_a_routine_timeout_bounds_the_whole_run() -> None:
+    # A 0.3 s routine timeout: the slow first step is stopped when the routine's time is
+    # up, and the run fails saying so, as the daemon's flow would.
+    run = run_routine("slow", task_paths=TASKS, tasks={
+        "nap": {"script": "example.VeryLong", "options": {"seconds": 2}, "retries": 3},
+        "echo": {"script": "example.Echo"}}, routines={"slow": {"tasks": ["nap", "echo"], "timeout": 0.3}})
+    assert run.state == "FAILED"
+    assert run.error == "flow timed out: routine 'slow' allows 0.3s for the whole flow"
+    assert len(run.attempts) == 1 and (run.attempts[0].error or "").startswith("timed out after 0.")
