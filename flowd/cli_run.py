@@ -213,7 +213,7 @@ def cmd_nodes(ctx: Context) -> int:
 
     from flowd.display import table
     from flowd.errors import StoreUnavailable
-    from flowd.mqtt_bridge import Listener
+    from flowd.listener import Listener
 
     config = ctx.config
     prefix, suffix = config.topic("flowd/"), "/status"

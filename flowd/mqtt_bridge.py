@@ -212,8 +212,23 @@ class _Client(mqtt.Client):
             raise
 
 
-def set_credentials(client: mqtt.Client, config: Config) -> None:
-    """The configured user, password and TLS files; ConfigError when a TLS file cannot be loaded."""
+def new_client(config: Config, client_id: str, *, v5: bool, persistent: bool) -> _Client:
+    """A paho client for the configured broker: protocol, user, password, TLS, reconnect
+    backoff. ``persistent``: the daemon's session (kept by the broker, messages
+    acknowledged by flowd); else a clean one (flowctl's listeners). ConfigError when a
+    TLS file cannot be loaded."""
+    if v5:
+        client = _Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
+                         manual_ack=persistent)
+    else:
+        client = _Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
+                         clean_session=not persistent, manual_ack=persistent)
+    client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
+    _set_credentials(client, config)
+    return client
+
+
+def _set_credentials(client: mqtt.Client, config: Config) -> None:
     m = config.mqtt
     if m.username:
         client.username_pw_set(m.username, m.password)
@@ -270,17 +285,9 @@ class MqttBridge:
         return [common, node_submit]
 
     def _build_client(self) -> _Client:
-        m = self.config.mqtt
-        if self.is_v5:
-            client = _Client(CallbackAPIVersion.VERSION2, client_id=m.client_id, protocol=mqtt.MQTTv5,
-                             manual_ack=True)
-        else:
-            client = _Client(CallbackAPIVersion.VERSION2, client_id=m.client_id, protocol=mqtt.MQTTv311,
-                             clean_session=False, manual_ack=True)
+        client = new_client(self.config, self.config.mqtt.client_id, v5=self.is_v5, persistent=True)
         client.max_inflight_messages_set(PAHO_INFLIGHT)
         client.max_queued_messages_set(0)  # the outbox publisher bounds what it hands over
-        client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
-        set_credentials(client, self.config)
         client.will_set(self.status_topic, self._status_payload("offline"), qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
@@ -605,68 +612,3 @@ class MqttBridge:
             return None  # paho dropped it; send again once connected
         return int(info.mid)
 
-
-# ---------------------------------------------------------------------- a listener for flowctl and the API
-class Listener:
-    """A short-lived subscriber with the node's broker settings (flowctl nodes, flow
-    wait, ``api.wait_flow``): a clean session, no Last Will, nothing acknowledged late.
-
-    >>> listener = Listener(config, ["flowd/+/status"], on_message=lambda topic, payload, retained: ...)
-    >>> listener.start(); listener.wait_subscribed(3.0); ...; listener.close()
-    """
-
-    def __init__(self, config: Config, topics: list[str], on_message: Any):
-        import uuid
-
-        m = config.mqtt
-        self.topics = topics
-        self.on_message = on_message
-        self._subscribed = threading.Event()
-        self.problem: str | None = None
-        version = mqtt.MQTTv5 if m.protocol == "5" else mqtt.MQTTv311
-        self.client = _Client(CallbackAPIVersion.VERSION2, client_id=f"flowctl-{uuid.uuid4().hex[:12]}",
-                              protocol=version)
-        self.client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
-        set_credentials(self.client, config)
-        self.client.on_connect = self._on_connect
-        self.client.on_connect_fail = self._on_connect_fail
-        self.client.on_subscribe = lambda *args: self._subscribed.set()
-        self.client.on_message = self._on_message
-        self.client.on_disconnect = lambda *args: self._subscribed.clear()
-        self._host, self._port, self._keepalive = m.host, m.port, m.keepalive
-
-    def start(self) -> None:
-        """Connect in the background (a broker that is away is retried)."""
-        self.client.connect_async(self._host, self._port, self._keepalive)
-        self.client.loop_start()
-
-    def wait_subscribed(self, timeout: float) -> bool:
-        return self._subscribed.wait(timeout)
-
-    def is_subscribed(self) -> bool:
-        return self._subscribed.is_set()
-
-    def publish(self, topic: str, payload: str) -> None:
-        self.client.publish(topic, payload, qos=1)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any) -> None:
-        if reason.is_failure:
-            self.problem = f"the broker at {self._host}:{self._port} refused the connection: {reason}"
-            return
-        self.problem = None
-        client.subscribe([(topic, 1) for topic in self.topics])
-
-    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        exc = self.client.last_error
-        self.problem = describe_connect_error(exc, self._host, self._port)[1] if exc else \
-            f"cannot connect to the broker at {self._host}:{self._port}"
-
-    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        try:
-            self.on_message(message.topic, bytes(message.payload), bool(message.retain))
-        except Exception:
-            log.exception("MQTT: error handling a message on %r", message.topic)

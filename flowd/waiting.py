@@ -76,7 +76,7 @@ class FlowWaiter:
         self._files = _database_files(config)
         self._stamp: tuple[Any, ...] | None = None
         if listen:
-            from flowd.mqtt_bridge import Listener
+            from flowd.listener import Listener
 
             topics = [config.topic(f"flow/{flow_id}/status"), config.topic(f"flow/{flow_id}/result")]
             self._listener = Listener(config, topics, self._on_message)
