@@ -8,6 +8,8 @@ lookup; call :func:`configure` first to choose the file or pass a Config.
 >>> flow = api.submit_flow("fetch-weather", "arg0", city="Oslo", request_id="r-17")
 >>> api.get_flow(flow.id).state
 'INIT'
+>>> api.wait_flow(flow.id, timeout=30).state      # blocks until it ends (TimeoutError after 30 s)
+'DONE'
 """
 
 from __future__ import annotations

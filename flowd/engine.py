@@ -250,21 +250,27 @@ class Engine:
                                        dumps(flow_status_payload(flow, child_id))))
 
     def _status_mode(self, routine: str) -> str:
+        info = self._routine_info(routine)
+        return info.status if info is not None else "steps"
+
+    def _routine_info(self, routine: str) -> store.RoutineInfo | None:
         info = self.definitions.routines.get(routine)
         if info is None and self.definitions.version is None:  # this process has not read them yet
             self.definitions.refresh()
             info = self.definitions.routines.get(routine)
-        return info.status if info is not None else "steps"
+        return info
 
     def _publish_result(self, flow: Row, effects: Effects, now: dt.datetime) -> None:
         payload = flow_result_payload(flow)
         self._publish(self.config.topic(f"flow/{flow.id}/result"), payload, effects, now)
         if flow.reply_to:
             self._publish(flow.reply_to, payload, effects, now, flow.correlation_data)
-        if self.config.homeassistant.discovery:  # the routine's sensor (SPEC 12): its last flow, retained
-            from flowd.homeassistant import last_flow_topic
+        if self.config.homeassistant.discovery:
+            info = self._routine_info(flow.routine)
+            if info is not None and info.mqtt:  # its Home Assistant sensor (SPEC 12): the last flow, retained
+                from flowd.homeassistant import last_flow_topic
 
-            outbox.add_message(last_flow_topic(self.config, flow.routine), payload, retain=True)
+                outbox.add_message(last_flow_topic(self.config, flow.routine), payload, retain=True)
 
     # ------------------------------------------------------------------ submit
     def submit(self, routine: str | Routine, args: Iterable[Any] = (), kwargs: dict[str, Any] | None = None, *,
