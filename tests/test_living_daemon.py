@@ -182,7 +182,7 @@ def _configs(watcher: Any, component: str, object_id: str) -> list[Any]:
 def test_home_assistant_discovery(broker: Any, config_file: Callable[..., Path], flowd_proc: Any,
                                   session_client: Any, mqtt_client: Any, db: Any, task_dir: Path) -> None:
     # flowd with [homeassistant] discovery = true publishes, retained, a button and a
-    # sensor for each routine MQTT may start ('greenhouse', 'other'; not 'local').
+    # sensor for each routine MQTT may start ('greenhouse', 'other', 'third'; not 'local').
     # Home Assistant pressing the button (payload_press on command_topic) starts the
     # routine; its sensor's state topic then holds the flow's end. Removing a routine
     # empties its configs; Home Assistant's birth message makes flowd publish again;
@@ -191,6 +191,7 @@ def test_home_assistant_discovery(broker: Any, config_file: Callable[..., Path],
     catalog.save_task("reading", "greenhouse.Reading", options={"raw": 312}, task_paths=paths)
     catalog.save_routine("greenhouse", ["reading"])
     catalog.save_routine("other", ["reading"])
+    catalog.save_routine("third", ["reading"])
     catalog.save_routine("local", ["reading"], mqtt=False)
     watcher = session_client(["homeassistant/#", "flowd/#", "flow/+/result"])
     proc = start(broker, config_file(broker=broker, homeassistant={"discovery": True}), flowd_proc, watcher)
@@ -246,8 +247,28 @@ def test_home_assistant_discovery(broker: Any, config_file: Callable[..., Path],
              message="configs published again after the birth message")
     assert "Home Assistant announced itself" in proc.log_text()
 
+    # A routine MQTT may no longer start loses its entities too.
+    assert _configs(watcher, "button", "third")[-1]["command_topic"] == "flowd/testnode/submit"
+    catalog.save_routine("third", ["reading"], mqtt=False)
+    wait_for(lambda: watcher.received("homeassistant/button/flowd_testnode/third/config")[-1][1] == b"",
+             timeout=10, message="the button of a routine without mqtt emptied")
+
     # Discovery off: at the next start every entity it published is removed.
     assert proc.terminate() == 0
     start(broker, config_file(broker=broker, homeassistant={"discovery": False}), flowd_proc, watcher)
     wait_for(lambda: watcher.received("homeassistant/button/flowd_testnode/other/config")[-1][1] == b"",
              timeout=10, message="the other button emptied with discovery off")
+
+
+def test_discovery_ids_keep_to_home_assistants_characters(config: Any) -> None:
+    # Routine names may hold '.', which a discovery topic id may not: 'a.b' and 'a_b'
+    # must still be two entities, each under a topic Home Assistant accepts.
+    import re
+
+    from flowd.homeassistant import discovery_id, entity_configs
+
+    assert discovery_id("greenhouse") == "greenhouse"
+    assert discovery_id("a.b") != discovery_id("a_b") == "a_b"
+    configs = entity_configs(config, ["a.b", "a_b"])
+    assert len(configs) == 4 and len({json.loads(c)["unique_id"] for c in configs.values()}) == 4
+    assert all(re.fullmatch(r"homeassistant/(button|sensor)/[A-Za-z0-9_-]+/[A-Za-z0-9_-]+/config", t) for t in configs)
