@@ -84,6 +84,9 @@ class RunPrinter:
         flags = f"qos {message.qos}" + (", retained" if message.retain else "")
         self._line(run.depth, f"  publish  {message.topic} {shown} ({flags}; not sent: flowctl run sends nothing)")
 
+    def logged(self, run: Run, attempt: Attempt, level: str, message: str) -> None:
+        self._line(run.depth, f"  log      {level} {_printable(message)}")
+
     def step_ended(self, run: Run, attempt: Attempt) -> None:
         from flowd.display import human_duration
 

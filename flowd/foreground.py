@@ -19,6 +19,7 @@ an ended flow when asked (``flowctl run --record``).
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import signal
 import threading
 import time
@@ -75,6 +76,7 @@ class Attempt:
     error: str | None = None
     seconds: float = 0.0
     published: list[Published] = field(default_factory=list)
+    logs: list[tuple[str, str]] = field(default_factory=list)  # (level, message) of self.log, in order
     wait: dict[str, Any] | None = None        # the Wait returned: topic, match, timeout
     event: Any = None                         # the event that resumed it, if one was given
     subflow: Run | None = None
@@ -140,7 +142,8 @@ def _published_dict(p: Published) -> dict[str, Any]:
 def _attempt_dict(a: Attempt) -> dict[str, Any]:
     return {"position": a.position, "task": a.task, "script": a.script, "attempt": a.attempt, "input": a.input,
             "options": a.options, "output": a.output, "error": a.error, "seconds": round(a.seconds, 6),
-            "published": [_published_dict(p) for p in a.published], "wait": a.wait, "event": a.event,
+            "published": [_published_dict(p) for p in a.published], "logs": [list(line) for line in a.logs],
+            "wait": a.wait, "event": a.event,
             "retry_in": a.retry_in, "subflow": a.subflow.as_dict() if a.subflow is not None else None}
 
 
@@ -150,6 +153,8 @@ class Reporter(Protocol):
     def step_started(self, run: Run, attempt: Attempt) -> None: ...
 
     def published(self, run: Run, attempt: Attempt, message: Published) -> None: ...
+
+    def logged(self, run: Run, attempt: Attempt, level: str, message: str) -> None: ...
 
     def step_ended(self, run: Run, attempt: Attempt) -> None:
         """Once the attempt has an output, an error (with ``retry_in`` if it retries), a wait or a sub-flow."""
@@ -167,6 +172,9 @@ class _Silent:
         pass
 
     def published(self, run: Run, attempt: Attempt, message: Published) -> None:
+        pass
+
+    def logged(self, run: Run, attempt: Attempt, level: str, message: str) -> None:
         pass
 
     def step_ended(self, run: Run, attempt: Attempt) -> None:
@@ -322,6 +330,7 @@ class ForegroundRunner:
             instance = make_task(self.loader.load(task.script), flow_id=0, flow_uid=flow_uid, routine=run.routine,
                                  position=run.position, attempt=number, results=run.outputs,
                                  task_name=task.name, script=task.script, publisher=publish)
+            instance.log = _RecordingLog(instance.log, lambda level, text: self._logged(run, attempt, level, text))
             value = _call_with_timeout(instance, args, step_kwargs(task.options, kwargs), limit)
             if isinstance(value, Wait):
                 check_wait(value, label)
@@ -339,6 +348,10 @@ class ForegroundRunner:
         attempt.seconds = time.monotonic() - started
         attempt.finished_at = utcnow()
         return attempt
+
+    def _logged(self, run: Run, attempt: Attempt, level: str, text: str) -> None:
+        attempt.logs.append((level, text))
+        self.reporter.logged(run, attempt, level, text)
 
     def _resume_with_event(self, attempt: Attempt, wait: Wait, args: list[Any], kwargs: dict[str, Any]) -> None:
         """The daemon resumes a wait with the message's payload as ``event``; here the next event given."""
@@ -369,6 +382,25 @@ class ForegroundRunner:
             attempt.wait = {"subflow": child.routine}
         else:
             raise StepError(f"sub-flow ({child.routine}) ended {child.state}: {child.error}")
+
+
+class _RecordingLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """``self.log`` of a foreground step: logs as in the worker, and hands each line to the run."""
+
+    def __init__(self, adapter: logging.LoggerAdapter[logging.Logger], note: Callable[[str, str], None]):
+        super().__init__(adapter.logger, adapter.extra)
+        self.note = note
+
+    def isEnabledFor(self, level: int) -> bool:
+        return True  # every line is kept for the run; the logger still filters what it emits
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        try:
+            text = str(msg) % args if args else str(msg)
+        except (TypeError, ValueError):
+            text = f"{msg} {args}"
+        self.note(logging.getLevelName(level), text)
+        super().log(level, msg, *args, **kwargs)
 
 
 def _step_limit(step_timeout: float | None, deadline: float | None) -> float | None:

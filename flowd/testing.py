@@ -21,7 +21,8 @@ not sent. Example, in ``tests/test_greenhouse.py``::
         assert run.ok, run.error
 
 A failing task does not raise: the run is ``FAILED`` with the task's error (and its
-traceback) in ``run.error`` and ``run.attempts[-1].error``. Retries happen without
+traceback) in ``run.error`` and ``run.attempts[-1].error``. Each attempt keeps its
+``self.log`` lines in ``logs`` as ``(level, message)``. Retries happen without
 waiting their delay unless ``wait_retries=True``. Task scripts are found in
 ``task_paths`` (default ``./tasks``).
 """

@@ -68,6 +68,7 @@ def test_example_step_echo_and_verylong() -> None:
     assert steps.result == {"args": ["a"], "kwargs": {"a": 1, "b": 2}}
     slept = run_task("example.VeryLong", kwargs={"seconds": 0}, task_paths=TASKS)
     assert slept.result == {"args": [], "kwargs": {"slept": 0}}
+    assert slept.attempts[0].logs == [("INFO", "sleeping 0s")]  # self.log lines are kept, whatever the level
     too_long = run_task("example.VeryLong", kwargs={"seconds": 5}, timeout=0.2, task_paths=TASKS)
     assert too_long.state == "FAILED" and "timed out after 0.2s" in (too_long.error or "")
 

@@ -105,6 +105,12 @@ def test_retries_follow_the_task_and_record_stores_the_flow(flowctl: Flowctl, tm
     assert [(t["attempt"], t["state"]) for t in shown["trace"]] == [(1, "FAILED"), (2, "FAILED"), (3, "DONE")]
 
 
+def test_the_tasks_log_lines_are_shown(flowctl: Flowctl) -> None:
+    ok(flowctl("task", "add", "nap", "example.VeryLong", "--option", "seconds=0"))
+    ok(flowctl("routine", "add", "nap", "nap"))
+    assert "  log      INFO sleeping 0s" in ok(flowctl("run", "nap"))
+
+
 def test_a_step_timeout_stops_the_step(flowctl: Flowctl) -> None:
     ok(flowctl("task", "add", "stuck", "t.SleepForever", "--timeout", "0.5"))
     ok(flowctl("routine", "add", "stuck", "stuck"))
