@@ -285,10 +285,14 @@ class ForegroundRunner:
                 run.error = f"flow timed out: routine '{routine}' allows {timeout:g}s for the whole flow"
                 return self._end(run, FAILED)  # as the engine: the step is done, the flow out of time
             if attempt.wait is not None and attempt.output is None:
-                run.error = (f"{attempt.label} waits for a message on '{attempt.wait['topic']}'"
-                             + (f" matching {attempt.wait['match']}" if attempt.wait.get("match") else "")
-                             + "; a foreground run does not listen to the broker: give the message as an event "
-                               "to go on")
+                if attempt.subflow is not None:
+                    run.error = f"{attempt.label} waits for its sub-flow ({attempt.subflow.routine}): " \
+                                f"{attempt.subflow.error}"
+                else:
+                    run.error = (f"{attempt.label} waits for a message on '{attempt.wait['topic']}'"
+                                 + (f" matching {attempt.wait['match']}" if attempt.wait.get("match") else "")
+                                 + "; a foreground run does not listen to the broker: give the message as an "
+                                   "event to go on")
                 return self._end(run, WAITING)
             assert attempt.output is not None
             step_input = attempt.output

@@ -152,6 +152,17 @@ def test_a_subflow_runs_nested(flowctl: Flowctl) -> None:
     data = json.loads(ok(flowctl("--json", "run", "parent")))
     assert data["result"]["kwargs"]["marks"] == ["child", "parent"]
     assert data["attempts"][0]["subflow"]["routine"] == "child"
+    # A child that stops at a Wait stops its parent too, saying where.
+    ok(flowctl("task", "add", "door", "t.WaitFor", "--option", "topic=sensors/door"))
+    ok(flowctl("task", "add", "spawn-door", "w.Spawn", "--option", "child=door"))
+    ok(flowctl("routine", "add", "door", "door"))
+    ok(flowctl("routine", "add", "waits", "spawn-door", "mark-parent"))
+    stopped = json.loads(flowctl("--json", "run", "waits").stdout)
+    assert stopped["state"] == "WAITING"
+    assert stopped["error"].startswith("step 1/2 (spawn-door) waits for its sub-flow (door): step 1/1 (door) waits "
+                                       "for a message on 'sensors/door'")
+    given = json.loads(ok(flowctl("--json", "run", "waits", "--event", '{"open": 1}')))
+    assert given["result"]["kwargs"]["event"] == {"open": 1} and given["result"]["kwargs"]["marks"] == ["parent"]
 
 
 def test_file_definitions_and_usage_errors(flowctl: Flowctl, tmp_path: Path) -> None:
