@@ -8,6 +8,8 @@ lookup; call :func:`configure` first to choose the file or pass a Config.
 >>> flow = api.submit_flow("fetch-weather", "arg0", city="Oslo", request_id="r-17")
 >>> api.get_flow(flow.id).state
 'INIT'
+>>> api.wait_flow(flow.id, timeout=30).state      # blocks until it ends (TimeoutError after 30 s)
+'DONE'
 """
 
 from __future__ import annotations
@@ -108,6 +110,19 @@ def cancel_flow(flow_id: int) -> Flow:
 def retry_flow(flow_id: int) -> Flow:
     """Resume a FAILED or CANCELLED flow from the step that did not finish."""
     return get_flow(engine().retry(flow_id).id)
+
+
+def wait_flow(flow_id: int, timeout: float | None = None) -> Flow:
+    """Block until the flow ends (started anywhere: this process, flowctl, MQTT, another
+    node); returns it. Raises FlowWaitTimeout (a TimeoutError) after ``timeout`` s, the
+    flow going on. Woken by the flow's messages on the broker, with a slow check of the
+    database when the broker is away (see flowd.waiting)."""
+    from flowd.waiting import FlowWaiter
+
+    config = engine().config
+    get_flow(flow_id)
+    with FlowWaiter(config, flow_id) as waiter:
+        return waiter.wait(timeout)
 
 
 def list_flows(state: str | None = None, routine: str | None = None, limit: int = 50) -> list[Flow]:

@@ -11,12 +11,12 @@ paho or APScheduler.
 
 Exit codes:
   0    success
-  1    the flow ended FAILED or CANCELLED (``submit --wait``)
+  1    the flow ended FAILED or CANCELLED (``submit --wait``, ``flow wait``, ``run``)
   2    bad usage or bad input (one line on stderr)
   3    the database or the queue cannot be used (one line on stderr); ``db check``: a
        file is damaged (the report says which and how, on stdout)
-  124  ``submit --wait --timeout S``: S passed before the flow ended (it goes on)
-  130  Ctrl-C (during ``submit --wait`` it stops the waiting, never the flow)
+  124  ``--timeout S`` of ``submit --wait`` or ``flow wait``: S passed before the flow ended (it goes on)
+  130  Ctrl-C (while waiting it stops the waiting, never the flow)
 
 With ``--json`` every command prints JSON on stdout; an error is still one line on
 stderr, and also ``{"error": "...", "exit_code": N}`` on stdout.
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 from flowd.errors import ConfigError, InputError, StoreUnavailable, TaskScriptError
 
@@ -46,7 +45,6 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_FLOW_FAILED, EXIT_USAGE, EXIT_STORE = 0, 1, 2, 3
 EXIT_WAIT_TIMEOUT, EXIT_INTERRUPTED = 124, 130
 HEARTBEAT_STALE_S = 90.0
-POLL_INTERVAL_S = 0.15
 STATES = ("INIT", "RUNNING", "WAITING", "DONE", "FAILED", "CANCELLED")
 
 
@@ -509,77 +507,10 @@ def cmd_submit(ctx: Context) -> int:
 
 
 def wait_for_flow(ctx: Context, flow_id: int, timeout: float | None) -> int:
-    """Follow a flow in the database until it ends; the exit code is its outcome.
+    """Follow a flow until it ends; the exit code is its outcome (see cli_run.follow_flow)."""
+    from flowd.cli_run import follow_flow
 
-    On a terminal one line is redrawn in place; piped, a line is printed per change.
-    Ctrl-C or ``timeout`` stop the waiting, never the flow.
-    """
-    from flowd.display import compact, flow_dict, human_duration, progress_line, shorten, span, terminal_width
-    from flowd.models import Flow, Task, TaskResult, utcnow
-
-    stream = sys.stderr if ctx.json else sys.stdout
-    live = stream.isatty()
-    quiet = ctx.json and not live
-    retries: dict[str, int] = {}
-    started = time.monotonic()
-    last_line = None
-    flow = Flow.get_by_id(flow_id)
-    import signal
-
-    # Python leaves SIGINT ignored when it starts that way (nohup, `&` in a script, CI
-    # runners); stopping to wait harms no flow, so Ctrl-C and `kill -INT` always work here.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    if not flow.is_ended and not any_daemon_alive(ctx.config.flowd.node_id):
-        print("flowctl: note: flowd is not running; the flow waits in the queue until it starts", file=sys.stderr)
-    try:
-        while True:
-            flow = Flow.get_by_id(flow_id)
-            if flow.is_ended:
-                break
-            latest: Any = (TaskResult.select(TaskResult.attempt, TaskResult.state)
-                           .where((TaskResult.flow == flow_id) & (TaskResult.position == flow.position))
-                           .order_by(TaskResult.attempt.desc()).tuples().first())
-            attempt, attempt_state = latest if latest else (0, None)
-            task_name = flow.steps[flow.position] if flow.position < len(flow.steps) else "?"
-            if task_name not in retries:
-                task = Task.get_or_none(Task.name == task_name)
-                retries[task_name] = task.retries if task else 0
-            line = progress_line(flow, task_name, attempt, attempt_state, retries[task_name])
-            if live:
-                elapsed = human_duration(span(flow.created_at, None, utcnow()))
-                stream.write("\r" + shorten(f"{line}  {elapsed}", terminal_width() - 1) + "\x1b[K")
-                stream.flush()
-            elif line != last_line and not quiet:
-                print(line, file=stream, flush=True)
-            last_line = line
-            if timeout is not None and time.monotonic() - started >= timeout:
-                _end_live(stream, live)
-                print(f"flowctl: stopped waiting after {human_duration(timeout)}; flow {flow_id} goes on "
-                      f"({flow.state}); follow it with: flowctl flow show {flow_id}", file=sys.stderr)
-                if ctx.json:
-                    ctx.emit({**flow_dict(flow), "waited": "timeout"}, "")
-                return EXIT_WAIT_TIMEOUT
-            time.sleep(POLL_INTERVAL_S)
-    except KeyboardInterrupt:
-        _end_live(stream, live)
-        print(f"flowctl: stopped waiting; flow {flow_id} goes on ({flow.state}); follow it with: "
-              f"flowctl flow show {flow_id}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    _end_live(stream, live)
-    took = human_duration(span(flow.started_at or flow.created_at, flow.finished_at))
-    text = f"flow {flow.id} ({flow.routine}) {flow.state} after {took}"
-    if flow.state == "DONE":
-        text += f"\nresult: {compact(flow.result, terminal_width() - 9)}"
-    elif flow.error:
-        text += f"\nerror: {flow.error.strip().splitlines()[-1] if flow.error.strip() else ''}"
-    ctx.emit(flow_dict(flow), text)
-    return EXIT_OK if flow.state == "DONE" else EXIT_FLOW_FAILED
-
-
-def _end_live(stream: Any, live: bool) -> None:
-    if live:
-        stream.write("\r\x1b[K")
-        stream.flush()
+    return follow_flow(ctx, flow_id, timeout)
 
 
 def cmd_flows(ctx: Context) -> int:
@@ -702,6 +633,8 @@ COMMANDS = {
     "flows": "list flows, newest first",
     "flow": "show, cancel or retry one flow",
     "prune": "delete ended flows and their results now",
+    "run": "run a routine in the foreground, in this process, without the daemon or the broker",
+    "nodes": "every flowd node seen on the broker, with version, since and counts",
     "db": "check the database file, or salvage a damaged one",
 }
 
@@ -730,9 +663,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print JSON on stdout (errors too, as {\"error\": ...})")
     parser = _Parser(prog="flowctl", description="Manage flowd: tasks, routines and flows.",
-                     epilog="exit codes: 0 ok, 1 flow FAILED/CANCELLED (submit --wait), 2 bad usage or input, "
-                            "3 database or queue unreachable (db check: damaged), 124 submit --wait --timeout ran out, "
-                            "130 Ctrl-C while waiting")
+                     epilog="exit codes: 0 ok, 1 flow FAILED/CANCELLED (submit --wait, flow wait, run), "
+                            "2 bad usage or input, 3 database, queue or broker unreachable (db check: damaged), "
+                            "124 --timeout ran out while waiting, 130 Ctrl-C while waiting")
     parser.add_argument("--config", metavar="PATH", default=None,
                         help="config file (default: $FLOWD_CONFIG, /etc/flowd/flowd.toml, ./config/flowd.toml)")
     parser.add_argument("--json", action="store_true", default=False,
@@ -787,6 +720,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                     ("cancel", cmd_flow_cancel, "cancel a flow that has not ended"),
                     ("retry", cmd_flow_retry, "resume a FAILED or CANCELLED flow from its failed step")):
                 add(flow_cmds, action, func, text).add_argument("id", metavar="ID", type=_flow_id)
+            from flowd import cli_run
+
+            cli_run.add_flow_wait_parser(flow_cmds, add, _flow_id, _duration)
+        elif name in ("run", "nodes"):
+            from flowd import cli_run
+
+            (cli_run.add_run_parser if name == "run" else cli_run.add_nodes_parser)(commands, add, help_text)
         elif name == "prune":
             p = add(commands, "prune", cmd_prune, help_text)
             p.add_argument("--older-than", type=_duration, metavar="AGE",
@@ -898,7 +838,7 @@ def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
     command = command_of(argv)
     parser = build_parser(command)
     args, extra = parser.parse_known_args(argv)
-    if command == "submit" and not any(token.startswith("-") for token in extra):
+    if command in ("submit", "run") and not any(token.startswith("-") for token in extra):
         args.args = [*args.args, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

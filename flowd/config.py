@@ -140,6 +140,14 @@ class QueueSection:
 
 
 @dataclass(frozen=True)
+class HomeAssistantSection:
+    """``[homeassistant]``: MQTT discovery (SPEC 12)."""
+
+    discovery: bool = False
+    prefix: str = "homeassistant"
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; ``path`` is the file it came from (None: defaults only)."""
 
@@ -149,6 +157,7 @@ class Config:
     database: DatabaseSection
     queue: QueueSection
     path: str | None = None
+    homeassistant: HomeAssistantSection = field(default_factory=HomeAssistantSection)
 
     @property
     def state_dir(self) -> Path:
@@ -165,6 +174,7 @@ _SECTIONS: dict[str, type] = {
     "scheduler": SchedulerSection,
     "database": DatabaseSection,
     "queue": QueueSection,
+    "homeassistant": HomeAssistantSection,
 }
 _DURATION_KEYS = {"shutdown_grace", "retention", "session_expiry", "misfire_grace"}
 _CHOICES = {
@@ -349,6 +359,10 @@ def _complete(config: Config, env: Mapping[str, str], where: str | None) -> Conf
                           key="database.url", path=where)
     q = config.queue
     queue = dataclasses.replace(q, path=_resolve(q.path, base) if q.path else str(Path(flowd.state_dir) / "queue.db"))
+    prefix = config.homeassistant.prefix
+    if not prefix or any(c in prefix for c in "+#\x00") or prefix.startswith("/") or prefix.endswith("/"):
+        raise ConfigError(f"must be a topic without '+', '#' or a '/' at either end; got {prefix!r}",
+                          key="homeassistant.prefix", path=where)
     tz = config.scheduler.timezone
     if tz:
         from zoneinfo import ZoneInfo, ZoneInfoNotFoundError

@@ -166,6 +166,13 @@ def flow_result_payload(flow: Any) -> dict[str, Any]:
     }
 
 
+def retry_delay(task: store.TaskInfo | None, failed: int) -> float:
+    """Seconds before the attempt after ``failed`` failed ones: ``retry_delay`` doubling
+    each time, up to ``retry_backoff_max``."""
+    base = task.retry_delay if task else 1.0
+    return float(min(base * (2 ** (failed - 1)), task.retry_backoff_max if task else base))
+
+
 def payload_matches(match: dict[str, Any] | None, payload: Any) -> bool:
     """True when every key/value of ``match`` is in the JSON object ``payload``."""
     if not match:
@@ -243,17 +250,27 @@ class Engine:
                                        dumps(flow_status_payload(flow, child_id))))
 
     def _status_mode(self, routine: str) -> str:
+        info = self._routine_info(routine)
+        return info.status if info is not None else "steps"
+
+    def _routine_info(self, routine: str) -> store.RoutineInfo | None:
         info = self.definitions.routines.get(routine)
         if info is None and self.definitions.version is None:  # this process has not read them yet
             self.definitions.refresh()
             info = self.definitions.routines.get(routine)
-        return info.status if info is not None else "steps"
+        return info
 
     def _publish_result(self, flow: Row, effects: Effects, now: dt.datetime) -> None:
         payload = flow_result_payload(flow)
         self._publish(self.config.topic(f"flow/{flow.id}/result"), payload, effects, now)
         if flow.reply_to:
             self._publish(flow.reply_to, payload, effects, now, flow.correlation_data)
+        if self.config.homeassistant.discovery:
+            info = self._routine_info(flow.routine)
+            if info is not None and info.mqtt:  # its Home Assistant sensor (SPEC 12): the last flow, retained
+                from flowd.homeassistant import last_flow_topic
+
+                outbox.add_message(last_flow_topic(self.config, flow.routine), payload, retain=True)
 
     # ------------------------------------------------------------------ submit
     def submit(self, routine: str | Routine, args: Iterable[Any] = (), kwargs: dict[str, Any] | None = None, *,
@@ -755,8 +772,7 @@ class Engine:
         timed_out = bool(flow.deadline and now >= flow.deadline)
         if attempts <= retries and not timed_out:
             resumed = flow.state != FlowState.RUNNING.value  # a wait that timed out
-            base = task.retry_delay if task else 1.0
-            delay = min(base * (2 ** (attempts - 1)), task.retry_backoff_max if task else base)
+            delay = retry_delay(task, attempts)
             store.update_flow(flow, step_attempt=attempts, state=FlowState.RUNNING.value,
                               next_attempt_at=now + dt.timedelta(seconds=delay), updated_at=now, **waits)
             log.info("flow %d %s attempt %d failed, retry in %.1fs: %s", flow.id, label, result.attempt, delay,

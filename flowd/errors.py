@@ -61,3 +61,14 @@ class DatabaseDamaged(StoreUnavailable):
         self.problem = problem
         self.what = what
         self.found_by = found_by
+
+
+class FlowWaitTimeout(FlowdError, TimeoutError):
+    """``api.wait_flow``: the flow did not end in time; it goes on. ``flow`` is it as last seen."""
+
+    def __init__(self, flow_id: int, timeout: float, state: str, flow: object = None):
+        super().__init__(f"flow {flow_id} did not end within {timeout:g}s (it is {state}); it goes on")
+        self.flow_id = flow_id
+        self.timeout = timeout
+        self.state = state
+        self.flow = flow

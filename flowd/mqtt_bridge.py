@@ -16,6 +16,7 @@ import logging
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -74,6 +75,35 @@ class _Client(mqtt.Client):
             raise
 
 
+def new_client(config: Config, client_id: str, *, v5: bool, persistent: bool) -> _Client:
+    """A paho client for the configured broker: protocol, user, password, TLS, reconnect
+    backoff. ``persistent``: the daemon's session (kept by the broker, messages
+    acknowledged by flowd); else a clean one (flowctl's listeners). ConfigError when a
+    TLS file cannot be loaded."""
+    if v5:
+        client = _Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
+                         manual_ack=persistent)
+    else:
+        client = _Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
+                         clean_session=not persistent, manual_ack=persistent)
+    client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
+    _set_credentials(client, config)
+    return client
+
+
+def _set_credentials(client: mqtt.Client, config: Config) -> None:
+    m = config.mqtt
+    if m.username:
+        client.username_pw_set(m.username, m.password)
+    if m.tls is not None:
+        try:
+            client.tls_set(ca_certs=m.tls.ca, certfile=m.tls.cert, keyfile=m.tls.key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load the TLS files: {exc}", key="mqtt.tls", path=config.path) from None
+        if m.tls.insecure:
+            client.tls_insecure_set(True)
+
+
 # ---------------------------------------------------------------------- the bridge
 class MqttBridge:
     """Connects flowd to the broker; owns the outbox publisher that feeds it.
@@ -102,7 +132,11 @@ class MqttBridge:
         self.publisher = outbox.OutboxPublisher(config, self, before_send=self.check_rows)
         self.intake = Intake(self, ack=self.ack)
         self._connection = 0  # counts connections: a packet id is only valid on its own
+        self._since: str | None = None  # when the current connection began: the status's "since"
         self.client = self._build_client()
+        self.counts: Callable[[], dict[str, int]] | None = None  # the node's flow counts, for its status
+        self.on_connected: Callable[[], None] | None = None     # called after each connect (Home Assistant)
+        self.extra_topics: dict[str, Callable[[bytes], None]] = {}  # topic -> handler, not flowd's own input
 
     # ------------------------------------------------------------------ set-up
     def _subscriptions(self) -> list[str]:
@@ -114,25 +148,9 @@ class MqttBridge:
         return [common, node_submit]
 
     def _build_client(self) -> _Client:
-        m = self.config.mqtt
-        if self.is_v5:
-            client = _Client(CallbackAPIVersion.VERSION2, client_id=m.client_id, protocol=mqtt.MQTTv5,
-                             manual_ack=True)
-        else:
-            client = _Client(CallbackAPIVersion.VERSION2, client_id=m.client_id, protocol=mqtt.MQTTv311,
-                             clean_session=False, manual_ack=True)
+        client = new_client(self.config, self.config.mqtt.client_id, v5=self.is_v5, persistent=True)
         client.max_inflight_messages_set(PAHO_INFLIGHT)
         client.max_queued_messages_set(0)  # the outbox publisher bounds what it hands over
-        client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
-        if m.username:
-            client.username_pw_set(m.username, m.password)
-        if m.tls is not None:
-            try:
-                client.tls_set(ca_certs=m.tls.ca, certfile=m.tls.cert, keyfile=m.tls.key)
-            except (OSError, ssl.SSLError) as exc:
-                raise ConfigError(f"cannot load the TLS files: {exc}", key="mqtt.tls", path=self.config.path) from None
-            if m.tls.insecure:
-                client.tls_insecure_set(True)
         client.will_set(self.status_topic, self._status_payload("offline"), qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
@@ -143,8 +161,23 @@ class MqttBridge:
         return client
 
     def _status_payload(self, state: str) -> str:
-        return json.dumps({"state": state, "version": __version__, "since": isoformat(utcnow())},
-                          separators=(",", ":"))
+        since = self._since if state == "online" and self._since else isoformat(utcnow())
+        payload: dict[str, Any] = {"state": state, "version": __version__, "since": since}
+        if state == "online" and self.counts is not None:
+            try:
+                payload["counts"] = self.counts()
+            except Exception:  # the status must go out without them
+                log.exception("MQTT: cannot count flows for the node status")
+        return json.dumps(payload, separators=(",", ":"))
+
+    def publish_online(self) -> None:
+        """Queue the retained ``online`` status again, with fresh counts (the daemon's loop,
+        when they changed)."""
+        if not self.is_connected():
+            return
+        with write_transaction(sync=False):
+            outbox.add_message(self.status_topic, self._status_payload("online"), retain=True)
+        self.publisher.poke()
 
     def start(self) -> None:
         """Start the publisher and the network thread; a broker that is down is retried."""
@@ -248,13 +281,16 @@ class MqttBridge:
             self._connected.set()
             log.info("MQTT: connected to %s:%d (session present: %s)", m.host, m.port,
                      "yes" if flags.session_present else "no")
-            self._subscribe(self._subscriptions())
+            self._subscribe(self._subscriptions() + sorted(self.extra_topics))
             with self._wait_lock:
                 self._wait_filters.clear()
             self.refresh_wait_topics()
+            self._since = isoformat(utcnow())
             with write_transaction(sync=False):
                 outbox.add_message(self.status_topic, self._status_payload("online"), retain=True)
             self.publisher.poke()
+            if self.on_connected is not None:
+                self.on_connected()
         except Exception:
             log.exception("MQTT: error while setting up the connection")
 
@@ -313,6 +349,15 @@ class MqttBridge:
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if not self._intake:
             return  # not acknowledged: the broker keeps it for the next session
+        handler = self.extra_topics.get(message.topic)
+        if handler is not None:
+            try:
+                handler(bytes(message.payload))
+            except Exception:
+                log.exception("MQTT: error handling a message on %r", message.topic)
+            if message.qos:
+                self.client.ack(message.mid, message.qos)
+            return
         log.debug("MQTT: message %d on '%s' (%d bytes%s)", message.mid, message.topic, len(message.payload),
                   ", again" if message.dup else "")
         self.intake.put(Received(message.topic, bytes(message.payload), message.properties, message.mid,
@@ -428,3 +473,4 @@ class MqttBridge:
         if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos == 0:
             return None  # paho dropped it; send again once connected
         return int(info.mid)
+

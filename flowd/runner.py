@@ -28,7 +28,7 @@ from flowd.errors import FlowdError, StepError
 from flowd.loader import ScriptLoader
 from flowd.models import utcnow, write_transaction
 from flowd.payloads import has_surrogate
-from flowd.task import SubFlow, Wait
+from flowd.task import SubFlow, Task, Wait
 
 if TYPE_CHECKING:
     from flowd.batch import Batch
@@ -117,7 +117,7 @@ def run_step(rt: WorkerRuntime, step: ClaimedStep, pid: int) -> dict[str, Any] |
     try:
         value = _perform(rt, step)
         if isinstance(value, Wait):
-            _check_wait(value, label)
+            check_wait(value, label)
             rt.engine.wait_step(step, pid, value.topic, value.match, value.timeout)
             return None
         if isinstance(value, SubFlow):
@@ -142,8 +142,7 @@ def run_step(rt: WorkerRuntime, step: ClaimedStep, pid: int) -> dict[str, Any] |
         return None
     except Exception as exc:
         log.info("flow %d %s raised %s: %s", step.flow_id, where, type(exc).__name__, exc, extra=extra)
-        rt.engine.fail_step(step, storable("".join(traceback.format_exception(exc)).rstrip() + "\n"
-                                           f"{type(exc).__name__}: {exc}"), pid)
+        rt.engine.fail_step(step, failure_text(exc), pid)
         return None
     return output
 
@@ -151,6 +150,14 @@ def run_step(rt: WorkerRuntime, step: ClaimedStep, pid: int) -> dict[str, Any] |
 def storable(text: str) -> str:
     """``text`` as UTF-8 can carry it: an exception message may hold a lone surrogate."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8") if has_surrogate(text) else text
+
+
+def failure_text(exc: BaseException) -> str:
+    """A failed attempt's error: flowd's own sentence, or the task's traceback ending
+    with its one-line summary (storable: the message may hold a lone surrogate)."""
+    if isinstance(exc, FlowdError):
+        return storable(str(exc))
+    return storable("".join(traceback.format_exception(exc)).rstrip() + f"\n{type(exc).__name__}: {exc}")
 
 
 def _effective_timeout(step: ClaimedStep, now: dt.datetime | None = None) -> float | None:
@@ -165,14 +172,10 @@ def _effective_timeout(step: ClaimedStep, now: dt.datetime | None = None) -> flo
 def _perform(rt: WorkerRuntime, step: ClaimedStep) -> Any:
     if step.script is None:
         raise StepError(f"task '{step.task_name}' no longer exists; add it again or retry the flow later")
-    cls = rt.loader.load(step.script)
-    task = cls()
-    task.flow_id, task.flow_uid, task.routine = step.flow_id, step.flow_uid, step.routine
-    task.position, task.attempt, task.results = step.position, step.attempt, list(step.results)
-    task.log = logging.LoggerAdapter(_task_logger(step.script),
-                                     {"FLOW_ID": step.flow_id, "ROUTINE": step.routine, "TASK": step.task_name})
-    task._publisher = _publisher(rt)
-    kwargs = {**step.options, **step.kwargs}
+    task = make_task(rt.loader.load(step.script), flow_id=step.flow_id, flow_uid=step.flow_uid,
+                     routine=step.routine, position=step.position, attempt=step.attempt, results=step.results,
+                     task_name=step.task_name, script=step.script, publisher=_publisher(rt))
+    kwargs = step_kwargs(step.options, step.kwargs)
     timeout = _effective_timeout(step)
     if not timeout:  # no alarm to arm: two system calls and two handler swaps less per step
         rt.in_user_code = True
@@ -201,22 +204,46 @@ def _task_logger(script: str) -> logging.Logger:
     return found
 
 
+def make_task(cls: type[Task], *, flow_id: int, flow_uid: str, routine: str, position: int, attempt: int,
+              results: list[dict[str, Any]], task_name: str, script: str,
+              publisher: Callable[[str, Any, int, bool], None]) -> Task:
+    """An instance of ``cls`` with what ``perform`` may use set (SPEC 2); shared by the
+    worker and the foreground runner (``flowctl run``, ``flowd.testing``)."""
+    task = cls()
+    task.flow_id, task.flow_uid, task.routine = flow_id, flow_uid, routine
+    task.position, task.attempt, task.results = position, attempt, list(results)
+    task.log = logging.LoggerAdapter(_task_logger(script), {"FLOW_ID": flow_id, "ROUTINE": routine, "TASK": task_name})
+    task._publisher = publisher
+    return task
+
+
+def step_kwargs(options: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """SPEC 2: the Task's options merged under the kwargs the step receives (a key given wins)."""
+    return {**options, **kwargs}
+
+
+def check_publish(topic: str, payload: Any, qos: int) -> Any:
+    """Check what ``self.publish`` was given; the payload as it will be sent (bytes as
+    text). Raises StepError naming the problem."""
+    from flowd.topics import is_valid_publish_topic
+
+    if not is_valid_publish_topic(topic):
+        raise StepError(f"cannot publish to {topic!r}: a topic is non-empty text without '+', '#'")
+    if qos not in (0, 1, 2):
+        raise StepError(f"qos must be 0, 1 or 2, not {qos!r}")
+    label = f"payload published to '{topic}'"
+    if isinstance(payload, bytes):
+        try:
+            payload = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            raise StepError(f"the {label} is bytes that are not UTF-8 text") from None
+    check_json(payload, label)
+    return payload
+
+
 def _publisher(rt: WorkerRuntime) -> Any:
     def publish(topic: str, payload: Any, qos: int = 1, retain: bool = False) -> None:
-        from flowd.topics import is_valid_publish_topic
-
-        if not is_valid_publish_topic(topic):
-            raise StepError(f"cannot publish to {topic!r}: a topic is non-empty text without '+', '#'")
-        if qos not in (0, 1, 2):
-            raise StepError(f"qos must be 0, 1 or 2, not {qos!r}")
-        label = f"payload published to '{topic}'"
-        if isinstance(payload, bytes):
-            try:
-                payload = payload.decode("utf-8")
-            except UnicodeDecodeError:
-                raise StepError(f"the {label} is bytes that are not UTF-8 text") from None
-        check_json(payload, label)
-        text = payload
+        text = check_publish(topic, payload, qos)
         with write_transaction(sync=False):  # the publisher syncs before it sends
             outbox.add_message(topic, text, qos=qos, retain=retain)
         outbox.notify(rt.config.state_dir)
@@ -284,7 +311,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _check_wait(wait: Wait, label: str) -> None:
+def check_wait(wait: Wait, label: str) -> None:
     from flowd.topics import is_valid_filter
 
     if not is_valid_filter(wait.topic):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime as dt
 import fcntl
 import importlib.util
 import logging
@@ -107,7 +108,7 @@ def config_changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
         elif a != b:
             changes.append((prefix, _shown_value(prefix, a), _shown_value(prefix, b)))
 
-    for section in ("flowd", "mqtt", "scheduler", "database", "queue"):
+    for section in ("flowd", "mqtt", "scheduler", "database", "queue", "homeassistant"):
         walk(section, getattr(old, section), getattr(new, section))
     return changes
 
@@ -136,6 +137,7 @@ class Service:
         self.bridge: Any = None
         self.scheduler: Any = None
         self.reaper: Any = None
+        self.discovery: Any = None
         from flowd.models import utcnow
 
         self.started_at = utcnow()
@@ -149,6 +151,8 @@ class Service:
         self._last_connected: bool | None = None
         self._last_error: str | None = None
         self._damaged = False
+        self._last_counts: dict[str, int] | None = None
+        self._last_counts_at = time.monotonic()  # the status sent at connect has them
 
     # ------------------------------------------------------------------ life cycle
     def run(self) -> int:
@@ -179,6 +183,10 @@ class Service:
             recovered = recovery.recover(self.config, self.engine)
             # Built (not started) before the fork: a bad TLS file stops us here, cleanly.
             self.bridge = MqttBridge(self.config, self.engine)
+            self.bridge.counts = node_counts
+            from flowd.homeassistant import Discovery
+
+            self.discovery = Discovery(self.config, self.bridge)
         except Exception as exc:
             damage = exc if isinstance(exc, DatabaseDamaged) else None
             if damage is None and integrity.note_damage(exc, "flowd's start-up"):
@@ -335,6 +343,9 @@ class Service:
         self._guarded("reaper", self.reaper.run_once)
         self._guarded("heartbeat", self._write_heartbeat)
         self._guarded("status", self._send_status)
+        self._guarded("node status", self._publish_counts)
+        if self.discovery is not None:
+            self._guarded("Home Assistant discovery", self.discovery.tick)
 
     def _send_status(self) -> None:
         if not self.notifier.enabled:
@@ -353,6 +364,18 @@ class Service:
             parts.append(f"{counts['WAITING']} waiting")
         parts.append("broker connected" if self.bridge.is_connected() else "broker unreachable")
         self.notifier.status(", ".join(parts))
+
+    def _publish_counts(self) -> None:
+        """Re-publish the retained ``online`` status when the node's counts changed, at most
+        every HEARTBEAT_EVERY_S (each is an outbox row: spare the SD card)."""
+        now = time.monotonic()
+        if now - self._last_counts_at < HEARTBEAT_EVERY_S or not self.bridge.is_connected():
+            return
+        counts = node_counts()
+        if counts != self._last_counts:
+            self._last_counts = counts
+            self.bridge.publish_online()
+        self._last_counts_at = now
 
     def _write_heartbeat(self, force: bool = False) -> None:
         """The NodeStatus row flowctl reads: on start, when the broker link changes, every 30 s."""
@@ -448,6 +471,24 @@ class Service:
                  c.path or "(defaults)", c.flowd.node_id, c.state_dir, ", ".join(c.flowd.task_paths),
                  c.flowd.workers, redact_url(c.database.url), c.queue.backend, m.host, m.port, m.protocol,
                  ", TLS" if m.tls else "", f", user '{m.username}'" if m.username else "", c.flowd.log_level)
+
+
+def node_counts(now: dt.datetime | None = None) -> dict[str, int]:
+    """What the node's retained status tells (``flowctl nodes``): flows running, queued
+    and waiting now, and failed in the last hour (of the database this node serves)."""
+    from peewee import fn
+
+    from flowd.models import ACTIVE_STATES, Flow, FlowState, utcnow
+
+    counts = {state: 0 for state in ACTIVE_STATES}
+    query: Any = (Flow.select(Flow.state, fn.COUNT(Flow.id)).where(Flow.state.in_(ACTIVE_STATES))
+                  .group_by(Flow.state).tuples())
+    for state, count in query:
+        counts[state] = count
+    since = (now or utcnow()) - dt.timedelta(hours=1)
+    failed = Flow.select().where((Flow.state == FlowState.FAILED.value) & (Flow.finished_at >= since)).count()
+    return {"running": counts["RUNNING"], "queued": counts["INIT"], "waiting": counts["WAITING"],
+            "failed_last_hour": int(failed)}
 
 
 def lock_state_dir(folder: Path, purpose: str | None = None) -> int:

@@ -139,7 +139,7 @@ def _section_of(config: Config, dotted: str) -> Any:
     ("[scheduler]\ntimezone = \"Mars/Olympus\"\n", "scheduler.timezone", "unknown time zone 'Mars/Olympus'"),
     ("[mqtt]\nhots = \"x\"\n", "mqtt.hots", "unknown key; [mqtt] accepts"),
     ("[mqtt.tls]\npem = \"x\"\n", "mqtt.tls.pem", "unknown key"),
-    ("[mqttt]\nhost = \"x\"\n", "mqttt", "unknown section; known sections are database, flowd, mqtt"),
+    ("[mqttt]\nhost = \"x\"\n", "mqttt", "unknown section; known sections are database, flowd, homeassistant, mqtt"),
     ("flowd = 5\n", "flowd", "must be a table"),
     ("[mqtt]\npassword_file = \"/nonexistent/flowd-password\"\n", "mqtt.password_file",
      "cannot read the password file: No such file or directory"),
