@@ -418,21 +418,21 @@ class Engine:
         effects.enqueue.append((flow.id, flow.dispatch_token, delay))
 
     def _admit_pending(self, routine_name: str, effects: Effects, now: dt.datetime) -> None:
+        """Admit the oldest waiting flows of a routine into its free slots (reading only
+        as many as there are slots: a long queue is not read at every flow's end)."""
         if not effects.slots.has_pending(routine_name):
-            return
-        pending = store.pending_flows(routine_name)
-        if not pending:
-            effects.slots.pending[routine_name] = False
             return
         self.definitions.refresh()
         info = self.definitions.routines.get(routine_name)
         limit = 1 if info is None or info.mode in ("queued", "single") else max(info.max, 1)
-        active = store.count_active(routine_name)
-        free = max(limit - active, 0)
-        effects.slots.active[routine_name] = active + min(free, len(pending))
+        free = max(limit - effects.slots.count_active(routine_name), 0)
+        if not free:
+            return
+        pending = store.pending_flows(routine_name, free + 1)
         effects.slots.pending[routine_name] = len(pending) > free
         for flow in pending[:free]:
             self._admit(flow, effects, now)
+            effects.slots.admitted(routine_name)
 
     # ------------------------------------------------------------------ ending
     def _end(self, flow: Row, state: FlowState, effects: Effects, now: dt.datetime, *,

@@ -164,3 +164,29 @@ def test_claimed_steps_never_look_overdue_before_they_start(db: Any) -> None:
         sampler.join()
     assert [f.state for f in Flow.select()] == ["DONE"] * 120
     assert len(oldest) > 20 and max(oldest) < 1.0, max(oldest)
+
+
+def test_a_long_queue_is_not_read_again_at_every_flows_end(db: Any) -> None:
+    # 200 flows of a routine with 2 slots: each end admits at most the free slots, and
+    # reads no more waiting flows than that (it read the whole queue: quadratic in a burst).
+    paths = db.config.flowd.task_paths
+    catalog.save_task("one", "t.Nothing", task_paths=paths)
+    catalog.save_routine("narrow", ["one"], max=2)
+    messages: list[list[tuple[int, int]]] = []
+    engine = Engine(db.config, enqueue=lambda *a: messages.append([(a[0], a[1])]), enqueue_many=messages.append)
+    engine.submit_many([Submission("narrow") for _ in range(200)])
+    pending_limits: list[int] = []
+
+    def trace(sql: str) -> None:
+        if "FROM flow WHERE routine" in sql and "ORDER BY id LIMIT" in sql:  # store.pending_flows
+            pending_limits.append(int(sql.rsplit("LIMIT", 1)[1].split()[0]))
+
+    models.database.obj.connection().set_trace_callback(trace)
+    rt = WorkerRuntime(db.config, engine, ScriptLoader(paths))
+    try:
+        while messages:
+            run_batch(rt, messages.pop(0), os.getpid())
+    finally:
+        models.database.obj.connection().set_trace_callback(None)
+    assert [f.state for f in Flow.select()] == ["DONE"] * 200
+    assert pending_limits and max(pending_limits) <= 3, sorted(set(pending_limits))
