@@ -2,7 +2,7 @@
 
 - waits and whole-flow deadlines that have passed (``Engine.expire``);
 - steps past their hard timeout whose worker did not stop them: the worker process is
-  killed (huey's pool replaces it) and the attempt fails as timed out;
+  killed (the daemon starts another) and the attempt fails as timed out;
 - attempts whose worker died (killed, crashed): recorded as interrupted and re-queued;
 - flows whose queue message was lost (a crash between commit and enqueue);
 - pruning of ended flows past ``retention``, once an hour.

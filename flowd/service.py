@@ -2,10 +2,10 @@
 
 Start order matters. The database is checked first (a damaged file: one line, exit 4,
 nothing opened or published; SPEC 7). Recovery runs before the worker pool exists, so
-no step can be running while the queue is rebuilt; the pool is forked before any thread starts
-(huey re-forks the pool process to replace a dead worker, and forking a process
-that runs paho or APScheduler threads can deadlock the child); only then start the
-MQTT bridge, the outbox publisher and the scheduler. Signal handlers only set a flag
+no step can be running while the queue is rebuilt; the workers are forked before any thread
+starts (forking a process that runs paho or APScheduler threads can deadlock the child;
+a worker that dies later is replaced by a fresh interpreter, see flowd.workers); only
+then start the MQTT bridge, the outbox publisher and the scheduler. Signal handlers only set a flag
 and wake the main loop, which does the work.
 """
 
@@ -30,6 +30,7 @@ from typing import Any
 from flowd import __version__
 from flowd.config import Config, load_config, redact_url
 from flowd.errors import ConfigError, DatabaseDamaged, FlowdError, StoreUnavailable
+from flowd.imports import import_for
 from flowd.logs import set_level, setup_logging
 from flowd.sdnotify import Notifier
 
@@ -73,28 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "reload":
         return request_reload(config, args.pid)
-    # huey.storage imports redis, and peewee and playhouse.migrate psycopg2 (and psycopg),
-    # whenever they are installed: ~8 and ~5 MiB in every process of a node on SQLite.
-    unused = ["redis"] if config.queue.backend == "sqlite" else []
-    if config.database.url.startswith("sqlite:"):
-        unused += ["psycopg2", "psycopg"]
-    import_without(unused, ["peewee", "playhouse.migrate", "huey.storage"])
+    import_for(config)
     return Service(config, config_arg=args.config).run()
-
-
-def import_without(absent: list[str], modules: list[str]) -> None:
-    """Import ``modules`` as if the packages ``absent`` were not installed; later imports
-    (a task script's) find them as usual."""
-    hidden = [name for name in absent if name not in sys.modules]
-    for name in hidden:
-        sys.modules[name] = None  # type: ignore[assignment]  # what "import" takes for "not installed"
-    try:
-        for module in modules:
-            importlib.import_module(module)
-    finally:
-        for name in hidden:
-            if name in sys.modules and sys.modules[name] is None:
-                del sys.modules[name]
 
 
 def config_changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
@@ -172,7 +153,7 @@ class Service:
     def _run_locked(self) -> int:
         from flowd import api, integrity, recovery
         from flowd.mqtt_bridge import MqttBridge
-        from flowd.queue import WorkerPool
+        from flowd.workers import WorkerPool
 
         try:
             # Before anything opens the files: a damaged database is never served half-working,
@@ -304,12 +285,6 @@ class Service:
                 self._guarded("wait topics", self.bridge.refresh_wait_topics)
             if self._is_damage_noticed():
                 return
-            if not self.pool.is_alive():
-                log.error("the worker pool (pid %s) has died; stopping so the service manager can restart flowd",
-                          self.pool.pid)
-                self.pool.pid = None
-                self._exit_code = 1
-                return
             if self.notifier.watchdog_due():
                 self.notifier.watchdog()
 
@@ -339,6 +314,7 @@ class Service:
                 log.exception("%s failed", what)
 
     def _guarded_tick(self) -> None:
+        self._guarded("worker supervision", self.pool.replace_dead)
         self._guarded("MQTT protocol fallback", self.bridge.fall_back_if_needed)
         self._guarded("reaper", self.reaper.run_once)
         self._guarded("heartbeat", self._write_heartbeat)
