@@ -215,9 +215,9 @@ class Service:
         self.reaper = Reaper(self.config, self.engine)
         self.bridge.start()
         if importlib.util.find_spec("flowd.scheduler") is not None:
-            from flowd.scheduler import Scheduler
+            from flowd.scheduler_gate import SchedulerGate
 
-            self.scheduler = Scheduler(self.config, self.engine)
+            self.scheduler = SchedulerGate(self.config, self.engine)  # APScheduler once a routine has a schedule
             self.scheduler.start()
         else:
             log.warning("schedules are off: this installation has no flowd.scheduler module")
