@@ -30,10 +30,16 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from flowd import queue
 from flowd.config import Config
 from flowd.wakeup import WakeSocket
+
+if TYPE_CHECKING:
+    from flowd import queue
+
+# flowd.queue (huey, peewee) is imported inside the functions: a replacement worker must
+# first read its configuration to know which drivers to leave out (imports.import_for).
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +125,8 @@ class WorkerPool:
         return [w.pid for w in self.workers if w is not None]
 
     def start(self) -> None:
+        from flowd import queue
+
         self.stop_flag = StopFlag()
         if self.config.queue.backend == "sqlite":
             self.wake = WakeSocket(self.config.state_dir / queue.WAKE_SOCKET_NAME)
@@ -263,7 +271,7 @@ def serve(config: Config, stop: StopFlag, wake: WakeSocket | None) -> int:
     """A worker's life: huey's worker loop on this process's huey instance until ``stop``."""
     from huey.consumer import ProcessEnvironment, Worker
 
-    from flowd import runner
+    from flowd import queue, runner
 
     huey = queue.configure_queue(config)
     if isinstance(huey.storage, queue.WakeableSqliteStorage):
@@ -288,7 +296,6 @@ def main(argv: list[str] | None = None) -> int:
     descriptors of the configuration pipe, the stop flag and the wake socket."""
     from flowd.imports import import_for
     from flowd.logs import setup_logging
-    from flowd.models import init_database
 
     args = [int(a) for a in (sys.argv[1:] if argv is None else argv)]
     parent, config_fd, stop_fd = args[:3]
@@ -298,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         config: Config = pickle.load(pipe)
     import_for(config)
     setup_logging(config)
+    from flowd.models import init_database
+    from flowd.queue import WAKE_SOCKET_NAME
+
     init_database(config.database)
-    wake = WakeSocket.adopt(config.state_dir / queue.WAKE_SOCKET_NAME, args[3]) if len(args) > 3 else None
+    wake = WakeSocket.adopt(config.state_dir / WAKE_SOCKET_NAME, args[3]) if len(args) > 3 else None
     return serve(config, StopFlag(stop_fd), wake)
