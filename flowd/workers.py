@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 INTERRUPT_WAIT_S = 5.0  # after SIGTERM, before SIGKILL
+QUICK_DEATH_S = 10.0  # a worker that dies younger than this is replaced after a pause...
+MAX_RESTART_PAUSE_S = 60.0  # ...that doubles up to this
 _REPLACEMENT_CODE = "from flowd.workers import main; raise SystemExit(main())"
 
 
@@ -118,6 +120,8 @@ class WorkerPool:
         self.workers: list[_Worker | None] = []
         self.stop_flag: StopFlag | None = None
         self.wake: WakeSocket | None = None
+        self._pause: list[float] = []  # per worker slot: the pause before its next replacement
+        self._not_before: list[float] = []
 
     @property
     def pids(self) -> list[int]:
@@ -136,6 +140,8 @@ class WorkerPool:
         sys.stderr.flush()
         freeze_for_fork()
         self.workers = [_Worker(self._fork()) for _ in range(self.config.flowd.workers)]
+        self._pause = [0.0] * len(self.workers)
+        self._not_before = [0.0] * len(self.workers)
         if self.due is None:
             from flowd.engine import Engine
 
@@ -146,16 +152,31 @@ class WorkerPool:
                  ", ".join(map(str, self.pids)))
 
     def replace_dead(self) -> int:
-        """Reap the workers that ended and start one in the place of each; how many."""
+        """Reap the workers that ended and start one in the place of each; how many.
+
+        A worker that dies young (it cannot start: the database is gone, a broken
+        installation) is replaced after a pause that doubles up to a minute, not every second.
+        """
         replaced = 0
+        now = time.monotonic()
         for index, worker in enumerate(self.workers):
-            status = worker.exit_status() if worker is not None else 0
-            if status is None:
-                continue
-            if worker is not None:
-                log.warning("worker %d (pid %d) %s after %.0fs; starting another", index + 1, worker.pid,
-                            _describe(status), time.monotonic() - worker.started)
-            self.workers[index] = None
+            if worker is None:
+                if now < self._not_before[index]:
+                    continue
+            else:
+                status = worker.exit_status()
+                if status is None:
+                    continue
+                lived = now - worker.started
+                self._pause[index] = 0.0 if lived >= QUICK_DEATH_S else min(max(2 * self._pause[index], 1.0),
+                                                                            MAX_RESTART_PAUSE_S)
+                self._not_before[index] = now + self._pause[index]
+                log.warning("worker %d (pid %d) %s after %.0fs; starting another%s", index + 1, worker.pid,
+                            _describe(status), lived,
+                            f" in {self._pause[index]:.0f}s" if self._pause[index] else "")
+                self.workers[index] = None
+                if self._pause[index]:
+                    continue
             try:
                 self.workers[index] = self._spawn()
             except OSError as exc:
@@ -267,12 +288,20 @@ def freeze_for_fork() -> None:
     gc.freeze()
 
 
+def _ignore_daemon_signals() -> None:
+    """SIGHUP (reload) and SIGINT (a terminal's Ctrl-C, sent to the whole group) are the
+    daemon's business; it stops its workers through the stop flag."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def serve(config: Config, stop: StopFlag, wake: WakeSocket | None) -> int:
     """A worker's life: huey's worker loop on this process's huey instance until ``stop``."""
     from huey.consumer import ProcessEnvironment, Worker
 
     from flowd import queue, runner
 
+    _ignore_daemon_signals()
     huey = queue.configure_queue(config)
     if isinstance(huey.storage, queue.WakeableSqliteStorage):
         huey.storage.wake_socket = wake
@@ -297,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     from flowd.imports import import_for
     from flowd.logs import setup_logging
 
+    _ignore_daemon_signals()
     args = [int(a) for a in (sys.argv[1:] if argv is None else argv)]
     parent, config_fd, stop_fd = args[:3]
     if not die_with_parent(parent):
