@@ -1,11 +1,10 @@
-"""The worker processes (forked by the daemon, replaced when they die, gone with it) and
-the daemon-side retry timer, on a real SQLite file."""
+"""The worker processes (forked by the daemon, no pool process) and the daemon-side retry
+timer, on a real SQLite file; test_orphans.py kills them."""
 
 from __future__ import annotations
 
 import datetime as dt
 import os
-import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,6 @@ from conftest import Broker, wait_for
 from flowd import api, catalog, queue
 from flowd.config import load_config
 from flowd.models import utcnow
-from flowd.reaper import is_process_alive
 
 
 def children(pid: int) -> list[int]:
@@ -152,52 +150,3 @@ def test_a_retry_pending_at_a_kill_9_runs_at_its_time_after_restart(
     assert 0 <= late < 0.5, late
     assert daemon.terminate() == 0
 
-
-def gone(pids: list[int]) -> bool:
-    return not any(is_process_alive(pid) for pid in pids)
-
-
-def test_a_kill_9_of_the_daemon_alone_leaves_no_worker(
-        broker: Broker, config_file: Callable[..., Path], flowd_proc: Callable[..., Any]) -> None:
-    # Only the daemon's own process is killed (not its process group), while one worker
-    # runs a long step and the other waits: the kernel ends both (PR_SET_PDEATHSIG).
-    path = config_file(broker, workers=2)
-    engine = api.configure(load_config(path))
-    catalog.save_task("nap", "t.Sleep", task_paths=engine.config.flowd.task_paths, options={"seconds": 60})
-    catalog.save_routine("nap-r", ["nap"])
-    daemon = flowd_proc(path)
-    wait_for(lambda: "ready" in daemon.log_text(), 30, message="flowd ready")
-    flow_id = api.submit_flow("nap-r").id
-    wait_for(lambda: api.get_flow(flow_id).state == "RUNNING", 20, message="the step to start")
-    workers = children(daemon.pid)
-    assert len(workers) == 2
-    os.kill(daemon.pid, signal.SIGKILL)
-    wait_for(lambda: gone(workers), 10, message=f"workers {workers} to end with the daemon")
-
-
-def test_a_killed_worker_is_replaced(broker: Broker, config_file: Callable[..., Path],
-                                     flowd_proc: Callable[..., Any]) -> None:
-    # kill -9 both workers: the daemon starts two others within a few seconds, flows run
-    # on them, and they too end with the daemon, even one in the middle of a step.
-    path = config_file(broker, workers=2)
-    paths = api.configure(load_config(path)).config.flowd.task_paths
-    catalog.save_task("add", "t.Add", task_paths=paths)
-    catalog.save_routine("add-r", ["add"])
-    catalog.save_task("nap", "t.Sleep", task_paths=paths, options={"seconds": 60})
-    catalog.save_routine("nap-r", ["nap"])
-    daemon = flowd_proc(path)
-    wait_for(lambda: "ready" in daemon.log_text(), 30, message="flowd ready")
-    first = children(daemon.pid)
-    for pid in first:
-        os.kill(pid, signal.SIGKILL)
-    replaced = wait_for(lambda: len(c := [p for p in children(daemon.pid) if p not in first]) == 2 and c, 10,
-                        message="two new workers")
-    assert all(f"(pid {pid}) was killed by SIGKILL" in daemon.log_text() for pid in first)
-    flows = [api.submit_flow("add-r", n=i).id for i in range(4)]
-    assert [done(flow_id).result["kwargs"]["total"] for flow_id in flows] == [0, 1, 2, 3]
-    ran_on = {step.worker_pid for flow_id in flows for step in api.flow_trace(flow_id)}
-    assert ran_on <= set(replaced), ran_on
-    napping = api.submit_flow("nap-r").id
-    wait_for(lambda: api.get_flow(napping).state == "RUNNING", 20, message="the long step to start")
-    os.kill(daemon.pid, signal.SIGKILL)
-    wait_for(lambda: gone(replaced), 10, message=f"the new workers {replaced} to end with the daemon")
