@@ -36,11 +36,11 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from flowd import cron
+from flowd import catalog, cron
 from flowd.config import Config
 from flowd.engine import Engine
 from flowd.errors import InputError
-from flowd.models import Routine, definitions_version, write_transaction
+from flowd.models import Routine, definitions_version
 
 log = logging.getLogger(__name__)
 
@@ -286,8 +286,7 @@ class Scheduler:
         schedule cannot be used is logged and skipped, never fatal.
         """
         version = definitions_version()
-        rows = list(Routine.select().where(Routine.enabled & Routine.schedule.is_null(False)
-                                           & (Routine.schedule != "")))
+        rows = catalog.scheduled_routines()
         now = self.now()
         with self._lock:
             wanted = {row.name: row for row in rows}
@@ -366,11 +365,7 @@ class Scheduler:
         except InputError as exc:
             log.warning("schedule: routine %s slot %s not started: %s", routine, stamp, exc,
                         extra={"ROUTINE": routine})
-        with write_transaction():
-            (Routine.update(last_scheduled_run=to_db(slot))
-             .where((Routine.name == routine)
-                    & (Routine.last_scheduled_run.is_null() | (Routine.last_scheduled_run < to_db(slot))))
-             .execute())
+        catalog.mark_scheduled_run(routine, to_db(slot))
         if trigger is not None:
             trigger.mark_run(slot)
         return flow_id

@@ -326,15 +326,10 @@ class Service:
     def _send_status(self) -> None:
         if not self.notifier.enabled:
             return  # nobody to tell: spare the query every second
-        from peewee import fn
+        from flowd import store
+        from flowd.models import ACTIVE_STATES
 
-        from flowd.models import ACTIVE_STATES, Flow
-
-        counts = {state: 0 for state in ACTIVE_STATES}
-        query: Any = (Flow.select(Flow.state, fn.COUNT(Flow.id)).where(Flow.state.in_(ACTIVE_STATES))
-                      .group_by(Flow.state).tuples())
-        for state, count in query:
-            counts[state] = count
+        counts = store.count_flows_by_state(ACTIVE_STATES)
         parts = [f"{counts['RUNNING']} running", f"{counts['INIT']} queued"]
         if counts["WAITING"]:
             parts.append(f"{counts['WAITING']} waiting")
@@ -354,8 +349,9 @@ class Service:
         self._last_counts_at = now
 
     def _write_heartbeat(self, force: bool = False) -> None:
-        """The NodeStatus row flowctl reads: on start, when the broker link changes, every 30 s."""
-        from flowd.models import NodeStatus, utcnow, write_transaction
+        """The node_status row flowctl reads: on start, when the broker link changes, every 30 s."""
+        from flowd import store
+        from flowd.models import utcnow, write_transaction
 
         connected = self.bridge.is_connected() if self.bridge is not None else False
         now = time.monotonic()
@@ -363,18 +359,16 @@ class Service:
             return
         self._last_heartbeat = now
         self._last_connected = connected
-        values = {"pid": os.getpid(), "version": __version__, "started_at": self.started_at,
-                  "heartbeat_at": utcnow(), "broker_connected": connected, "stopped_at": None}
         with write_transaction():
-            (NodeStatus.insert(node_id=self.config.flowd.node_id, **values)
-             .on_conflict(conflict_target=[NodeStatus.node_id], update=values).execute())
+            store.save_heartbeat(self.config.flowd.node_id, os.getpid(), __version__, self.started_at, utcnow(),
+                                 connected)
 
     def _write_stopped(self) -> None:
-        from flowd.models import NodeStatus, utcnow, write_transaction
+        from flowd import store
+        from flowd.models import utcnow, write_transaction
 
         with write_transaction():
-            (NodeStatus.update(stopped_at=utcnow(), heartbeat_at=utcnow(), broker_connected=False)
-             .where(NodeStatus.node_id == self.config.flowd.node_id).execute())
+            store.mark_node_stopped(self.config.flowd.node_id, utcnow())
 
     # ------------------------------------------------------------------ signals
     def _install_signal_handlers(self) -> None:
@@ -452,19 +446,13 @@ class Service:
 def node_counts(now: dt.datetime | None = None) -> dict[str, int]:
     """What the node's retained status tells (``flowctl nodes``): flows running, queued
     and waiting now, and failed in the last hour (of the database this node serves)."""
-    from peewee import fn
+    from flowd import store
+    from flowd.models import ACTIVE_STATES, utcnow
 
-    from flowd.models import ACTIVE_STATES, Flow, FlowState, utcnow
-
-    counts = {state: 0 for state in ACTIVE_STATES}
-    query: Any = (Flow.select(Flow.state, fn.COUNT(Flow.id)).where(Flow.state.in_(ACTIVE_STATES))
-                  .group_by(Flow.state).tuples())
-    for state, count in query:
-        counts[state] = count
-    since = (now or utcnow()) - dt.timedelta(hours=1)
-    failed = Flow.select().where((Flow.state == FlowState.FAILED.value) & (Flow.finished_at >= since)).count()
+    counts = store.count_flows_by_state(ACTIVE_STATES)
+    failed = store.count_failed_since((now or utcnow()) - dt.timedelta(hours=1))
     return {"running": counts["RUNNING"], "queued": counts["INIT"], "waiting": counts["WAITING"],
-            "failed_last_hour": int(failed)}
+            "failed_last_hour": failed}
 
 
 def lock_state_dir(folder: Path, purpose: str | None = None) -> int:
