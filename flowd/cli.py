@@ -158,7 +158,7 @@ class Context:
                 from flowd.config import DatabaseSection
 
                 self.fresh = True
-                api.open_database(DatabaseSection(url="sqlite:///:memory:"))
+                api.open_database(DatabaseSection(url="sqlite:///:memory:"), create=True)
                 return
             self.created = path
         api.open_database(self.config.database, create=create)
