@@ -236,9 +236,18 @@ def routines_using(task: Task) -> list[str]:
     return sorted({r.name for r in Routine.select(Routine.name).join(RoutineStep).where(RoutineStep.task == task)})
 
 
+def _scheduled() -> Any:
+    return Routine.select().where(Routine.enabled & Routine.schedule.is_null(False) & (Routine.schedule != ""))
+
+
 def scheduled_routines() -> list[Routine]:
     """Enabled routines that have a schedule."""
-    return list(Routine.select().where(Routine.enabled & Routine.schedule.is_null(False) & (Routine.schedule != "")))
+    return list(_scheduled())
+
+
+def has_scheduled_routines() -> bool:
+    """Whether some enabled routine has a schedule (the daemon then starts the scheduler)."""
+    return bool(_scheduled().exists())
 
 
 def mark_scheduled_run(name: str, slot: dt.datetime) -> None:

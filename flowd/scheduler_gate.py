@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from flowd import catalog
 from flowd.config import Config
 from flowd.engine import Engine
-from flowd.models import Routine, definitions_version
+from flowd.models import definitions_version
 
 if TYPE_CHECKING:
     from flowd.scheduler import Scheduler
@@ -27,8 +28,7 @@ log = logging.getLogger(__name__)
 
 def has_schedules() -> bool:
     """Is some enabled routine scheduled? (the routines :meth:`Scheduler.reload` plans)"""
-    return bool(Routine.select().where(Routine.enabled & Routine.schedule.is_null(False)
-                                       & (Routine.schedule != "")).exists())
+    return catalog.has_scheduled_routines()
 
 
 class SchedulerGate:
