@@ -4,6 +4,8 @@
 - steps past their hard timeout whose worker did not stop them: the worker process is
   killed (huey's pool replaces it) and the attempt fails as timed out;
 - attempts whose worker died (killed, crashed): recorded as interrupted and re-queued;
+  only this node's: a process id means nothing on another machine;
+- flows of other nodes whose lease has expired (several nodes, SPEC 10): taken over;
 - flows whose queue message was lost (a crash between commit and enqueue);
 - pruning of ended flows past ``retention``, once an hour.
 """
@@ -19,7 +21,9 @@ import time
 from flowd import api, queue
 from flowd.config import Config
 from flowd.engine import Engine
+from flowd.lease import is_shared_database
 from flowd.models import Flow, FlowState, StepState, Task, TaskResult, utcnow
+from flowd.store import nodes
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +55,12 @@ class Reaper:
         self.engine = engine
         self._next_orphan_check = time.monotonic() + ORPHAN_CHECK_EVERY_S
         self._next_prune = time.monotonic() + 60.0
+        self.shared = is_shared_database(config)
 
     def run_once(self, now: dt.datetime | None = None) -> None:
         now = now or utcnow()
+        if self.shared:
+            self.take_over_expired(now)
         self.engine.expire(now)
         self.stop_overdue_steps(now)
         if time.monotonic() >= self._next_orphan_check:
@@ -71,7 +78,7 @@ class Reaper:
         touched = 0
         rows = (TaskResult.select(TaskResult, Flow).join(Flow)
                 .where((TaskResult.state == StepState.RUNNING.value) & (Flow.state == FlowState.RUNNING.value)
-                       & TaskResult.worker_pid.is_null(False)))
+                       & TaskResult.worker_pid.is_null(False) & (Flow.node_id == self.engine.node_id)))
         for result in rows:
             pid = result.worker_pid or 0
             limit = self._time_limit(result, now)
@@ -103,9 +110,26 @@ class Reaper:
             limits.append(max((result.flow.deadline - result.started_at).total_seconds(), 0.0))
         return min(limits) if limits else None
 
-    def requeue_lost(self, now: dt.datetime) -> int:
-        """Queue again admitted flows that nobody holds and no queue message names."""
-        cutoff = now - dt.timedelta(seconds=LOST_MESSAGE_AGE_S)
+    def take_over_expired(self, now: dt.datetime) -> int:
+        """Take over the flows of every other node whose lease has expired; returns how many."""
+        taken = 0
+        for node_id in nodes.expired_nodes(self.engine.node_id):
+            flow_ids = self.engine.take_over(node_id, now)
+            if flow_ids:
+                shown = ", ".join(str(i) for i in flow_ids[:20]) + (" ..." if len(flow_ids) > 20 else "")
+                log.warning("node %s: its lease expired; node %s took over its %d running flow(s): %s", node_id,
+                            self.engine.node_id, len(flow_ids), shown)
+                taken += len(flow_ids)
+        if taken:
+            # Messages the dead node's workers had taken from the queue but not claimed yet
+            # are gone with it: do not wait LOST_MESSAGE_AGE_S for them.
+            self.requeue_lost(now, age=self.config.flowd.lease)
+        return taken
+
+    def requeue_lost(self, now: dt.datetime, age: float = LOST_MESSAGE_AGE_S) -> int:
+        """Queue again admitted flows that nobody holds and no queue message names
+        (unchanged for ``age`` seconds: a message is sent just after its commit)."""
+        cutoff = now - dt.timedelta(seconds=age)
         candidates = list(Flow.select(Flow.id, Flow.dispatch_token, Flow.next_attempt_at)
                           .where(Flow.admitted & Flow.state.in_((FlowState.INIT.value, FlowState.RUNNING.value))
                                  & Flow.worker_pid.is_null() & (Flow.updated_at < cutoff)))

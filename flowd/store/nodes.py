@@ -1,0 +1,96 @@
+"""Node leases (SPEC 10): which nodes sharing the database are alive, and their flows.
+
+A node renews its lease every third of ``[flowd] lease``; a node whose lease has
+expired (killed, frozen, cut off) has its RUNNING flows taken over by the live ones.
+On PostgreSQL every time here is the server's clock, so nodes whose own clocks differ
+still agree on who is late; on SQLite (one machine) it is this machine's clock.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from flowd.models import FlowState, utcnow
+from flowd.store.flows import select_flows
+from flowd.store.rows import Row, decode, encode, execute, is_sqlite
+
+_PG_NOW = "(clock_timestamp() AT TIME ZONE 'UTC')"
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """One node as ``flowctl status`` shows it."""
+
+    node_id: str
+    renewed_at: dt.datetime
+    expires_at: dt.datetime
+    online: bool
+    running: int  # steps its workers hold now
+
+
+def _now_sql() -> tuple[str, tuple[str, ...]]:
+    """The current time as SQL and its parameters (the server's clock on PostgreSQL)."""
+    if is_sqlite():
+        return "?", (encode("renewed_at", utcnow()),)
+    return _PG_NOW, ()
+
+
+def renew_lease(node_id: str, lease_s: float) -> None:
+    """Start or extend this node's lease by ``lease_s`` from now."""
+    if is_sqlite():
+        now = utcnow()
+        execute("INSERT INTO node_lease (node_id, renewed_at, expires_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (node_id) DO UPDATE SET renewed_at = excluded.renewed_at, "
+                "expires_at = excluded.expires_at",
+                (node_id, encode("renewed_at", now), encode("expires_at", now + dt.timedelta(seconds=lease_s))))
+        return
+    execute(f"INSERT INTO node_lease (node_id, renewed_at, expires_at) VALUES (?, {_PG_NOW}, "
+            f"{_PG_NOW} + make_interval(secs => ?)) ON CONFLICT (node_id) DO UPDATE SET "
+            "renewed_at = excluded.renewed_at, expires_at = excluded.expires_at", (node_id, lease_s))
+
+
+def release_lease(node_id: str) -> None:
+    """A clean stop: the lease ends now, so the others take over at once what is left."""
+    now, params = _now_sql()
+    execute(f"UPDATE node_lease SET expires_at = {now} WHERE node_id = ?", (*params, node_id))
+
+
+def expired_nodes(except_node: str) -> list[str]:
+    """Nodes other than ``except_node`` whose lease has expired, and that still have
+    RUNNING flows (a node gone for good costs one cheap query)."""
+    now, params = _now_sql()
+    found = execute(f"SELECT l.node_id FROM node_lease l WHERE l.expires_at < {now} AND l.node_id <> ? "
+                    "AND EXISTS (SELECT 1 FROM flow f WHERE f.state = ? AND f.node_id = l.node_id) "
+                    "ORDER BY l.node_id", (*params, except_node, FlowState.RUNNING.value)).fetchall()
+    return [row[0] for row in found]
+
+
+def flows_of_expired_node(node_id: str) -> list[Row]:
+    """The RUNNING flows ``node_id`` holds or must recover, if its lease has expired
+    (checked again in the same statement: a node that renewed meanwhile keeps them).
+    Inside a write transaction on PostgreSQL the rows are locked until it ends."""
+    now, params = _now_sql()
+    return select_flows(f"state = ? AND node_id = ? AND EXISTS (SELECT 1 FROM node_lease WHERE node_id = ? "
+                        f"AND expires_at < {now})", (FlowState.RUNNING.value, node_id, node_id, *params))
+
+
+def lease_of(node_id: str) -> tuple[dt.datetime, dt.datetime, bool] | None:
+    """(renewed at, expires at, still valid) of a node's lease; None: it never had one."""
+    now, params = _now_sql()
+    row = execute(f"SELECT renewed_at, expires_at, expires_at >= {now} FROM node_lease WHERE node_id = ?",
+                  (*params, node_id)).fetchone()
+    if row is None:
+        return None
+    return decode("renewed_at", row[0]), decode("expires_at", row[1]), bool(row[2])
+
+
+def list_nodes() -> list[NodeInfo]:
+    """Every node that ever held a lease on this database, with its running steps."""
+    now, params = _now_sql()
+    running = dict(execute("SELECT node_id, COUNT(*) FROM flow WHERE state = ? AND worker_pid IS NOT NULL "
+                           "AND node_id IS NOT NULL GROUP BY node_id", (FlowState.RUNNING.value,)).fetchall())
+    found = execute(f"SELECT node_id, renewed_at, expires_at, expires_at >= {now} FROM node_lease "
+                    "ORDER BY node_id", params).fetchall()
+    return [NodeInfo(node_id, decode("renewed_at", renewed), decode("expires_at", expires), bool(online),
+                     int(running.get(node_id, 0))) for node_id, renewed, expires, online in found]
