@@ -33,6 +33,7 @@ class LeaseKeeper:
     def __init__(self, config: Config):
         self.node_id = config.flowd.node_id
         self.lease = config.flowd.lease
+        self.client_id = config.mqtt.client_id
         self.enabled = is_shared_database(config)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -42,7 +43,7 @@ class LeaseKeeper:
         """Extend the lease now (raises if the database cannot be written)."""
         if self.enabled:
             with write_transaction():
-                nodes.renew_lease(self.node_id, self.lease)
+                nodes.renew_lease(self.node_id, self.lease, self.client_id)
 
     def start(self) -> None:
         if not self.enabled or self._thread is not None:

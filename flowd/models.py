@@ -262,6 +262,8 @@ class NodeLease(BaseModel):
     node_id = CharField(primary_key=True)
     renewed_at = DateTimeField()
     expires_at = DateTimeField()
+    client_id = CharField(null=True)  # its MQTT client id: whose broker session to end
+    taken_by = CharField(null=True)   # the live node that ended its session after the lease expired
 
 
 class Meta(BaseModel):

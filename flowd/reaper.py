@@ -17,12 +17,13 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 
 from flowd import api, queue
 from flowd.config import Config
 from flowd.engine import Engine
 from flowd.lease import is_shared_database
-from flowd.models import Flow, FlowState, StepState, Task, TaskResult, utcnow
+from flowd.models import Flow, FlowState, StepState, Task, TaskResult, utcnow, write_transaction
 from flowd.store import nodes
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,9 @@ class Reaper:
         self._next_orphan_check = time.monotonic() + ORPHAN_CHECK_EVERY_S
         self._next_prune = time.monotonic() + 60.0
         self.shared = is_shared_database(config)
+        # Called with (node id, MQTT client id) of a node whose lease expired, once across
+        # the nodes: the daemon's bridge ends that node's broker session.
+        self.on_session_taken: Callable[[str, str], None] | None = None
 
     def run_once(self, now: dt.datetime | None = None) -> None:
         now = now or utcnow()
@@ -120,6 +124,11 @@ class Reaper:
                 log.warning("node %s: its lease expired; node %s took over its %d running flow(s): %s", node_id,
                             self.engine.node_id, len(flow_ids), shown)
                 taken += len(flow_ids)
+            if self.on_session_taken is not None:
+                with write_transaction():
+                    client_id = nodes.claim_session(node_id, self.engine.node_id)
+                if client_id is not None:
+                    self.on_session_taken(node_id, client_id)
         if taken:
             # Messages the dead node's workers had taken from the queue but not claimed yet
             # are gone with it: do not wait LOST_MESSAGE_AGE_S for them.

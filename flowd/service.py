@@ -237,6 +237,7 @@ class Service:
         from flowd.reaper import Reaper
 
         self.reaper = Reaper(self.config, self.engine)
+        self.reaper.on_session_taken = self.bridge.end_session_of
         self.lease.start()
         self.bridge.start()
         if importlib.util.find_spec("flowd.scheduler") is not None:

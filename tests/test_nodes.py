@@ -9,6 +9,7 @@ database recorded.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -134,7 +135,7 @@ def overlapping_runs(executions: list[dict[str, Any]]) -> list[tuple[dict[str, A
     pairs = []
     for runs in by_step.values():
         runs.sort(key=lambda r: r["start"])
-        for earlier, later in zip(runs, runs[1:], strict=False):
+        for earlier, later in itertools.pairwise(runs):
             if later["start"] < earlier["end"]:
                 pairs.append((earlier, later))
     return pairs
@@ -171,7 +172,11 @@ def test_a_killed_node_s_flows_are_taken_over_and_it_recovers_only_its_own(
 
     def all_done() -> bool:
         return cluster.states().get("DONE", 0) == FLOWS
-    wait_for(all_done, 90, interval=0.2, message=f"{FLOWS} flows DONE without node b")
+    try:
+        wait_for(all_done, 60, interval=0.2, message=f"{FLOWS} flows DONE without node b")
+    except AssertionError as exc:
+        left = cluster.sql("SELECT id, state, node_id, worker_pid, position FROM flow WHERE state <> 'DONE' LIMIT 5")
+        raise AssertionError(f"{exc}: {cluster.states()}, {cluster.sql('SELECT COUNT(*) FROM flow')}, {left}") from None
     done_without_b = time.time()
     assert done_without_b - killed_at < DOWN_S + 30
     time.sleep(max(0.0, killed_at + DOWN_S - time.time()))
@@ -213,6 +218,11 @@ def test_a_killed_node_s_flows_are_taken_over_and_it_recovers_only_its_own(
     late = {f"r-{i}" for i in range(2 * third, FLOWS)}
     late_ids = {fid for fid, rid in cluster.sql("SELECT id, request_id FROM flow") if rid in late}
     assert {r["node"] for r in runs if r["flow"] in late_ids} <= {"a", "c"}
+    # ... and the broker's share for b's session waited at most for b's lease to expire.
+    stored = {rid: t.timestamp() for rid, t in cluster.sql(
+        "SELECT request_id, created_at AT TIME ZONE 'UTC' FROM flow")}
+    waits = [stored[rid] - submitted_at[rid] for rid in late]
+    assert max(waits) < LEASE_S + 3, sorted(waits)[-5:]
 
 
 def test_a_frozen_node_is_taken_over_and_commits_nothing_after_waking(cluster: Cluster) -> None:

@@ -36,18 +36,20 @@ def _now_sql() -> tuple[str, tuple[str, ...]]:
     return _PG_NOW, ()
 
 
-def renew_lease(node_id: str, lease_s: float) -> None:
+_RENEW_UPDATE = ("ON CONFLICT (node_id) DO UPDATE SET renewed_at = excluded.renewed_at, "
+                 "expires_at = excluded.expires_at, client_id = excluded.client_id, taken_by = NULL")
+
+
+def renew_lease(node_id: str, lease_s: float, client_id: str) -> None:
     """Start or extend this node's lease by ``lease_s`` from now."""
     if is_sqlite():
         now = utcnow()
-        execute("INSERT INTO node_lease (node_id, renewed_at, expires_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (node_id) DO UPDATE SET renewed_at = excluded.renewed_at, "
-                "expires_at = excluded.expires_at",
-                (node_id, encode("renewed_at", now), encode("expires_at", now + dt.timedelta(seconds=lease_s))))
+        execute("INSERT INTO node_lease (node_id, renewed_at, expires_at, client_id) VALUES (?, ?, ?, ?) "
+                + _RENEW_UPDATE, (node_id, encode("renewed_at", now),
+                                  encode("expires_at", now + dt.timedelta(seconds=lease_s)), client_id))
         return
-    execute(f"INSERT INTO node_lease (node_id, renewed_at, expires_at) VALUES (?, {_PG_NOW}, "
-            f"{_PG_NOW} + make_interval(secs => ?)) ON CONFLICT (node_id) DO UPDATE SET "
-            "renewed_at = excluded.renewed_at, expires_at = excluded.expires_at", (node_id, lease_s))
+    execute(f"INSERT INTO node_lease (node_id, renewed_at, expires_at, client_id) VALUES (?, {_PG_NOW}, "
+            f"{_PG_NOW} + make_interval(secs => ?), ?) " + _RENEW_UPDATE, (node_id, lease_s, client_id))
 
 
 def release_lease(node_id: str) -> None:
@@ -58,12 +60,24 @@ def release_lease(node_id: str) -> None:
 
 def expired_nodes(except_node: str) -> list[str]:
     """Nodes other than ``except_node`` whose lease has expired, and that still have
-    RUNNING flows (a node gone for good costs one cheap query)."""
+    RUNNING flows or a broker session nobody ended (a node gone for good costs one
+    cheap query)."""
     now, params = _now_sql()
     found = execute(f"SELECT l.node_id FROM node_lease l WHERE l.expires_at < {now} AND l.node_id <> ? "
-                    "AND EXISTS (SELECT 1 FROM flow f WHERE f.state = ? AND f.node_id = l.node_id) "
-                    "ORDER BY l.node_id", (*params, except_node, FlowState.RUNNING.value)).fetchall()
+                    "AND (l.taken_by IS NULL OR EXISTS (SELECT 1 FROM flow f WHERE f.state = ? "
+                    "AND f.node_id = l.node_id)) ORDER BY l.node_id",
+                    (*params, except_node, FlowState.RUNNING.value)).fetchall()
     return [row[0] for row in found]
+
+
+def claim_session(node_id: str, by_node: str) -> str | None:
+    """The MQTT client id of an expired node whose broker session nobody has taken yet,
+    now taken by ``by_node`` (one live node only); None when another node was first,
+    or the node renewed its lease meanwhile."""
+    now, params = _now_sql()
+    row = execute(f"UPDATE node_lease SET taken_by = ? WHERE node_id = ? AND taken_by IS NULL AND expires_at < {now} "
+                  "RETURNING client_id", (by_node, node_id, *params)).fetchone()
+    return row[0] if row else None
 
 
 def flows_of_expired_node(node_id: str) -> list[Row]:
