@@ -9,6 +9,7 @@ database recorded.
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import json
 import os
@@ -75,7 +76,7 @@ class Cluster:
         finally:
             conn.close()
 
-    def define(self, sleep: float) -> None:
+    def define(self, sleep: float, schedule: str | None = None) -> None:
         """The three-step routine, stored once through flowd's own API (as flowctl apply would)."""
         from flowd import api, catalog
         from flowd.config import load_config
@@ -86,6 +87,9 @@ class Cluster:
             catalog.save_task("logged", "nodes.Logged", task_paths=paths, options={"log": str(self.log),
                                                                                   "sleep": sleep})
             catalog.save_routine("three", ["logged", "logged", "logged"], max=100_000)
+            if schedule:
+                catalog.save_task("tick", "nodes.Logged", task_paths=paths, options={"log": str(self.log)})
+                catalog.save_routine("tick", ["tick"], schedule=schedule)
         finally:
             api.reset()
 
@@ -151,9 +155,10 @@ def test_harness_finds_overlaps_and_reruns() -> None:
 
 def test_a_killed_node_s_flows_are_taken_over_and_it_recovers_only_its_own(
         cluster: Cluster, mqtt_client: Callable[..., MqttClient]) -> None:
-    cluster.define(sleep=0.02)
+    cluster.define(sleep=0.02, schedule="@every 2s")
     for node in "abc":
         cluster.start(node)
+        time.sleep(1.0)  # nodes that start at different times must still agree on the slots
     wait_ready(cluster, "a", "b", "c")
     publisher = mqtt_client()
     submitted_at: dict[str, float] = {}
@@ -171,7 +176,7 @@ def test_a_killed_node_s_flows_are_taken_over_and_it_recovers_only_its_own(
     submit(2 * third, FLOWS)  # while b is down: these must not wait for it
 
     def all_done() -> bool:
-        return cluster.states().get("DONE", 0) == FLOWS
+        return cluster.sql("SELECT COUNT(*) FROM flow WHERE routine = 'three' AND state = 'DONE'") == [(FLOWS,)]
     try:
         wait_for(all_done, 60, interval=0.2, message=f"{FLOWS} flows DONE without node b")
     except AssertionError as exc:
@@ -185,8 +190,8 @@ def test_a_killed_node_s_flows_are_taken_over_and_it_recovers_only_its_own(
     time.sleep(LEASE_S)
 
     # Every flow stored once, DONE, none lost.
-    assert cluster.states() == {"DONE": FLOWS}
-    assert cluster.sql("SELECT COUNT(DISTINCT request_id) FROM flow") == [(FLOWS,)]
+    assert cluster.sql("SELECT state, COUNT(*) FROM flow WHERE routine = 'three' GROUP BY state") == [("DONE", FLOWS)]
+    assert cluster.sql("SELECT COUNT(DISTINCT request_id) FROM flow WHERE routine = 'three'") == [(FLOWS,)]
     # b's running flows were taken over by a live node, logged with both node ids, as
     # new attempts that used no retry.
     taken = cluster.sql("SELECT flow_id, position, error FROM task_result WHERE error LIKE %s",
@@ -218,6 +223,18 @@ def test_a_killed_node_s_flows_are_taken_over_and_it_recovers_only_its_own(
     late = {f"r-{i}" for i in range(2 * third, FLOWS)}
     late_ids = {fid for fid, rid in cluster.sql("SELECT id, request_id FROM flow") if rid in late}
     assert {r["node"] for r in runs if r["flow"] in late_ids} <= {"a", "c"}
+    # Each slot of the @every 2s schedule ran once across the nodes, b down or not.
+    slots = sorted(dt.datetime.strptime(rid, "schedule:tick:%Y-%m-%dT%H:%M:%SZ")
+                   for (rid,) in cluster.sql("SELECT request_id FROM flow WHERE routine = 'tick'"))
+    assert len(slots) >= 8
+    assert {(b - a).total_seconds() for a, b in itertools.pairwise(slots)} == {2.0}
+    tick_ids = {fid for (fid,) in cluster.sql("SELECT id FROM flow WHERE routine = 'tick'")}
+    tick_runs: dict[int, int] = defaultdict(int)
+    for run in runs:
+        if run["flow"] in tick_ids:
+            tick_runs[run["flow"]] += 1
+    assert {fid for fid, n in tick_runs.items() if n > 1} <= {f for f, _ in interrupted}
+    assert len(tick_runs) == len(tick_ids)
     # ... and the broker's share for b's session waited at most for b's lease to expire.
     stored = {rid: t.timestamp() for rid, t in cluster.sql(
         "SELECT request_id, created_at AT TIME ZONE 'UTC' FROM flow")}
