@@ -14,6 +14,8 @@ import itertools
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections import defaultdict
@@ -24,7 +26,7 @@ from typing import Any
 import psycopg2
 import pytest
 import redis
-from conftest import Broker, FlowdProcess, MqttClient, wait_for, write_config
+from conftest import Broker, FlowdProcess, MqttClient, flowd_env, wait_for, write_config
 
 PG_ADMIN = "dbname=postgres user=postgres host=127.0.0.1 port=5432"
 REDIS_URL = "redis://127.0.0.1:6379/14"
@@ -183,6 +185,12 @@ def test_a_killed_node_s_flows_are_taken_over_and_it_recovers_only_its_own(
         left = cluster.sql("SELECT id, state, node_id, worker_pid, position FROM flow WHERE state <> 'DONE' LIMIT 5")
         raise AssertionError(f"{exc}: {cluster.states()}, {cluster.sql('SELECT COUNT(*) FROM flow')}, {left}") from None
     done_without_b = time.time()
+    status = subprocess.run([sys.executable, "-m", "flowd.cli", "--config", str(cluster.config_path("a")), "--json",
+                             "status"], capture_output=True, text=True, env=flowd_env(), timeout=30)
+    assert status.returncode == 0, status.stderr
+    shown = {n["node_id"]: n for n in json.loads(status.stdout)["nodes"]}
+    assert {node: n["running"] for node, n in shown.items()} == {"a": True, "b": False, "c": True}
+    assert shown["b"]["last_seen"] and shown["b"]["running_steps"] == 0
     assert done_without_b - killed_at < DOWN_S + 30
     time.sleep(max(0.0, killed_at + DOWN_S - time.time()))
     cluster.start("b")
