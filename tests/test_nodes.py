@@ -172,7 +172,8 @@ def test_a_killed_node_s_flows_are_taken_over_and_it_recovers_only_its_own(
 
     third = FLOWS // 3
     submit(0, 2 * third)
-    wait_for(lambda: len(cluster.executions()) >= FLOWS, 60, interval=0.05, message="a third of the steps")
+    wait_for(lambda: len(cluster.executions()) >= FLOWS, 30 + FLOWS / 20, interval=0.05,
+             message="a third of the steps")
     killed_at = time.time()
     cluster.procs["b"].kill9()
     submit(2 * third, FLOWS)  # while b is down: these must not wait for it
@@ -180,7 +181,7 @@ def test_a_killed_node_s_flows_are_taken_over_and_it_recovers_only_its_own(
     def all_done() -> bool:
         return cluster.sql("SELECT COUNT(*) FROM flow WHERE routine = 'three' AND state = 'DONE'") == [(FLOWS,)]
     try:
-        wait_for(all_done, 60, interval=0.2, message=f"{FLOWS} flows DONE without node b")
+        wait_for(all_done, 30 + FLOWS / 20, interval=0.2, message=f"{FLOWS} flows DONE without node b")
     except AssertionError as exc:
         left = cluster.sql("SELECT id, state, node_id, worker_pid, position FROM flow WHERE state <> 'DONE' LIMIT 5")
         raise AssertionError(f"{exc}: {cluster.states()}, {cluster.sql('SELECT COUNT(*) FROM flow')}, {left}") from None
@@ -191,7 +192,7 @@ def test_a_killed_node_s_flows_are_taken_over_and_it_recovers_only_its_own(
     shown = {n["node_id"]: n for n in json.loads(status.stdout)["nodes"]}
     assert {node: n["running"] for node, n in shown.items()} == {"a": True, "b": False, "c": True}
     assert shown["b"]["last_seen"] and shown["b"]["running_steps"] == 0
-    assert done_without_b - killed_at < DOWN_S + 30
+    assert done_without_b < killed_at + DOWN_S, "the live nodes had not finished b's flows when it came back"
     time.sleep(max(0.0, killed_at + DOWN_S - time.time()))
     cluster.start("b")
     wait_ready(cluster, "b")
