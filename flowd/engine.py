@@ -236,7 +236,7 @@ class Engine:
 
     def _publish(self, topic: str, payload: dict[str, Any], effects: Effects, now: dt.datetime,
                  correlation_data: str | None = None) -> None:
-        store.add_outbox(topic, dumps(payload), correlation_data, now)
+        store.add_outbox(topic, dumps(payload), correlation_data, now, self.node_id)
         effects.published = True
 
     def _publish_status(self, flow: Row, effects: Effects, *, state_change: bool, child_id: int | None = None

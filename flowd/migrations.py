@@ -92,6 +92,7 @@ def _v6_nodes(db: peewee.Database, migrator: SchemaMigrator) -> None:
     migrate(
         migrator.add_column("flow", "node_id", models.Flow.node_id),
         migrator.add_column("task_result", "node_id", models.TaskResult.node_id),
+        migrator.add_column("outbox", "node_id", models.Outbox.node_id),
     )
     db.create_tables([models.NodeLease], safe=True)
 

@@ -240,6 +240,7 @@ class Outbox(BaseModel):
     retain = BooleanField(default=False)
     correlation_data = TextField(null=True)
     created_at = DateTimeField(default=utcnow)
+    node_id = CharField(null=True)  # schema v6: the node that publishes it (another once its lease expired)
 
 
 class NodeStatus(BaseModel):

@@ -229,7 +229,8 @@ class MqttBridge:
     def publish_offline(self) -> None:
         """Queue the retained ``offline`` status (a clean disconnect sends no Last Will)."""
         with write_transaction(sync=False):
-            outbox.add_message(self.status_topic, self._status_payload("offline"), retain=True)
+            outbox.add_message(self.status_topic, self._status_payload("offline"), retain=True,
+                               node_id=self.config.flowd.node_id)
         self.publisher.poke()
 
     def stop(self, drain: float = 3.0) -> bool:
@@ -290,7 +291,8 @@ class MqttBridge:
             self.refresh_wait_topics()
             self._since = isoformat(utcnow())
             with write_transaction(sync=False):
-                outbox.add_message(self.status_topic, self._status_payload("online"), retain=True)
+                outbox.add_message(self.status_topic, self._status_payload("online"), retain=True,
+                                   node_id=self.config.flowd.node_id)
             self.publisher.poke()
             if self.on_connected is not None:
                 self.on_connected()
@@ -472,7 +474,8 @@ class MqttBridge:
             answers.sort(key=lambda answer: answer[0])
             with write_transaction(sync=False):
                 for _, topic, payload, correlation_hex in answers:
-                    outbox.add_message(topic, payload, correlation_data=correlation_hex)
+                    outbox.add_message(topic, payload, correlation_data=correlation_hex,
+                                       node_id=self.config.flowd.node_id)
             self.publisher.poke()
 
     def _refusal(self, topic: str, error: str, request_id: str | None, reply_to: str | None,

@@ -22,14 +22,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from peewee import fn
+from peewee import SQL, fn
 
 from flowd import integrity
 from flowd.config import Config
 from flowd.errors import InputError
+from flowd.lease import is_shared_database
 from flowd.models import Outbox, database, dumps, get_meta, make_durable, set_meta, write_transaction
 from flowd.payloads import has_surrogate, shown
 from flowd.status import HOLD_S, SOCKET_NAME, STATUS_INFLIGHT, Status, StatusInbox
+from flowd.store import nodes
 from flowd.wakeup import WakeSocket, send_wakeup
 
 log = logging.getLogger(__name__)
@@ -46,8 +48,9 @@ IDLE_WAIT_S = 5.0         # longest idle sleep: new rows, (re)connects and stop 
 
 
 def add_message(topic: str, payload: Any, *, qos: int = 1, retain: bool = False,
-                correlation_data: str | None = None) -> None:
+                correlation_data: str | None = None, node_id: str | None = None) -> None:
     """Queue a message; call inside the caller's transaction, then :func:`notify` after commit.
+    ``node_id``: the node whose publisher sends it (several nodes on one database).
 
     Raises InputError for text UTF-8 cannot carry (a lone surrogate): it could be
     neither stored nor sent, and would block the outbox behind it."""
@@ -56,7 +59,7 @@ def add_message(topic: str, payload: Any, *, qos: int = 1, retain: bool = False,
         raise InputError(f"cannot queue a message for {shown(topic)}: its topic or payload holds a lone surrogate "
                          "(\\ud800-\\udfff), which is not UTF-8 text")
     Outbox.insert(topic=topic, payload=text, qos=qos, retain=retain,
-                  correlation_data=correlation_data).execute()
+                  correlation_data=correlation_data, node_id=node_id).execute()
 
 
 def notify(state_dir: str | Path) -> None:
@@ -108,6 +111,8 @@ class OutboxPublisher:
         self._lock = threading.Lock()
         self._handed: set[int] = set()               # touched only by the publisher thread
         self._cursor = 0                             # every row with id <= cursor was handed over
+        # Several nodes on one database: this node's rows, and those of nodes whose lease expired.
+        self._mine, self._mine_params = nodes.outbox_rows_of(config) if is_shared_database(config) else ("", ())
         self._inflight: dict[int, tuple[int, int]] = {}   # mid -> (row id, qos)
         self._early_acks: dict[int, bool] = {}       # PUBACKs that beat publish()'s return
         self._acked: list[int] = []                  # row ids to delete
@@ -193,7 +198,10 @@ class OutboxPublisher:
                 return False
         if self.statuses.has_pending():
             return False
-        return not Outbox.select(Outbox.id).limit(1).exists()
+        query = Outbox.select(Outbox.id)
+        if self._mine:
+            query = query.where(SQL(self._mine, self._mine_params))
+        return not query.limit(1).exists()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -252,8 +260,9 @@ class OutboxPublisher:
     def _select_sql(self) -> str:
         # Plain SQL on the hot path: building the peewee query costs more than running it.
         param = database.obj.param
+        mine = f" AND {self._mine}" if self._mine else ""
         return (f"SELECT id, topic, payload, qos, retain, correlation_data FROM {Outbox._meta.table_name} "
-                f"WHERE id > {param} ORDER BY id LIMIT {param}")
+                f"WHERE id > {param}{mine} ORDER BY id LIMIT {param}")
 
     def _send_rows(self) -> bool:
         """Hand waiting statuses, then rows in id order, to the client; True when more
@@ -265,7 +274,8 @@ class OutboxPublisher:
                 return True  # hand the taken-back rows over first
             statuses = self.statuses.take(STATUS_INFLIGHT - len(self._status_inflight))
             window_full = len(self._handed) >= MAX_HANDED
-            rows = [] if window_full else database.obj.execute_sql(self._sql, (self._cursor, READ_BATCH)).fetchall()
+            rows = [] if window_full else database.obj.execute_sql(
+                self._sql, (self._cursor, *self._mine_params, READ_BATCH)).fetchall()
             if not rows and not statuses:
                 return window_full
             # Durable before visible (SPEC 4.5): one fsync covers every row read and every
@@ -419,7 +429,10 @@ class OutboxPublisher:
     def _sweep_gaps(self) -> None:
         """Rows below the cursor never handed over (a backend that commits ids out of
         order, e.g. PostgreSQL sequences): move the cursor back so they are sent."""
-        query: Any = Outbox.select(Outbox.id).where(Outbox.id <= self._cursor).tuples()
+        query: Any = Outbox.select(Outbox.id).where(Outbox.id <= self._cursor)
+        if self._mine:  # a node whose lease expired meanwhile: its rows below the cursor come now
+            query = query.where(SQL(self._mine, self._mine_params))
+        query = query.tuples()
         below = [row[0] for row in query if row[0] not in self._handed]
         if below:
             self._cursor = min(below) - 1

@@ -163,6 +163,7 @@ def test_a_killed_node_s_flows_are_taken_over_and_it_recovers_only_its_own(
         time.sleep(1.0)  # nodes that start at different times must still agree on the slots
     wait_ready(cluster, "a", "b", "c")
     publisher = mqtt_client()
+    publisher.subscribe("flow/+/result")
     submitted_at: dict[str, float] = {}
 
     def submit(first: int, last: int) -> None:
@@ -232,6 +233,16 @@ def test_a_killed_node_s_flows_are_taken_over_and_it_recovers_only_its_own(
     late = {f"r-{i}" for i in range(2 * third, FLOWS)}
     late_ids = {fid for fid, rid in cluster.sql("SELECT id, request_id FROM flow") if rid in late}
     assert {r["node"] for r in runs if r["flow"] in late_ids} <= {"a", "c"}
+    # Each node publishes its own outbox (and a's or c's took b's rows once its lease expired):
+    # every result arrived, and about once, not once per node.
+    wait_for(lambda: {r["flow_id"] for r in publisher.json_on("flow/+/result")} >= {f for f, _, _ in taken}, 20,
+             message="the results of b's flows")
+    results: dict[int, int] = defaultdict(int)
+    for result in publisher.json_on("flow/+/result"):
+        results[result["flow_id"]] += 1
+    three_ids = {fid for (fid,) in cluster.sql("SELECT id FROM flow WHERE routine = 'three'")}
+    assert three_ids <= set(results)
+    assert max(results.values()) <= 2 and sum(results.values()) < 1.1 * len(results), sorted(results.values())[-5:]
     # Each slot of the @every 2s schedule ran once across the nodes, b down or not.
     slots = sorted(dt.datetime.strptime(rid, "schedule:tick:%Y-%m-%dT%H:%M:%SZ")
                    for (rid,) in cluster.sql("SELECT request_id FROM flow WHERE routine = 'tick'"))

@@ -11,7 +11,8 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from flowd.models import FlowState, utcnow
+from flowd.config import Config
+from flowd.models import FlowState, sqlite_path, utcnow
 from flowd.store.flows import select_flows
 from flowd.store.rows import Row, decode, encode, execute, is_sqlite
 
@@ -87,6 +88,16 @@ def flows_of_expired_node(node_id: str) -> list[Row]:
     now, params = _now_sql()
     return select_flows(f"state = ? AND node_id = ? AND EXISTS (SELECT 1 FROM node_lease WHERE node_id = ? "
                         f"AND expires_at < {now})", (FlowState.RUNNING.value, node_id, node_id, *params))
+
+
+def outbox_rows_of(config: Config) -> tuple[str, tuple[str, ...]]:
+    """The outbox rows a node publishes, as a WHERE condition (in the database's
+    placeholder style) and its parameters: its own, those with no node (written before
+    schema v6), and those of nodes whose lease has expired."""
+    mark = "?" if sqlite_path(config.database.url) else "%s"
+    now = "CURRENT_TIMESTAMP" if sqlite_path(config.database.url) else _PG_NOW
+    return (f"(node_id = {mark} OR node_id IS NULL OR node_id IN "
+            f"(SELECT node_id FROM node_lease WHERE expires_at < {now}))", (config.flowd.node_id,))
 
 
 def lease_of(node_id: str) -> tuple[dt.datetime, dt.datetime, bool] | None:
