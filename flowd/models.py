@@ -378,8 +378,15 @@ def write_transaction(sync: bool = True) -> Iterator[None]:
         if sync:
             make_durable()
     else:
-        with db.atomic():
-            yield
+        try:
+            with db.atomic():
+                yield
+        except (peewee.OperationalError, peewee.InterfaceError):
+            if not db.in_transaction() and not db.is_connection_usable():
+                # The server ended the session (a restart, or this process was frozen past
+                # IDLE_IN_TRANSACTION_S): forget it, so the next statement connects anew.
+                db._state.reset()
+            raise
         write_transactions += 1
 
 

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import peewee
 import psycopg2
 import pytest
 import redis
@@ -311,3 +312,34 @@ def test_a_frozen_node_is_taken_over_and_commits_nothing_after_waking(cluster: C
         assert attempts[-1][0] > run["attempt"]
     assert woke_at > frozen_at + LEASE_S
     assert cluster.states() == {"DONE": len(flow_ids)}
+
+
+def test_a_session_the_server_ended_is_replaced_at_the_next_transaction(config_file: Callable[..., Path]) -> None:
+    """A node frozen inside a transaction loses its session after IDLE_IN_TRANSACTION_S
+    (so its locks hold no takeover back); awake, it connects again instead of failing forever."""
+    from flowd import api
+    from flowd.config import load_config
+    from flowd.models import Meta, write_transaction
+
+    dbname = f"flowd_nodes_{uuid.uuid4().hex[:10]}"
+    admin = psycopg2.connect(PG_ADMIN)
+    admin.autocommit = True
+    admin.cursor().execute(f'CREATE DATABASE "{dbname}"')
+    try:
+        api.configure(load_config(config_file(database={"url": f"postgresql://postgres@127.0.0.1:5432/{dbname}"})))
+        from flowd.models import database
+
+        options = database.obj.connect_params["options"]
+        assert "idle_in_transaction_session_timeout=5000" in options
+        with pytest.raises((peewee.OperationalError, peewee.InterfaceError)), write_transaction():
+            Meta.insert(key="x", value="1").execute()
+            admin.cursor().execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                   "WHERE datname = %s AND pid <> pg_backend_pid()", (dbname,))
+            Meta.insert(key="y", value="2").execute()
+        with write_transaction():
+            Meta.insert(key="z", value="3").execute()
+        assert sorted(m.key for m in Meta.select() if m.key in "xyz") == ["z"]
+    finally:
+        api.reset()
+        admin.cursor().execute(f'DROP DATABASE "{dbname}" WITH (FORCE)')
+        admin.close()
