@@ -271,7 +271,8 @@ class Engine:
             if info is not None and info.mqtt:  # its Home Assistant sensor (SPEC 12): the last flow, retained
                 from flowd.homeassistant import last_flow_topic
 
-                outbox.add_message(last_flow_topic(self.config, flow.routine), payload, retain=True)
+                outbox.add_message(last_flow_topic(self.config, flow.routine), payload, retain=True,
+                                   node_id=self.node_id)
 
     # ------------------------------------------------------------------ submit
     def submit(self, routine: str | Routine, args: Iterable[Any] = (), kwargs: dict[str, Any] | None = None, *,

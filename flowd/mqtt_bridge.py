@@ -179,7 +179,8 @@ class MqttBridge:
         if not self.is_connected():
             return
         with write_transaction(sync=False):
-            outbox.add_message(self.status_topic, self._status_payload("online"), retain=True)
+            outbox.add_message(self.status_topic, self._status_payload("online"), retain=True,
+                               node_id=self.config.flowd.node_id)
         self.publisher.poke()
 
     def start(self) -> None:
