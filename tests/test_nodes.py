@@ -249,13 +249,13 @@ def test_a_killed_node_s_flows_are_taken_over_and_it_recovers_only_its_own(
                    for (rid,) in cluster.sql("SELECT request_id FROM flow WHERE routine = 'tick'"))
     assert len(slots) >= 8
     assert {(b - a).total_seconds() for a, b in itertools.pairwise(slots)} == {2.0}
-    tick_ids = {fid for (fid,) in cluster.sql("SELECT id FROM flow WHERE routine = 'tick'")}
+    tick_ids = {fid for (fid,) in cluster.sql("SELECT id FROM flow WHERE routine = 'tick' AND state = 'DONE'")}
     tick_runs: dict[int, int] = defaultdict(int)
     for run in runs:
         if run["flow"] in tick_ids:
             tick_runs[run["flow"]] += 1
     assert {fid for fid, n in tick_runs.items() if n > 1} <= {f for f, _ in interrupted}
-    assert len(tick_runs) == len(tick_ids)
+    assert tick_ids <= set(tick_runs)
     # ... and the broker's share for b's session waited at most for b's lease to expire.
     stored = {rid: t.timestamp() for rid, t in cluster.sql(
         "SELECT request_id, created_at AT TIME ZONE 'UTC' FROM flow")}

@@ -93,11 +93,12 @@ def flows_of_expired_node(node_id: str) -> list[Row]:
 def outbox_rows_of(config: Config) -> tuple[str, tuple[str, ...]]:
     """The outbox rows a node publishes, as a WHERE condition (in the database's
     placeholder style) and its parameters: its own, those with no node (written before
-    schema v6), and those of nodes whose lease has expired."""
+    schema v6), and those of nodes whose lease expired and whose session it took
+    (``claim_session``: one live node, so their rows do not go out once per node)."""
     mark = "?" if sqlite_path(config.database.url) else "%s"
     now = "CURRENT_TIMESTAMP" if sqlite_path(config.database.url) else _PG_NOW
-    return (f"(node_id = {mark} OR node_id IS NULL OR node_id IN "
-            f"(SELECT node_id FROM node_lease WHERE expires_at < {now}))", (config.flowd.node_id,))
+    return (f"(node_id = {mark} OR node_id IS NULL OR node_id IN (SELECT node_id FROM node_lease "
+            f"WHERE expires_at < {now} AND taken_by = {mark}))", (config.flowd.node_id, config.flowd.node_id))
 
 
 def lease_of(node_id: str) -> tuple[dt.datetime, dt.datetime, bool] | None:
