@@ -21,6 +21,7 @@ from typing import Any
 from flowd import outbox, store
 from flowd.config import Config
 from flowd.errors import FlowdError, InputError, NotFoundError
+from flowd.lease import is_shared_database
 from flowd.models import (
     FlowState,
     Routine,
@@ -205,7 +206,9 @@ class Engine:
         self._enqueue = enqueue
         self._enqueue_many = enqueue_many
         self.definitions = store.Definitions()
-        self.node_id = config.flowd.node_id  # on every claim: which node holds a flow (SPEC 10)
+        # On every claim, with the worker's pid: which node holds a flow (SPEC 10). None on
+        # SQLite, where there is one node: not a byte more per flow on the SD card.
+        self.node_id: str | None = config.flowd.node_id if is_shared_database(config) else None
 
     # ------------------------------------------------------------------ effects
     def _apply(self, effects: Effects) -> None:

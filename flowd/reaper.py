@@ -117,16 +117,16 @@ class Reaper:
     def take_over_expired(self, now: dt.datetime) -> int:
         """Take over the flows of every other node whose lease has expired; returns how many."""
         taken = 0
-        for node_id in nodes.expired_nodes(self.engine.node_id):
+        for node_id in nodes.expired_nodes(self.config.flowd.node_id):
             flow_ids = self.engine.take_over(node_id, now)
             if flow_ids:
                 shown = ", ".join(str(i) for i in flow_ids[:20]) + (" ..." if len(flow_ids) > 20 else "")
                 log.warning("node %s: its lease expired; node %s took over its %d running flow(s): %s", node_id,
-                            self.engine.node_id, len(flow_ids), shown)
+                            self.config.flowd.node_id, len(flow_ids), shown)
                 taken += len(flow_ids)
             if self.on_session_taken is not None:
                 with write_transaction():
-                    client_id = nodes.claim_session(node_id, self.engine.node_id)
+                    client_id = nodes.claim_session(node_id, self.config.flowd.node_id)
                 if client_id is not None:
                     self.on_session_taken(node_id, client_id)
         if taken:

@@ -179,17 +179,19 @@ def flows_by_id(flow_ids: list[int]) -> dict[int, Row]:
 
 _FINISH_HELD = ("UPDATE task_result SET state = ?, output = ?, finished_at = ?, started_at = COALESCE(?, started_at) "
                 "WHERE id = ? AND state = ? AND EXISTS (SELECT 1 FROM flow WHERE id = ? AND state = ? "
-                "AND worker_pid = ? AND node_id = ? AND dispatch_token = ?")
+                "AND worker_pid = ? AND node_id {same} ? AND dispatch_token = ?")
+_FINISH_HELD_SQLITE = _FINISH_HELD.format(same="IS") + ")"  # IS: NULL (one node, no id) matches NULL
+_FINISH_HELD_POSTGRES = _FINISH_HELD.format(same="=") + " FOR UPDATE)"
 
 
 def finish_held_result(result_id: int, output: Any, now: dt.datetime, started_at: dt.datetime | None,
-                       flow_id: int, worker_pid: int, token: int, node_id: str) -> bool:
+                       flow_id: int, worker_pid: int, token: int, node_id: str | None) -> bool:
     """Record a finished attempt if its worker still holds the flow (same node, same
     worker, same dispatch token, flow RUNNING, attempt RUNNING): the check and the write
     in one statement. False: the flow was cancelled or taken over (the token is the
     fence: a node frozen past its lease commits nothing), and nothing was written."""
     # On PostgreSQL the flow row is locked (see _locking): a takeover under way is waited for.
-    cursor = execute(_FINISH_HELD + (")" if is_sqlite() else " FOR UPDATE)"),
+    cursor = execute(_FINISH_HELD_SQLITE if is_sqlite() else _FINISH_HELD_POSTGRES,
                      (StepState.DONE.value, encode("output", output), encode("finished_at", now),
                       encode("started_at", started_at), result_id, StepState.RUNNING.value, flow_id,
                       FlowState.RUNNING.value, worker_pid, node_id, token))
@@ -202,14 +204,14 @@ def active_children(parent_id: int) -> list[Row]:
     return select_flows(f"parent_id = ? AND state IN ({placeholders})", (parent_id, *ACTIVE_STATES))
 
 
-def running_admitted(node_id: str) -> list[Row]:
+def running_admitted(node_id: str | None) -> list[Row]:
     """Flows a worker of this node was running (or about to) when its daemon stopped
     (no node: held before schema v6)."""
     return select_flows("state = ? AND admitted = ? AND (node_id = ? OR node_id IS NULL)",
                         (FlowState.RUNNING.value, sql_bool(True), node_id))
 
 
-def admitted_not_ended(node_id: str) -> list[Row]:
+def admitted_not_ended(node_id: str | None) -> list[Row]:
     """Flows admitted and not finished (INIT or RUNNING), except those another node's
     worker holds: each needs a queue message."""
     return select_flows("admitted = ? AND state IN (?, ?) AND (worker_pid IS NULL OR node_id IS NULL OR node_id = ?)",
@@ -272,11 +274,12 @@ def restamp_running(result_ids: list[int], now: dt.datetime) -> None:
                 (stamp, result_id, StepState.RUNNING.value))
 
 
-def held_tokens(flow_ids: list[int], worker_pid: int, node_id: str) -> dict[int, int]:
+def held_tokens(flow_ids: list[int], worker_pid: int, node_id: str | None) -> dict[int, int]:
     """flow id -> dispatch token of those of ``flow_ids`` RUNNING and held by ``worker_pid`` of ``node_id``."""
     if not flow_ids:
         return {}
     marks = ", ".join("?" * len(flow_ids))
+    same = "IS" if is_sqlite() else "="
     rows = execute(f"SELECT id, dispatch_token FROM flow WHERE id IN ({marks}) AND state = ? AND worker_pid = ? "
-                   "AND node_id = ?", (*flow_ids, FlowState.RUNNING.value, worker_pid, node_id)).fetchall()
+                   f"AND node_id {same} ?", (*flow_ids, FlowState.RUNNING.value, worker_pid, node_id)).fetchall()
     return {int(flow_id): int(token) for flow_id, token in rows}
