@@ -64,12 +64,13 @@ def rollup(pid: int) -> dict[str, int]:
 
 
 def roles(main: int) -> list[tuple[str, int]]:
-    """(role, pid) for the daemon's tree: main, pool parent, then the pool's children."""
+    """(role, pid) for the daemon's tree: main, its workers, or (flowd before issue 12)
+    a pool parent and the pool's children."""
     found = [("main", main)]
-    for pool in children_of(main):
-        found.append(("pool parent", pool))
-        for index, child in enumerate(children_of(pool)):
-            found.append((f"pool child {index + 1}", child))
+    for index, child in enumerate(children_of(main)):
+        below = children_of(child)
+        found.append(("pool parent" if below else f"worker {index + 1}", child))
+        found.extend((f"pool child {n + 1}", pid) for n, pid in enumerate(below))
     return found
 
 

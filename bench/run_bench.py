@@ -190,7 +190,7 @@ def wait_port(port: int, proc: subprocess.Popen[Any], timeout: float) -> None:
 
 # ---------------------------------------------------------------------- /proc accounting
 def process_tree(root: int) -> list[int]:
-    """``root`` and all its descendants (pool, huey scheduler, workers)."""
+    """``root`` and all its descendants (the workers)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -272,9 +272,10 @@ def pss_mib(pid: int) -> float:
 
 
 def cpu_by_role(root: int, pids: list[int]) -> dict[str, float]:
-    """CPU seconds of the daemon (main), the pool process, and the pool's children
-    (huey workers and scheduler), so a run's cost can be split between them."""
-    pool = [pid for pid in pids if _ppid(pid) == root]
+    """CPU seconds of the daemon (main), a pool process if there is one (a child of the
+    daemon with children: flowd before issue 12), and the workers, so a run's cost can be
+    split between them."""
+    pool = [pid for pid in pids if _ppid(pid) == root and any(_ppid(other) == pid for other in pids)]
     return {"main": cpu_seconds([root]), "pool": cpu_seconds(pool),
             "workers": cpu_seconds([pid for pid in pids if pid != root and pid not in pool])}
 

@@ -17,22 +17,18 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from flowd.config import Config, load_config
-from flowd.engine import Engine
+from flowd import store
+from flowd.config import Config, DatabaseSection, load_config
 from flowd.errors import InputError, NotFoundError
-from flowd.models import (
-    ENDED_STATES,
-    Flow,
-    FlowState,
-    Routine,
-    TaskResult,
-    database,
-    init_database,
-    utcnow,
-    write_transaction,
-)
+from flowd.models import FlowState, Routine, database, init_database, utcnow
+from flowd.store import Row
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from flowd.engine import Engine
 
 _engine: Engine | None = None
+_database_open = False
 
 
 def configure(config: Config | str | None = None, *, create: bool = False) -> Engine:
@@ -44,6 +40,7 @@ def configure(config: Config | str | None = None, *, create: bool = False) -> En
     """
     global _engine
     from flowd import queue
+    from flowd.engine import Engine
 
     cfg = config if isinstance(config, Config) else load_config(config)
     init_database(cfg.database, create=create)
@@ -52,15 +49,30 @@ def configure(config: Config | str | None = None, *, create: bool = False) -> En
     return _engine
 
 
+def open_database(section: DatabaseSection, *, create: bool = False) -> None:
+    """Open only the database of ``section``: enough for reads (flows, traces, counts),
+    without the queue or the engine (flowctl's read-only commands load neither)."""
+    global _database_open
+    init_database(section, create=create)
+    _database_open = True
+
+
 def engine() -> Engine:
     """This process's engine, configured on first use."""
     return _engine if _engine is not None else configure()
 
 
+def _reading() -> None:
+    """Reads need the database only; configure everything on first use, as before."""
+    if _engine is None and not _database_open:
+        configure()
+
+
 def reset() -> None:
     """Close this process's database connection and forget the configuration."""
-    global _engine
+    global _engine, _database_open
     _engine = None
+    _database_open = False
     if database.obj is not None and not database.obj.is_closed():
         database.obj.close()
 
@@ -76,43 +88,42 @@ def check_flow_input(args: Any, kwargs: dict[str, Any]) -> None:
 
 
 def submit_flow(routine: str | Routine, *args: Any, request_id: str | None = None, reply_to: str | None = None,
-                trigger: str = "api", **kwargs: Any) -> Flow:
+                trigger: str = "api", **kwargs: Any) -> Row:
     """Store and queue a flow of ``routine``; returns at once. A repeated ``request_id``
     returns the flow already started with it."""
     check_flow_input(args, kwargs)
     if request_id is not None and (not isinstance(request_id, str) or not request_id):
         raise InputError(f"request_id must be a non-empty string, not {request_id!r}")
     row, _ = engine().submit(routine, args, kwargs, request_id=request_id, reply_to=reply_to, trigger=trigger)
-    return get_flow(row.id)
+    return row
 
 
-def get_flow(flow_id: int) -> Flow:
+def get_flow(flow_id: int) -> Row:
     """The flow with its current state, position, result and error."""
-    engine()
-    flow = Flow.get_or_none(Flow.id == flow_id)
+    _reading()
+    flow = store.get_flow(flow_id)
     if flow is None:
         raise NotFoundError("flow", flow_id, "list flows with 'flowctl flows'")
     return flow
 
 
-def flow_trace(flow_id: int) -> list[TaskResult]:
+def flow_trace(flow_id: int) -> list[Row]:
     """Every attempt of every step of a flow, in order."""
     get_flow(flow_id)
-    return list(TaskResult.select().where(TaskResult.flow == flow_id)
-                .order_by(TaskResult.position, TaskResult.attempt))
+    return store.flow_trace(flow_id)
 
 
-def cancel_flow(flow_id: int) -> Flow:
+def cancel_flow(flow_id: int, reason: str = "cancelled by request") -> Row:
     """Cancel a flow that has not ended (its running step is interrupted)."""
-    return get_flow(engine().cancel(flow_id).id)
+    return engine().cancel(flow_id, reason=reason)
 
 
-def retry_flow(flow_id: int) -> Flow:
+def retry_flow(flow_id: int) -> Row:
     """Resume a FAILED or CANCELLED flow from the step that did not finish."""
-    return get_flow(engine().retry(flow_id).id)
+    return engine().retry(flow_id)
 
 
-def wait_flow(flow_id: int, timeout: float | None = None) -> Flow:
+def wait_flow(flow_id: int, timeout: float | None = None) -> Row:
     """Block until the flow ends (started anywhere: this process, flowctl, MQTT, another
     node); returns it. Raises FlowWaitTimeout (a TimeoutError) after ``timeout`` s, the
     flow going on. Woken by the flow's messages on the broker, with a slow check of the
@@ -125,46 +136,26 @@ def wait_flow(flow_id: int, timeout: float | None = None) -> Flow:
         return waiter.wait(timeout)
 
 
-def list_flows(state: str | None = None, routine: str | None = None, limit: int = 50) -> list[Flow]:
+def list_flows(state: str | None = None, routine: str | None = None, limit: int = 50) -> list[Row]:
     """Newest flows first, optionally filtered."""
-    engine()
-    query = Flow.select().order_by(Flow.id.desc()).limit(limit)
-    if state:
-        if state.upper() not in FlowState.__members__:
-            raise InputError(f"unknown state '{state}'; states are {', '.join(FlowState.__members__)}")
-        query = query.where(Flow.state == state.upper())
-    if routine:
-        query = query.where(Flow.routine == routine)
-    return list(query)
+    if state and state.upper() not in FlowState.__members__:
+        raise InputError(f"unknown state '{state}'; states are {', '.join(FlowState.__members__)}")
+    _reading()
+    return store.list_flows(state.upper() if state else None, routine, limit)
 
 
 def counts_by_state() -> dict[str, int]:
     """How many flows are in each state."""
-    engine()
-    from peewee import fn
-
-    counts = {state.value: 0 for state in FlowState}
-    rows: Any = Flow.select(Flow.state, fn.COUNT(Flow.id)).group_by(Flow.state).tuples()
-    for state, count in rows:
-        counts[str(state)] = int(count)
-    return counts
+    _reading()
+    return store.count_flows_by_state()
 
 
 def prune(older_than: float, now: dt.datetime | None = None, *, dry_run: bool = False) -> int:
     """Delete flows that ended more than ``older_than`` seconds ago, with their results,
     and give the freed pages back to the file system (SPEC 9); how many. ``dry_run``
     only counts them."""
-    engine()
+    _reading()
     cutoff = (now or utcnow()) - dt.timedelta(seconds=older_than)
     if dry_run:
-        return int(Flow.select().where(Flow.state.in_(ENDED_STATES) & (Flow.finished_at < cutoff)).count())
-    with write_transaction():
-        ended = Flow.select(Flow.id).where(Flow.state.in_(ENDED_STATES) & (Flow.finished_at < cutoff))
-        # Children keep their own rows; unlink them so the parent can go.
-        Flow.update(parent=None).where(Flow.parent.in_(ended)).execute()
-        TaskResult.delete().where(TaskResult.flow.in_(ended)).execute()
-        removed = Flow.delete().where(Flow.state.in_(ENDED_STATES) & (Flow.finished_at < cutoff)).execute()
-    db = database.obj
-    if removed and db is not None and db.__class__.__name__ == "SqliteDatabase":
-        db.execute_sql("PRAGMA incremental_vacuum")
-    return int(removed)
+        return store.count_ended_flows(cutoff)
+    return store.prune_ended_flows(cutoff)

@@ -6,6 +6,7 @@ rebuild its schedules without a restart.
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import re
 from collections.abc import Iterable
@@ -208,3 +209,60 @@ def set_routine_enabled(name: str, enabled: bool) -> Routine:
             routine.save()
             bump_definitions_version()
         return routine
+
+
+def find_task(name: str) -> Task | None:
+    """The task called ``name``, or None."""
+    return Task.get_or_none(Task.name == name)
+
+
+def list_tasks() -> list[Task]:
+    """Every task, by name."""
+    return list(Task.select().order_by(Task.name))
+
+
+def find_routine(name: str) -> Routine | None:
+    """The routine called ``name``, or None."""
+    return Routine.get_or_none(Routine.name == name)
+
+
+def list_routines() -> list[Routine]:
+    """Every routine, by name."""
+    return list(Routine.select().order_by(Routine.name))
+
+
+def routines_using(task: Task) -> list[str]:
+    """Names of the routines that have ``task`` as a step, sorted."""
+    return sorted({r.name for r in Routine.select(Routine.name).join(RoutineStep).where(RoutineStep.task == task)})
+
+
+def _scheduled() -> Any:
+    return Routine.select().where(Routine.enabled & Routine.schedule.is_null(False) & (Routine.schedule != ""))
+
+
+def scheduled_routines() -> list[Routine]:
+    """Enabled routines that have a schedule."""
+    return list(_scheduled())
+
+
+def has_scheduled_routines() -> bool:
+    """Whether some enabled routine has a schedule (the daemon then starts the scheduler)."""
+    return bool(_scheduled().exists())
+
+
+def mark_scheduled_run(name: str, slot: dt.datetime) -> None:
+    """Record ``slot`` (naive UTC) as the routine's last scheduled run, unless a later one is recorded."""
+    with write_transaction():
+        (Routine.update(last_scheduled_run=slot)
+         .where((Routine.name == name) & (Routine.last_scheduled_run.is_null() | (Routine.last_scheduled_run < slot)))
+         .execute())
+
+
+def task_names() -> list[str]:
+    """Names of every task, as stored."""
+    return [str(task.name) for task in Task.select(Task.name)]
+
+
+def routine_names() -> list[str]:
+    """Names of every routine, as stored."""
+    return [str(routine.name) for routine in Routine.select(Routine.name)]

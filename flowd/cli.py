@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 
     from flowd.config import Config
     from flowd.engine import Engine
-    from flowd.models import Flow
 
 EXIT_OK, EXIT_FLOW_FAILED, EXIT_USAGE, EXIT_STORE = 0, 1, 2, 3
 EXIT_WAIT_TIMEOUT, EXIT_INTERRUPTED = 124, 130
@@ -150,7 +149,8 @@ class Context:
         and says so on stderr; a read answers from an empty database in memory, so there
         is simply nothing to list (``self.fresh``).
         """
-        from flowd.models import init_database, sqlite_path
+        from flowd import api
+        from flowd.models import sqlite_path
 
         path = sqlite_path(self.config.database.url)
         if path is not None and not path.exists():
@@ -158,10 +158,10 @@ class Context:
                 from flowd.config import DatabaseSection
 
                 self.fresh = True
-                init_database(DatabaseSection(url="sqlite:///:memory:"))
+                api.open_database(DatabaseSection(url="sqlite:///:memory:"), create=True)
                 return
             self.created = path
-        init_database(self.config.database, create=create)
+        api.open_database(self.config.database, create=create)
 
     def finish(self, succeeded: bool) -> None:
         """Say that the command made the database, or take back the one it made for nothing."""
@@ -199,18 +199,16 @@ class Context:
 # --------------------------------------------------------------------------- commands
 def cmd_status(ctx: Context) -> int:
     """Daemon, broker, queue depth, flows by state, outbox size."""
-    from peewee import fn
-
-    from flowd import hints
+    from flowd import api, hints, store
     from flowd.display import human_duration, iso, local_time, parse_iso, span
-    from flowd.models import Flow, NodeStatus, Outbox, utcnow
+    from flowd.models import utcnow
     from flowd.store.nodes import list_nodes
 
     ctx.open_database()
     now = utcnow()
     nodes: list[dict[str, Any]] = []
     leases = {lease.node_id: lease for lease in list_nodes()}  # several nodes on one database (SPEC 10)
-    for node in NodeStatus.select().order_by(NodeStatus.node_id):
+    for node in store.node_statuses():
         lease = leases.get(node.node_id)
         alive = is_node_alive(node, now, ctx.config.flowd.node_id, lease.online if lease else None)
         nodes.append({
@@ -221,10 +219,8 @@ def cmd_status(ctx: Context) -> int:
             "last_seen": iso(lease.renewed_at) if lease else None,
             "running_steps": lease.running if lease else None,
         })
-    counts = {state: 0 for state in STATES}
-    rows: Any = Flow.select(Flow.state, fn.COUNT(Flow.id)).group_by(Flow.state).tuples()
-    counts.update({state: count for state, count in rows})
-    outbox = Outbox.select().count()
+    counts = api.counts_by_state()
+    outbox = store.count_messages()
     depth, queue_error = None, None
     try:
         from flowd import queue
@@ -273,10 +269,11 @@ def cmd_status(ctx: Context) -> int:
 
 def any_daemon_alive(local_node_id: str) -> bool:
     """True when some flowd writes fresh heartbeats into this database."""
-    from flowd.models import NodeStatus, utcnow
+    from flowd import store
+    from flowd.models import utcnow
 
     now = utcnow()
-    return any(is_node_alive(node, now, local_node_id) for node in NodeStatus.select())
+    return any(is_node_alive(node, now, local_node_id) for node in store.node_statuses())
 
 
 def is_node_alive(node: Any, now: dt.datetime, local_node_id: str, lease_valid: bool | None = None) -> bool:
@@ -341,12 +338,11 @@ def cmd_scripts(ctx: Context) -> int:
 def cmd_task_add(ctx: Context) -> int:
     from flowd import catalog
     from flowd.display import task_dict
-    from flowd.models import Task
 
     a = ctx.args
     options = parse_pairs(a.option, "--option") if a.option is not None else None
     ctx.open_database(create=True)
-    existing_task = Task.get_or_none(Task.name == a.name)
+    existing_task = catalog.find_task(a.name)
     existed = existing_task is not None
     if existing_task is not None and not a.replace:
         raise UsageError(f"task '{a.name}' exists already ({existing_task.script}); add --replace to change it "
@@ -360,11 +356,11 @@ def cmd_task_add(ctx: Context) -> int:
 
 
 def cmd_task_list(ctx: Context) -> int:
+    from flowd import catalog
     from flowd.display import human_duration, table, task_dict
-    from flowd.models import Task
 
     ctx.open_database()
-    tasks = [task_dict(t) for t in Task.select().order_by(Task.name)]
+    tasks = [task_dict(t) for t in catalog.list_tasks()]
     rows = [(t["name"], t["script"], t["retries"], human_duration(t["timeout"]), ", ".join(t["routines"]))
             for t in tasks]
     text = table(("NAME", "SCRIPT", "RETRIES", "TIMEOUT", "USED BY"), rows, flex=4) if tasks else \
@@ -404,11 +400,10 @@ def cmd_task_remove(ctx: Context) -> int:
 def cmd_routine_add(ctx: Context) -> int:
     from flowd import catalog
     from flowd.display import routine_dict
-    from flowd.models import Routine
 
     a = ctx.args
     ctx.open_database(create=True)
-    existing = Routine.get_or_none(Routine.name == a.name)
+    existing = catalog.find_routine(a.name)
     if existing is not None and not a.replace:
         raise UsageError(f"routine '{a.name}' exists already ({' -> '.join(existing.task_names())}); add --replace "
                          "to replace its definition, or keep routines in a file for 'flowctl apply'")
@@ -423,11 +418,11 @@ def cmd_routine_add(ctx: Context) -> int:
 
 
 def cmd_routine_list(ctx: Context) -> int:
+    from flowd import catalog
     from flowd.display import routine_dict, table
-    from flowd.models import Routine
 
     ctx.open_database()
-    routines = [routine_dict(r) for r in Routine.select().order_by(Routine.name)]
+    routines = [routine_dict(r) for r in catalog.list_routines()]
     rows = [(r["name"], "yes" if r["enabled"] else "no", r["mode"], r["status"], r["schedule"],
              " -> ".join(r["tasks"])) for r in routines]
     text = table(("NAME", "ENABLED", "MODE", "STATUS", "SCHEDULE", "TASKS"), rows, flex=5) if routines else \
@@ -488,13 +483,6 @@ def cmd_apply(ctx: Context) -> int:
     return EXIT_OK
 
 
-def reload_flow(flow_id: int) -> Flow:
-    """The flow as a model (the engine hands back plain rows)."""
-    from flowd.models import Flow
-
-    return Flow.get_by_id(flow_id)
-
-
 def cmd_submit(ctx: Context) -> int:
     from flowd.display import flow_dict
 
@@ -507,8 +495,7 @@ def cmd_submit(ctx: Context) -> int:
 
     check_flow_input(args, kwargs)  # e.g. bytes of another encoding in an argument: not UTF-8
     engine = ctx.engine()
-    submitted, created = engine.submit(a.routine, args, kwargs, request_id=a.request_id, trigger="cli")
-    flow = reload_flow(submitted.id)
+    flow, created = engine.submit(a.routine, args, kwargs, request_id=a.request_id, trigger="cli")
     if not a.wait:
         if created:
             text = f"flow {flow.id} submitted ({flow.routine}, {flow.state})"
@@ -527,17 +514,13 @@ def wait_for_flow(ctx: Context, flow_id: int, timeout: float | None) -> int:
 
 
 def cmd_flows(ctx: Context) -> int:
+    from flowd import api
     from flowd.display import human_duration, iso, local_time, span, table
-    from flowd.models import Flow, utcnow
+    from flowd.models import utcnow
 
     a = ctx.args
     ctx.open_database()
-    query = Flow.select().order_by(Flow.id.desc()).limit(a.limit)
-    if a.state:
-        query = query.where(Flow.state == a.state)
-    if a.routine:
-        query = query.where(Flow.routine == a.routine)
-    flows = list(query)
+    flows = api.list_flows(a.state, a.routine, a.limit)
     now = utcnow()
     data = [{"id": f.id, "routine": f.routine, "state": f.state, "position": f.position, "steps": len(f.steps or []),
              "trigger": f.trigger, "request_id": f.request_id, "created_at": iso(f.created_at),
@@ -554,36 +537,32 @@ def cmd_flows(ctx: Context) -> int:
 
 
 def cmd_flow_show(ctx: Context) -> int:
+    from flowd import api
     from flowd.display import attempt_dict, flow_dict, render_flow
-    from flowd.models import Flow, TaskResult
 
     ctx.open_database()
-    flow = Flow.get_or_none(Flow.id == ctx.args.id)
-    if flow is None:
-        from flowd.errors import NotFoundError
-
-        raise NotFoundError("flow", ctx.args.id, "list flows with 'flowctl flows'")
-    trace = list(TaskResult.select().where(TaskResult.flow == flow.id)
-                 .order_by(TaskResult.position, TaskResult.attempt))
-    data = {**flow_dict(flow), "trace": [attempt_dict(r) for r in trace]}
+    flow = api.get_flow(ctx.args.id)
+    data = {**flow_dict(flow), "trace": [attempt_dict(r) for r in api.flow_trace(flow.id)]}
     ctx.emit(data, render_flow(data))
     return EXIT_OK
 
 
 def cmd_flow_cancel(ctx: Context) -> int:
+    from flowd import api
     from flowd.display import flow_dict
 
-    cancelled = ctx.engine().cancel(ctx.args.id, reason="cancelled with flowctl")
-    flow = reload_flow(cancelled.id)
+    ctx.engine()
+    flow = api.cancel_flow(ctx.args.id, reason="cancelled with flowctl")
     ctx.emit(flow_dict(flow), f"flow {flow.id} ({flow.routine}) {flow.state}")
     return EXIT_OK
 
 
 def cmd_flow_retry(ctx: Context) -> int:
+    from flowd import api
     from flowd.display import flow_dict
 
-    retried = ctx.engine().retry(ctx.args.id)
-    flow = reload_flow(retried.id)
+    ctx.engine()
+    flow = api.retry_flow(ctx.args.id)
     steps = len(flow.steps or [])
     ctx.emit(flow_dict(flow), f"flow {flow.id} ({flow.routine}) {flow.state} again from step "
                               f"{flow.position + 1}/{steps} ({flow.steps[flow.position]})")
@@ -813,20 +792,14 @@ def store_failure(exc: BaseException, database: str = "the database") -> str | N
     """A sentence, when ``exc`` says the database or the queue cannot be used (locked,
     read-only, not a database, driver missing, Redis away); None for anything else (a
     bug, which keeps its traceback)."""
-    import sqlite3
-
-    import peewee
-
     from flowd.integrity import is_damage
+    from flowd.store import unusable_reason
 
     if is_damage(exc):
         return damage_hint(exc, f"{database} cannot be used: {exc}")
-    if isinstance(exc, (sqlite3.OperationalError, peewee.OperationalError)) or type(exc) in (
-            sqlite3.DatabaseError, peewee.DatabaseError):  # the last two: "file is not a database"
-        return (f"{database} cannot be used: {exc}; check that no other program holds it locked and that "
-                "this user may write the state folder")
-    if isinstance(exc, peewee.ImproperlyConfigured):  # e.g. no PostgreSQL driver installed
-        return f"{database} cannot be used: {exc}"
+    reason = unusable_reason(exc, database)
+    if reason is not None:
+        return reason
     redis = sys.modules.get("redis.exceptions")
     if redis is not None and isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
         return f"the queue (Redis) cannot be reached: {exc}"

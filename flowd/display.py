@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
     from flowd.dbrecover import RecoveryReport
     from flowd.integrity import CheckResult
-    from flowd.models import Flow, Routine, Task, TaskResult
+    from flowd.models import Routine, Task
+    from flowd.store import Row
 
 
 # --------------------------------------------------------------------------- times and durations
@@ -124,13 +125,12 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], flex: int, widt
 
 
 # --------------------------------------------------------------------------- dicts for --json
-def flow_dict(flow: Flow) -> dict[str, Any]:
+def flow_dict(flow: Row) -> dict[str, Any]:
     """A flow for --json, with its children and what it waits for."""
     steps = list(flow.steps or [])
-    from flowd.models import Flow
+    from flowd import store
 
-    children = [{"id": c.id, "routine": c.routine, "state": c.state}
-                for c in Flow.select().where(Flow.parent == flow.id).order_by(Flow.id)]
+    children = [{"id": c.id, "routine": c.routine, "state": c.state} for c in store.child_flows(flow.id)]
     waiting = None
     if flow.wait_topic:
         waiting = {"topic": flow.wait_topic, "match": flow.wait_match, "until": iso(flow.wait_until)}
@@ -141,13 +141,13 @@ def flow_dict(flow: Flow) -> dict[str, Any]:
         "args": flow.args, "kwargs": flow.kwargs, "request_id": flow.request_id, "trigger": flow.trigger,
         "reply_to": flow.reply_to, "result": flow.result, "error": flow.error,
         "created_at": iso(flow.created_at), "started_at": iso(flow.started_at),
-        "finished_at": iso(flow.finished_at), "parent": flow.parent_id,  # type: ignore[attr-defined]
+        "finished_at": iso(flow.finished_at), "parent": flow.parent_id,
         "children": children,
         "waiting_for": waiting,
     }
 
 
-def attempt_dict(result: TaskResult) -> dict[str, Any]:
+def attempt_dict(result: Row) -> dict[str, Any]:
     """One attempt of one step for --json (``flow show`` trace)."""
     return {
         "position": result.position, "task": result.task, "attempt": result.attempt, "state": result.state,
@@ -159,9 +159,9 @@ def attempt_dict(result: TaskResult) -> dict[str, Any]:
 
 def task_dict(task: Task) -> dict[str, Any]:
     """A task for --json, with the routines that use it."""
-    from flowd.models import Routine, RoutineStep
+    from flowd import catalog
 
-    users = sorted({r.name for r in Routine.select(Routine.name).join(RoutineStep).where(RoutineStep.task == task)})
+    users = catalog.routines_using(task)
     return {
         "name": task.name, "script": task.script, "options": task.options, "retries": task.retries,
         "retry_delay": task.retry_delay, "retry_backoff_max": task.retry_backoff_max, "timeout": task.timeout,
@@ -185,7 +185,7 @@ def routine_dict(routine: Routine) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- flow progress and trace
-def progress_line(flow: Flow, task_name: str, attempt: int, attempt_state: str | None, retries: int) -> str:
+def progress_line(flow: Row, task_name: str, attempt: int, attempt_state: str | None, retries: int) -> str:
     """``flow 12 (fetch-weather) RUNNING step 2/3 digest, try 2/4``: changes only when
     something happens, so piped output gets one line per change."""
     head = f"flow {flow.id} ({flow.routine}) {flow.state}"

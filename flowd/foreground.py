@@ -28,10 +28,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from flowd import store
 from flowd.engine import MAX_SUBFLOW_DEPTH, payload_matches, retry_delay
 from flowd.errors import InputError, NotFoundError, StepError
 from flowd.loader import ScriptLoader
-from flowd.models import Flow, FlowState, TaskResult, isoformat, utcnow, write_transaction
+from flowd.models import FlowState, isoformat, utcnow, write_transaction
 from flowd.runner import (
     StepTimeout,
     check_json,
@@ -445,18 +446,16 @@ def _record(run: Run, trigger: str, parent_id: int | None) -> int:
     state = run.state if run.state in (DONE, FAILED) else FlowState.CANCELLED.value
     error = run.error if run.state != WAITING else f"flowctl run stopped here: {run.error}"
     now = run.finished_at or utcnow()
-    flow = Flow.create(
-        uid=str(uuid.uuid4()), routine=run.routine, steps=run.steps, state=state, position=run.position,
-        args=run.args, kwargs=run.kwargs, trigger=trigger, admitted=True, result=run.result, error=error,
-        created_at=run.started_at, started_at=run.started_at, finished_at=now, updated_at=now, parent=parent_id,
-        depth=run.depth)
+    flow_id = store.insert_ended_flow(
+        routine=run.routine, steps=run.steps, state=state, position=run.position, args=run.args, kwargs=run.kwargs,
+        trigger=trigger, result=run.result, error=error, started_at=run.started_at, finished_at=now,
+        parent_id=parent_id, depth=run.depth)
     for a in run.attempts:
         output = a.output
         if a.subflow is not None:
-            child_id = _record(a.subflow, "flow", flow.id)
+            child_id = _record(a.subflow, "flow", flow_id)
             output = a.output if a.output is not None else {"child": child_id}
         step_state = "DONE" if a.error is None and a.output is not None else "FAILED" if a.error else "CANCELLED"
-        TaskResult.create(flow=flow.id, position=a.position, task=a.task, attempt=a.attempt, state=step_state,
-                          input=a.input, output=output, error=a.error, started_at=a.started_at,
-                          finished_at=a.finished_at or now)
-    return int(flow.id)
+        store.insert_ended_result(flow_id, a.position, a.task, a.attempt, step_state, a.input, output, a.error,
+                                  a.started_at, a.finished_at or now)
+    return flow_id

@@ -6,7 +6,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from flowd.config import Config
@@ -33,14 +33,13 @@ def explain_invalid_choice(message: str) -> str:
 def known_names(kind: str) -> list[str]:
     """The stored routines or tasks (for a "does not exist" error); empty when the
     database is not open or ``kind`` names something else."""
-    from flowd.models import Routine, Task, database
+    from flowd import catalog
+    from flowd.models import database
 
     if database.obj is None:
         return []
-    model: Any = {"routine": Routine, "task": Task}.get(kind)
-    if model is None:
-        return []
-    return [str(row.name) for row in model.select(model.name)]
+    names = {"routine": catalog.routine_names, "task": catalog.task_names}.get(kind)
+    return names() if names is not None else []
 
 
 def with_suggestion(exc: Exception) -> str:

@@ -22,16 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from peewee import SQL, fn
-
-from flowd import integrity
+from flowd import integrity, store
 from flowd.config import Config
 from flowd.errors import InputError
 from flowd.lease import is_shared_database
-from flowd.models import Outbox, database, dumps, get_meta, make_durable, set_meta, write_transaction
+from flowd.models import dumps, get_meta, make_durable, set_meta, utcnow, write_transaction
 from flowd.payloads import has_surrogate, shown
 from flowd.status import HOLD_S, SOCKET_NAME, STATUS_INFLIGHT, Status, StatusInbox
-from flowd.store import nodes
 from flowd.wakeup import WakeSocket, send_wakeup
 
 log = logging.getLogger(__name__)
@@ -58,8 +55,7 @@ def add_message(topic: str, payload: Any, *, qos: int = 1, retain: bool = False,
     if has_surrogate(text) or has_surrogate(topic):
         raise InputError(f"cannot queue a message for {shown(topic)}: its topic or payload holds a lone surrogate "
                          "(\\ud800-\\udfff), which is not UTF-8 text")
-    Outbox.insert(topic=topic, payload=text, qos=qos, retain=retain,
-                  correlation_data=correlation_data, node_id=node_id).execute()
+    store.insert_message(topic, text, qos, retain, correlation_data, utcnow(), node_id)
 
 
 def notify(state_dir: str | Path) -> None:
@@ -111,8 +107,9 @@ class OutboxPublisher:
         self._lock = threading.Lock()
         self._handed: set[int] = set()               # touched only by the publisher thread
         self._cursor = 0                             # every row with id <= cursor was handed over
-        # Several nodes on one database: this node's rows, and those of nodes whose lease expired.
-        self._mine, self._mine_params = nodes.outbox_rows_of(config) if is_shared_database(config) else ("", ())
+        # Several nodes on one database: this node's rows, and those of a node whose lease
+        # expired and whose session it took (store.nodes.published_by). None: every row.
+        self._publish_for = config.flowd.node_id if is_shared_database(config) else None
         self._inflight: dict[int, tuple[int, int]] = {}   # mid -> (row id, qos)
         self._early_acks: dict[int, bool] = {}       # PUBACKs that beat publish()'s return
         self._acked: list[int] = []                  # row ids to delete
@@ -127,7 +124,6 @@ class OutboxPublisher:
         self._idle = threading.Event()
         self._reconnected = False
         self._taken_back: set[int] = set()           # mids paho gave back at a reconnect
-        self._sql: str | None = None
         self.statuses = StatusInbox(config.state_dir / SOCKET_NAME, on_arrival=self.poke)
         self._status_inflight: dict[int, Status] = {}  # mid -> status handed and not acknowledged
         self._held: dict[int, float] = {}           # result row id -> when it began waiting for a status
@@ -198,10 +194,7 @@ class OutboxPublisher:
                 return False
         if self.statuses.has_pending():
             return False
-        query = Outbox.select(Outbox.id)
-        if self._mine:
-            query = query.where(SQL(self._mine, self._mine_params))
-        return not query.limit(1).exists()
+        return not store.has_messages(self._publish_for)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -257,25 +250,15 @@ class OutboxPublisher:
         if self._wake.sock in readable:
             self._wake.wait(0)
 
-    def _select_sql(self) -> str:
-        # Plain SQL on the hot path: building the peewee query costs more than running it.
-        param = database.obj.param
-        mine = f" AND {self._mine}" if self._mine else ""
-        return (f"SELECT id, topic, payload, qos, retain, correlation_data FROM {Outbox._meta.table_name} "
-                f"WHERE id > {param}{mine} ORDER BY id LIMIT {param}")
-
     def _send_rows(self) -> bool:
         """Hand waiting statuses, then rows in id order, to the client; True when more
         wait than it could take (or a result waits for its flow's last status)."""
-        if self._sql is None:
-            self._sql = self._select_sql()
         while True:
             if self._reconnected:
                 return True  # hand the taken-back rows over first
             statuses = self.statuses.take(STATUS_INFLIGHT - len(self._status_inflight))
             window_full = len(self._handed) >= MAX_HANDED
-            rows = [] if window_full else database.obj.execute_sql(
-                self._sql, (self._cursor, *self._mine_params, READ_BATCH)).fetchall()
+            rows = [] if window_full else store.messages_after(self._cursor, READ_BATCH, self._publish_for)
             if not rows and not statuses:
                 return window_full
             # Durable before visible (SPEC 4.5): one fsync covers every row read and every
@@ -298,7 +281,7 @@ class OutboxPublisher:
                         return True
                     if not self._is_result_due(row_id, topic):
                         return True
-                    if not self._hand_over(row_id, topic, payload, qos, bool(retain), correlation):
+                    if not self._hand_over(row_id, topic, payload, qos, retain, correlation):
                         return True
                 self._cursor = row_id
             if len(rows) < READ_BATCH:
@@ -411,11 +394,9 @@ class OutboxPublisher:
                 return
             done, self._acked = self._acked, []
         try:
-            for start in range(0, len(done), 500):
-                chunk = done[start:start + 500]
-                # No sync point: a delete lost in a power cut only sends those messages again.
-                with write_transaction(sync=False):
-                    Outbox.delete().where(Outbox.id.in_(chunk)).execute()
+            # No sync point: a delete lost in a power cut only sends those messages again.
+            with write_transaction(sync=False):
+                store.delete_messages(done)
         except Exception:
             with self._lock:  # keep them for the next try; deleting a row twice is harmless
                 self._acked = done + self._acked
@@ -429,11 +410,9 @@ class OutboxPublisher:
     def _sweep_gaps(self) -> None:
         """Rows below the cursor never handed over (a backend that commits ids out of
         order, e.g. PostgreSQL sequences): move the cursor back so they are sent."""
-        query: Any = Outbox.select(Outbox.id).where(Outbox.id <= self._cursor)
-        if self._mine:  # a node whose lease expired meanwhile: its rows below the cursor come now
-            query = query.where(SQL(self._mine, self._mine_params))
-        query = query.tuples()
-        below = [row[0] for row in query if row[0] not in self._handed]
+        # A node whose lease expired meanwhile: its rows below the cursor come now.
+        below = [row_id for row_id in store.message_ids_up_to(self._cursor, self._publish_for)
+                 if row_id not in self._handed]
         if below:
             self._cursor = min(below) - 1
 
@@ -446,17 +425,14 @@ class OutboxPublisher:
         self._held = {row_id: since for row_id, since in self._held.items() if now - since < 60}  # rows gone
         self._sweep_gaps()
         limit = self.config.mqtt.outbox_max
-        bounds = Outbox.select(fn.MIN(Outbox.id), fn.MAX(Outbox.id)).tuples().first()
-        if not bounds or bounds[0] is None or bounds[1] - bounds[0] + 1 <= limit:
+        span = store.message_id_span()
+        if span is None or span[1] - span[0] + 1 <= limit:
             return  # ids span no more than the cap, so the rows cannot exceed it
-        excess = Outbox.select().count() - limit
+        excess = store.count_messages() - limit
         if excess <= 0:
             return
-        oldest = Outbox.select(Outbox.id).order_by(Outbox.id).limit(excess)
-        if self._handed:
-            oldest = oldest.where(Outbox.id.not_in(list(self._handed)))
         with write_transaction():
-            removed = Outbox.delete().where(Outbox.id.in_(oldest)).execute()
+            removed = store.drop_oldest_messages(excess, self._handed)
             self.dropped += removed
             set_meta("outbox_dropped", str(int(get_meta("outbox_dropped", "0") or 0) + removed))
         log.warning("outbox: more than %d messages wait for the broker; dropped the %d oldest "

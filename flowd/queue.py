@@ -1,4 +1,4 @@
-"""The huey queue that hands flows to worker processes, and the worker pool.
+"""The huey queue that hands flows to worker processes (:mod:`flowd.workers`).
 
 A queue message is only "run flows N... with dispatch tokens T..." (see engine.Flow):
 one flow, or the flows admitted together in one transaction; the database holds
@@ -13,22 +13,16 @@ needs a scheduler process of its own and is checked once a second.
 
 from __future__ import annotations
 
-import ctypes
 import datetime as dt
-import gc
 import logging
 import os
-import signal
 import socket
-import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from huey import Huey
-from huey.consumer import Consumer, Scheduler
 from huey.storage import SqliteStorage
 
 from flowd.config import Config
@@ -289,187 +283,3 @@ class RetryTimer:
                 self._wake.wait(wait, self._stop_r.fileno())
         finally:
             models.database.close()
-
-
-def _die_with_parent(parent: int) -> None:
-    """Ask the kernel to SIGKILL this process when its parent dies (Linux prctl); exit at
-    once if ``parent`` died already, between the fork and this call."""
-    try:
-        # The running program's symbols include libc's; ctypes.util.find_library("c")
-        # would run ldconfig in a child process in every worker at its start.
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:
-        os._exit(1)
-
-
-_early_stop: list[int] = []  # SIGINTs the pool process got before huey's handlers were in place
-
-
-def _note_early_stop(signum: int, frame: Any) -> None:
-    _early_stop.append(signum)
-
-
-def freeze_for_fork() -> None:
-    """Before a fork: put every object alive now out of the collector's reach.
-
-    A collection writes to the header of each object it examines, which copies every
-    page a forked child shares with its parent; frozen objects are never examined.
-    What exists before the fork (modules, configuration) lives as long as the process.
-    """
-    gc.collect()
-    gc.freeze()
-
-
-class WorkerPool:
-    """huey's consumer with process workers, in a process forked from the daemon, and
-    the RetryTimer that queues retries when they fall due, a thread of the daemon.
-
-    Fork it before the daemon starts any thread: huey restarts a dead worker by
-    forking the pool process, which must then be single-threaded. ``due`` lists the
-    retries (default: ``Engine.due_retries`` on this process's database).
-
-    >>> pool = WorkerPool(config); pool.start(); ...; pool.stop(grace=30)
-    """
-
-    def __init__(self, config: Config, due: DueRetries | None = None):
-        self.config = config
-        self.due = due
-        self.pid: int | None = None
-        self.retries: RetryTimer | None = None
-
-    def start(self) -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        freeze_for_fork()
-        parent = os.getpid()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                # stop() may send SIGINT before huey sets its handlers; a SIGINT inherited
-                # as ignored (nohup, CI runners) would then be lost and the stop time out.
-                signal.signal(signal.SIGINT, _note_early_stop)
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                _die_with_parent(parent)
-                code = _run_pool(self.config)
-            except BaseException:
-                log.exception("worker pool crashed")
-            finally:
-                os._exit(code)
-        self.pid = pid
-        if self.due is None:
-            from flowd.engine import Engine
-
-            self.due = Engine(self.config, enqueue=enqueue_flow).due_retries
-        self.retries = RetryTimer(self.config, self.due)
-        self.retries.start()
-        log.info("worker pool started: pid %d, %d process workers", pid, self.config.flowd.workers)
-
-    def is_alive(self) -> bool:
-        if self.pid is None:
-            return False
-        try:
-            done, _ = os.waitpid(self.pid, os.WNOHANG)
-        except ChildProcessError:
-            return False
-        return done == 0
-
-    def stop(self, grace: float) -> None:
-        """Graceful stop: running steps get ``grace`` seconds, then they are interrupted."""
-        if self.retries is not None:
-            self.retries.stop()
-            self.retries = None
-        if self.pid is None:
-            return
-        try:
-            os.kill(self.pid, signal.SIGINT)
-        except ProcessLookupError:
-            self.pid = None
-            return
-        deadline = time.monotonic() + grace + 5
-        while time.monotonic() < deadline:
-            if not self.is_alive():
-                self.pid = None
-                return
-            time.sleep(0.05)
-        log.warning("worker pool did not stop within %.0fs; killing it", grace + 5)
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
-        self.pid = None
-
-
-class _NoScheduler:
-    """Stands in for huey's scheduler process, which flowd does without: retries are
-    queued by the daemon's RetryTimer and there are no periodic tasks. "Alive" while
-    the consumer runs, so huey neither restarts it nor waits for it at the stop."""
-
-    def __init__(self, stop_flag: Any):
-        self.stop_flag = stop_flag
-
-    def start(self) -> None:
-        pass
-
-    def join(self, timeout: float | None = None) -> None:
-        pass
-
-    def is_alive(self) -> bool:
-        return not self.stop_flag.is_set()
-
-
-class _PoolConsumer(Consumer):  # type: ignore[misc]
-    """huey's Consumer without its scheduler process, and minus its SIGHUP "re-exec
-    myself" (the daemon handles SIGHUP)."""
-
-    def _create_process(self, process: Any, name: str) -> Any:
-        if isinstance(process, Scheduler):
-            return _NoScheduler(self.stop_flag)
-        return super()._create_process(process, name)
-
-    def _set_signal_handlers(self) -> None:
-        self._signal_actions.pop(signal.SIGHUP, None)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        super()._set_signal_handlers()
-        if _early_stop:  # the stop asked for while the consumer was starting
-            self._handle_signal(_early_stop[0], None)
-
-
-def _run_pool(config: Config) -> int:
-    """Body of the pool process: a huey consumer whose workers wake on the socket."""
-    from flowd import models, runner
-
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    models.reconnect_after_fork()
-    huey = configure_queue(config)
-    wake = None
-    if isinstance(huey.storage, WakeableSqliteStorage):
-        wake = WakeSocket(config.state_dir / WAKE_SOCKET_NAME)
-        huey.storage.wake_socket = wake
-    stop_flag_holder: dict[str, Any] = {}
-
-    pool_pid = os.getpid()
-
-    @huey.on_startup()  # type: ignore[untyped-decorator]
-    def _worker_started() -> None:
-        _die_with_parent(pool_pid)
-        models.reconnect_after_fork()
-        runner.init_worker(config, stop_flag_holder.get("flag"))
-
-    consumer = _PoolConsumer(huey, workers=config.flowd.workers, worker_type="process", periodic=False,
-                             check_worker_health=True, health_check_interval=1,
-                             shutdown_timeout=config.flowd.shutdown_grace)
-    stop_flag_holder["flag"] = consumer.stop_flag
-    if wake is not None:
-        huey.storage.stop_fd = consumer.stop_flag._r  # huey's ForkSafeFlag is a pipe: wake on stop
-    logging.getLogger("huey").setLevel(logging.WARNING)
-    freeze_for_fork()  # the workers, and any worker forked later to replace one
-    consumer.run()
-    if wake is not None:
-        wake.close(unlink=False)
-    return 0

@@ -2,7 +2,7 @@
 
 - waits and whole-flow deadlines that have passed (``Engine.expire``);
 - steps past their hard timeout whose worker did not stop them: the worker process is
-  killed (huey's pool replaces it) and the attempt fails as timed out;
+  killed (the daemon starts another) and the attempt fails as timed out;
 - attempts whose worker died (killed, crashed): recorded as interrupted and re-queued;
   only this node's: a process id means nothing on another machine;
 - flows of other nodes whose lease has expired (several nodes, SPEC 10): taken over;
@@ -19,12 +19,12 @@ import signal
 import time
 from collections.abc import Callable
 
-from flowd import api, queue
+from flowd import api, queue, store
 from flowd.config import Config
 from flowd.engine import Engine
 from flowd.lease import is_shared_database
-from flowd.models import Flow, FlowState, StepState, Task, TaskResult, utcnow, write_transaction
-from flowd.store import nodes
+from flowd.models import utcnow, write_transaction
+from flowd.store import Row, nodes
 
 log = logging.getLogger(__name__)
 
@@ -80,38 +80,35 @@ class Reaper:
     def stop_overdue_steps(self, now: dt.datetime) -> int:
         """Kill workers stuck past their step's timeout; fail attempts of dead workers."""
         touched = 0
-        rows = (TaskResult.select(TaskResult, Flow).join(Flow)
-                .where((TaskResult.state == StepState.RUNNING.value) & (Flow.state == FlowState.RUNNING.value)
-                       & TaskResult.worker_pid.is_null(False) & (Flow.node_id == self.engine.node_id)))
-        for result in rows:
-            pid = result.worker_pid or 0
-            limit = self._time_limit(result, now)
+        for attempt in store.running_attempts(self.engine.node_id):
+            pid = attempt.worker_pid or 0
+            limit = self._time_limit(attempt)
             if not is_process_alive(pid):
-                touched += self.engine.fail_attempt(result.flow.id, result.id,
+                touched += self.engine.fail_attempt(attempt.flow_id, attempt.id,
                                                     f"interrupted: worker process {pid} died", None,
                                                     interrupted=True, now=now)
-            elif limit is not None and (now - result.started_at).total_seconds() > limit + KILL_GRACE_S:
+            elif limit is not None and (now - attempt.started_at).total_seconds() > limit + KILL_GRACE_S:
                 log.warning("flow %d step %d (%s): still running %.0fs past its %.0fs timeout; killing worker %d",
-                            result.flow.id, result.position + 1, result.task,
-                            (now - result.started_at).total_seconds() - limit, limit, pid,
-                            extra={"FLOW_ID": result.flow.id, "ROUTINE": result.flow.routine, "TASK": result.task})
+                            attempt.flow_id, attempt.position + 1, attempt.task,
+                            (now - attempt.started_at).total_seconds() - limit, limit, pid,
+                            extra={"FLOW_ID": attempt.flow_id, "ROUTINE": attempt.routine, "TASK": attempt.task})
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-                touched += self.engine.fail_attempt(result.flow.id, result.id,
+                touched += self.engine.fail_attempt(attempt.flow_id, attempt.id,
                                                     f"timed out after {limit:g}s (the worker was stopped)", None,
                                                     now=now)
         return touched
 
     @staticmethod
-    def _time_limit(result: TaskResult, now: dt.datetime) -> float | None:
+    def _time_limit(attempt: Row) -> float | None:
+        """Seconds the attempt may run: its task's timeout, cut by its flow's deadline."""
         limits = []
-        task = Task.get_or_none(Task.name == result.task)
-        if task is not None and task.timeout:
-            limits.append(float(task.timeout))
-        if result.flow.deadline is not None:
-            limits.append(max((result.flow.deadline - result.started_at).total_seconds(), 0.0))
+        if attempt.timeout:
+            limits.append(float(attempt.timeout))
+        if attempt.deadline is not None:
+            limits.append(max((attempt.deadline - attempt.started_at).total_seconds(), 0.0))
         return min(limits) if limits else None
 
     def take_over_expired(self, now: dt.datetime) -> int:
@@ -138,11 +135,7 @@ class Reaper:
     def requeue_lost(self, now: dt.datetime, age: float = LOST_MESSAGE_AGE_S) -> int:
         """Queue again admitted flows that nobody holds and no queue message names
         (unchanged for ``age`` seconds: a message is sent just after its commit)."""
-        cutoff = now - dt.timedelta(seconds=age)
-        candidates = list(Flow.select(Flow.id, Flow.dispatch_token, Flow.next_attempt_at)
-                          .where(Flow.admitted & Flow.state.in_((FlowState.INIT.value, FlowState.RUNNING.value))
-                                 & Flow.worker_pid.is_null() & (Flow.updated_at < cutoff)))
-        candidates = [f for f in candidates if f.next_attempt_at is None or f.next_attempt_at < cutoff]
+        candidates = store.unheld_flows(now - dt.timedelta(seconds=age))
         if not candidates:
             return 0
         queued = queue.queued_flow_ids()

@@ -37,12 +37,12 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from flowd import cron
+from flowd import catalog, cron
 from flowd.config import Config
 from flowd.engine import Engine
 from flowd.errors import InputError
 from flowd.lease import is_shared_database
-from flowd.models import Routine, definitions_version, write_transaction
+from flowd.models import Routine, definitions_version
 
 log = logging.getLogger(__name__)
 
@@ -296,8 +296,7 @@ class Scheduler:
         schedule cannot be used is logged and skipped, never fatal.
         """
         version = definitions_version()
-        rows = list(Routine.select().where(Routine.enabled & Routine.schedule.is_null(False)
-                                           & (Routine.schedule != "")))
+        rows = catalog.scheduled_routines()
         now = self.now()
         with self._lock:
             wanted = {row.name: row for row in rows}
@@ -381,11 +380,7 @@ class Scheduler:
             # request_id is unique), so the slot has run once.
             log.info("schedule: routine %s slot %s was started by another node", routine, stamp,
                      extra={"ROUTINE": routine})
-        with write_transaction():
-            (Routine.update(last_scheduled_run=to_db(slot))
-             .where((Routine.name == routine)
-                    & (Routine.last_scheduled_run.is_null() | (Routine.last_scheduled_run < to_db(slot))))
-             .execute())
+        catalog.mark_scheduled_run(routine, to_db(slot))
         if trigger is not None:
             trigger.mark_run(slot)
         return flow_id

@@ -2,10 +2,10 @@
 
 Start order matters. The database is checked first (a damaged file: one line, exit 4,
 nothing opened or published; SPEC 7). Recovery runs before the worker pool exists, so
-no step can be running while the queue is rebuilt; the pool is forked before any thread starts
-(huey re-forks the pool process to replace a dead worker, and forking a process
-that runs paho or APScheduler threads can deadlock the child); only then start the
-MQTT bridge, the outbox publisher and the scheduler. Signal handlers only set a flag
+no step can be running while the queue is rebuilt; the workers are forked before any thread
+starts (forking a process that runs paho or APScheduler threads can deadlock the child;
+a worker that dies later is replaced by a fresh interpreter, see flowd.workers); only
+then start the MQTT bridge, the outbox publisher and the scheduler. Signal handlers only set a flag
 and wake the main loop, which does the work.
 """
 
@@ -30,6 +30,7 @@ from typing import Any
 from flowd import __version__
 from flowd.config import Config, load_config, redact_url
 from flowd.errors import ConfigError, DatabaseDamaged, FlowdError, StoreUnavailable
+from flowd.imports import import_for
 from flowd.logs import set_level, setup_logging
 from flowd.sdnotify import Notifier
 
@@ -73,28 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "reload":
         return request_reload(config, args.pid)
-    # huey.storage imports redis, and peewee and playhouse.migrate psycopg2 (and psycopg),
-    # whenever they are installed: ~8 and ~5 MiB in every process of a node on SQLite.
-    unused = ["redis"] if config.queue.backend == "sqlite" else []
-    if config.database.url.startswith("sqlite:"):
-        unused += ["psycopg2", "psycopg"]
-    import_without(unused, ["peewee", "playhouse.migrate", "huey.storage"])
+    import_for(config)
     return Service(config, config_arg=args.config).run()
-
-
-def import_without(absent: list[str], modules: list[str]) -> None:
-    """Import ``modules`` as if the packages ``absent`` were not installed; later imports
-    (a task script's) find them as usual."""
-    hidden = [name for name in absent if name not in sys.modules]
-    for name in hidden:
-        sys.modules[name] = None  # type: ignore[assignment]  # what "import" takes for "not installed"
-    try:
-        for module in modules:
-            importlib.import_module(module)
-    finally:
-        for name in hidden:
-            if name in sys.modules and sys.modules[name] is None:
-                del sys.modules[name]
 
 
 def config_changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
@@ -173,7 +154,7 @@ class Service:
     def _run_locked(self) -> int:
         from flowd import api, integrity, recovery
         from flowd.mqtt_bridge import MqttBridge
-        from flowd.queue import WorkerPool
+        from flowd.workers import WorkerPool
 
         try:
             # Before anything opens the files: a damaged database is never served half-working,
@@ -241,9 +222,9 @@ class Service:
         self.lease.start()
         self.bridge.start()
         if importlib.util.find_spec("flowd.scheduler") is not None:
-            from flowd.scheduler import Scheduler
+            from flowd.scheduler_gate import SchedulerGate
 
-            self.scheduler = Scheduler(self.config, self.engine)
+            self.scheduler = SchedulerGate(self.config, self.engine)  # APScheduler once a routine has a schedule
             self.scheduler.start()
         else:
             log.warning("schedules are off: this installation has no flowd.scheduler module")
@@ -313,12 +294,6 @@ class Service:
                 self._guarded("wait topics", self.bridge.refresh_wait_topics)
             if self._is_damage_noticed():
                 return
-            if not self.pool.is_alive():
-                log.error("the worker pool (pid %s) has died; stopping so the service manager can restart flowd",
-                          self.pool.pid)
-                self.pool.pid = None
-                self._exit_code = 1
-                return
             if self.notifier.watchdog_due():
                 self.notifier.watchdog()
 
@@ -348,6 +323,7 @@ class Service:
                 log.exception("%s failed", what)
 
     def _guarded_tick(self) -> None:
+        self._guarded("worker supervision", self.pool.replace_dead)
         self._guarded("MQTT protocol fallback", self.bridge.fall_back_if_needed)
         self._guarded("reaper", self.reaper.run_once)
         self._guarded("heartbeat", self._write_heartbeat)
@@ -359,15 +335,10 @@ class Service:
     def _send_status(self) -> None:
         if not self.notifier.enabled:
             return  # nobody to tell: spare the query every second
-        from peewee import fn
+        from flowd import store
+        from flowd.models import ACTIVE_STATES
 
-        from flowd.models import ACTIVE_STATES, Flow
-
-        counts = {state: 0 for state in ACTIVE_STATES}
-        query: Any = (Flow.select(Flow.state, fn.COUNT(Flow.id)).where(Flow.state.in_(ACTIVE_STATES))
-                      .group_by(Flow.state).tuples())
-        for state, count in query:
-            counts[state] = count
+        counts = store.count_flows_by_state(ACTIVE_STATES)
         parts = [f"{counts['RUNNING']} running", f"{counts['INIT']} queued"]
         if counts["WAITING"]:
             parts.append(f"{counts['WAITING']} waiting")
@@ -387,8 +358,9 @@ class Service:
         self._last_counts_at = now
 
     def _write_heartbeat(self, force: bool = False) -> None:
-        """The NodeStatus row flowctl reads: on start, when the broker link changes, every 30 s."""
-        from flowd.models import NodeStatus, utcnow, write_transaction
+        """The node_status row flowctl reads: on start, when the broker link changes, every 30 s."""
+        from flowd import store
+        from flowd.models import utcnow, write_transaction
 
         connected = self.bridge.is_connected() if self.bridge is not None else False
         now = time.monotonic()
@@ -396,18 +368,16 @@ class Service:
             return
         self._last_heartbeat = now
         self._last_connected = connected
-        values = {"pid": os.getpid(), "version": __version__, "started_at": self.started_at,
-                  "heartbeat_at": utcnow(), "broker_connected": connected, "stopped_at": None}
         with write_transaction():
-            (NodeStatus.insert(node_id=self.config.flowd.node_id, **values)
-             .on_conflict(conflict_target=[NodeStatus.node_id], update=values).execute())
+            store.save_heartbeat(self.config.flowd.node_id, os.getpid(), __version__, self.started_at, utcnow(),
+                                 connected)
 
     def _write_stopped(self) -> None:
-        from flowd.models import NodeStatus, utcnow, write_transaction
+        from flowd import store
+        from flowd.models import utcnow, write_transaction
 
         with write_transaction():
-            (NodeStatus.update(stopped_at=utcnow(), heartbeat_at=utcnow(), broker_connected=False)
-             .where(NodeStatus.node_id == self.config.flowd.node_id).execute())
+            store.mark_node_stopped(self.config.flowd.node_id, utcnow())
 
     # ------------------------------------------------------------------ signals
     def _install_signal_handlers(self) -> None:
@@ -485,19 +455,13 @@ class Service:
 def node_counts(now: dt.datetime | None = None) -> dict[str, int]:
     """What the node's retained status tells (``flowctl nodes``): flows running, queued
     and waiting now, and failed in the last hour (of the database this node serves)."""
-    from peewee import fn
+    from flowd import store
+    from flowd.models import ACTIVE_STATES, utcnow
 
-    from flowd.models import ACTIVE_STATES, Flow, FlowState, utcnow
-
-    counts = {state: 0 for state in ACTIVE_STATES}
-    query: Any = (Flow.select(Flow.state, fn.COUNT(Flow.id)).where(Flow.state.in_(ACTIVE_STATES))
-                  .group_by(Flow.state).tuples())
-    for state, count in query:
-        counts[state] = count
-    since = (now or utcnow()) - dt.timedelta(hours=1)
-    failed = Flow.select().where((Flow.state == FlowState.FAILED.value) & (Flow.finished_at >= since)).count()
+    counts = store.count_flows_by_state(ACTIVE_STATES)
+    failed = store.count_failed_since((now or utcnow()) - dt.timedelta(hours=1))
     return {"running": counts["RUNNING"], "queued": counts["INIT"], "waiting": counts["WAITING"],
-            "failed_last_hour": int(failed)}
+            "failed_last_hour": failed}
 
 
 def lock_state_dir(folder: Path, purpose: str | None = None) -> int:

@@ -23,9 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from flowd import catalog, store
 from flowd.config import Config
 from flowd.errors import FlowWaitTimeout, NotFoundError
-from flowd.models import Flow, Task, TaskResult
+from flowd.store import Row
 
 CHECK_EVERY_S = 5.0          # with the broker: the slow check of the database
 CHECK_OFFLINE_EVERY_S = 1.0  # without it, when there is no SQLite file to watch
@@ -36,7 +37,7 @@ FILE_CHECK_EVERY_S = 0.2     # without it: how often the SQLite file's stamp is 
 class Progress:
     """Where a flow is: its row, the task of its current step, that step's latest attempt."""
 
-    flow: Flow
+    flow: Row
     task: str
     attempt: int
     attempt_state: str | None
@@ -45,17 +46,14 @@ class Progress:
 
 def read_progress(flow_id: int, retries: dict[str, int] | None = None) -> Progress:
     """The flow and its current step's latest attempt; NotFoundError for an unknown id."""
-    flow = Flow.get_or_none(Flow.id == flow_id)
+    flow = store.get_flow(flow_id)
     if flow is None:
         raise NotFoundError("flow", flow_id, "list flows with 'flowctl flows'")
-    latest: Any = (TaskResult.select(TaskResult.attempt, TaskResult.state)
-                   .where((TaskResult.flow == flow_id) & (TaskResult.position == flow.position))
-                   .order_by(TaskResult.attempt.desc()).tuples().first())
-    attempt, attempt_state = latest if latest else (0, None)
+    attempt, attempt_state = store.latest_attempt(flow_id, flow.position)
     task_name = flow.steps[flow.position] if flow.position < len(flow.steps) else "?"
     known = retries if retries is not None else {}
     if task_name not in known:
-        task = Task.get_or_none(Task.name == task_name)
+        task = catalog.find_task(task_name)
         known[task_name] = task.retries if task else 0
     return Progress(flow, task_name, attempt, attempt_state, known[task_name])
 
@@ -98,7 +96,7 @@ class FlowWaiter:
         return self._listener is not None and bool(self._listener.is_subscribed())
 
     def wait(self, timeout: float | None = None, on_progress: Callable[[Progress], None] | None = None,
-             on_tick: Callable[[Progress], None] | None = None, tick: float = 1.0) -> Flow:
+             on_tick: Callable[[Progress], None] | None = None, tick: float = 1.0) -> Row:
         """The flow once it has ended; FlowWaitTimeout after ``timeout`` s (the flow goes on).
 
         ``on_progress`` is called at the start and each time the flow was read again

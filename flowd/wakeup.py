@@ -49,6 +49,15 @@ class WakeSocket:
         self.sock.bind(os.fspath(self.path))
         self.sock.setblocking(False)
 
+    @classmethod
+    def adopt(cls, path: str | os.PathLike[str], fd: int) -> WakeSocket:
+        """The socket bound at ``path`` by another process, inherited as descriptor ``fd``."""
+        wake = cls.__new__(cls)
+        wake.path = Path(path)
+        wake.sock = socket.socket(fileno=fd)
+        wake.sock.setblocking(False)
+        return wake
+
     def wait(self, timeout: float, also: int | None = None) -> bool:
         """Block up to ``timeout`` s, or until file descriptor ``also`` is readable;
         True if woken by a datagram. Drains every pending datagram."""

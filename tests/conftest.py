@@ -192,8 +192,8 @@ def db(config: Any) -> Iterator[Any]:
 
 @pytest.fixture
 def worker_pool(db: Any) -> Iterator[Any]:
-    """A real huey consumer with process workers for ``config`` (the engine fixture ``db``)."""
-    from flowd.queue import WorkerPool
+    """The real worker processes for ``config`` (the engine fixture ``db``), forked from this one."""
+    from flowd.workers import WorkerPool
 
     pool = WorkerPool(db.config)
     pool.start()

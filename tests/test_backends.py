@@ -15,7 +15,7 @@ from conftest import wait_for
 
 from flowd import api, catalog
 from flowd.config import load_config
-from flowd.queue import WorkerPool
+from flowd.workers import WorkerPool
 
 PG_ADMIN = "dbname=postgres user=postgres host=127.0.0.1 port=5432"
 REDIS_URL = "redis://127.0.0.1:6379/15"

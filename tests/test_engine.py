@@ -295,7 +295,7 @@ def test_submit_from_another_process_without_daemon(db: Any, paths: tuple[str, .
                          env=flowd_env(), cwd=str(ROOT), timeout=60, check=True)
     flow = api.get_flow(int(out.stdout))
     assert (flow.state, flow.args, flow.kwargs, flow.trigger) == ("INIT", [7], {"total": 1}, "api")
-    from flowd.queue import WorkerPool
+    from flowd.workers import WorkerPool
 
     pool = WorkerPool(db.config)
     pool.start()

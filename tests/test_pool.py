@@ -1,8 +1,10 @@
-"""The worker pool's process tree and the daemon-side retry timer, on a real SQLite file."""
+"""The worker processes (forked by the daemon, no pool process) and the daemon-side retry
+timer, on a real SQLite file; test_orphans.py kills them."""
 
 from __future__ import annotations
 
 import datetime as dt
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,11 +28,11 @@ def done(flow_id: int) -> Any:
     return flow
 
 
-def test_the_pool_is_one_process_and_its_workers_no_scheduler(worker_pool: Any) -> None:
-    # huey's consumer would fork a scheduler process too; flowd's retries need none.
-    wait_for(lambda: len(children(worker_pool.pid)) == worker_pool.config.flowd.workers, 10,
-             message="the workers to start")
-    assert all(children(worker) == [] for worker in children(worker_pool.pid))
+def test_the_workers_are_children_of_the_process_that_started_them(worker_pool: Any) -> None:
+    # No pool process and no huey scheduler process: the workers are forked here.
+    assert len(worker_pool.pids) == worker_pool.config.flowd.workers
+    assert sorted(children(os.getpid())) == sorted(worker_pool.pids)
+    assert all(children(worker) == [] for worker in worker_pool.pids)
 
 
 def test_workers_start_with_the_parents_objects_frozen(db: Any, worker_pool: Any) -> None:
@@ -96,7 +98,7 @@ def test_a_retry_runs_on_time(db: Any, worker_pool: Any, tmp_path: Path) -> None
 
 def test_the_daemon_on_sqlite(broker: Broker, config_file: Callable[..., Path], flowd_proc: Callable[..., Any],
                               tmp_path: Path) -> None:
-    # flowd run on SQLite: the daemon, the pool and its two workers, nothing else; no
+    # flowd run on SQLite: the daemon and its two workers, nothing else; no
     # process loaded the Postgres or Redis driver, yet a task can import them; a retry
     # runs on time (the daemon's retry timer).
     path = config_file(broker, workers=2)
@@ -121,8 +123,8 @@ def test_the_daemon_on_sqlite(broker: Broker, config_file: Callable[..., Path], 
     first, second = api.flow_trace(done(api.submit_flow("flaky-r").id).id)
     assert 0 <= (second.started_at - first.finished_at).total_seconds() - 0.5 < 0.25
 
-    [pool] = children(daemon.pid)
-    assert len(children(pool)) == 2 and all(children(worker) == [] for worker in children(pool))
+    workers = children(daemon.pid)
+    assert len(workers) == 2 and all(children(worker) == [] for worker in workers)
     assert daemon.terminate() == 0
 
 
@@ -147,3 +149,4 @@ def test_a_retry_pending_at_a_kill_9_runs_at_its_time_after_restart(
     late = (api.flow_trace(flow.id)[1].started_at - due).total_seconds()
     assert 0 <= late < 0.5, late
     assert daemon.terminate() == 0
+

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -163,3 +164,18 @@ def test_sighup_reloads_schedules_written_behind_the_daemons_back(
     proc.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: len(scheduled("hup")) >= 2, timeout=30, message="runs of the schedule after SIGHUP")
     assert proc.proc.poll() is None
+
+
+def test_the_scheduler_starts_with_the_first_schedule(
+        broker: Any, config_file: Callable[..., Path], flowd_proc: Any, tasks: Path) -> None:
+    # No routine has a schedule at the start: the daemon runs without the scheduler (and
+    # without APScheduler's memory). The first schedule written while it runs starts it.
+    catalog.save_routine("plain", ["count"])
+    proc = flowd_proc(config_file(broker=broker))
+    wait_for(lambda: "ready" in proc.log_text(), 30, message="flowd ready")
+    time.sleep(2.5)  # more than one look at the definitions
+    assert "starting the scheduler" not in proc.log_text()
+    catalog.save_routine("later", ["count"], schedule="@every 1s")
+    wait_for(lambda: scheduled("later", FlowState.DONE.value), timeout=15, message="a scheduled run of 'later'")
+    assert proc.log_text().count("starting the scheduler") == 1
+    assert proc.terminate() == 0

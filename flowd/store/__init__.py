@@ -7,6 +7,7 @@ migrations and the catalog (``models.py``, ``migrations.py``, ``catalog.py``).
 """
 
 from flowd.store.definitions import Definitions, RoutineInfo, TaskInfo
+from flowd.store.failures import unusable_reason
 from flowd.store.flows import (
     active_children,
     active_flows,
@@ -40,8 +41,41 @@ from flowd.store.flows import (
     waiting_flows,
     waiting_topics,
 )
-from flowd.store.outbox import add_outbox
-from flowd.store.rows import FLOW_COLUMNS, RESULT_COLUMNS, Row, decode, encode, execute, sql_bool
+from flowd.store.nodes import mark_node_stopped, node_statuses, save_heartbeat
+from flowd.store.outbox import (
+    add_outbox,
+    count_messages,
+    delete_messages,
+    drop_oldest_messages,
+    has_messages,
+    insert_message,
+    message_id_span,
+    message_ids_up_to,
+    messages_after,
+)
+from flowd.store.reads import (
+    child_flows,
+    count_failed_since,
+    count_flows_by_state,
+    flow_trace,
+    latest_attempt,
+    list_flows,
+    running_attempts,
+    unheld_flows,
+)
+from flowd.store.records import insert_ended_flow, insert_ended_result
+from flowd.store.rows import (
+    FLOW_COLUMNS,
+    RESULT_COLUMNS,
+    Row,
+    decode,
+    decode_time,
+    encode,
+    encode_time,
+    execute,
+    sql_bool,
+)
+from flowd.store.upkeep import count_ended_flows, prune_ended_flows
 
 __all__ = [
     "FLOW_COLUMNS",
@@ -55,33 +89,59 @@ __all__ = [
     "add_outbox",
     "admitted_not_ended",
     "anything_expired",
+    "child_flows",
     "count_active",
+    "count_ended_flows",
+    "count_failed_since",
+    "count_flows_by_state",
+    "count_messages",
     "decode",
+    "decode_time",
+    "delete_messages",
     "delete_result",
     "done_outputs",
+    "drop_oldest_messages",
     "encode",
+    "encode_time",
     "end_running_results",
     "execute",
     "expired_waits",
     "finish_held_result",
     "flow_and_result",
     "flow_by_request_id",
+    "flow_trace",
     "flows_by_id",
     "get_flow",
+    "has_messages",
     "has_pending",
     "held_tokens",
+    "insert_ended_flow",
+    "insert_ended_result",
     "insert_flow",
+    "insert_message",
     "insert_result",
+    "latest_attempt",
+    "list_flows",
+    "mark_node_stopped",
+    "message_id_span",
+    "message_ids_up_to",
+    "messages_after",
+    "node_statuses",
     "overdue_unheld",
     "pending_flows",
     "pending_routines",
+    "prune_ended_flows",
     "restamp_running",
     "retry_waiting",
     "running_admitted",
+    "running_attempts",
     "running_result",
+    "save_heartbeat",
     "select_flows",
     "sql_bool",
     "step_output",
+    "unheld_flows",
+    "unusable_reason",
     "update_flow",
     "update_result",
     "waiting_flows",

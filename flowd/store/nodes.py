@@ -1,8 +1,9 @@
-"""Node leases (SPEC 10): which nodes sharing the database are alive, and their flows.
+"""Nodes on one database: each daemon's status row (``flowctl status``) and, on a shared
+database (SPEC 10), each node's lease: which nodes are alive, and their flows.
 
 A node renews its lease every third of ``[flowd] lease``; a node whose lease has
 expired (killed, frozen, cut off) has its RUNNING flows taken over by the live ones.
-On PostgreSQL every time here is the server's clock, so nodes whose own clocks differ
+On PostgreSQL every lease time is the server's clock, so nodes whose own clocks differ
 still agree on who is late; on SQLite (one machine) it is this machine's clock.
 """
 
@@ -11,11 +12,40 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from flowd.config import Config
-from flowd.models import FlowState, sqlite_path, utcnow
+from flowd.models import FlowState, utcnow
 from flowd.store.flows import select_flows
-from flowd.store.rows import Row, decode, encode, execute, is_sqlite
+from flowd.store.rows import Row, decode, decode_time, encode, encode_time, execute, is_sqlite
 
+_COLUMNS = ("node_id", "pid", "version", "started_at", "heartbeat_at", "broker_connected", "stopped_at")
+
+
+def save_heartbeat(node_id: str, pid: int, version: str, started_at: dt.datetime, heartbeat_at: dt.datetime,
+                   broker_connected: bool) -> None:
+    """Insert or refresh this node's row: running, with a fresh heartbeat (inside the caller's transaction)."""
+    execute("INSERT INTO node_status (node_id, pid, version, started_at, heartbeat_at, broker_connected, stopped_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, NULL) ON CONFLICT (node_id) DO UPDATE SET pid = excluded.pid, "
+            "version = excluded.version, started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at, "
+            "broker_connected = excluded.broker_connected, stopped_at = NULL",
+            (node_id, pid, version, encode_time(started_at), encode_time(heartbeat_at),
+             encode("broker_connected", broker_connected)))
+
+
+def mark_node_stopped(node_id: str, now: dt.datetime) -> None:
+    """This node stopped cleanly at ``now`` (inside the caller's transaction)."""
+    execute("UPDATE node_status SET stopped_at = ?, heartbeat_at = ?, broker_connected = ? WHERE node_id = ?",
+            (encode_time(now), encode_time(now), encode("broker_connected", False), node_id))
+
+
+def node_statuses() -> list[Row]:
+    """Every node that ever ran on this database, by node id."""
+    found = execute("SELECT " + ", ".join(_COLUMNS) + " FROM node_status ORDER BY node_id").fetchall()
+    return [Row({"node_id": node_id, "pid": pid, "version": version, "started_at": decode_time(started),
+                 "heartbeat_at": decode_time(heartbeat), "broker_connected": bool(connected),
+                 "stopped_at": decode_time(stopped)})
+            for node_id, pid, version, started, heartbeat, connected, stopped in found]
+
+
+# ---------------------------------------------------------------- leases (several nodes, SPEC 10)
 _PG_NOW = "(clock_timestamp() AT TIME ZONE 'UTC')"
 
 
@@ -90,15 +120,16 @@ def flows_of_expired_node(node_id: str) -> list[Row]:
                         f"AND expires_at < {now})", (FlowState.RUNNING.value, node_id, node_id, *params))
 
 
-def outbox_rows_of(config: Config) -> tuple[str, tuple[str, ...]]:
-    """The outbox rows a node publishes, as a WHERE condition (in the database's
-    placeholder style) and its parameters: its own, those with no node (written before
-    schema v6), and those of nodes whose lease expired and whose session it took
-    (``claim_session``: one live node, so their rows do not go out once per node)."""
-    mark = "?" if sqlite_path(config.database.url) else "%s"
-    now = "CURRENT_TIMESTAMP" if sqlite_path(config.database.url) else _PG_NOW
-    return (f"(node_id = {mark} OR node_id IS NULL OR node_id IN (SELECT node_id FROM node_lease "
-            f"WHERE expires_at < {now} AND taken_by = {mark}))", (config.flowd.node_id, config.flowd.node_id))
+def published_by(node_id: str | None) -> tuple[str, tuple[str, ...]]:
+    """The outbox rows ``node_id`` publishes, as ``AND ...`` (with a trailing space) and
+    its parameters: its own, those with no node (written before schema v6), and those of
+    a node whose lease expired and whose session it took (``claim_session``: one live
+    node, so those rows do not go out once per node). None: every row (one node)."""
+    if node_id is None:
+        return "", ()
+    now, params = _now_sql()
+    return (f"AND (node_id = ? OR node_id IS NULL OR node_id IN (SELECT node_id FROM node_lease "
+            f"WHERE expires_at < {now} AND taken_by = ?)) ", (node_id, *params, node_id))
 
 
 def lease_of(node_id: str) -> tuple[dt.datetime, dt.datetime, bool] | None:

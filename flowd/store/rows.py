@@ -104,3 +104,14 @@ def rows(cursor: Any, columns: tuple[str, ...]) -> list[Row]:
             for raw in cursor.fetchall()]
 
 
+
+
+def encode_time(value: dt.datetime | None) -> Any:
+    """A time as the backend stores it (SQLite: ISO text, as peewee writes it; PostgreSQL: timestamp)."""
+    return encode("started_at", value)
+
+
+def decode_time(value: Any) -> dt.datetime | None:
+    """A stored time back to a naive-UTC datetime (SQLite returns the text)."""
+    decoded: dt.datetime | None = decode("started_at", value)
+    return decoded

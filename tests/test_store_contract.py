@@ -1,0 +1,185 @@
+"""The store's named operations, one contract run against each backend (SQLite file,
+the machine's PostgreSQL): listings, traces, counts, the reaper's candidates, pruning,
+the outbox publisher's reads and deletes, node heartbeats. Flows are made by the real
+engine (no worker pool: they stay where the test puts them); the checks read back
+through the store and, where the store must not be trusted, through the peewee models.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg2
+import pytest
+
+from flowd import api, catalog, store
+from flowd.config import load_config
+from flowd.errors import InputError
+from flowd.models import Flow, Outbox, TaskResult, write_transaction
+
+PG_ADMIN = "dbname=postgres user=postgres host=127.0.0.1 port=5432"
+NOW = dt.datetime(2026, 5, 1, 12, 0, 0, 250000)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def engine(request: Any, config_file: Any) -> Iterator[Any]:
+    """An engine on one database (the queue stays SqliteHuey: nothing here runs a step)."""
+    sections: dict[str, Any] = {}
+    dbname = None
+    if request.param == "postgres":
+        dbname = f"flowd_store_{uuid.uuid4().hex[:12]}"
+        admin = psycopg2.connect(PG_ADMIN)
+        admin.autocommit = True
+        admin.cursor().execute(f'CREATE DATABASE "{dbname}"')
+        admin.close()
+        sections = {"database": {"url": f"postgresql://postgres@127.0.0.1:5432/{dbname}"}}
+    engine = api.configure(load_config(config_file(**sections)), create=True)
+    paths = engine.config.flowd.task_paths
+    catalog.save_task("add", "t.Add", task_paths=paths, timeout=7)
+    catalog.save_task("plain", "t.Add", task_paths=paths)
+    catalog.save_routine("pair", ["add", "plain"])
+    catalog.save_routine("other", ["plain"])
+    yield engine
+    api.reset()
+    if dbname:
+        admin = psycopg2.connect(PG_ADMIN)
+        admin.autocommit = True
+        admin.cursor().execute(f'DROP DATABASE "{dbname}" WITH (FORCE)')
+        admin.close()
+
+
+def test_listings_traces_and_counts(engine: Any) -> None:
+    ids = [engine.submit("pair", [n], now=NOW)[0].id for n in range(3)] + [engine.submit("other", now=NOW)[0].id]
+    with write_transaction():
+        Flow.update(state="DONE", finished_at=NOW).where(Flow.id == ids[0]).execute()
+        Flow.update(parent=ids[1]).where(Flow.id.in_([ids[2], ids[3]])).execute()
+        first, attempt = store.insert_result(ids[1], 0, "add", {"args": [1]}, 4242, NOW)
+        store.update_result(first, state="FAILED", error="boom", finished_at=NOW)
+        second, attempt2 = store.insert_result(ids[1], 0, "add", {"args": [1]}, 4242, NOW)
+        store.insert_result(ids[1], 1, "plain", None, None, NOW)
+    assert (attempt, attempt2) == (1, 2)
+
+    listed = store.list_flows()
+    assert [f.id for f in listed] == sorted(ids, reverse=True)
+    assert isinstance(listed[0], store.Row) and listed[-1].args == [0] and listed[-1].created_at == NOW
+    assert [f.id for f in store.list_flows(routine="pair", limit=2)] == [ids[2], ids[1]]
+    assert [f.id for f in store.list_flows(state="DONE")] == [ids[0]]
+    assert [f.id for f in api.list_flows("done", "pair")] == [ids[0]]
+    with pytest.raises(InputError, match="unknown state 'FINISHED'"):
+        api.list_flows("FINISHED")
+
+    assert [(c.id, c.routine) for c in store.child_flows(ids[1])] == [(ids[2], "pair"), (ids[3], "other")]
+    trace = api.flow_trace(ids[1])
+    assert [(r.position, r.attempt, r.state, r.error) for r in trace] == [
+        (0, 1, "FAILED", "boom"), (0, 2, "RUNNING", None), (1, 1, "RUNNING", None)]
+    assert trace[0].input == {"args": [1]} and trace[0].finished_at == NOW and trace[0].id == first
+    assert store.latest_attempt(ids[1], 0) == (2, "RUNNING")
+    assert store.latest_attempt(ids[1], 5) == (0, None)
+    counts = api.counts_by_state()
+    assert counts == {"INIT": 3, "RUNNING": 0, "WAITING": 0, "DONE": 1, "FAILED": 0, "CANCELLED": 0}
+    assert store.count_flows_by_state(["INIT", "WAITING"]) == {"INIT": 3, "WAITING": 0}
+    assert second in {r.id for r in trace}
+
+
+def test_the_reapers_candidates(engine: Any) -> None:
+    held = engine.submit("pair", now=NOW)[0].id
+    lost = engine.submit("pair", now=NOW)[0].id
+    retrying = engine.submit("pair", now=NOW)[0].id
+    fresh = engine.submit("other", now=NOW + dt.timedelta(minutes=5))[0].id
+    deadline = NOW + dt.timedelta(seconds=30)
+    with write_transaction():
+        Flow.update(state="RUNNING", worker_pid=4242, node_id=engine.node_id, deadline=deadline
+                    ).where(Flow.id == held).execute()
+        Flow.update(next_attempt_at=NOW + dt.timedelta(minutes=2)).where(Flow.id == retrying).execute()
+        attempt, _ = store.insert_result(held, 0, "add", None, 4242, NOW)
+        store.insert_result(lost, 0, "add", None, None, NOW)  # no worker: not the reaper's to kill
+    [running] = store.running_attempts(engine.node_id)
+    assert (running.id, running.flow_id, running.position, running.task, running.worker_pid) == (
+        attempt, held, 0, "add", 4242)
+    assert (running.routine, running.deadline, running.timeout, running.started_at) == ("pair", deadline, 7.0, NOW)
+
+    quiet = store.unheld_flows(NOW + dt.timedelta(minutes=1))
+    assert [(f.id, f.dispatch_token) for f in quiet] == [(lost, 1)]  # held has a worker, retrying waits, fresh is new
+    assert {f.id for f in store.unheld_flows(NOW + dt.timedelta(minutes=10))} == {lost, retrying, fresh}
+
+
+def test_prune_removes_ended_flows_with_their_attempts_and_keeps_children(engine: Any) -> None:
+    old, recent, running, child = (engine.submit("pair", now=NOW)[0].id for _ in range(4))
+    with write_transaction():
+        Flow.update(state="FAILED", finished_at=NOW - dt.timedelta(days=40)).where(Flow.id == old).execute()
+        Flow.update(state="DONE", finished_at=NOW - dt.timedelta(days=1)).where(Flow.id == recent).execute()
+        Flow.update(parent=old).where(Flow.id == child).execute()
+        store.insert_result(old, 0, "add", None, None, NOW)
+        store.insert_result(recent, 0, "add", None, None, NOW)
+    assert api.prune(30 * 86400, now=NOW, dry_run=True) == store.count_ended_flows(NOW - dt.timedelta(days=30)) == 1
+    assert store.count_failed_since(NOW - dt.timedelta(days=41)) == 1
+    assert store.count_failed_since(NOW - dt.timedelta(days=39)) == 0
+    assert api.prune(30 * 86400, now=NOW) == 1
+    assert sorted(f.id for f in Flow.select()) == sorted([recent, running, child])
+    assert [r.flow_id for r in TaskResult.select()] == [recent]
+    assert Flow.get_by_id(child).parent_id is None
+    assert api.prune(30 * 86400, now=NOW) == 0
+
+
+def test_the_outbox_operations(engine: Any) -> None:
+    with write_transaction():
+        for n in range(5):
+            store.insert_message(f"t/{n}", f'{{"n": {n}}}', n % 2, n == 3, "ab12" if n == 4 else None, NOW)
+    rows = store.messages_after(0, 100)
+    assert [(r[1], r[3], r[4], r[5]) for r in rows] == [
+        ("t/0", 0, False, None), ("t/1", 1, False, None), ("t/2", 0, False, None), ("t/3", 1, True, None),
+        ("t/4", 0, False, "ab12")]
+    ids = [r[0] for r in rows]
+    assert [r[0] for r in store.messages_after(ids[1], 2)] == ids[2:4]
+    assert store.message_id_span() == (ids[0], ids[-1])
+    assert store.count_messages() == 5 and store.has_messages()
+    assert store.message_ids_up_to(ids[2]) == ids[:3]
+    with write_transaction():
+        assert store.drop_oldest_messages(2, keep={ids[0]}) == 2  # the handed-over oldest stays
+    assert [o.id for o in Outbox.select().order_by(Outbox.id)] == [ids[0], ids[3], ids[4]]
+    with write_transaction():
+        store.delete_messages([ids[0], ids[4]])
+    assert store.message_id_span() == (ids[3], ids[3])
+    with write_transaction():
+        store.delete_messages([ids[3]])
+        assert store.drop_oldest_messages(3, keep=()) == 0
+    assert not store.has_messages() and store.message_id_span() is None and store.count_messages() == 0
+
+
+def test_node_heartbeats(engine: Any) -> None:
+    later = NOW + dt.timedelta(seconds=30)
+    with write_transaction():
+        store.save_heartbeat("b-node", 11, "0.1.0", NOW, NOW, False)
+        store.save_heartbeat("a-node", 12, "0.1.0", NOW, NOW, True)
+    with write_transaction():
+        store.mark_node_stopped("a-node", later)
+    a, b = store.node_statuses()
+    assert (a.node_id, a.pid, a.broker_connected, a.heartbeat_at, a.stopped_at) == ("a-node", 12, False, later, later)
+    assert (b.node_id, b.broker_connected, b.started_at, b.stopped_at) == ("b-node", False, NOW, None)
+    with write_transaction():  # a restart: the same row, running again
+        store.save_heartbeat("a-node", 13, "0.2.0", later, later, True)
+    a, _ = store.node_statuses()
+    assert (a.pid, a.version, a.started_at, a.broker_connected, a.stopped_at) == (13, "0.2.0", later, True, None)
+
+
+def test_a_recorded_run_is_stored_ended_with_its_attempts(engine: Any) -> None:
+    later = NOW + dt.timedelta(seconds=2)
+    with write_transaction():
+        parent = store.insert_ended_flow(routine="pair", steps=["add", "plain"], state="DONE", position=2, args=[1],
+                                         kwargs={"k": "v"}, trigger="cli", result={"n": 3}, error=None,
+                                         started_at=NOW, finished_at=later, parent_id=None, depth=0)
+        child = store.insert_ended_flow(routine="other", steps=["plain"], state="FAILED", position=0, args=[],
+                                        kwargs={}, trigger="flow", result=None, error="boom", started_at=NOW,
+                                        finished_at=later, parent_id=parent, depth=1)
+        store.insert_ended_result(parent, 0, "add", 1, "DONE", {"args": [1]}, {"child": child}, None, NOW, later)
+        store.insert_ended_result(child, 0, "plain", 1, "FAILED", None, None, "boom", NOW, later)
+    flow = api.get_flow(parent)
+    assert (flow.state, flow.result, flow.kwargs, flow.admitted, flow.finished_at) == ("DONE", {"n": 3}, {"k": "v"},
+                                                                                       True, later)
+    [attempt] = api.flow_trace(parent)
+    assert (attempt.state, attempt.output, attempt.started_at) == ("DONE", {"child": child}, NOW)
+    assert [(c.id, c.state, c.depth) for c in store.child_flows(parent)] == [(child, "FAILED", 1)]
+    assert sorted(catalog.task_names()) == ["add", "plain"] and sorted(catalog.routine_names()) == ["other", "pair"]
