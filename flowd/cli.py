@@ -202,17 +202,22 @@ def cmd_status(ctx: Context) -> int:
     from flowd import api, hints, store
     from flowd.display import human_duration, iso, local_time, parse_iso, span
     from flowd.models import utcnow
+    from flowd.store.nodes import list_nodes
 
     ctx.open_database()
     now = utcnow()
     nodes: list[dict[str, Any]] = []
+    leases = {lease.node_id: lease for lease in list_nodes()}  # several nodes on one database (SPEC 10)
     for node in store.node_statuses():
-        alive = is_node_alive(node, now, ctx.config.flowd.node_id)
+        lease = leases.get(node.node_id)
+        alive = is_node_alive(node, now, ctx.config.flowd.node_id, lease.online if lease else None)
         nodes.append({
             "node_id": node.node_id, "running": alive, "pid": node.pid, "version": node.version,
             "started_at": iso(node.started_at), "heartbeat_at": iso(node.heartbeat_at),
             "stopped_at": iso(node.stopped_at), "broker_connected": bool(node.broker_connected) if alive else None,
             "heartbeat_age": span(node.heartbeat_at, now),
+            "last_seen": iso(lease.renewed_at) if lease else None,
+            "running_steps": lease.running if lease else None,
         })
     counts = api.counts_by_state()
     outbox = store.count_messages()
@@ -239,11 +244,16 @@ def cmd_status(ctx: Context) -> int:
         label = "daemon" if n["node_id"] == ctx.config.flowd.node_id else "node"
         if n["running"]:
             since = local_time(parse_iso(n["started_at"]))
-            lines.append(f"{label:<9} running on {n['node_id']} (pid {n['pid']}, flowd {n['version']}) "
+            steps = f", {n['running_steps']} running step(s)" if n["running_steps"] is not None else ""
+            lines.append(f"{label:<9} running on {n['node_id']} (pid {n['pid']}, flowd {n['version']}{steps}) "
                          f"since {since}")
             lines.append(f"{'broker':<9} {'connected' if n['broker_connected'] else hints.broker_hint(ctx.config)}")
         elif n["stopped_at"]:
             lines.append(f"{label:<9} stopped on {n['node_id']} at {local_time(parse_iso(n['stopped_at']))}")
+        elif n["last_seen"]:
+            seen = human_duration(span(parse_iso(n["last_seen"]), now))
+            lines.append(f"{label:<9} offline: {n['node_id']} (last seen {seen} ago; its lease expired, the other "
+                         "nodes take over its flows)")
         else:
             lines.append(f"{label:<9} not running on {n['node_id']} (last heartbeat "
                          f"{human_duration(n['heartbeat_age'])} ago, pid {n['pid']})")
@@ -266,11 +276,14 @@ def any_daemon_alive(local_node_id: str) -> bool:
     return any(is_node_alive(node, now, local_node_id) for node in store.node_statuses())
 
 
-def is_node_alive(node: Any, now: dt.datetime, local_node_id: str) -> bool:
+def is_node_alive(node: Any, now: dt.datetime, local_node_id: str, lease_valid: bool | None = None) -> bool:
     """A daemon is alive when it has not stopped, its heartbeat is recent and, on this
-    machine, its pid still exists."""
+    machine, its pid still exists. On a shared database its lease decides (renewed every
+    few seconds, judged by the database's clock), never a process id."""
     if node.stopped_at is not None:
         return False
+    if lease_valid is not None:
+        return lease_valid
     if (now - node.heartbeat_at).total_seconds() > HEARTBEAT_STALE_S:
         return False
     if node.node_id == local_node_id:

@@ -81,6 +81,9 @@ class FlowdSection:
     shutdown_grace: float = 30.0
     retention: float = 30 * 86400.0
     log_level: str = "info"
+    # Several nodes on one database (SPEC 10): a node that has not renewed its lease for
+    # this long is taken for dead, and the live nodes take over its flows.
+    lease: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -176,7 +179,7 @@ _SECTIONS: dict[str, type] = {
     "queue": QueueSection,
     "homeassistant": HomeAssistantSection,
 }
-_DURATION_KEYS = {"shutdown_grace", "retention", "session_expiry", "misfire_grace"}
+_DURATION_KEYS = {"shutdown_grace", "retention", "session_expiry", "misfire_grace", "lease"}
 _CHOICES = {
     ("flowd", "log_level"): ("debug", "info", "warning", "error"),
     ("database", "synchronous"): ("full", "normal"),  # never "off": it can corrupt the file (DESIGN.md)
@@ -330,6 +333,9 @@ def _complete(config: Config, env: Mapping[str, str], where: str | None) -> Conf
     if any(c in flowd.node_id for c in "+#/") or not flowd.node_id:
         raise ConfigError(f"must not be empty or contain '/', '+' or '#'; got {flowd.node_id!r}",
                           key="flowd.node_id", path=where)
+    if flowd.lease < 1.0:
+        raise ConfigError(f"must be at least 1s (the node renews it every third of it); got {flowd.lease:g}s",
+                          key="flowd.lease", path=where)
     m = config.mqtt
     if not 1 <= m.port <= 65535:
         raise ConfigError(f"must be a TCP port from 1 to 65535, not {m.port}", key="mqtt.port", path=where)

@@ -21,6 +21,7 @@ from typing import Any
 from flowd import outbox, store
 from flowd.config import Config
 from flowd.errors import FlowdError, InputError, NotFoundError
+from flowd.lease import is_shared_database
 from flowd.models import (
     FlowState,
     Routine,
@@ -31,7 +32,7 @@ from flowd.models import (
     write_transaction,
 )
 from flowd.status import Status, send_statuses
-from flowd.store import Row
+from flowd.store import Row, nodes
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +206,9 @@ class Engine:
         self._enqueue = enqueue
         self._enqueue_many = enqueue_many
         self.definitions = store.Definitions()
+        # On every claim, with the worker's pid: which node holds a flow (SPEC 10). None on
+        # SQLite, where there is one node: not a byte more per flow on the SD card.
+        self.node_id: str | None = config.flowd.node_id if is_shared_database(config) else None
 
     # ------------------------------------------------------------------ effects
     def _apply(self, effects: Effects) -> None:
@@ -235,7 +239,7 @@ class Engine:
 
     def _publish(self, topic: str, payload: dict[str, Any], effects: Effects, now: dt.datetime,
                  correlation_data: str | None = None) -> None:
-        store.add_outbox(topic, dumps(payload), correlation_data, now)
+        store.add_outbox(topic, dumps(payload), correlation_data, now, self.node_id)
         effects.published = True
 
     def _publish_status(self, flow: Row, effects: Effects, *, state_change: bool, child_id: int | None = None
@@ -270,7 +274,8 @@ class Engine:
             if info is not None and info.mqtt:  # its Home Assistant sensor (SPEC 12): the last flow, retained
                 from flowd.homeassistant import last_flow_topic
 
-                outbox.add_message(last_flow_topic(self.config, flow.routine), payload, retain=True)
+                outbox.add_message(last_flow_topic(self.config, flow.routine), payload, retain=True,
+                                   node_id=self.node_id)
 
     # ------------------------------------------------------------------ submit
     def submit(self, routine: str | Routine, args: Iterable[Any] = (), kwargs: dict[str, Any] | None = None, *,
@@ -343,7 +348,7 @@ class Engine:
                   "worker_pid": None, "step_attempt": 0, "interruptions": 0, "next_attempt_at": None,
                   "deadline": None, "result": None, "error": None, "created_at": now, "started_at": None,
                   "finished_at": None, "updated_at": now, "parent_id": None, "depth": 0, "wait_topic": None,
-                  "wait_match": None, "wait_until": None}
+                  "wait_match": None, "wait_until": None, "node_id": None}
         values.update(fields)
         admit_now = info.mode == "parallel" and self._parallel_slot_free(info, effects)
         if admit_now:  # admitted as it is stored: one statement, not two
@@ -413,7 +418,7 @@ class Engine:
                 and not effects.slots.has_pending(info.name))
 
     def _admit(self, flow: Row, effects: Effects, now: dt.datetime, delay: float | None = None) -> None:
-        store.update_flow(flow, admitted=True, dispatch_token=flow.dispatch_token + 1, worker_pid=None,
+        store.update_flow(flow, admitted=True, dispatch_token=flow.dispatch_token + 1, worker_pid=None, node_id=None,
                           updated_at=now)
         effects.enqueue.append((flow.id, flow.dispatch_token, delay))
 
@@ -477,8 +482,8 @@ class Engine:
 
     def _cancel_tree(self, flow: Row, effects: Effects, now: dt.datetime, reason: str) -> None:
         running = store.running_result(flow.id, flow.position)
-        if running is not None and running.worker_pid:
-            effects.signal_pids.append(running.worker_pid)
+        if running is not None and running.worker_pid and running.node_id == self.node_id:
+            effects.signal_pids.append(running.worker_pid)  # a pid means something on its own node only
         # _end cancels the children too.
         parent_id, flow.parent_id = flow.parent_id, None  # a cascade must not resume the parent
         self._end(flow, FlowState.CANCELLED, effects, now, error=reason)
@@ -562,7 +567,8 @@ class Engine:
         elif flow.deadline and now >= flow.deadline:
             self._end(flow, FlowState.FAILED, effects, now, error=self._flow_timeout_text(flow))
         else:
-            changes: dict[str, Any] = {"worker_pid": pid, "next_attempt_at": None, "updated_at": now}
+            changes: dict[str, Any] = {"worker_pid": pid, "node_id": self.node_id, "next_attempt_at": None,
+                                       "updated_at": now}
             fresh = flow.started_at is None  # set with its first attempt, in the same transaction
             if flow.state == FlowState.INIT.value:
                 info = self.definitions.routines.get(flow.routine)
@@ -591,7 +597,8 @@ class Engine:
     def _start_step(self, flow: Row, step_input: dict[str, Any], results: list[Any], pid: int,
                     now: dt.datetime, attempt: int | None = None) -> ClaimedStep:
         task_name = flow.steps[flow.position]
-        result_id, attempt = store.insert_result(flow.id, flow.position, task_name, step_input, pid, now, attempt)
+        result_id, attempt = store.insert_result(flow.id, flow.position, task_name, step_input, pid, now, attempt,
+                                                 self.node_id)
         task = self.definitions.tasks.get(task_name)
         return ClaimedStep(
             flow_id=flow.id, flow_uid=flow.uid, routine=flow.routine, token=flow.dispatch_token,
@@ -600,12 +607,11 @@ class Engine:
             timeout=task.timeout if task else None, args=list(step_input.get("args", [])),
             kwargs=dict(step_input.get("kwargs", {})), results=results, deadline=flow.deadline, flow=flow)
 
-    @staticmethod
-    def _held(step: ClaimedStep, pid: int) -> tuple[Row | None, Row | None]:
+    def _held(self, step: ClaimedStep, pid: int) -> tuple[Row | None, Row | None]:
         """The flow and attempt, if this worker still holds them (not cancelled/taken over)."""
         flow, result = store.flow_and_result(step.flow_id, step.task_result_id)
         if (flow is None or flow.state != FlowState.RUNNING.value or flow.worker_pid != pid
-                or flow.dispatch_token != step.token):
+                or flow.node_id != self.node_id or flow.dispatch_token != step.token):
             return None, None
         if result is None or result.state != StepState.RUNNING.value:
             return None, None
@@ -638,7 +644,7 @@ class Engine:
             for step, output in finished:
                 flow = step.flow
                 if flow is None or not store.finish_held_result(step.task_result_id, output, now, step.started_at,
-                                                                step.flow_id, pid, step.token):
+                                                                step.flow_id, pid, step.token, self.node_id):
                     continue  # cancelled or taken over meanwhile: its new owner decides
                 started = self._next_step(flow, output, effects, now, pid=pid if hold else None,
                                           results=[*step.results, output])
@@ -723,7 +729,7 @@ class Engine:
         """Which of these steps' flows this worker still holds (after a cancel signal)."""
         if not steps:
             return set()
-        held = store.held_tokens([s.flow_id for s in steps], pid)
+        held = store.held_tokens([s.flow_id for s in steps], pid, self.node_id)
         return {s.flow_id for s in steps if held.get(s.flow_id) == s.token}
 
     def fail_step(self, step: ClaimedStep, error: str, pid: int | None, *, interrupted: bool = False,
@@ -745,7 +751,7 @@ class Engine:
             flow, result = store.flow_and_result(flow_id, task_result_id)
             if (flow is None or result is None or result.state != StepState.RUNNING.value
                     or flow.state not in (FlowState.RUNNING.value, FlowState.WAITING.value)
-                    or (pid is not None and flow.worker_pid != pid)):
+                    or (pid is not None and (flow.worker_pid != pid or flow.node_id != self.node_id))):
                 return False
             self._record_failure(flow, result, error, effects, now, interrupted=interrupted)
         self._apply(effects)
@@ -788,21 +794,21 @@ class Engine:
 
     # ------------------------------------------------------------------ start-up and lost messages
     def recover(self, now: dt.datetime | None = None) -> int:
-        """At daemon start, with no worker running: fail every attempt that was running
-        (interrupted, no retry used) and queue every admitted flow again. Returns how
-        many flows were queued."""
+        """At daemon start, with no worker of this node running: fail every attempt this
+        node was running (interrupted, no retry used) and queue again every admitted flow
+        no other node holds. Returns how many flows were queued."""
         effects = Effects()
         now = now or utcnow()
         self.definitions.refresh()
         with write_transaction():
-            running = store.running_admitted()
+            running = store.running_admitted(self.node_id)
             for flow in running:
                 result = store.running_result(flow.id, flow.position)
                 if result is not None:
                     self._record_failure(flow, result, "interrupted: flowd stopped while this step ran", effects,
                                          now, interrupted=True)
             queued = {flow_id for flow_id, _, _ in effects.enqueue}
-            for flow in store.admitted_not_ended():
+            for flow in store.admitted_not_ended(self.node_id):
                 if flow.id in queued:
                     continue
                 delay = None
@@ -813,6 +819,29 @@ class Engine:
                 self._admit_pending(name, effects, now)
         self._apply(effects)
         return len(effects.enqueue)
+
+    def take_over(self, node_id: str, now: dt.datetime | None = None) -> list[int]:
+        """Take the RUNNING flows of a node whose lease has expired (SPEC 10): each
+        interrupted attempt is recorded (no retry used) and the flow queued again at its
+        step, for any live node. Its token changes, so the old node commits nothing more
+        of it. Returns the flows taken."""
+        effects = Effects()
+        now = now or utcnow()
+        self.definitions.refresh()
+        error = f"interrupted: node {node_id} stopped renewing its lease; taken over by node {self.node_id}"
+        with write_transaction():
+            flows = nodes.flows_of_expired_node(node_id)
+            for flow in flows:
+                result = store.running_result(flow.id, flow.position)
+                if result is not None:
+                    self._record_failure(flow, result, error, effects, now, interrupted=True)
+                else:
+                    delay = None
+                    if flow.next_attempt_at and flow.next_attempt_at > now:
+                        delay = (flow.next_attempt_at - now).total_seconds()
+                    self._admit(flow, effects, now, delay=delay)
+        self._apply(effects)
+        return [flow.id for flow in flows]
 
     def requeue(self, flow_id: int, token: int, now: dt.datetime | None = None) -> bool:
         """Queue again a flow whose queue message was lost (token unchanged since)."""

@@ -137,13 +137,15 @@ class Discovery:
             queued = 0
             for topic, payload in wanted.items():
                 if resend or before.get(topic) != payload:
-                    outbox.add_message(topic, payload, retain=True)
+                    outbox.add_message(topic, payload, retain=True, node_id=self.config.flowd.node_id)
                     queued += 1
             for topic in sorted(set(before) - set(wanted)):
-                outbox.add_message(topic, "", retain=True)  # Home Assistant removes the entity
+                # Home Assistant removes the entity
+                outbox.add_message(topic, "", retain=True, node_id=self.config.flowd.node_id)
                 if topic.startswith(f"{self.config.homeassistant.prefix}/sensor/"):
                     state_topic = json.loads(before[topic])["state_topic"]
-                    outbox.add_message(state_topic, "", retain=True)  # and its last state is forgotten
+                    # and its last state is forgotten
+                    outbox.add_message(state_topic, "", retain=True, node_id=self.config.flowd.node_id)
                 queued += 1
             if wanted != before:
                 set_meta(self._meta_key, json.dumps(wanted, sort_keys=True))

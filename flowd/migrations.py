@@ -84,12 +84,26 @@ def _v5_drop_write_heavy_indexes(db: peewee.Database, migrator: SchemaMigrator) 
         db.execute_sql(f'DROP INDEX IF EXISTS "{name}"')  # type: ignore[no-untyped-call]
 
 
+def _v6_nodes(db: peewee.Database, migrator: SchemaMigrator) -> None:
+    """v6: several nodes on one database (SPEC 10): who holds a flow and ran an attempt,
+    and each node's lease."""
+    from playhouse.migrate import migrate
+
+    migrate(
+        migrator.add_column("flow", "node_id", models.Flow.node_id),
+        migrator.add_column("task_result", "node_id", models.TaskResult.node_id),
+        migrator.add_column("outbox", "node_id", models.Outbox.node_id),
+    )
+    db.create_tables([models.NodeLease], safe=True)
+
+
 # Step N takes a database at version N-1 to version N.
 STEPS: dict[int, Callable[[peewee.Database, SchemaMigrator], None]] = {
     2: _v2_waits_and_subflows,
     3: _v3_drop_redundant_index,
     4: _v4_routine_status,
     5: _v5_drop_write_heavy_indexes,
+    6: _v6_nodes,
 }
 LATEST = max(STEPS)
 

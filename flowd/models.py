@@ -39,6 +39,7 @@ from flowd.errors import StoreUnavailable
 
 database = DatabaseProxy()
 BUSY_TIMEOUT_S = 15
+IDLE_IN_TRANSACTION_S = 5  # PostgreSQL ends a transaction left idle this long (a frozen process)
 
 
 class FlowState(StrEnum):
@@ -196,6 +197,9 @@ class Flow(BaseModel):
     wait_topic = CharField(null=True)
     wait_match = JSONField(null=True)
     wait_until = DateTimeField(null=True)
+    # Added in schema v6 (several nodes, SPEC 10): the node whose worker holds the flow,
+    # or that must recover it (set with worker_pid when claimed, cleared when queued).
+    node_id = CharField(null=True)
 
     class Meta:
         indexes = ((("routine", "state"), False),)
@@ -220,6 +224,7 @@ class TaskResult(BaseModel):
     worker_pid = IntegerField(null=True)
     started_at = DateTimeField(default=utcnow)
     finished_at = DateTimeField(null=True)
+    node_id = CharField(null=True)  # schema v6: which node ran this attempt
 
     class Meta:
         indexes = ((("flow", "position", "attempt"), True),)
@@ -235,6 +240,7 @@ class Outbox(BaseModel):
     retain = BooleanField(default=False)
     correlation_data = TextField(null=True)
     created_at = DateTimeField(default=utcnow)
+    node_id = CharField(null=True)  # schema v6: the node that publishes it (another once its lease expired)
 
 
 class NodeStatus(BaseModel):
@@ -249,6 +255,18 @@ class NodeStatus(BaseModel):
     stopped_at = DateTimeField(null=True)
 
 
+class NodeLease(BaseModel):
+    """A node's claim to be alive on a shared database (SPEC 10), renewed every third of
+    ``[flowd] lease``; once ``expires_at`` has passed, the live nodes take over its flows.
+    Times are the database server's clock, so the nodes' own clocks may differ."""
+
+    node_id = CharField(primary_key=True)
+    renewed_at = DateTimeField()
+    expires_at = DateTimeField()
+    client_id = CharField(null=True)  # its MQTT client id: whose broker session to end
+    taken_by = CharField(null=True)   # the live node that ended its session after the lease expired
+
+
 class Meta(BaseModel):
     """Small key/value facts: schema version, definitions version, counters."""
 
@@ -256,7 +274,7 @@ class Meta(BaseModel):
     value = TextField()
 
 
-ALL_MODELS: list[type[Model]] = [Task, Routine, RoutineStep, Flow, TaskResult, Outbox, NodeStatus, Meta]
+ALL_MODELS: list[type[Model]] = [Task, Routine, RoutineStep, Flow, TaskResult, Outbox, NodeStatus, NodeLease, Meta]
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -307,6 +325,11 @@ def init_database(section: DatabaseSection, *, create: bool = True,
             db = connect(section.url)
         except (peewee.ImproperlyConfigured, ImportError, RuntimeError) as exc:
             raise StoreUnavailable(f"the database {redact_url(section.url)} cannot be used: {_one_line(exc)}") from exc
+        if isinstance(db, peewee.PostgresqlDatabase):
+            # A process frozen inside a transaction (SIGSTOP, a stalled VM) would hold its
+            # row locks, and with them another node's takeover, for as long as it sleeps.
+            timeout = f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_S * 1000}"
+            db.connect_params["options"] = " ".join(filter(None, [db.connect_params.get("options"), timeout]))
     _durability.configure(path, section.synchronous)
     _writer_lock.configure(path)
     database.initialize(db)
@@ -355,8 +378,15 @@ def write_transaction(sync: bool = True) -> Iterator[None]:
         if sync:
             make_durable()
     else:
-        with db.atomic():
-            yield
+        try:
+            with db.atomic():
+                yield
+        except (peewee.OperationalError, peewee.InterfaceError):
+            if not db.in_transaction() and not db.is_connection_usable():
+                # The server ended the session (a restart, or this process was frozen past
+                # IDLE_IN_TRANSACTION_S): forget it, so the next statement connects anew.
+                db._state.reset()
+            raise
         write_transactions += 1
 
 

@@ -16,6 +16,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +42,8 @@ RECONNECT_MIN_S = 1
 RECONNECT_MAX_S = 30
 RECEIVE_MAXIMUM = intake.MAX_BATCH * 2
 PAHO_INFLIGHT = outbox.MAX_IN_FLIGHT  # paho never queues behind its window, so it never reorders
+SESSION_QUIET_S = 0.5   # a dead node's session is drained once nothing came for this long
+SESSION_LIMIT_S = 30.0
 
 
 # ---------------------------------------------------------------------- connection problems
@@ -176,7 +179,8 @@ class MqttBridge:
         if not self.is_connected():
             return
         with write_transaction(sync=False):
-            outbox.add_message(self.status_topic, self._status_payload("online"), retain=True)
+            outbox.add_message(self.status_topic, self._status_payload("online"), retain=True,
+                               node_id=self.config.flowd.node_id)
         self.publisher.poke()
 
     def start(self) -> None:
@@ -226,7 +230,8 @@ class MqttBridge:
     def publish_offline(self) -> None:
         """Queue the retained ``offline`` status (a clean disconnect sends no Last Will)."""
         with write_transaction(sync=False):
-            outbox.add_message(self.status_topic, self._status_payload("offline"), retain=True)
+            outbox.add_message(self.status_topic, self._status_payload("offline"), retain=True,
+                               node_id=self.config.flowd.node_id)
         self.publisher.poke()
 
     def stop(self, drain: float = 3.0) -> bool:
@@ -287,7 +292,8 @@ class MqttBridge:
             self.refresh_wait_topics()
             self._since = isoformat(utcnow())
             with write_transaction(sync=False):
-                outbox.add_message(self.status_topic, self._status_payload("online"), retain=True)
+                outbox.add_message(self.status_topic, self._status_payload("online"), retain=True,
+                                   node_id=self.config.flowd.node_id)
             self.publisher.poke()
             if self.on_connected is not None:
                 self.on_connected()
@@ -372,6 +378,59 @@ class MqttBridge:
     def is_submit(self, topic: str) -> bool:
         return topic in self.submit_topics
 
+    def end_session_of(self, node_id: str, client_id: str) -> None:
+        """Take what the broker keeps for a node whose lease expired, and end its session.
+
+        mosquitto (2.0) keeps handing a persistent session its turn of a shared
+        subscription while the client is away, and holds what it had not acknowledged:
+        without this, those submits would wait for the dead node to come back. Resuming
+        the session with a Session Expiry of 0 delivers them here (stored, then
+        acknowledged, like ours), and the session ends when this connection closes, so
+        the broker sends the group's next submits to the nodes still connected.
+        """
+        if client_id == self.config.mqtt.client_id or self.config.mqtt.protocol != "5":
+            return
+        threading.Thread(target=self._drain_session, args=(node_id, client_id), name="flowd-mqtt-takeover",
+                         daemon=True).start()
+
+    def _drain_session(self, node_id: str, client_id: str) -> None:
+        m = self.config.mqtt
+        client = new_client(self.config, client_id, v5=True, persistent=True)  # no will, none of our callbacks
+        topics = {self.config.topic("flow/submit"), self.config.topic(f"flowd/{node_id}/submit")}
+
+        def ack(message: Received) -> None:
+            client.ack(message.mid, message.qos)
+
+        drain = Intake(_SessionHandler(self, topics), ack=ack)
+        arrived = {"at": time.monotonic(), "count": 0}
+
+        def on_message(c: Any, userdata: Any, message: mqtt.MQTTMessage) -> None:
+            arrived["at"], arrived["count"] = time.monotonic(), arrived["count"] + 1
+            drain.put(Received(message.topic, bytes(message.payload), message.properties, message.mid, message.qos,
+                               bool(message.retain), 0))
+
+        client.on_message = on_message
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = 0
+        drain.start()
+        try:
+            client.connect(m.host, m.port, m.keepalive, clean_start=False, properties=properties)
+        except OSError as exc:
+            log.warning("MQTT: cannot reach the broker to end node %s's session: %s", node_id, exc)
+            drain.stop()
+            return
+        client.loop_start()
+        deadline = time.monotonic() + SESSION_LIMIT_S
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            if time.monotonic() - arrived["at"] > SESSION_QUIET_S and drain.acknowledged >= arrived["count"]:
+                break
+        client.disconnect()
+        client.loop_stop()
+        drain.stop()
+        log.warning("node %s: its lease expired; node %s ended its MQTT session '%s' and took the %d message(s) "
+                    "the broker kept for it", node_id, self.config.flowd.node_id, client_id, drain.acknowledged)
+
     def handle_submits(self, messages: list[Received]) -> None:
         """Start a flow for each submit, or refuse it with one message on ``flow/error``;
         the flows share one transaction (the intake syncs once, then acknowledges).
@@ -416,7 +475,8 @@ class MqttBridge:
             answers.sort(key=lambda answer: answer[0])
             with write_transaction(sync=False):
                 for _, topic, payload, correlation_hex in answers:
-                    outbox.add_message(topic, payload, correlation_data=correlation_hex)
+                    outbox.add_message(topic, payload, correlation_data=correlation_hex,
+                                       node_id=self.config.flowd.node_id)
             self.publisher.poke()
 
     def _refusal(self, topic: str, error: str, request_id: str | None, reply_to: str | None,
@@ -474,3 +534,19 @@ class MqttBridge:
             return None  # paho dropped it; send again once connected
         return int(info.mid)
 
+
+class _SessionHandler:
+    """The intake's handler for a dead node's session: its submit topics count as submits."""
+
+    def __init__(self, bridge: MqttBridge, submit_topics: set[str]):
+        self.bridge = bridge
+        self.submit_topics = submit_topics
+
+    def is_submit(self, topic: str) -> bool:
+        return topic in self.submit_topics
+
+    def handle_submits(self, messages: list[Received]) -> None:
+        self.bridge.handle_submits(messages)
+
+    def handle_event(self, topic: str, payload: bytes, retained: bool = False) -> None:
+        self.bridge.handle_event(topic, payload, retained)

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from flowd import integrity, store
 from flowd.config import Config
 from flowd.errors import InputError
+from flowd.lease import is_shared_database
 from flowd.models import dumps, get_meta, make_durable, set_meta, utcnow, write_transaction
 from flowd.payloads import has_surrogate, shown
 from flowd.status import HOLD_S, SOCKET_NAME, STATUS_INFLIGHT, Status, StatusInbox
@@ -44,8 +45,9 @@ IDLE_WAIT_S = 5.0         # longest idle sleep: new rows, (re)connects and stop 
 
 
 def add_message(topic: str, payload: Any, *, qos: int = 1, retain: bool = False,
-                correlation_data: str | None = None) -> None:
+                correlation_data: str | None = None, node_id: str | None = None) -> None:
     """Queue a message; call inside the caller's transaction, then :func:`notify` after commit.
+    ``node_id``: the node whose publisher sends it (several nodes on one database).
 
     Raises InputError for text UTF-8 cannot carry (a lone surrogate): it could be
     neither stored nor sent, and would block the outbox behind it."""
@@ -53,7 +55,7 @@ def add_message(topic: str, payload: Any, *, qos: int = 1, retain: bool = False,
     if has_surrogate(text) or has_surrogate(topic):
         raise InputError(f"cannot queue a message for {shown(topic)}: its topic or payload holds a lone surrogate "
                          "(\\ud800-\\udfff), which is not UTF-8 text")
-    store.insert_message(topic, text, qos, retain, correlation_data, utcnow())
+    store.insert_message(topic, text, qos, retain, correlation_data, utcnow(), node_id)
 
 
 def notify(state_dir: str | Path) -> None:
@@ -105,6 +107,9 @@ class OutboxPublisher:
         self._lock = threading.Lock()
         self._handed: set[int] = set()               # touched only by the publisher thread
         self._cursor = 0                             # every row with id <= cursor was handed over
+        # Several nodes on one database: this node's rows, and those of a node whose lease
+        # expired and whose session it took (store.nodes.published_by). None: every row.
+        self._publish_for = config.flowd.node_id if is_shared_database(config) else None
         self._inflight: dict[int, tuple[int, int]] = {}   # mid -> (row id, qos)
         self._early_acks: dict[int, bool] = {}       # PUBACKs that beat publish()'s return
         self._acked: list[int] = []                  # row ids to delete
@@ -189,7 +194,7 @@ class OutboxPublisher:
                 return False
         if self.statuses.has_pending():
             return False
-        return not store.has_messages()
+        return not store.has_messages(self._publish_for)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -253,7 +258,7 @@ class OutboxPublisher:
                 return True  # hand the taken-back rows over first
             statuses = self.statuses.take(STATUS_INFLIGHT - len(self._status_inflight))
             window_full = len(self._handed) >= MAX_HANDED
-            rows = [] if window_full else store.messages_after(self._cursor, READ_BATCH)
+            rows = [] if window_full else store.messages_after(self._cursor, READ_BATCH, self._publish_for)
             if not rows and not statuses:
                 return window_full
             # Durable before visible (SPEC 4.5): one fsync covers every row read and every
@@ -405,7 +410,9 @@ class OutboxPublisher:
     def _sweep_gaps(self) -> None:
         """Rows below the cursor never handed over (a backend that commits ids out of
         order, e.g. PostgreSQL sequences): move the cursor back so they are sent."""
-        below = [row_id for row_id in store.message_ids_up_to(self._cursor) if row_id not in self._handed]
+        # A node whose lease expired meanwhile: its rows below the cursor come now.
+        below = [row_id for row_id in store.message_ids_up_to(self._cursor, self._publish_for)
+                 if row_id not in self._handed]
         if below:
             self._cursor = min(below) - 1
 

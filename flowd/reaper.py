@@ -4,6 +4,8 @@
 - steps past their hard timeout whose worker did not stop them: the worker process is
   killed (the daemon starts another) and the attempt fails as timed out;
 - attempts whose worker died (killed, crashed): recorded as interrupted and re-queued;
+  only this node's: a process id means nothing on another machine;
+- flows of other nodes whose lease has expired (several nodes, SPEC 10): taken over;
 - flows whose queue message was lost (a crash between commit and enqueue);
 - pruning of ended flows past ``retention``, once an hour.
 """
@@ -15,12 +17,14 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 
 from flowd import api, queue, store
 from flowd.config import Config
 from flowd.engine import Engine
-from flowd.models import utcnow
-from flowd.store import Row
+from flowd.lease import is_shared_database
+from flowd.models import utcnow, write_transaction
+from flowd.store import Row, nodes
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +56,15 @@ class Reaper:
         self.engine = engine
         self._next_orphan_check = time.monotonic() + ORPHAN_CHECK_EVERY_S
         self._next_prune = time.monotonic() + 60.0
+        self.shared = is_shared_database(config)
+        # Called with (node id, MQTT client id) of a node whose lease expired, once across
+        # the nodes: the daemon's bridge ends that node's broker session.
+        self.on_session_taken: Callable[[str, str], None] | None = None
 
     def run_once(self, now: dt.datetime | None = None) -> None:
         now = now or utcnow()
+        if self.shared:
+            self.take_over_expired(now)
         self.engine.expire(now)
         self.stop_overdue_steps(now)
         if time.monotonic() >= self._next_orphan_check:
@@ -70,7 +80,7 @@ class Reaper:
     def stop_overdue_steps(self, now: dt.datetime) -> int:
         """Kill workers stuck past their step's timeout; fail attempts of dead workers."""
         touched = 0
-        for attempt in store.running_attempts():
+        for attempt in store.running_attempts(self.engine.node_id):
             pid = attempt.worker_pid or 0
             limit = self._time_limit(attempt)
             if not is_process_alive(pid):
@@ -101,9 +111,31 @@ class Reaper:
             limits.append(max((attempt.deadline - attempt.started_at).total_seconds(), 0.0))
         return min(limits) if limits else None
 
-    def requeue_lost(self, now: dt.datetime) -> int:
-        """Queue again admitted flows that nobody holds and no queue message names."""
-        candidates = store.unheld_flows(now - dt.timedelta(seconds=LOST_MESSAGE_AGE_S))
+    def take_over_expired(self, now: dt.datetime) -> int:
+        """Take over the flows of every other node whose lease has expired; returns how many."""
+        taken = 0
+        for node_id in nodes.expired_nodes(self.config.flowd.node_id):
+            flow_ids = self.engine.take_over(node_id, now)
+            if flow_ids:
+                shown = ", ".join(str(i) for i in flow_ids[:20]) + (" ..." if len(flow_ids) > 20 else "")
+                log.warning("node %s: its lease expired; node %s took over its %d running flow(s): %s", node_id,
+                            self.config.flowd.node_id, len(flow_ids), shown)
+                taken += len(flow_ids)
+            if self.on_session_taken is not None:
+                with write_transaction():
+                    client_id = nodes.claim_session(node_id, self.config.flowd.node_id)
+                if client_id is not None:
+                    self.on_session_taken(node_id, client_id)
+        if taken:
+            # Messages the dead node's workers had taken from the queue but not claimed yet
+            # are gone with it: do not wait LOST_MESSAGE_AGE_S for them.
+            self.requeue_lost(now, age=self.config.flowd.lease)
+        return taken
+
+    def requeue_lost(self, now: dt.datetime, age: float = LOST_MESSAGE_AGE_S) -> int:
+        """Queue again admitted flows that nobody holds and no queue message names
+        (unchanged for ``age`` seconds: a message is sent just after its commit)."""
+        candidates = store.unheld_flows(now - dt.timedelta(seconds=age))
         if not candidates:
             return 0
         queued = queue.queued_flow_ids()

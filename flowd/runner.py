@@ -245,7 +245,7 @@ def _publisher(rt: WorkerRuntime) -> Any:
     def publish(topic: str, payload: Any, qos: int = 1, retain: bool = False) -> None:
         text = check_publish(topic, payload, qos)
         with write_transaction(sync=False):  # the publisher syncs before it sends
-            outbox.add_message(topic, text, qos=qos, retain=retain)
+            outbox.add_message(topic, text, qos=qos, retain=retain, node_id=rt.config.flowd.node_id)
         outbox.notify(rt.config.state_dir)
 
     return publish

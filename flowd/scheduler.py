@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import peewee
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.interval import IntervalTrigger
@@ -40,11 +41,13 @@ from flowd import catalog, cron
 from flowd.config import Config
 from flowd.engine import Engine
 from flowd.errors import InputError
+from flowd.lease import is_shared_database
 from flowd.models import Routine, definitions_version
 
 log = logging.getLogger(__name__)
 
 UTC = dt.UTC
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=UTC)
 _TICK = dt.timedelta(microseconds=1)
 _MAX_SKIPS = 10_000
 
@@ -214,6 +217,7 @@ class Scheduler:
         self._jobs: dict[str, JobPlan] = {}
         self._seen_version: int | None = None
         self._lock = threading.Lock()
+        self.shared = is_shared_database(config)
 
     def now(self) -> dt.datetime:
         return to_utc(self._now())
@@ -263,7 +267,13 @@ class Scheduler:
         anchor = None
         if isinstance(schedule, cron.IntervalSchedule):
             # Keep the cadence over restarts: slots continue from the last run.
-            anchor = (last or now.replace(microsecond=0)) + dt.timedelta(seconds=schedule.seconds)
+            start = last or now.replace(microsecond=0)
+            if last is None and self.shared:
+                # Nodes started at different times must agree on the slots (each runs once,
+                # SPEC 10): whole multiples of the interval since the epoch.
+                start = _EPOCH + dt.timedelta(seconds=(now - _EPOCH).total_seconds() // schedule.seconds
+                                              * schedule.seconds)
+            anchor = start + dt.timedelta(seconds=schedule.seconds)
         inner = cron.build_trigger(expr, tz, start_date=anchor)
         trigger = SlotTrigger(inner, tz, fixed_time=schedule.is_fixed_time, last_slot=last,
                               jitter=routine.jitter, seed=f"{self.config.flowd.node_id}/{routine.name}")
@@ -365,6 +375,11 @@ class Scheduler:
         except InputError as exc:
             log.warning("schedule: routine %s slot %s not started: %s", routine, stamp, exc,
                         extra={"ROUTINE": routine})
+        except peewee.IntegrityError:
+            # Several nodes: another one stored this slot's flow in the same instant (the
+            # request_id is unique), so the slot has run once.
+            log.info("schedule: routine %s slot %s was started by another node", routine, stamp,
+                     extra={"ROUTINE": routine})
         catalog.mark_scheduled_run(routine, to_db(slot))
         if trigger is not None:
             trigger.mark_run(slot)

@@ -119,6 +119,7 @@ class Service:
         self.scheduler: Any = None
         self.reaper: Any = None
         self.discovery: Any = None
+        self.lease: Any = None
         from flowd.models import utcnow
 
         self.started_at = utcnow()
@@ -161,6 +162,10 @@ class Service:
             integrity.check_at_start(self.config)
             integrity.replace_damaged_queue(self.config)
             self.engine = api.configure(self.config, create=True)
+            from flowd.lease import LeaseKeeper
+
+            self.lease = LeaseKeeper(self.config)
+            self.lease.renew()  # before recovery: the other nodes leave this node's flows to it
             recovered = recovery.recover(self.config, self.engine)
             # Built (not started) before the fork: a bad TLS file stops us here, cleanly.
             self.bridge = MqttBridge(self.config, self.engine)
@@ -213,6 +218,8 @@ class Service:
         from flowd.reaper import Reaper
 
         self.reaper = Reaper(self.config, self.engine)
+        self.reaper.on_session_taken = self.bridge.end_session_of
+        self.lease.start()
         self.bridge.start()
         if importlib.util.find_spec("flowd.scheduler") is not None:
             from flowd.scheduler_gate import SchedulerGate
@@ -245,6 +252,8 @@ class Service:
             drained = self._guard("disconnecting from the broker", lambda: self.bridge.stop(drain=STOP_DRAIN_S))
             if not drained:
                 log.warning("MQTT: stopped with messages still in the outbox; they are sent at the next start")
+        if self.lease is not None:
+            self._guard("ending the lease", lambda: self.lease.stop(release=True))
         if self.engine is not None:
             self._guard("recording the stop", self._write_stopped)
         signal.set_wakeup_fd(-1)

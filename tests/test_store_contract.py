@@ -91,11 +91,12 @@ def test_the_reapers_candidates(engine: Any) -> None:
     fresh = engine.submit("other", now=NOW + dt.timedelta(minutes=5))[0].id
     deadline = NOW + dt.timedelta(seconds=30)
     with write_transaction():
-        Flow.update(state="RUNNING", worker_pid=4242, deadline=deadline).where(Flow.id == held).execute()
+        Flow.update(state="RUNNING", worker_pid=4242, node_id=engine.node_id, deadline=deadline
+                    ).where(Flow.id == held).execute()
         Flow.update(next_attempt_at=NOW + dt.timedelta(minutes=2)).where(Flow.id == retrying).execute()
         attempt, _ = store.insert_result(held, 0, "add", None, 4242, NOW)
         store.insert_result(lost, 0, "add", None, None, NOW)  # no worker: not the reaper's to kill
-    [running] = store.running_attempts()
+    [running] = store.running_attempts(engine.node_id)
     assert (running.id, running.flow_id, running.position, running.task, running.worker_pid) == (
         attempt, held, 0, "add", 4242)
     assert (running.routine, running.deadline, running.timeout, running.started_at) == ("pair", deadline, 7.0, NOW)

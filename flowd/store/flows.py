@@ -11,20 +11,34 @@ import datetime as dt
 from collections.abc import Iterable
 from typing import Any
 
-from flowd.models import ACTIVE_STATES, FlowState, StepState
+from flowd.models import ACTIVE_STATES, FlowState, StepState, database
 from flowd.store.rows import FLOW_COLUMNS, RESULT_COLUMNS, Row, decode, encode, execute, is_sqlite, rows, sql_bool
 
 _FLOW_SELECT = "SELECT " + ", ".join(f'"{c}"' for c in FLOW_COLUMNS) + " FROM flow"
 _RESULT_SELECT = "SELECT " + ", ".join(f'"{c}"' for c in RESULT_COLUMNS) + " FROM task_result"
 
 
+def _locking(of: str = "") -> str:
+    """`` FOR UPDATE`` for a flow read inside a write transaction on PostgreSQL.
+
+    Several processes (and nodes) write the same rows there at once, each transaction
+    reading a row and then writing what it decided. Locking the rows it reads makes
+    that read-then-write as exclusive as on SQLite, whose writers take turns: a worker's
+    late commit waits for a takeover (or the other way round) and then sees its result.
+    Rows are read in id order, so two transactions lock them in the same order.
+    """
+    if is_sqlite() or not database.obj.in_transaction():
+        return ""
+    return f" FOR UPDATE{of}"
+
+
 def get_flow(flow_id: int) -> Row | None:
-    found = rows(execute(_FLOW_SELECT + " WHERE id = ?", (flow_id,)), FLOW_COLUMNS)
+    found = rows(execute(_FLOW_SELECT + " WHERE id = ?" + _locking(), (flow_id,)), FLOW_COLUMNS)
     return found[0] if found else None
 
 
 def select_flows(where: str, params: Iterable[Any] = (), suffix: str = "ORDER BY id") -> list[Row]:
-    return rows(execute(f"{_FLOW_SELECT} WHERE {where} {suffix}", params), FLOW_COLUMNS)
+    return rows(execute(f"{_FLOW_SELECT} WHERE {where} {suffix}{_locking()}", params), FLOW_COLUMNS)
 
 
 _HELD_SELECT = ("SELECT " + ", ".join(f'f."{c}"' for c in FLOW_COLUMNS)
@@ -33,7 +47,7 @@ _HELD_SELECT = ("SELECT " + ", ".join(f'f."{c}"' for c in FLOW_COLUMNS)
 
 def flow_and_result(flow_id: int, result_id: int) -> tuple[Row | None, Row | None]:
     """A flow and one of its attempts (id, state, task, attempt) in one query."""
-    raw = execute(_HELD_SELECT, (result_id, flow_id)).fetchone()
+    raw = execute(_HELD_SELECT + _locking(" OF f"), (result_id, flow_id)).fetchone()
     if raw is None:
         return None, None
     flow = Row({name: decode(name, value) for name, value in zip(FLOW_COLUMNS, raw, strict=False)})
@@ -83,7 +97,8 @@ def running_result(flow_id: int, position: int) -> Row | None:
 
 
 def insert_result(flow_id: int, position: int, task: str, step_input: Any, worker_pid: int | None,
-                  started_at: dt.datetime, attempt: int | None = None) -> tuple[int, int]:
+                  started_at: dt.datetime, attempt: int | None = None, node_id: str | None = None
+                  ) -> tuple[int, int]:
     """Start the next attempt of a step (``attempt`` when the caller knows it is the
     first); returns (task_result id, attempt number)."""
     if attempt is None:
@@ -91,9 +106,9 @@ def insert_result(flow_id: int, position: int, task: str, step_input: Any, worke
                       (flow_id, position)).fetchone()
         attempt = int(row[0])
     values = [flow_id, position, task, attempt, StepState.RUNNING.value, encode("input", step_input), worker_pid,
-              encode("started_at", started_at)]
-    sql = ('INSERT INTO task_result (flow_id, position, task, attempt, state, input, worker_pid, started_at) '
-           'VALUES (?, ?, ?, ?, ?, ?, ?, ?)')
+              encode("started_at", started_at), node_id]
+    sql = ('INSERT INTO task_result (flow_id, position, task, attempt, state, input, worker_pid, started_at, node_id) '
+           'VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)')
     if not is_sqlite():
         return int(execute(sql + " RETURNING id", values).fetchone()[0]), attempt
     return int(execute(sql, values).lastrowid), attempt
@@ -164,17 +179,22 @@ def flows_by_id(flow_ids: list[int]) -> dict[int, Row]:
 
 _FINISH_HELD = ("UPDATE task_result SET state = ?, output = ?, finished_at = ?, started_at = COALESCE(?, started_at) "
                 "WHERE id = ? AND state = ? AND EXISTS (SELECT 1 FROM flow WHERE id = ? AND state = ? "
-                "AND worker_pid = ? AND dispatch_token = ?)")
+                "AND worker_pid = ? AND node_id {same} ? AND dispatch_token = ?")
+_FINISH_HELD_SQLITE = _FINISH_HELD.format(same="IS") + ")"  # IS: NULL (one node, no id) matches NULL
+_FINISH_HELD_POSTGRES = _FINISH_HELD.format(same="=") + " FOR UPDATE)"
 
 
 def finish_held_result(result_id: int, output: Any, now: dt.datetime, started_at: dt.datetime | None,
-                       flow_id: int, worker_pid: int, token: int) -> bool:
-    """Record a finished attempt if its worker still holds the flow (same worker, same
-    dispatch token, flow RUNNING, attempt RUNNING): the check and the write in one
-    statement. False: the flow was cancelled or taken over, and nothing was written."""
-    cursor = execute(_FINISH_HELD, (StepState.DONE.value, encode("output", output), encode("finished_at", now),
-                                    encode("started_at", started_at), result_id, StepState.RUNNING.value, flow_id,
-                                    FlowState.RUNNING.value, worker_pid, token))
+                       flow_id: int, worker_pid: int, token: int, node_id: str | None) -> bool:
+    """Record a finished attempt if its worker still holds the flow (same node, same
+    worker, same dispatch token, flow RUNNING, attempt RUNNING): the check and the write
+    in one statement. False: the flow was cancelled or taken over (the token is the
+    fence: a node frozen past its lease commits nothing), and nothing was written."""
+    # On PostgreSQL the flow row is locked (see _locking): a takeover under way is waited for.
+    cursor = execute(_FINISH_HELD_SQLITE if is_sqlite() else _FINISH_HELD_POSTGRES,
+                     (StepState.DONE.value, encode("output", output), encode("finished_at", now),
+                      encode("started_at", started_at), result_id, StepState.RUNNING.value, flow_id,
+                      FlowState.RUNNING.value, worker_pid, node_id, token))
     return int(cursor.rowcount) == 1
 
 
@@ -184,15 +204,18 @@ def active_children(parent_id: int) -> list[Row]:
     return select_flows(f"parent_id = ? AND state IN ({placeholders})", (parent_id, *ACTIVE_STATES))
 
 
-def running_admitted() -> list[Row]:
-    """Flows a worker was running (or about to) when the daemon stopped."""
-    return select_flows("state = ? AND admitted = ?", (FlowState.RUNNING.value, sql_bool(True)))
+def running_admitted(node_id: str | None) -> list[Row]:
+    """Flows a worker of this node was running (or about to) when its daemon stopped
+    (no node: held before schema v6)."""
+    return select_flows("state = ? AND admitted = ? AND (node_id = ? OR node_id IS NULL)",
+                        (FlowState.RUNNING.value, sql_bool(True), node_id))
 
 
-def admitted_not_ended() -> list[Row]:
-    """Flows admitted and not finished (INIT or RUNNING): each needs a queue message."""
-    return select_flows("admitted = ? AND state IN (?, ?)", (sql_bool(True), FlowState.INIT.value,
-                                                             FlowState.RUNNING.value))
+def admitted_not_ended(node_id: str | None) -> list[Row]:
+    """Flows admitted and not finished (INIT or RUNNING), except those another node's
+    worker holds: each needs a queue message."""
+    return select_flows("admitted = ? AND state IN (?, ?) AND (worker_pid IS NULL OR node_id IS NULL OR node_id = ?)",
+                        (sql_bool(True), FlowState.INIT.value, FlowState.RUNNING.value, node_id))
 
 
 def pending_routines() -> set[str]:
@@ -251,11 +274,12 @@ def restamp_running(result_ids: list[int], now: dt.datetime) -> None:
                 (stamp, result_id, StepState.RUNNING.value))
 
 
-def held_tokens(flow_ids: list[int], worker_pid: int) -> dict[int, int]:
-    """flow id -> dispatch token of those of ``flow_ids`` RUNNING and held by ``worker_pid``."""
+def held_tokens(flow_ids: list[int], worker_pid: int, node_id: str | None) -> dict[int, int]:
+    """flow id -> dispatch token of those of ``flow_ids`` RUNNING and held by ``worker_pid`` of ``node_id``."""
     if not flow_ids:
         return {}
     marks = ", ".join("?" * len(flow_ids))
-    rows = execute(f"SELECT id, dispatch_token FROM flow WHERE id IN ({marks}) AND state = ? AND worker_pid = ?",
-                   (*flow_ids, FlowState.RUNNING.value, worker_pid)).fetchall()
+    same = "IS" if is_sqlite() else "="
+    rows = execute(f"SELECT id, dispatch_token FROM flow WHERE id IN ({marks}) AND state = ? AND worker_pid = ? "
+                   f"AND node_id {same} ?", (*flow_ids, FlowState.RUNNING.value, worker_pid, node_id)).fetchall()
     return {int(flow_id): int(token) for flow_id, token in rows}

@@ -12,7 +12,7 @@ from typing import Any
 
 from flowd.models import FlowState, StepState
 from flowd.store.flows import select_flows
-from flowd.store.rows import RESULT_COLUMNS, Row, decode, encode_time, execute, rows, sql_bool
+from flowd.store.rows import RESULT_COLUMNS, Row, decode, encode_time, execute, is_sqlite, rows, sql_bool
 
 _RESULT_SELECT = "SELECT " + ", ".join(f'"{c}"' for c in RESULT_COLUMNS) + " FROM task_result"
 
@@ -73,14 +73,16 @@ def count_failed_since(since: dt.datetime) -> int:
 _ATTEMPT_COLUMNS = ("id", "flow_id", "position", "task", "worker_pid", "started_at", "routine", "deadline", "timeout")
 
 
-def running_attempts() -> list[Row]:
-    """Attempts that a live worker should be running: the attempt (id, flow_id, position,
-    task, worker_pid, started_at), its flow's routine and deadline, its task's timeout."""
+def running_attempts(node_id: str | None) -> list[Row]:
+    """Attempts that a live worker of this node should be running (a pid means nothing on
+    another node; None: the one node of SQLite): the attempt (id, flow_id, position, task,
+    worker_pid, started_at), its flow's routine and deadline, its task's timeout."""
+    same = "IS" if is_sqlite() else "="
     cursor = execute("SELECT r.id, r.flow_id, r.position, r.task, r.worker_pid, r.started_at, f.routine, f.deadline, "
                      "t.timeout FROM task_result r JOIN flow f ON f.id = r.flow_id "
                      "LEFT JOIN task t ON t.name = r.task "
-                     "WHERE r.state = ? AND f.state = ? AND r.worker_pid IS NOT NULL ORDER BY r.id",
-                     (StepState.RUNNING.value, FlowState.RUNNING.value))
+                     f"WHERE r.state = ? AND f.state = ? AND r.worker_pid IS NOT NULL AND f.node_id {same} ? "
+                     "ORDER BY r.id", (StepState.RUNNING.value, FlowState.RUNNING.value, node_id))
     return [Row({name: decode(name, value) for name, value in zip(_ATTEMPT_COLUMNS, raw, strict=True)})
             for raw in cursor.fetchall()]
 

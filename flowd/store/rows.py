@@ -20,12 +20,13 @@ FLOW_COLUMNS = (
     "id", "uid", "routine", "steps", "state", "position", "args", "kwargs", "request_id", "trigger", "reply_to",
     "correlation_data", "admitted", "dispatch_token", "worker_pid", "step_attempt", "interruptions",
     "next_attempt_at", "deadline", "result", "error", "created_at", "started_at", "finished_at", "updated_at",
-    "parent_id", "depth", "wait_topic", "wait_match", "wait_until",
+    "parent_id", "depth", "wait_topic", "wait_match", "wait_until", "node_id",
 )
 RESULT_COLUMNS = ("id", "flow_id", "position", "task", "attempt", "state", "input", "output", "error", "worker_pid",
-                  "started_at", "finished_at")
+                  "started_at", "finished_at", "node_id")
 _JSON = {"steps", "args", "kwargs", "result", "wait_match", "input", "output"}
-_TIMES = {"next_attempt_at", "deadline", "created_at", "started_at", "finished_at", "updated_at", "wait_until"}
+_TIMES = {"next_attempt_at", "deadline", "created_at", "started_at", "finished_at", "updated_at", "wait_until",
+          "renewed_at", "expires_at"}
 _BOOLS = {"admitted"}
 
 

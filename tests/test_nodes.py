@@ -1,0 +1,345 @@
+"""Several nodes on one PostgreSQL, one Redis queue and one broker (SPEC 10).
+
+Real daemons (``flowd run``) share a database created for the test on the machine's
+PostgreSQL and a queue name of their own on its Redis; submits come over MQTT through
+the shared subscription. Every execution of a step is logged by the task script itself
+(node, flow, step, start, end), so what ran where is checked independently of what the
+database recorded.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import peewee
+import psycopg2
+import pytest
+import redis
+from conftest import Broker, FlowdProcess, MqttClient, flowd_env, wait_for, write_config
+
+PG_ADMIN = "dbname=postgres user=postgres host=127.0.0.1 port=5432"
+REDIS_URL = "redis://127.0.0.1:6379/14"
+LEASE_S = 2.0
+FLOWS = int(os.environ.get("FLOWD_TEST_NODES_FLOWS", "240"))
+DOWN_S = float(os.environ.get("FLOWD_TEST_NODES_DOWN_S", "12"))
+
+
+class Cluster:
+    """Daemons of one test: one config (and state folder) per node, one database, one queue."""
+
+    def __init__(self, tmp_path: Path, broker: Broker, task_dir: Path, flowd_proc: Callable[..., FlowdProcess]):
+        self.tmp_path = tmp_path
+        self.broker = broker
+        self.task_dir = task_dir
+        self.start_proc = flowd_proc
+        self.dbname = f"flowd_nodes_{uuid.uuid4().hex[:10]}"
+        self.queue = f"flowd-nodes-{uuid.uuid4().hex[:8]}"
+        self.url = f"postgresql://postgres@127.0.0.1:5432/{self.dbname}"
+        self.log = tmp_path / "executions.jsonl"
+        self.procs: dict[str, FlowdProcess] = {}
+        admin = psycopg2.connect(PG_ADMIN)
+        admin.autocommit = True
+        admin.cursor().execute(f'CREATE DATABASE "{self.dbname}"')
+        admin.close()
+
+    def config_path(self, node: str) -> Path:
+        state = self.tmp_path / f"state-{node}"
+        state.mkdir(mode=0o700, exist_ok=True)
+        return write_config(self.tmp_path / f"flowd-{node}.toml", {
+            "flowd": {"node_id": node, "state_dir": str(state), "task_paths": [str(self.task_dir)], "workers": 2,
+                      "shutdown_grace": 5, "lease": f"{LEASE_S:g}s"},
+            "mqtt": {"host": "127.0.0.1", "port": self.broker.port, "shared_group": "flowd"},
+            "database": {"url": self.url},
+            "queue": {"backend": "redis", "url": REDIS_URL, "name": self.queue},
+        })
+
+    def start(self, node: str) -> FlowdProcess:
+        proc = self.start_proc(self.config_path(node), env={"FLOWD_TEST_NODE": node})
+        self.procs[node] = proc
+        return proc
+
+    def sql(self, text: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        conn = psycopg2.connect(self.url)
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute(text, params)
+                return list(cursor.fetchall())
+        finally:
+            conn.close()
+
+    def define(self, sleep: float, schedule: str | None = None) -> None:
+        """The three-step routine, stored once through flowd's own API (as flowctl apply would)."""
+        from flowd import api, catalog
+        from flowd.config import load_config
+
+        api.configure(load_config(self.config_path("setup")))
+        try:
+            paths = [str(self.task_dir)]
+            catalog.save_task("logged", "nodes.Logged", task_paths=paths, options={"log": str(self.log),
+                                                                                  "sleep": sleep})
+            catalog.save_routine("three", ["logged", "logged", "logged"], max=100_000)
+            if schedule:
+                catalog.save_task("tick", "nodes.Logged", task_paths=paths, options={"log": str(self.log)})
+                catalog.save_routine("tick", ["tick"], schedule=schedule)
+        finally:
+            api.reset()
+
+    def executions(self) -> list[dict[str, Any]]:
+        if not self.log.exists():
+            return []
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
+
+    def states(self) -> dict[str, int]:
+        return dict(self.sql("SELECT state, COUNT(*) FROM flow GROUP BY state"))
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.proc is not None:
+                try:
+                    os.killpg(proc.proc.pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+                proc.kill9()
+        client = redis.Redis.from_url(REDIS_URL)
+        for key in client.scan_iter(f"*{self.queue}*"):
+            client.delete(key)
+        admin = psycopg2.connect(PG_ADMIN)
+        admin.autocommit = True
+        admin.cursor().execute(f'DROP DATABASE "{self.dbname}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, broker: Broker, task_dir: Path,
+            flowd_proc: Callable[..., FlowdProcess]) -> Iterator[Cluster]:
+    made = Cluster(tmp_path, broker, task_dir, flowd_proc)
+    yield made
+    made.close()
+
+
+def wait_ready(cluster: Cluster, *nodes: str) -> None:
+    for node in nodes:
+        wait_for(lambda n=node: "ready: node" in cluster.procs[n].log_text(), 30, message=f"node {node} ready")
+
+
+def overlapping_runs(executions: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Pairs of executions of the same step whose times overlap (on any nodes)."""
+    by_step: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
+    for run in executions:
+        by_step[(run["flow"], run["position"])].append(run)
+    pairs = []
+    for runs in by_step.values():
+        runs.sort(key=lambda r: r["start"])
+        for earlier, later in itertools.pairwise(runs):
+            if later["start"] < earlier["end"]:
+                pairs.append((earlier, later))
+    return pairs
+
+
+def test_harness_finds_overlaps_and_reruns() -> None:
+    """The checks below can fail: two overlapping runs of one step are found, apart ones are not."""
+    a = {"node": "a", "flow": 1, "position": 0, "start": 1.0, "end": 2.0}
+    assert overlapping_runs([a, {**a, "node": "b", "start": 1.5, "end": 3.0}])
+    assert not overlapping_runs([a, {**a, "node": "b", "start": 2.5, "end": 3.0}])
+    assert not overlapping_runs([a, {**a, "position": 1, "start": 1.5}])
+
+
+def test_a_killed_node_s_flows_are_taken_over_and_it_recovers_only_its_own(
+        cluster: Cluster, mqtt_client: Callable[..., MqttClient]) -> None:
+    cluster.define(sleep=0.02, schedule="@every 2s")
+    for node in "abc":
+        cluster.start(node)
+        time.sleep(1.0)  # nodes that start at different times must still agree on the slots
+    wait_ready(cluster, "a", "b", "c")
+    publisher = mqtt_client()
+    publisher.subscribe("flow/+/result")
+    submitted_at: dict[str, float] = {}
+
+    def submit(first: int, last: int) -> None:
+        for i in range(first, last):
+            submitted_at[f"r-{i}"] = time.time()
+            publisher.publish("flow/submit", {"routine": "three", "request_id": f"r-{i}", "kwargs": {"i": i}})
+
+    third = FLOWS // 3
+    submit(0, 2 * third)
+    wait_for(lambda: len(cluster.executions()) >= FLOWS, 30 + FLOWS / 20, interval=0.05,
+             message="a third of the steps")
+    killed_at = time.time()
+    cluster.procs["b"].kill9()
+    submit(2 * third, FLOWS)  # while b is down: these must not wait for it
+
+    def all_done() -> bool:
+        return cluster.sql("SELECT COUNT(*) FROM flow WHERE routine = 'three' AND state = 'DONE'") == [(FLOWS,)]
+    try:
+        wait_for(all_done, 30 + FLOWS / 20, interval=0.2, message=f"{FLOWS} flows DONE without node b")
+    except AssertionError as exc:
+        left = cluster.sql("SELECT id, state, node_id, worker_pid, position FROM flow WHERE state <> 'DONE' LIMIT 5")
+        raise AssertionError(f"{exc}: {cluster.states()}, {cluster.sql('SELECT COUNT(*) FROM flow')}, {left}") from None
+    done_without_b = time.time()
+    status = subprocess.run([sys.executable, "-m", "flowd.cli", "--config", str(cluster.config_path("a")), "--json",
+                             "status"], capture_output=True, text=True, env=flowd_env(), timeout=30)
+    assert status.returncode == 0, status.stderr
+    shown = {n["node_id"]: n for n in json.loads(status.stdout)["nodes"]}
+    assert {node: n["running"] for node, n in shown.items()} == {"a": True, "b": False, "c": True}
+    assert shown["b"]["last_seen"] and shown["b"]["running_steps"] == 0
+    assert done_without_b < killed_at + DOWN_S, "the live nodes had not finished b's flows when it came back"
+    time.sleep(max(0.0, killed_at + DOWN_S - time.time()))
+    cluster.start("b")
+    wait_ready(cluster, "b")
+    time.sleep(LEASE_S)
+
+    # Every flow stored once, DONE, none lost.
+    assert cluster.sql("SELECT state, COUNT(*) FROM flow WHERE routine = 'three' GROUP BY state") == [("DONE", FLOWS)]
+    assert cluster.sql("SELECT COUNT(DISTINCT request_id) FROM flow WHERE routine = 'three'") == [(FLOWS,)]
+    # b's running flows were taken over by a live node, logged with both node ids, as
+    # new attempts that used no retry.
+    taken = cluster.sql("SELECT flow_id, position, error FROM task_result WHERE error LIKE %s",
+                        ("interrupted: node b stopped renewing its lease%",))
+    assert taken, "b held no running step when it was killed"
+    takeover_logs = cluster.procs["a"].log_text() + cluster.procs["c"].log_text()
+    assert "node b: its lease expired; node " in takeover_logs
+    assert cluster.sql("SELECT COUNT(*) FROM flow WHERE step_attempt <> 0") == [(0,)]
+    # b, back, recovered nothing of the others (it had nothing left: they finished it).
+    assert "0 flow(s) recovered" in cluster.procs["b"].log_text()
+    assert cluster.sql("SELECT COUNT(*) FROM task_result WHERE error LIKE %s",
+                       ("interrupted: flowd stopped%",)) == [(0,)]
+    runs = cluster.executions()
+    # No step ran on two nodes at once, and a step whose result was committed never ran again.
+    assert overlapping_runs(runs) == []
+    finished = {(f, p): t.timestamp() for f, p, t in cluster.sql(
+        "SELECT flow_id, position, finished_at AT TIME ZONE 'UTC' FROM task_result WHERE state = 'DONE'")}
+    again = [r for r in runs if r["start"] > finished[(r["flow"], r["position"])] + 0.05]
+    assert again == []
+    # Each step ran more than once only where b was killed under it.
+    counts: dict[tuple[int, int], int] = defaultdict(int)
+    for run in runs:
+        counts[(run["flow"], run["position"])] += 1
+    reran = {step for step, n in counts.items() if n > 1}
+    interrupted = {(f, p) for f, p, _ in taken}
+    assert reran <= interrupted
+    assert sorted(set(r["node"] for r in runs)) == ["a", "b", "c"]
+    # No submit waited for the dead node: those sent while b was down were all run by a and c.
+    late = {f"r-{i}" for i in range(2 * third, FLOWS)}
+    late_ids = {fid for fid, rid in cluster.sql("SELECT id, request_id FROM flow") if rid in late}
+    assert {r["node"] for r in runs if r["flow"] in late_ids} <= {"a", "c"}
+    # Each node publishes its own outbox (and a's or c's took b's rows once its lease expired):
+    # every result arrived, and about once, not once per node.
+    wait_for(lambda: {r["flow_id"] for r in publisher.json_on("flow/+/result")} >= {f for f, _, _ in taken}, 20,
+             message="the results of b's flows")
+    results: dict[int, int] = defaultdict(int)
+    for result in publisher.json_on("flow/+/result"):
+        results[result["flow_id"]] += 1
+    three_ids = {fid for (fid,) in cluster.sql("SELECT id FROM flow WHERE routine = 'three'")}
+    assert three_ids <= set(results)
+    assert max(results.values()) <= 2 and sum(results.values()) < 1.1 * len(results), sorted(results.values())[-5:]
+    # Each slot of the @every 2s schedule ran once across the nodes, b down or not.
+    slots = sorted(dt.datetime.strptime(rid, "schedule:tick:%Y-%m-%dT%H:%M:%SZ")
+                   for (rid,) in cluster.sql("SELECT request_id FROM flow WHERE routine = 'tick'"))
+    assert len(slots) >= 8
+    assert {(b - a).total_seconds() for a, b in itertools.pairwise(slots)} == {2.0}
+    tick_ids = {fid for (fid,) in cluster.sql("SELECT id FROM flow WHERE routine = 'tick' AND state = 'DONE'")}
+    tick_runs: dict[int, int] = defaultdict(int)
+    for run in runs:
+        if run["flow"] in tick_ids:
+            tick_runs[run["flow"]] += 1
+    assert {fid for fid, n in tick_runs.items() if n > 1} <= {f for f, _ in interrupted}
+    assert tick_ids <= set(tick_runs)
+    # ... and the broker's share for b's session waited at most for b's lease to expire.
+    stored = {rid: t.timestamp() for rid, t in cluster.sql(
+        "SELECT request_id, created_at AT TIME ZONE 'UTC' FROM flow")}
+    waits = [stored[rid] - submitted_at[rid] for rid in late]
+    assert max(waits) < LEASE_S + 3, sorted(waits)[-5:]
+    print(f"\nnodes: {FLOWS} flows DONE, b killed after {len([r for r in runs if r['start'] < killed_at])} "
+          f"executions, {len(taken)} of its running steps taken over, all DONE {done_without_b - killed_at:.1f}s "
+          f"after the kill (b back after {DOWN_S:g}s); {len(runs)} executions, {len(reran)} steps ran twice "
+          f"(all interrupted by the kill), 0 overlaps; {len(slots)} schedule slots, each once; "
+          f"slowest submit while b was down stored after {max(waits):.2f}s")
+
+
+def test_a_frozen_node_is_taken_over_and_commits_nothing_after_waking(cluster: Cluster) -> None:
+    cluster.define(sleep=1.5)
+    for node in "ab":
+        cluster.start(node)
+    wait_ready(cluster, "a", "b")
+    from flowd import api
+    from flowd.config import load_config
+
+    api.configure(load_config(cluster.config_path("setup")))
+    try:
+        flow_ids = [api.submit_flow("three", request_id=f"s-{i}").id for i in range(8)]
+    finally:
+        api.reset()
+    wait_for(lambda: cluster.sql("SELECT COUNT(*) FROM task_result WHERE node_id = 'b' AND state = 'RUNNING'")
+             [0][0] >= 1, 30, message="node b running a step")
+    time.sleep(0.3)
+    b = cluster.procs["b"]
+    assert b.proc is not None
+    os.killpg(b.proc.pid, signal.SIGSTOP)
+    frozen_at = time.time()
+    wait_for(lambda: "node b: its lease expired; node a took over" in cluster.procs["a"].log_text(),
+             LEASE_S + 10, message="node a taking over b's flows")
+    time.sleep(1.0)
+    os.killpg(b.proc.pid, signal.SIGCONT)
+    woke_at = time.time()
+    wait_for(lambda: cluster.states().get("DONE", 0) == len(flow_ids), 60, interval=0.2,
+             message="every flow DONE after b woke")
+    time.sleep(LEASE_S)  # what b does after waking has had time to try its commits
+    # The steps b was running when it froze: each ran again on a, and b's own late
+    # result of it was refused (no DONE attempt of b finished after it woke).
+    runs = cluster.executions()
+    frozen_runs = [r for r in runs if r["node"] == "b" and r["start"] < frozen_at < r["end"]]
+    assert frozen_runs, "b was not running a step when frozen"
+    # Its attempt of each (the same attempt number) stays FAILED as taken over, and the
+    # step's result is a later attempt, claimed afresh (by a, or by b once awake).
+    for run in frozen_runs:
+        attempts = cluster.sql("SELECT attempt, node_id, state, error FROM task_result WHERE flow_id = %s "
+                               "AND position = %s ORDER BY attempt", (run["flow"], run["position"]))
+        assert attempts[run["attempt"] - 1][:3] == (run["attempt"], "b", "FAILED"), attempts
+        assert "taken over by node a" in attempts[run["attempt"] - 1][3]
+        assert [a[0] for a in attempts if a[2] == "DONE"] == [attempts[-1][0]]
+        assert attempts[-1][0] > run["attempt"]
+    assert woke_at > frozen_at + LEASE_S
+    assert cluster.states() == {"DONE": len(flow_ids)}
+
+
+def test_a_session_the_server_ended_is_replaced_at_the_next_transaction(config_file: Callable[..., Path]) -> None:
+    """A node frozen inside a transaction loses its session after IDLE_IN_TRANSACTION_S
+    (so its locks hold no takeover back); awake, it connects again instead of failing forever."""
+    from flowd import api
+    from flowd.config import load_config
+    from flowd.models import Meta, write_transaction
+
+    dbname = f"flowd_nodes_{uuid.uuid4().hex[:10]}"
+    admin = psycopg2.connect(PG_ADMIN)
+    admin.autocommit = True
+    admin.cursor().execute(f'CREATE DATABASE "{dbname}"')
+    try:
+        api.configure(load_config(config_file(database={"url": f"postgresql://postgres@127.0.0.1:5432/{dbname}"})))
+        from flowd.models import database
+
+        options = database.obj.connect_params["options"]
+        assert "idle_in_transaction_session_timeout=5000" in options
+        with pytest.raises((peewee.OperationalError, peewee.InterfaceError)), write_transaction():
+            Meta.insert(key="x", value="1").execute()
+            admin.cursor().execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                   "WHERE datname = %s AND pid <> pg_backend_pid()", (dbname,))
+            Meta.insert(key="y", value="2").execute()
+        with write_transaction():
+            Meta.insert(key="z", value="3").execute()
+        assert sorted(m.key for m in Meta.select() if m.key in "xyz") == ["z"]
+    finally:
+        api.reset()
+        admin.cursor().execute(f'DROP DATABASE "{dbname}" WITH (FORCE)')
+        admin.close()
