@@ -111,7 +111,8 @@ class ConsoleApp:
         self.throttle = LoginThrottle()
         self.metrics = Metrics()
         self._templates: dict[str, bottle.SimpleTemplate] = {}
-        self.wsgi = bottle.Bottle(catchall=True, autojson=False)
+        self.wsgi = bottle.Bottle(catchall=True)
+        self.wsgi.config["json.enable"] = False
         self._routes()
 
     # ------------------------------------------------------------------ plumbing

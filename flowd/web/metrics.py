@@ -16,6 +16,7 @@ import threading
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 from flowd import api
+from flowd.models import ENDED_STATES
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Steps on a device range from a few milliseconds (a reading) to minutes (a download).
@@ -47,6 +48,7 @@ class Metrics:
         self._open_flows: set[int] = set()
         self._attempt_cursor: int | None = None
         self._open_attempts: set[int] = set()
+        self._ended_last: dict[int, str | None] = {}
         self._count_changes()  # the baseline: what exists now is not counted
 
     def render(self) -> bytes:
@@ -61,25 +63,32 @@ class Metrics:
             return generate_latest(self.registry)
 
     def _count_changes(self) -> None:
-        baseline = self._flow_cursor is None
-        rows, newest = api.flow_changes(self._flow_cursor, self._open_flows)
-        still_open: set[int] = set()
-        for flow_id, routine, state in rows:
-            if not baseline and self._flow_cursor is not None and flow_id > self._flow_cursor:
-                self.started.labels(routine).inc()
-            if state in ("DONE", "FAILED", "CANCELLED"):
-                if not baseline:
-                    self.ended.labels(routine, state).inc()
-            else:
-                still_open.add(flow_id)
-        self._open_flows, self._flow_cursor = still_open, newest
-
+        # Attempts first: a flow with new attempts may have been retried after it ended,
+        # so it is looked at again even though it was not open at the previous scrape.
         baseline = self._attempt_cursor is None
         attempts, newest = api.attempt_changes(self._attempt_cursor, self._open_attempts)
         running: set[int] = set()
-        for attempt_id, routine, task, took in attempts:
+        touched: set[int] = set()
+        for attempt_id, flow_id, routine, task, took in attempts:
+            touched.add(flow_id)
             if took is None:
                 running.add(attempt_id)
             elif not baseline:
                 self.step_duration.labels(routine, task).observe(took)
         self._open_attempts, self._attempt_cursor = running, newest
+
+        baseline = self._flow_cursor is None
+        rows, newest = api.flow_changes(self._flow_cursor, self._open_flows | touched)
+        still_open: set[int] = set()
+        ended: dict[int, str | None] = {}
+        for flow_id, routine, state, finished_at in rows:
+            if self._flow_cursor is not None and flow_id > self._flow_cursor:
+                self.started.labels(routine).inc()
+            if state not in ENDED_STATES:
+                still_open.add(flow_id)
+                continue
+            ended[flow_id] = finished_at
+            # The same end seen twice (it ended just before the previous scrape) counts once.
+            if not baseline and self._ended_last.get(flow_id, "") != finished_at:
+                self.ended.labels(routine, state).inc()
+        self._open_flows, self._flow_cursor, self._ended_last = still_open, newest, ended
