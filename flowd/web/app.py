@@ -60,8 +60,9 @@ def took(start: str | None, end: str | None) -> str:
 
 
 def pretty(value: Any) -> str:
-    """A JSON value indented for a <pre>."""
-    return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=False)
+    """A JSON value for a <pre>: on one line when short, else indented."""
+    line = json.dumps(value, ensure_ascii=False)
+    return line if len(line) <= 64 else json.dumps(value, indent=2, ensure_ascii=False)
 
 
 HELPERS: dict[str, Any] = {"when": when, "took": took, "pretty": pretty, "human_size": human_size,
