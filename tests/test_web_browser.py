@@ -33,6 +33,7 @@ def test_run_a_routine_and_watch_it_finish_live(tmp_path: Path, broker: Any, con
     daemon = start_console_daemon(tmp_path, broker, config_file, flowd_proc)
     browser.get(daemon.url + "/")
     assert "Overview" in browser.title
+    assert browser.find_element(By.TAG_NAME, "html").get_attribute("data-js") == "on"  # console.js ran
     wait_browser(lambda: browser.find_element(By.ID, "broker").text == "connected", message="broker connected")
     browser.find_element(By.LINK_TEXT, "Routines").click()
     browser.find_element(By.ID, "input-slow").send_keys('{"args": [7], "kwargs": {"reading": 312}}')

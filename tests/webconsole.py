@@ -48,6 +48,20 @@ tasks = ["quick", "needs-marker"]
 
 [routines.leaky]
 tasks = ["pass-on", "quick"]
+
+[tasks.spawn-door]
+script = "w.Spawn"
+options = {{ child = "door" }}
+
+[tasks.await-door]
+script = "w.Await"
+options = {{ topic = "sensors/door", match = {{ open = true }}, wait_timeout = 120 }}
+
+[routines.door]
+tasks = ["await-door", "quick"]
+
+[routines.watch-door]
+tasks = ["spawn-door", "quick"]
 """
 SECRET = "opt-secret-7f3a9c"
 
@@ -158,8 +172,7 @@ def start_console_daemon(tmp_path: Path, broker: Any, config_file: Callable[...,
     return daemon
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
+def make_driver(javascript: bool = True) -> Any:
     """Debian's chromium, headless, driven by selenium through Debian's chromedriver."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -170,8 +183,17 @@ def browser() -> Iterator[Any]:
                 "--window-size=1280,900", "--no-first-run", "--disable-extensions",
                 "--disable-background-networking", "--disable-component-update"):
         options.add_argument(arg)
+    if not javascript:
+        options.add_argument("--blink-settings=scriptEnabled=false")
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(30)
+    return driver
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """One headless chromium for a test module."""
+    driver = make_driver()
     yield driver
     driver.quit()
 

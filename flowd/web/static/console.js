@@ -2,6 +2,7 @@
 // without this script; it then reloads itself every two seconds instead).
 "use strict";
 (function () {
+  document.documentElement.setAttribute("data-js", "on");
   var box = document.getElementById("flow");
   if (!box || !box.dataset.live) { return; }
   var ACTIVE = { INIT: true, RUNNING: true, WAITING: true };
