@@ -180,3 +180,23 @@ def test_run_input_is_checked(text: str, error: str) -> None:
         parse_run_input(text)
     assert parse_run_input(' {"args": [1], "kwargs": {"a": "b"}} ') == ([1], {"a": "b"})
     assert parse_run_input("") == ([], {})
+
+
+def test_sessions_throttle_and_password_hash() -> None:
+    from flowd.web.auth import LoginThrottle, PasswordHash, Sessions
+
+    hashed = PasswordHash(PASSWORD)
+    assert hashed.matches(PASSWORD) and not hashed.matches(PASSWORD + " ") and not hashed.matches("")
+    assert PASSWORD.encode() not in repr(vars(hashed)).encode()
+    throttle = LoginThrottle(first_s=1, max_s=8)
+    assert throttle.wait_left(now=0) == 0
+    assert [throttle.failed(now=0) for _ in range(5)] == [1, 2, 4, 8, 8]
+    assert throttle.wait_left(now=3) == 5
+    throttle.succeeded()
+    assert throttle.wait_left(now=3) == 0
+    sessions = Sessions(idle_s=10, cap=3)
+    user = sessions.new(authenticated=True)
+    for _ in range(5):  # anonymous visitors never push out a logged-in session
+        sessions.new(authenticated=False)
+    assert sessions.get(user.id) is user and user.has_token(user.csrf) and not user.has_token(None)
+    assert sessions.get(user.id, now=user.last_seen + 11) is None  # idle too long

@@ -39,6 +39,7 @@ PAGE_SIZE = 50
 LAST_FAILED = 8
 INPUT_MAX = 64 * 1024
 OPEN_PATHS = ("/static/", "/login")
+NO_SESSION_PATHS = ("/static/", "/metrics", "/healthz")  # scrapers keep no cookie: no session each time
 SECURITY_HEADERS = {
     # Nothing from elsewhere, no inline script: a value shown on a page can never run.
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -180,7 +181,7 @@ class ConsoleApp:
             raise bottle.HTTPResponse("This console answers only to loopback names (127.0.0.1, localhost, [::1]).\n",
                                       status=403, headers={"Content-Type": "text/plain; charset=utf-8"})
         session = self.sessions.get(request.get_cookie(COOKIE))
-        if session is None and not request.path.startswith("/static/"):
+        if session is None and not request.path.startswith(NO_SESSION_PATHS):
             session = self.sessions.new(authenticated=self.password is None)
             bottle.response.set_cookie(COOKIE, session.id, path="/", httponly=True, samesite="strict")
         request.environ["flowd.session"] = session
@@ -335,8 +336,9 @@ class ConsoleApp:
             return self.login_page(error=f"too many failed logins: try again in {math.ceil(wait)} s")
         if not self.password.matches(bottle.request.forms.getunicode("password", default="") or ""):
             wait = self.throttle.failed()
+            # REMOTE_ADDR is the socket's peer; bottle's remote_addr would believe X-Forwarded-For.
             log.warning("web console: a failed login from %s; the next try waits %.0f s",
-                        bottle.request.remote_addr, wait)
+                        bottle.request.environ.get("REMOTE_ADDR"), wait)
             bottle.response.status = 401
             return self.login_page(error="wrong password")
         self.throttle.succeeded()

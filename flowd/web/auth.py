@@ -99,7 +99,8 @@ class Sessions:
         with self._lock:
             self._by_id[session.id] = session
             if len(self._by_id) > self._cap:
-                oldest = min(self._by_id.values(), key=lambda s: s.last_seen)
+                # Anonymous sessions go first: visitors who never logged in cannot push out one who did.
+                oldest = min(self._by_id.values(), key=lambda s: (s.authenticated, s.last_seen))
                 del self._by_id[oldest.id]
         return session
 

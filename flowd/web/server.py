@@ -22,6 +22,7 @@ from flowd.web.auth import PasswordHash
 log = logging.getLogger(__name__)
 
 THREADS = 2
+MAX_BODY = 1024 * 1024  # a form with a run's JSON input; waitress would take 1 GiB
 
 
 class Console:
@@ -49,7 +50,8 @@ class Console:
         try:
             self._server = create_server(self.app.wsgi, map=self._map, host=host, port=port, threads=THREADS,
                                          ident="flowd", clear_untrusted_proxy_headers=True,
-                                         channel_timeout=30, expose_tracebacks=False)
+                                         channel_timeout=30, expose_tracebacks=False,
+                                         max_request_body_size=MAX_BODY, max_request_header_size=64 * 1024)
         except OSError as exc:
             raise ConfigError(f"the console cannot listen on {self.config.web.listen}: {exc.strerror}",
                               key="web.listen", path=self.config.path) from None
