@@ -12,6 +12,7 @@ at each scrape.
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
@@ -49,6 +50,7 @@ class Metrics:
         self._attempt_cursor: int | None = None
         self._open_attempts: set[int] = set()
         self._ended_last: dict[int, str | None] = {}
+        self._children: dict[tuple[str, ...], Any] = {}
         self._count_changes()  # the baseline: what exists now is not counted
 
     def render(self) -> bytes:
@@ -62,6 +64,14 @@ class Metrics:
             self.database.set(overview["database_bytes"] or 0)
             return generate_latest(self.registry)
 
+    def _child(self, family: Any, *labels: str) -> Any:
+        """``family.labels(*labels)``, kept: a busy minute brings thousands of observations."""
+        key = (str(id(family)), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(*labels)
+        return child
+
     def _count_changes(self) -> None:
         # Attempts first: a flow with new attempts may have been retried after it ended,
         # so it is looked at again even though it was not open at the previous scrape.
@@ -70,11 +80,12 @@ class Metrics:
         running: set[int] = set()
         touched: set[int] = set()
         for attempt_id, flow_id, routine, task, took in attempts:
-            touched.add(flow_id)
+            if self._flow_cursor is not None and flow_id <= self._flow_cursor:
+                touched.add(flow_id)  # newer flows are read anyway
             if took is None:
                 running.add(attempt_id)
             elif not baseline:
-                self.step_duration.labels(routine, task).observe(took)
+                self._child(self.step_duration, routine, task).observe(took)
         self._open_attempts, self._attempt_cursor = running, newest
 
         baseline = self._flow_cursor is None
@@ -83,12 +94,12 @@ class Metrics:
         ended: dict[int, str | None] = {}
         for flow_id, routine, state, finished_at in rows:
             if self._flow_cursor is not None and flow_id > self._flow_cursor:
-                self.started.labels(routine).inc()
+                self._child(self.started, routine).inc()
             if state not in ENDED_STATES:
                 still_open.add(flow_id)
                 continue
             ended[flow_id] = finished_at
             # The same end seen twice (it ended just before the previous scrape) counts once.
             if not baseline and self._ended_last.get(flow_id, "") != finished_at:
-                self.ended.labels(routine, state).inc()
+                self._child(self.ended, routine, state).inc()
         self._open_flows, self._flow_cursor, self._ended_last = still_open, newest, ended
