@@ -63,3 +63,31 @@ def test_with_javascript_off_pages_read_and_a_running_flow_reloads_itself(
         assert len(driver.find_elements(By.CSS_SELECTOR, "table.flows tbody tr")) == 1
     finally:
         driver.quit()
+
+
+def test_console_stops_with_the_daemon_and_a_busy_port_leaves_flows_running(
+        tmp_path: Path, broker: Any, config_file: Any, flowd_proc: Any) -> None:
+    # SIGTERM: flowd exits 0 and the console's port is closed. Started again with its port
+    # held by someone else: one ERROR line naming [web] listen, and flows still run.
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import ROOT, flowd_env
+
+    daemon = start_console_daemon(tmp_path, broker, config_file, flowd_proc)
+    assert daemon.proc.terminate() == 0
+    assert "flowd stopped" in daemon.proc.log_text()
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", daemon.port)) != 0
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", daemon.port))
+        holder.listen()
+        again = flowd_proc(daemon.config)
+        wait_for(lambda: " ready: " in again.log_text(), timeout=30, message="flowd ready")
+        log = again.log_text()
+        assert "key 'web.listen'" in log and "cannot listen on 127.0.0.1:" in log and "without the console" in log
+        done = subprocess.run([sys.executable, "-m", "flowd.cli", "--config", str(daemon.config), "submit", "leaky",
+                               "--wait", "--timeout", "30"], capture_output=True, text=True, env=flowd_env(),
+                              timeout=60, cwd=str(ROOT))
+        assert done.returncode == 0, done.stderr
