@@ -391,7 +391,7 @@ def _complete(config: Config, env: Mapping[str, str], where: str | None) -> Conf
             raise ConfigError(f"unknown time zone {tz!r}; use an IANA name like 'Europe/Oslo'",
                               key="scheduler.timezone", path=where) from None
     return dataclasses.replace(config, flowd=flowd, mqtt=mqtt, database=database, queue=queue,
-                               web=_check_web(config.web, where))
+                               web=_check_web(config.web, base, where))
 
 
 def is_loopback_host(host: str) -> bool:
@@ -406,15 +406,13 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-def _check_web(web: WebSection, where: str | None) -> WebSection:
+def _check_web(web: WebSection, base: Path, where: str | None) -> WebSection:
     """``listen`` is HOST:PORT; anything but loopback needs ``password_file`` (SPEC 11)."""
     host, colon, port = web.listen.rpartition(":")
     if not colon or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise ConfigError(f"must be HOST:PORT with a port from 1 to 65535, e.g. \"127.0.0.1:8470\"; got {web.listen!r}",
                           key="web.listen", path=where)
-    password_file = web.password_file
-    if password_file:
-        password_file = str(Path(password_file).expanduser().absolute())
+    password_file = _resolve(web.password_file, base) if web.password_file else None
     if web.enabled and not password_file and not is_loopback_host(host.strip("[]")):
         raise ConfigError(f"the console would listen on {web.listen}, which other machines can reach: set "
                           "[web] password_file (a file holding the console's password, readable by flowd's user "

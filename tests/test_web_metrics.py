@@ -111,7 +111,7 @@ def fill_database(config: Any, flows: int) -> None:
     from flowd import api
     from flowd.models import Flow, TaskResult, utcnow, write_transaction
 
-    api.configure(config)
+    api.configure(config, create=True)  # as the daemon's first start would
     now = utcnow()
     with write_transaction():
         for start in range(0, flows, 500):
