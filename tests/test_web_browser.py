@@ -36,7 +36,8 @@ def test_run_a_routine_and_watch_it_finish_live(tmp_path: Path, broker: Any, con
     assert browser.find_element(By.TAG_NAME, "html").get_attribute("data-js") == "on"  # console.js ran
     wait_browser(lambda: browser.find_element(By.ID, "broker").text == "connected", message="broker connected")
     browser.find_element(By.LINK_TEXT, "Routines").click()
-    browser.find_element(By.ID, "input-slow").send_keys('{"args": [7], "kwargs": {"reading": 312}}')
+    wait_browser(lambda: browser.find_element(By.ID, "input-slow"), message="the routines page").send_keys(
+        '{"args": [7], "kwargs": {"reading": 312}}')
     browser.find_element(By.ID, "run-slow").click()
     wait_browser(lambda: "/flows/" in browser.current_url, message="the flow page")
     flow_id = flow_id_of(browser.current_url)
@@ -44,7 +45,7 @@ def test_run_a_routine_and_watch_it_finish_live(tmp_path: Path, broker: Any, con
     wait_browser(lambda: state_on_page(browser) == "RUNNING", message="RUNNING shown")
     wait_browser(lambda: state_on_page(browser) == "DONE", message="DONE shown without a reload")
     assert browser.execute_script("return window.sameDocument") == "yes"
-    result = browser.find_element(By.ID, "result").text
+    result = wait_browser(lambda: browser.find_element(By.ID, "result").text, message="the result")
     assert '"reading": 312' in result and '"slept": 0' in result and "7" in result
     assert browser.find_elements(By.ID, "cancel") == [] and browser.find_elements(By.ID, "retry") == []
     stored = daemon.flow(flow_id)
@@ -57,7 +58,8 @@ def test_run_a_routine_and_watch_it_finish_live(tmp_path: Path, broker: Any, con
     box = browser.find_element(By.ID, "input-slow")
     box.send_keys('{"kwargs": {"reading": }')
     browser.find_element(By.ID, "run-slow").click()
-    error = browser.find_element(By.CSS_SELECTOR, "#routine-slow .notice.error").text
+    error = wait_browser(lambda: browser.find_element(By.CSS_SELECTOR, "#routine-slow .notice.error").text,
+                         message="the error on the routines page")
     assert "the input is not JSON" in error
     assert browser.find_element(By.ID, "input-slow").get_attribute("value") == '{"kwargs": {"reading": }'
     assert [f["id"] for f in daemon.flowctl("flows")] == [flow_id]
@@ -96,9 +98,14 @@ def test_retry_cancel_and_filter(tmp_path: Path, broker: Any, config_file: Any, 
     # Filter: one FAILED (the other fragile flow), one DONE, one CANCELLED.
     browser.get(daemon.url + "/flows")
     assert len(browser.find_elements(By.CSS_SELECTOR, "table.flows tbody tr")) == 3
-    Select(browser.find_element(By.ID, "state-filter")).select_by_value("FAILED")
+    Select(wait_browser(lambda: browser.find_element(By.ID, "state-filter"), message="the filter")
+           ).select_by_value("FAILED")
     browser.find_element(By.ID, "filter").click()
     wait_browser(lambda: "state=FAILED" in browser.current_url, message="the filtered list")
-    rows = browser.find_elements(By.CSS_SELECTOR, "table.flows tbody tr")
-    assert [r.find_element(By.CSS_SELECTOR, ".state").text for r in rows] == ["FAILED"]
+
+    def failed_rows() -> Any:
+        rows = browser.find_elements(By.CSS_SELECTOR, "table.flows tbody tr")
+        return rows if [r.find_element(By.CSS_SELECTOR, ".state").text for r in rows] == ["FAILED"] else None
+
+    rows = wait_browser(failed_rows, message="only the FAILED flow listed")
     assert rows[0].find_element(By.CSS_SELECTOR, "td a").text == str(failed_id - 1)
