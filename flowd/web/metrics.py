@@ -86,7 +86,9 @@ class Metrics:
                 running.add(attempt_id)
             elif not baseline:
                 self._child(self.step_duration, routine, task).observe(took)
-        self._open_attempts, self._attempt_cursor = running, newest
+        # Rows committed between reading the newest id and the query came too: never count them twice.
+        self._open_attempts = running
+        self._attempt_cursor = max([newest, *(a[0] for a in attempts)])
 
         baseline = self._flow_cursor is None
         rows, newest = api.flow_changes(self._flow_cursor, self._open_flows | touched)
@@ -102,4 +104,5 @@ class Metrics:
             # The same end seen twice (it ended just before the previous scrape) counts once.
             if not baseline and self._ended_last.get(flow_id, "") != finished_at:
                 self._child(self.ended, routine, state).inc()
-        self._open_flows, self._flow_cursor, self._ended_last = still_open, newest, ended
+        self._open_flows, self._ended_last = still_open, ended
+        self._flow_cursor = max([newest, *(r[0] for r in rows)])
