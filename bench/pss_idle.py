@@ -8,7 +8,10 @@ the total. With ``--flows N`` it then runs N flows through MQTT, waits ``--settl
 seconds again and prints a second reading (idle after work). Every child is started
 here and stopped by PID.
 
-    .venv/bin/python bench/pss_idle.py [--flows 200] [--settle 5] [--json]
+    .venv/bin/python bench/pss_idle.py [--flows 200] [--settle 5] [--web on|off] [--json]
+
+With ``--web on`` (the default, as in flowd) the console's pages and /metrics are opened
+before each reading, so it counts a console that has served; ``--web off`` turns it off.
 """
 
 from __future__ import annotations
@@ -107,6 +110,19 @@ def run_flows(port: int, count: int, timeout: float) -> None:
         client.disconnect()
 
 
+def open_console(port: int) -> None:
+    """GET every kind of console page once (templates compiled, /metrics counted)."""
+    import http.client
+
+    for path in ("/", "/routines", "/flows", "/flows?state=DONE", "/flows/1", "/metrics", "/healthz"):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", path)
+        status = conn.getresponse().status
+        conn.close()
+        if status not in (200, 404):
+            raise SystemExit(f"pss_idle: the console answered {status} to GET {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, default=2)
@@ -114,11 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flows", type=int, default=0, help="flows to run before a second reading")
     p.add_argument("--json", action="store_true", help="also print one JSON line")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
+    p.add_argument("--web", choices=("on", "off"), default="on", help="the web console (default on, as in flowd)")
     p.add_argument("--daemon-wrapper", metavar="SCRIPT", help="experiments: start the daemon as "
                    "'python SCRIPT run --config X' instead of 'python -m flowd run --config X'")
     a = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="flowd-pss-", dir="/var/tmp"))
     port = free_port()
+    web_port = free_port()
     procs: list[subprocess.Popen[Any]] = []
     try:
         (work / "mosquitto.conf").write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
@@ -135,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         wait_until("mosquitto", broker_up, 10)
         config = work / "flowd.toml"
         config.write_text(f'[flowd]\nstate_dir = "{work / "state"}"\ntask_paths = ["{BENCH / "tasks"}"]\n'
-                          f'workers = {a.workers}\nnode_id = "pss"\n\n[mqtt]\nhost = "127.0.0.1"\nport = {port}\n')
+                          f'workers = {a.workers}\nnode_id = "pss"\n\n[mqtt]\nhost = "127.0.0.1"\nport = {port}\n'
+                          f'\n[web]\nenabled = {"true" if a.web == "on" else "false"}\n'
+                          f'listen = "127.0.0.1:{web_port}"\n')
         subprocess.run([sys.executable, "-m", "flowd.cli", "--config", str(config), "apply",
                         str(BENCH / "bench3.toml")], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         log = open(work / "flowd.log", "wb")  # noqa: SIM115 - lives as long as the daemon
@@ -144,11 +164,15 @@ def main(argv: list[str] | None = None) -> int:
                                   stdout=log, stderr=subprocess.STDOUT)
         procs.append(daemon)
         wait_until("flowd ready", lambda: b" ready: " in (work / "flowd.log").read_bytes(), 30)
+        if a.web == "on":
+            open_console(web_port)
         time.sleep(a.settle)
-        out: dict[str, Any] = {"idle": reading(daemon.pid)}
+        out: dict[str, Any] = {"web": a.web, "idle": reading(daemon.pid)}
         show("idle after start", out["idle"])
         if a.flows:
             run_flows(port, a.flows, 120)
+            if a.web == "on":
+                open_console(web_port)
             time.sleep(a.settle)
             out["after_flows"] = reading(daemon.pid)
             show(f"idle after {a.flows} flows", out["after_flows"])

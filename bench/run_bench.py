@@ -318,6 +318,7 @@ class Bench:
         self.work = work
         self.children = children
         self.port = free_port()
+        self.web_port = free_port()
         self.state = work / "state"
         self.config = work / "flowd.toml"
         self.mosq: subprocess.Popen[Any] | None = None
@@ -347,7 +348,9 @@ class Bench:
             "[flowd]", f'state_dir = "{self.state}"', f'task_paths = ["{BENCH / "tasks"}"]',
             f"workers = {a.workers}", 'shutdown_grace = "5s"', f'log_level = "{a.log_level}"', 'node_id = "bench"',
             "", "[mqtt]", 'host = "127.0.0.1"', f"port = {self.port}", f'client_id = "flowd-bench-{self.port}"',
-            "", "[database]", f'synchronous = "{a.synchronous}"', ""]))
+            "", "[database]", f'synchronous = "{a.synchronous}"',
+            "", "[web]", f"enabled = {'true' if a.web == 'on' else 'false'}", f'listen = "127.0.0.1:{self.web_port}"',
+            "open_metrics = true", ""]))
 
     def apply_routine(self) -> None:
         routines = BENCH / "bench3.toml"
@@ -501,10 +504,12 @@ class Bench:
         self.result["idle_cpu_pct_by_role"] = {k: round(100 * (role1[k] - role0[k]) / elapsed, 3) for k in role1}
         self.result["idle_seconds"] = a.idle_seconds
 
+        scraper = MetricsScraper(self.web_port, a.web_scrape if a.web == "on" else 0.0)
         self.result["latency"] = self.run_client("flowd-latency", a.lat_n, 1)
         spies = self.profile_start()
         tp = self.run_client("flowd-throughput", a.tp_n, a.tp_c)
         self.profile_stop(spies)
+        self.result["web"] = {"enabled": a.web == "on", **scraper.stop()}
         self.result["throughput"] = tp
         self.result["disk_write_bytes_per_flow"] = tp["write_bytes_per_flow"]
         after = memory(self.tree())
@@ -1048,6 +1053,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "counts are read (outbox deletes, checkpoints)")
     p.add_argument("--json-out", metavar="FILE", help="also write the JSON result here")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--web", choices=("on", "off"), default="on", help="[web] enabled: the console (default on)")
+    p.add_argument("--web-scrape", type=float, default=5.0, metavar="S",
+                   help="with --web on, GET /metrics every S seconds during the runs, as Prometheus would (0: never)")
     p.add_argument("--lat-n", type=int, default=500)
     p.add_argument("--tp-n", type=int, default=5000)
     p.add_argument("--tp-c", type=int, default=100)
@@ -1079,6 +1087,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--peers: unknown {', '.join(unknown)} (known: {', '.join(PEER_SCRIPTS)})")
     a.peers = names if a.peer else []
     return a
+
+
+class MetricsScraper:
+    """GETs the console's /metrics every ``every`` seconds on a thread (0: does nothing)."""
+
+    def __init__(self, port: int, every: float):
+        self.port, self.every = port, every
+        self.times: list[float] = []
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True) if every > 0 else None
+        if self._thread is not None:
+            self._thread.start()
+
+    def _run(self) -> None:
+        import http.client
+
+        while not self._stop.wait(self.every):
+            start = time.perf_counter()
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+                conn.request("GET", "/metrics")
+                ok = conn.getresponse().read() and True
+                conn.close()
+            except OSError:
+                ok = False
+            if ok:
+                self.times.append(time.perf_counter() - start)
+            else:
+                self.errors += 1
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(15)
+        ms = sorted(t * 1000 for t in self.times)
+        return {"scrape_every_s": self.every, "scrapes": len(ms), "scrape_errors": self.errors,
+                "scrape_ms_p50": round(ms[len(ms) // 2], 1) if ms else None,
+                "scrape_ms_max": round(ms[-1], 1) if ms else None}
 
 
 def main(argv: list[str] | None = None) -> int:

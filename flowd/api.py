@@ -15,6 +15,7 @@ lookup; call :func:`configure` first to choose the file or pass a Config.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable
 from typing import Any
 
 from flowd import store
@@ -136,12 +137,13 @@ def wait_flow(flow_id: int, timeout: float | None = None) -> Row:
         return waiter.wait(timeout)
 
 
-def list_flows(state: str | None = None, routine: str | None = None, limit: int = 50) -> list[Row]:
-    """Newest flows first, optionally filtered."""
+def list_flows(state: str | None = None, routine: str | None = None, limit: int = 50,
+               before: int | None = None) -> list[Row]:
+    """Newest flows first, optionally filtered; ``before`` pages on (ids below it)."""
     if state and state.upper() not in FlowState.__members__:
         raise InputError(f"unknown state '{state}'; states are {', '.join(FlowState.__members__)}")
     _reading()
-    return store.list_flows(state.upper() if state else None, routine, limit)
+    return store.list_flows(state.upper() if state else None, routine, limit, before)
 
 
 def counts_by_state() -> dict[str, int]:
@@ -159,3 +161,153 @@ def prune(older_than: float, now: dt.datetime | None = None, *, dry_run: bool = 
     if dry_run:
         return store.count_ended_flows(cutoff)
     return store.prune_ended_flows(cutoff)
+
+
+# --------------------------------------------------------------------------- for the web console (SPEC 11)
+# Plain dicts and tuples, so the console (flowd/web) never touches a model, a row or a query.
+HIDDEN = "•••"
+
+
+def describe_flow(flow_id: int) -> dict[str, Any]:
+    """A flow with its children, what it waits for and every attempt of every step, as
+    ``flowctl --json flow show`` prints it, but with its tasks' option values masked
+    wherever they were passed on (SPEC 11: options may hold secrets)."""
+    from flowd import catalog
+    from flowd.display import attempt_dict, flow_dict
+
+    data = {**flow_dict(get_flow(flow_id)), "trace": [attempt_dict(r) for r in flow_trace(flow_id)]}
+    options = catalog.task_options(list(data["steps"]))
+    if not options:
+        return data
+    texts = sorted({v for v in options.values() if isinstance(v, str) and len(v) >= 4}, key=len, reverse=True)
+    # Not ``waiting_for``: that is flowd's own subscription, shown as flowctl and MQTT show it.
+    for key in ("args", "kwargs", "result", "error"):
+        data[key] = _mask(data[key], options, texts)
+    for attempt in data["trace"]:
+        for key in ("input", "output", "error"):
+            attempt[key] = _mask(attempt[key], options, texts)
+    return data
+
+
+def _mask(value: Any, options: dict[str, Any], texts: list[str]) -> Any:
+    """``value`` with every option's value hidden: under the option's own key, and as text."""
+    if isinstance(value, dict):
+        return {k: HIDDEN if k in options and v == options[k] else _mask(v, options, texts) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask(v, options, texts) for v in value]
+    if isinstance(value, str):
+        for text in texts:
+            value = value.replace(text, HIDDEN)
+    return value
+
+
+def summarize_flows(state: str | None = None, routine: str | None = None, limit: int = 50,
+                    before: int | None = None) -> list[dict[str, Any]]:
+    """:func:`list_flows` as dicts: one line of a flow list each."""
+    from flowd.display import iso
+
+    return [{"id": f.id, "routine": f.routine, "state": f.state, "position": f.position,
+             "steps": len(f.steps or []), "trigger": f.trigger, "request_id": f.request_id,
+             "created_at": iso(f.created_at), "started_at": iso(f.started_at),
+             "finished_at": iso(f.finished_at), "error": f.error}
+            for f in list_flows(state, routine, limit, before)]
+
+
+def describe_routines() -> list[dict[str, Any]]:
+    """Every routine with its steps (never options) and, when scheduled and enabled, its
+    next run (ISO UTC)."""
+    from flowd import catalog
+    from flowd.display import iso, routine_dict
+
+    _reading()
+    result = []
+    for routine in catalog.list_routines():
+        next_run, schedule_error = None, None
+        if routine.enabled and routine.schedule:
+            try:
+                next_run = iso(_next_run(routine))
+            except InputError as exc:
+                schedule_error = str(exc)
+        result.append({**routine_dict(routine), "steps": catalog.routine_steps(routine), "next_run": next_run,
+                       "schedule_error": schedule_error})
+    return result
+
+
+def _next_run(routine: Routine) -> dt.datetime | None:
+    from flowd.scheduler import Scheduler, to_db
+
+    first = Scheduler(engine().config, engine()).plan(routine).first_fire
+    return to_db(first) if first is not None else None
+
+
+def set_routine_enabled(name: str, enabled: bool) -> None:
+    """Enable or disable a routine (a disabled one is neither scheduled nor startable)."""
+    from flowd import catalog
+
+    _reading()
+    catalog.set_routine_enabled(name, enabled)
+
+
+def node_overview() -> dict[str, Any]:
+    """This node at a glance: daemon and broker (from its heartbeat), queue depth, flows
+    by state, outbox size, database size. Raises StoreUnavailable when the database
+    cannot be read; a queue that cannot be read is reported in ``queue_error``."""
+    from flowd import queue
+    from flowd.display import iso
+
+    cfg = engine().config
+    node = next((n for n in store.node_statuses() if n.node_id == cfg.flowd.node_id), None)
+    depth, queue_error = None, None
+    try:
+        depth = queue.queue_depth()
+    except Exception as exc:  # the queue's own trouble is news, not a reason to show nothing
+        queue_error = f"{type(exc).__name__}: {exc}"
+    return {
+        "node_id": cfg.flowd.node_id,
+        "daemon": None if node is None else {
+            "pid": node.pid, "version": node.version, "started_at": iso(node.started_at),
+            "heartbeat_at": iso(node.heartbeat_at), "stopped_at": iso(node.stopped_at)},
+        "broker_connected": bool(node is not None and node.stopped_at is None and node.broker_connected),
+        "queue_depth": depth, "queue_error": queue_error,
+        "flows": counts_by_state(), "outbox": store.count_messages(), "database_bytes": database_bytes(),
+    }
+
+
+def database_bytes() -> int | None:
+    """Bytes the SQLite database takes on disk (with its write-ahead log); None on PostgreSQL."""
+    from flowd.models import sqlite_path
+
+    path = sqlite_path(engine().config.database.url)
+    if path is None:
+        return None
+    total = 0
+    for name in (path, path.with_name(path.name + "-wal")):
+        try:
+            total += name.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def flow_changes(after_id: int | None, watched: Iterable[int] = ()
+                 ) -> tuple[list[tuple[int, str, str, str | None]], int]:
+    """(id, routine, state, finished_at as stored) of every flow newer than ``after_id``,
+    of the ``watched`` ones and of every flow not ended; with the newest id.
+    ``after_id=None``: the flows not ended only. For ``/metrics``."""
+    from flowd.store import console
+
+    _reading()
+    newest, _ = console.newest_ids()
+    return console.flow_changes(after_id, watched), newest
+
+
+def attempt_changes(after_id: int | None, watched: Iterable[int] = ()
+                    ) -> tuple[list[tuple[int, int, str, str, float | None]], int]:
+    """(id, flow id, routine, task, seconds it took or None while it runs) of every step
+    attempt newer than ``after_id`` and of the ``watched`` ones; with the newest id.
+    ``after_id=None``: the attempts still running only. For ``/metrics``."""
+    from flowd.store import console
+
+    _reading()
+    _, newest = console.newest_ids()
+    return console.attempt_changes(after_id, watched), newest

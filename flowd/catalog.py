@@ -266,3 +266,20 @@ def task_names() -> list[str]:
 def routine_names() -> list[str]:
     """Names of every routine, as stored."""
     return [str(routine.name) for routine in Routine.select(Routine.name)]
+
+
+def routine_steps(routine: Routine) -> list[dict[str, Any]]:
+    """A routine's steps in order: task, script, retries, timeout (never options: they may
+    hold secrets, and the web console shows this)."""
+    query = (RoutineStep.select(RoutineStep, Task).join(Task).where(RoutineStep.routine == routine)
+             .order_by(RoutineStep.position))
+    return [{"task": s.task.name, "script": s.task.script, "retries": s.task.retries, "timeout": s.task.timeout}
+            for s in query]
+
+
+def task_options(names: list[str]) -> dict[str, Any]:
+    """The options of the tasks ``names``, merged (what the console masks in a trace)."""
+    options: dict[str, Any] = {}
+    for task in Task.select(Task.options).where(Task.name.in_(sorted(set(names)))):
+        options.update(task.options or {})
+    return options

@@ -151,6 +151,22 @@ class HomeAssistantSection:
 
 
 @dataclass(frozen=True)
+class WebSection:
+    """``[web]``: the console and /metrics served by ``flowd run`` (SPEC 11)."""
+
+    enabled: bool = True
+    listen: str = "127.0.0.1:8470"
+    password_file: str | None = None
+    open_metrics: bool = False
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) of ``listen``; validated at load."""
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; ``path`` is the file it came from (None: defaults only)."""
 
@@ -161,6 +177,7 @@ class Config:
     queue: QueueSection
     path: str | None = None
     homeassistant: HomeAssistantSection = field(default_factory=HomeAssistantSection)
+    web: WebSection = field(default_factory=WebSection)
 
     @property
     def state_dir(self) -> Path:
@@ -178,6 +195,7 @@ _SECTIONS: dict[str, type] = {
     "database": DatabaseSection,
     "queue": QueueSection,
     "homeassistant": HomeAssistantSection,
+    "web": WebSection,
 }
 _DURATION_KEYS = {"shutdown_grace", "retention", "session_expiry", "misfire_grace", "lease"}
 _CHOICES = {
@@ -378,4 +396,31 @@ def _complete(config: Config, env: Mapping[str, str], where: str | None) -> Conf
         except (ZoneInfoNotFoundError, ValueError):
             raise ConfigError(f"unknown time zone {tz!r}; use an IANA name like 'Europe/Oslo'",
                               key="scheduler.timezone", path=where) from None
-    return dataclasses.replace(config, flowd=flowd, mqtt=mqtt, database=database, queue=queue)
+    return dataclasses.replace(config, flowd=flowd, mqtt=mqtt, database=database, queue=queue,
+                               web=_check_web(config.web, base, where))
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``: addresses no other machine reaches."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_web(web: WebSection, base: Path, where: str | None) -> WebSection:
+    """``listen`` is HOST:PORT; anything but loopback needs ``password_file`` (SPEC 11)."""
+    host, colon, port = web.listen.rpartition(":")
+    if not colon or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"must be HOST:PORT with a port from 1 to 65535, e.g. \"127.0.0.1:8470\"; got {web.listen!r}",
+                          key="web.listen", path=where)
+    password_file = _resolve(web.password_file, base) if web.password_file else None
+    if web.enabled and not password_file and not is_loopback_host(host.strip("[]")):
+        raise ConfigError(f"the console would listen on {web.listen}, which other machines can reach: set "
+                          "[web] password_file (a file holding the console's password, readable by flowd's user "
+                          "only), or listen on 127.0.0.1", key="web.password_file", path=where)
+    return dataclasses.replace(web, password_file=password_file or None)

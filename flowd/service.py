@@ -89,7 +89,7 @@ def config_changes(old: Config, new: Config) -> list[tuple[str, Any, Any]]:
         elif a != b:
             changes.append((prefix, _shown_value(prefix, a), _shown_value(prefix, b)))
 
-    for section in ("flowd", "mqtt", "scheduler", "database", "queue", "homeassistant"):
+    for section in ("flowd", "mqtt", "scheduler", "database", "queue", "homeassistant", "web"):
         walk(section, getattr(old, section), getattr(new, section))
     return changes
 
@@ -120,6 +120,8 @@ class Service:
         self.reaper: Any = None
         self.discovery: Any = None
         self.lease: Any = None
+        self.console: Any = None
+        self._console_password: Any = None
         from flowd.models import utcnow
 
         self.started_at = utcnow()
@@ -173,6 +175,7 @@ class Service:
             from flowd.homeassistant import Discovery
 
             self.discovery = Discovery(self.config, self.bridge)
+            self._read_console_password()
         except Exception as exc:
             damage = exc if isinstance(exc, DatabaseDamaged) else None
             if damage is None and integrity.note_damage(exc, "flowd's start-up"):
@@ -228,6 +231,29 @@ class Service:
             self.scheduler.start()
         else:
             log.warning("schedules are off: this installation has no flowd.scheduler module")
+        self._start_console()
+
+    def _read_console_password(self) -> None:
+        """Before the fork, so a bad password file stops the start (SPEC 11)."""
+        web = self.config.web
+        if web.enabled and web.password_file:
+            from flowd.web.auth import load_password
+
+            self._console_password = load_password(web.password_file, self.config.path)
+
+    def _start_console(self) -> None:
+        """The web console, imported only now: the worker processes never load it."""
+        if not self.config.web.enabled:
+            return
+        from flowd.web.server import Console
+
+        console = Console(self.config, self._console_password)
+        try:
+            console.start()
+        except ConfigError as exc:
+            log.error("%s; flows run as usual, without the console", exc)
+            return
+        self.console = console
 
     def _shutdown(self) -> None:
         """Stop taking work, let running steps finish, publish offline, disconnect."""
@@ -235,6 +261,8 @@ class Service:
         grace = self.config.flowd.shutdown_grace
         why = signal.Signals(self._stop_signal).name if self._stop_signal else "error"
         log.info("stopping (%s): taking no new work; running steps get up to %.0fs", why, grace)
+        if self.console is not None:
+            self._guard("stopping the web console", self.console.stop)
         if self.bridge is not None:
             self.bridge.stop_intake()
         if self.scheduler is not None:

@@ -34,6 +34,9 @@ if [ "$mode" = all ]; then
     dpkg -s libfuse3-3 >/dev/null 2>&1 || need+=(libfuse3-3)
     # tests/test_booted_debian.py boots a minimal Debian 12 root under systemd to test deploy/install.sh.
     [ -x /usr/sbin/debootstrap ] || need+=(debootstrap)
+    # The web console's browser tests drive Debian's chromium headless through its chromedriver.
+    [ -x /usr/bin/chromium ] || need+=(chromium)
+    [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
     python3 -c 'import os, sysconfig; assert os.path.exists(sysconfig.get_paths()["include"] + "/Python.h")' \
         >/dev/null 2>&1 || need+=(python3-dev)
 fi

@@ -167,7 +167,10 @@ def config_file(tmp_path: Path, state_dir: Path, task_dir: Path) -> Callable[...
         flowd_section.update(sections.pop("flowd", {}))
         mqtt_section: dict[str, Any] = {"host": "127.0.0.1", "port": broker.port if broker else free_port()}
         mqtt_section.update(sections.pop("mqtt", {}))
-        data = {"flowd": flowd_section, "mqtt": mqtt_section, **sections}
+        # The console is on by default (SPEC 11): each test daemon gets its own free port.
+        web_section: dict[str, Any] = {"listen": f"127.0.0.1:{free_port()}"}
+        web_section.update(sections.pop("web", {}))
+        data = {"flowd": flowd_section, "mqtt": mqtt_section, "web": web_section, **sections}
         return write_config(tmp_path / "flowd.toml", data)
 
     return make

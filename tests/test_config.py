@@ -91,7 +91,7 @@ def test_example_documents_every_key_with_its_default(tmp_path: Path) -> None:
     documented = example_settings()
     defaults = build_config({}, env=NO_SYSTEMD)
     sections: dict[str, Any] = {name: getattr(defaults, name) for name in ("flowd", "mqtt", "scheduler", "database",
-                                                                         "queue")}
+                                                                         "queue", "web")}
     sections["mqtt.tls"] = TlsSection()
     password_file = write(tmp_path, "pw\n", "password")
     for section, default_values in sections.items():
@@ -242,3 +242,32 @@ def test_non_finite_duration_is_refused(tmp_path: Path, text: str) -> None:
 def test_port_out_of_range_is_refused(tmp_path: Path, port: int) -> None:
     error = refusal(write(tmp_path, f"[mqtt]\nport = {port}\n"))
     assert error.key == "mqtt.port"
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:8470", "localhost:9000", "[::1]:8470", "127.3.4.5:1"])
+def test_web_console_on_loopback_needs_no_password(tmp_path: Path, listen: str) -> None:
+    config = load_config(write(tmp_path, f'[web]\nlisten = "{listen}"\n'), env=NO_SYSTEMD)
+    assert config.web.enabled and config.web.listen == listen and config.web.password_file is None
+    assert config.web.address[1] == int(listen.rsplit(":", 1)[1])
+
+
+@pytest.mark.parametrize("text, key, message", [
+    ('[web]\nlisten = "0.0.0.0:8470"\n', "web.password_file", "which other machines can reach"),
+    ('[web]\nlisten = "flowd.local:8470"\n', "web.password_file", "set [web] password_file"),
+    ('[web]\nlisten = "8470"\n', "web.listen", "must be HOST:PORT"),
+    ('[web]\nlisten = "127.0.0.1:99999"\n', "web.listen", "port from 1 to 65535"),
+    ('[web]\nlisten = "127.0.0.1:http"\n', "web.listen", "must be HOST:PORT"),
+    ("[web]\nenabled = 1\n", "web.enabled", "must be bool"),
+    ("[web]\nport = 8470\n", "web.port", "unknown key"),
+])
+def test_web_section_refusals_name_the_key(tmp_path: Path, text: str, key: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text), env=NO_SYSTEMD)
+    assert f"key '{key}'" in str(caught.value) and message in str(caught.value)
+
+
+def test_web_console_off_or_with_a_password_may_listen_anywhere(tmp_path: Path) -> None:
+    off = load_config(write(tmp_path, '[web]\nenabled = false\nlisten = "0.0.0.0:8470"\n'), env=NO_SYSTEMD)
+    assert not off.web.enabled
+    secured = load_config(write(tmp_path, '[web]\nlisten = "0.0.0.0:8470"\npassword_file = "pw"\n'), env=NO_SYSTEMD)
+    assert secured.web.password_file is not None and Path(secured.web.password_file).is_absolute()

@@ -21,9 +21,14 @@ def _marks(values: tuple[Any, ...]) -> str:
     return ", ".join("?" * len(values))
 
 
-def list_flows(state: str | None = None, routine: str | None = None, limit: int = 50) -> list[Row]:
-    """Newest flows first, optionally of one state and one routine."""
-    where, params = ["1 = 1"], []
+def list_flows(state: str | None = None, routine: str | None = None, limit: int = 50,
+               before: int | None = None) -> list[Row]:
+    """Newest flows first, optionally of one state and one routine; ``before``: ids below it."""
+    where: list[str] = ["1 = 1"]
+    params: list[Any] = []
+    if before is not None:
+        where.append("id < ?")
+        params.append(before)
     if state:
         where.append("state = ?")
         params.append(state)
