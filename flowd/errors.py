@@ -72,3 +72,14 @@ class FlowWaitTimeout(FlowdError, TimeoutError):
         self.timeout = timeout
         self.state = state
         self.flow = flow
+
+
+class DuplicateRequest(Exception):
+    """Another process stored a flow with the same ``request_id`` at the same instant
+    (several nodes on one database); the transaction that tried is rolled back. Not a
+    FlowdError: nobody made a mistake, and callers that do not expect it keep failing
+    the way a database error does."""
+
+    def __init__(self, request_id: str):
+        super().__init__(f"a flow with request_id {request_id!r} was stored by another process at the same moment")
+        self.request_id = request_id

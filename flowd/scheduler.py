@@ -32,7 +32,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import peewee
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.interval import IntervalTrigger
@@ -40,7 +39,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from flowd import catalog, cron
 from flowd.config import Config
 from flowd.engine import Engine
-from flowd.errors import InputError
+from flowd.errors import DuplicateRequest, InputError
 from flowd.lease import is_shared_database
 from flowd.models import Routine, definitions_version
 
@@ -375,7 +374,7 @@ class Scheduler:
         except InputError as exc:
             log.warning("schedule: routine %s slot %s not started: %s", routine, stamp, exc,
                         extra={"ROUTINE": routine})
-        except peewee.IntegrityError:
+        except DuplicateRequest:
             # Several nodes: another one stored this slot's flow in the same instant (the
             # request_id is unique), so the slot has run once.
             log.info("schedule: routine %s slot %s was started by another node", routine, stamp,

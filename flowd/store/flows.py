@@ -11,6 +11,9 @@ import datetime as dt
 from collections.abc import Iterable
 from typing import Any
 
+import peewee
+
+from flowd.errors import DuplicateRequest
 from flowd.models import ACTIVE_STATES, FlowState, StepState, database
 from flowd.store.rows import FLOW_COLUMNS, RESULT_COLUMNS, Row, decode, encode, execute, is_sqlite, rows, sql_bool
 
@@ -62,13 +65,20 @@ def flow_by_request_id(request_id: str) -> Row | None:
 
 
 def insert_flow(values: dict[str, Any]) -> int:
+    """Store a new flow; its id. Raises DuplicateRequest when another process stored its
+    ``request_id`` in the same instant."""
     names = list(values)
     sql = f'INSERT INTO flow ({", ".join(chr(34) + n + chr(34) for n in names)}) VALUES ({", ".join("?" * len(names))})'
-    if not is_sqlite():
-        cursor = execute(sql + " RETURNING id", [encode(n, values[n]) for n in names])
-        return int(cursor.fetchone()[0])
-    cursor = execute(sql, [encode(n, values[n]) for n in names])
-    return int(cursor.lastrowid)
+    try:
+        if not is_sqlite():
+            cursor = execute(sql + " RETURNING id", [encode(n, values[n]) for n in names])
+            return int(cursor.fetchone()[0])
+        cursor = execute(sql, [encode(n, values[n]) for n in names])
+        return int(cursor.lastrowid)
+    except peewee.IntegrityError as exc:
+        if values.get("request_id") is not None and "request_id" in str(exc):
+            raise DuplicateRequest(str(values["request_id"])) from exc
+        raise
 
 
 def update_flow(flow: Row, **changes: Any) -> None:
