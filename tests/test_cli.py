@@ -564,8 +564,8 @@ def test_status_without_and_with_a_daemon_heartbeat(cli: Run, with_routine: Run,
     assert status["outbox"] >= 0
     text = ok(cli("status")).stdout
     assert "not running" in text and "1 waiting" in text
-    # Every line fits 80 columns but the database's path, which is shown whole.
-    assert max(len(line) for line in text.splitlines() if not line.startswith("database")) <= 80
+    # Every line fits 80 columns but the database's and the config file's paths, shown whole.
+    assert max(len(line) for line in text.splitlines() if not line.startswith(("database", "config"))) <= 80
 
     # What the daemon writes about itself: this test process stands in for its pid.
     from flowd.models import utcnow
