@@ -35,6 +35,21 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: floa
         time.sleep(interval)
 
 
+@pytest.fixture
+def restore_root_logger() -> Iterator[None]:
+    """The root logger's handlers and level as they were: a test may install flowd's logging."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)
+
+
 def decode_payloads(payloads: list[bytes]) -> list[Any]:
     """Each payload parsed as JSON, or kept as bytes when it is not JSON."""
     found: list[Any] = []

@@ -27,17 +27,6 @@ from flowd.runner import check_json
 FORGED = "\n2026-12-01 10:00:00,000 ERROR   flowd.engine: FORGED"
 
 
-@pytest.fixture
-def restore_root_logger() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
-
-
 # ---------------------------------------------------------------------- surrogates
 def test_a_surrogate_pair_is_text_and_is_accepted() -> None:
     request = parse_submit(b'{"routine": "x", "kwargs": {"face": "\\ud83d\\ude00"}}', 1024)

@@ -158,7 +158,7 @@ def test_without_journald_the_line_goes_to_stderr_with_its_priority(
 
 
 def test_journal_stream_without_python_systemd_or_journald_logs_to_stderr(
-        tmp_path: Path, restore_logging: None) -> None:
+        tmp_path: Path, restore_root_logger: None) -> None:
     # Without python-systemd flowd uses its own handler, but only where journald's socket
     # is: a handler with nobody listening would lose every line.
     from flowd import journal
@@ -179,18 +179,6 @@ def test_journal_stream_without_python_systemd_or_journald_logs_to_stderr(
     assert kind == expected
     if expected == "journal":
         assert any(isinstance(h, journal.JournalHandler) for h in handlers)
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    root.setLevel(level)
 
 
 def test_flowds_native_journal_handler_escapes_text_from_outside(

@@ -283,19 +283,6 @@ def test_notifier_is_a_no_op_outside_systemd_and_pings_only_when_asked(tmp_path:
 
 
 # ---------------------------------------------------------------------- logs alone
-@pytest.fixture
-def restore_root_logger() -> Iterator[None]:
-    import logging
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
-
-
 def test_stderr_logging_shows_the_journal_fields_and_level_from_config(
         capsys: pytest.CaptureFixture[str], restore_root_logger: None) -> None:
     import logging
