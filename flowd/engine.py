@@ -659,17 +659,12 @@ class Engine:
         self._apply(effects)
         return nxt
 
-    def _advance(self, flow: Row, result: Row, output: Any, effects: Effects, now: dt.datetime,
-                 pid: int | None = None, results: list[Any] | None = None,
-                 started_at: dt.datetime | None = None) -> ClaimedStep | None:
-        """Record ``output`` for the running attempt; start the next step (held by ``pid``,
-        or queued when pid is None) or end the flow DONE."""
-        if started_at is not None:  # when perform() really began (a batch claims steps before they run)
-            store.update_result(result.id, state=StepState.DONE.value, output=output, finished_at=now,
-                                started_at=started_at)
-        else:
-            store.update_result(result.id, state=StepState.DONE.value, output=output, finished_at=now)
-        return self._next_step(flow, output, effects, now, pid=pid, results=results)
+    def _advance(self, flow: Row, result: Row, output: Any, effects: Effects, now: dt.datetime
+                 ) -> ClaimedStep | None:
+        """Record ``output`` for the running attempt of a flow no worker holds (a wait or a
+        sub-flow ended); queue its next step or end it DONE."""
+        store.update_result(result.id, state=StepState.DONE.value, output=output, finished_at=now)
+        return self._next_step(flow, output, effects, now, pid=None, results=None)
 
     def _next_step(self, flow: Row, output: Any, effects: Effects, now: dt.datetime, *, pid: int | None,
                    results: list[Any] | None) -> ClaimedStep | None:
