@@ -95,9 +95,6 @@ class Slots:
     def left_pending(self, routine: str) -> None:
         self.pending[routine] = True
 
-    def copy(self) -> Slots:
-        return Slots(dict(self.active), dict(self.pending))
-
 
 @dataclass(frozen=True)
 class Submission:
