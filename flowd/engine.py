@@ -52,7 +52,7 @@ class Effects:
     enqueue: list[tuple[int, int, float | None]] = field(default_factory=list)
     signal_pids: list[int] = field(default_factory=list)
     published: bool = False
-    statuses: list[Status] = field(default_factory=list)
+    statuses: list[tuple[int, str, str, dict[str, Any]]] = field(default_factory=list)  # encoded after the commit
     slots: Slots = field(default_factory=lambda: Slots())
 
     def extend(self, other: Effects) -> None:
@@ -134,6 +134,9 @@ class ClaimedStep:
     # The flow as this worker last wrote it: a held flow changes only through its holder
     # (a cancel or a takeover changes its token, worker or state, which the next write checks).
     flow: Row | None = field(default=None, repr=False, compare=False)
+    # The output's JSON text, encoded once when the runner checked it: stored as this
+    # attempt's output and as the next attempt's input without encoding it again.
+    output_json: str | None = field(default=None, repr=False, compare=False)
 
 
 def flow_status_payload(flow: Any, child_id: int | None = None) -> dict[str, Any]:
@@ -212,7 +215,8 @@ class Engine:
         if effects.statuses:
             # First: the daemon has them before anything below can wake its publisher,
             # which sends a flow's result only after its last status.
-            send_statuses(self.config.flowd.state_dir, effects.statuses)
+            send_statuses(self.config.flowd.state_dir, [Status(flow_id, state, topic, dumps(payload))
+                                                        for flow_id, state, topic, payload in effects.statuses])
         now = [(flow_id, token) for flow_id, token, delay in effects.enqueue if not delay or delay <= 0]
         if self._enqueue_many is not None and len(now) > 1:
             # Flows admitted together travel together: one message per worker, not per flow.
@@ -247,8 +251,8 @@ class Engine:
         mode = self._status_mode(flow.routine)
         if mode == "off" or (mode == "states" and not state_change):
             return
-        effects.statuses.append(Status(flow.id, flow.state, self.config.topic(f"flow/{flow.id}/status"),
-                                       dumps(flow_status_payload(flow, child_id))))
+        effects.statuses.append((flow.id, flow.state, self.config.topic(f"flow/{flow.id}/status"),
+                                 flow_status_payload(flow, child_id)))
 
     def _status_mode(self, routine: str) -> str:
         info = self._routine_info(routine)
@@ -592,10 +596,10 @@ class Engine:
         return f"flow timed out: routine '{flow.routine}' allows {limit} for the whole flow"
 
     def _start_step(self, flow: Row, step_input: dict[str, Any], results: list[Any], pid: int,
-                    now: dt.datetime, attempt: int | None = None) -> ClaimedStep:
+                    now: dt.datetime, attempt: int | None = None, input_json: str | None = None) -> ClaimedStep:
         task_name = flow.steps[flow.position]
-        result_id, attempt = store.insert_result(flow.id, flow.position, task_name, step_input, pid, now, attempt,
-                                                 self.node_id)
+        result_id, attempt = store.insert_result(flow.id, flow.position, task_name, input_json or step_input, pid, now,
+                                                 attempt, self.node_id)
         task = self.definitions.tasks.get(task_name)
         return ClaimedStep(
             flow_id=flow.id, flow_uid=flow.uid, routine=flow.routine, token=flow.dispatch_token,
@@ -640,11 +644,12 @@ class Engine:
         with write_transaction(sync=False):
             for step, output in finished:
                 flow = step.flow
-                if flow is None or not store.finish_held_result(step.task_result_id, output, now, step.started_at,
+                text = step.output_json if step.output_json is not None else dumps(output)
+                if flow is None or not store.finish_held_result(step.task_result_id, text, now, step.started_at,
                                                                 step.flow_id, pid, step.token, self.node_id):
                     continue  # cancelled or taken over meanwhile: its new owner decides
                 started = self._next_step(flow, output, effects, now, pid=pid if hold else None,
-                                          results=[*step.results, output])
+                                          results=[*step.results, output], output_json=text)
                 if started is not None:
                     nxt.append(started)
             if claim:
@@ -664,7 +669,7 @@ class Engine:
         return self._next_step(flow, output, effects, now, pid=None, results=None)
 
     def _next_step(self, flow: Row, output: Any, effects: Effects, now: dt.datetime, *, pid: int | None,
-                   results: list[Any] | None) -> ClaimedStep | None:
+                   results: list[Any] | None, output_json: str | None = None) -> ClaimedStep | None:
         """After a step's output is recorded: start the next step, or end the flow DONE."""
         if flow.position + 1 >= len(flow.steps):
             self._end(flow, FlowState.DONE, effects, now, result=output)
@@ -684,7 +689,7 @@ class Engine:
         if results is None:
             results = store.done_outputs(flow.id, flow.position)
         # A step the flow has just reached has no earlier attempt.
-        return self._start_step(flow, output, results, pid, now, attempt=1)
+        return self._start_step(flow, output, results, pid, now, attempt=1, input_json=output_json)
 
     def release(self, step: ClaimedStep, pid: int) -> None:
         """Give back a held step that has not started (shutdown): recovery re-queues it."""

@@ -64,9 +64,46 @@ def describe_connect_error(exc: BaseException, host: str, port: int) -> tuple[in
     return logging.WARNING, f"cannot connect to the broker at {where}: {exc}"
 
 
+class _BufferedSocket:
+    """The broker connection with reads served from one buffer.
+
+    paho reads a packet in three ``recv`` calls (its type, its length, the rest), one
+    system call each: at a few small packets per flow (a submit, PUBACKs, statuses)
+    that is most of the network thread's time. Here one ``recv`` takes whatever the
+    kernel holds and the packet reads are served from it. ``pending`` tells paho's
+    loop that bytes are waiting here, so it reads them before it sleeps in ``select``
+    (paho asks this of TLS sockets, which buffer the same way). Everything else goes
+    to the socket itself.
+    """
+
+    READ_SIZE = 65536
+
+    def __init__(self, sock: Any):
+        self._sock = sock
+        self._data = b""
+        self._position = 0
+
+    def recv(self, size: int) -> bytes:
+        if self._position >= len(self._data):
+            data = self._sock.recv(max(size, self.READ_SIZE))  # BlockingIOError, b"" at EOF: as the socket
+            if len(data) <= size:
+                self._data, self._position = b"", 0
+                return bytes(data)
+            self._data, self._position = data, 0
+        start, self._position = self._position, min(self._position + size, len(self._data))
+        return self._data[start:self._position]
+
+    def pending(self) -> int:
+        inner = self._sock.pending() if hasattr(self._sock, "pending") else 0
+        return len(self._data) - self._position + int(inner)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
 class _Client(mqtt.Client):
     """paho's client, remembering why the last connection attempt failed (paho's own
-    retry loop swallows the exception)."""
+    retry loop swallows the exception), reading through :class:`_BufferedSocket`."""
 
     last_error: BaseException | None = None
 
@@ -76,6 +113,10 @@ class _Client(mqtt.Client):
         except OSError as exc:
             self.last_error = exc
             raise
+
+    def _create_socket(self) -> Any:
+        sock = super()._create_socket()
+        return _BufferedSocket(sock) if isinstance(sock, socket.socket) else sock  # SSLSocket is one too
 
 
 def new_client(config: Config, client_id: str, *, v5: bool, persistent: bool) -> _Client:

@@ -12,6 +12,7 @@ breadth-first, one step of each, and the outputs of a round are committed togeth
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import math
 import os
@@ -26,7 +27,7 @@ from flowd.config import Config
 from flowd.engine import CANCEL_SIGNAL, ClaimedStep, Engine
 from flowd.errors import FlowdError, StepError
 from flowd.loader import ScriptLoader
-from flowd.models import utcnow, write_transaction
+from flowd.models import dumps, utcnow, write_transaction
 from flowd.payloads import has_surrogate
 from flowd.task import SubFlow, Task, Wait
 
@@ -124,7 +125,7 @@ def run_step(rt: WorkerRuntime, step: ClaimedStep, pid: int) -> dict[str, Any] |
             check_json({"args": list(value.args), "kwargs": value.kwargs}, f"{label} sub-flow input")
             rt.engine.spawn_subflow(step, pid, value.routine, list(value.args), value.kwargs)
             return None
-        output = normalize_output(value, step.args, step.kwargs, label)
+        output, step.output_json = shaped_output(value, step.args, step.kwargs, label)
     except StepCancelled:
         log.info("flow %d %s: cancelled while running", step.flow_id, where, extra=extra)
         rt.engine.fail_step(step, "cancelled while running", pid, interrupted=True)
@@ -253,6 +254,12 @@ def _publisher(rt: WorkerRuntime) -> Any:
 
 def normalize_output(value: Any, args: list[Any], kwargs: dict[str, Any], label: str) -> dict[str, Any]:
     """SPEC 2: (args, kwargs) -> as is; dict -> (same args, dict); None -> input unchanged."""
+    output, _text = shaped_output(value, args, kwargs, label)
+    return output
+
+
+def shaped_output(value: Any, args: list[Any], kwargs: dict[str, Any], label: str) -> tuple[dict[str, Any], str]:
+    """:func:`normalize_output` and its JSON text, encoded once for the database."""
     if value is None:
         output = {"args": list(args), "kwargs": dict(kwargs)}
     elif isinstance(value, dict):
@@ -266,12 +273,25 @@ def normalize_output(value: Any, args: list[Any], kwargs: dict[str, Any], label:
     for key in output["kwargs"]:
         if not isinstance(key, str):
             raise StepError(f"{label} returned a kwargs key {key!r} that is not a string")
-    check_json(output, label)
-    return output
+    return output, check_json(output, label)
 
 
-def check_json(value: Any, label: str) -> None:
-    """Raise StepError naming the first value that JSON cannot carry, by its path."""
+def check_json(value: Any, label: str) -> str:
+    """The value as stored (``models.dumps``); raise StepError naming the first value
+    that JSON cannot carry, by its path.
+
+    The common case costs one encode and one decode in C: a value that reads back equal
+    to itself is plain JSON. Only a value that does not (NaN, a lone surrogate, a key
+    that is not a string, a tuple, an object JSON cannot carry) is walked in Python,
+    to name the problem or to find there is none.
+    """
+    try:
+        text = dumps(value)
+        text.encode("utf-8")
+        if json.loads(text) == value:
+            return text
+    except (TypeError, ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
+        pass
     problem = _first_non_json(value, "")
     if problem is not None:
         path, bad = problem
@@ -280,6 +300,10 @@ def check_json(value: Any, label: str) -> None:
                             f"at '{path.lstrip('.') or '(the value itself)'}': {_short(bad)}")
         raise StepError(f"{label} returned a value that is not JSON-serialisable at '{path.lstrip('.')}': "
                         f"{type(bad).__name__} {_short(bad)}")
+    try:
+        return dumps(value)  # tuples, say: JSON arrays
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise StepError(f"{label} returned a value that cannot be stored as JSON: {exc}") from None
 
 
 def _first_non_json(value: Any, path: str) -> tuple[str, Any] | None:

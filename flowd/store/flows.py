@@ -110,12 +110,14 @@ def insert_result(flow_id: int, position: int, task: str, step_input: Any, worke
                   started_at: dt.datetime, attempt: int | None = None, node_id: str | None = None
                   ) -> tuple[int, int]:
     """Start the next attempt of a step (``attempt`` when the caller knows it is the
-    first); returns (task_result id, attempt number)."""
+    first); returns (task_result id, attempt number). ``step_input`` as a ``str`` is its
+    JSON text already."""
     if attempt is None:
         row = execute("SELECT COALESCE(MAX(attempt), 0) + 1 FROM task_result WHERE flow_id = ? AND position = ?",
                       (flow_id, position)).fetchone()
         attempt = int(row[0])
-    values = [flow_id, position, task, attempt, StepState.RUNNING.value, encode("input", step_input), worker_pid,
+    encoded = step_input if isinstance(step_input, str) else encode("input", step_input)
+    values = [flow_id, position, task, attempt, StepState.RUNNING.value, encoded, worker_pid,
               encode("started_at", started_at), node_id]
     sql = ('INSERT INTO task_result (flow_id, position, task, attempt, state, input, worker_pid, started_at, node_id) '
            'VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)')
@@ -194,15 +196,15 @@ _FINISH_HELD_SQLITE = _FINISH_HELD.format(same="IS") + ")"  # IS: NULL (one node
 _FINISH_HELD_POSTGRES = _FINISH_HELD.format(same="=") + " FOR UPDATE)"
 
 
-def finish_held_result(result_id: int, output: Any, now: dt.datetime, started_at: dt.datetime | None,
+def finish_held_result(result_id: int, output_json: str, now: dt.datetime, started_at: dt.datetime | None,
                        flow_id: int, worker_pid: int, token: int, node_id: str | None) -> bool:
-    """Record a finished attempt if its worker still holds the flow (same node, same
+    """Record a finished attempt (its output as JSON text) if its worker still holds the flow (same node, same
     worker, same dispatch token, flow RUNNING, attempt RUNNING): the check and the write
     in one statement. False: the flow was cancelled or taken over (the token is the
     fence: a node frozen past its lease commits nothing), and nothing was written."""
     # On PostgreSQL the flow row is locked (see _locking): a takeover under way is waited for.
     cursor = execute(_FINISH_HELD_SQLITE if is_sqlite() else _FINISH_HELD_POSTGRES,
-                     (StepState.DONE.value, encode("output", output), encode("finished_at", now),
+                     (StepState.DONE.value, output_json, encode("finished_at", now),
                       encode("started_at", started_at), result_id, StepState.RUNNING.value, flow_id,
                       FlowState.RUNNING.value, worker_pid, node_id, token))
     return int(cursor.rowcount) == 1
