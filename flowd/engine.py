@@ -28,6 +28,7 @@ from flowd.models import (
     StepState,
     dumps,
     isoformat,
+    make_step_durable,
     utcnow,
     write_transaction,
 )
@@ -659,6 +660,8 @@ class Engine:
                     if started is not None:
                         nxt.append(started)
         self._apply(effects)
+        if finished:
+            make_step_durable()  # at synchronous = full: these outputs are on disk before the next steps run
         return nxt
 
     def _advance(self, flow: Row, result: Row, output: Any, effects: Effects, now: dt.datetime

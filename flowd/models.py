@@ -313,7 +313,9 @@ def init_database(section: DatabaseSection, *, create: bool = True,
             pragmas={
                 "auto_vacuum": "incremental",  # must come first: only takes effect before WAL and tables
                 "journal_mode": "wal",
-                "synchronous": section.synchronous,
+                # Both settings: a commit writes its WAL frames without a fsync, and
+                # make_durable() syncs them, outside the write lock (see _Durability).
+                "synchronous": "normal",
                 "foreign_keys": 1,
                 "busy_timeout": int(busy_timeout * 1000),
             },
@@ -363,7 +365,6 @@ def write_transaction(sync: bool = True) -> Iterator[None]:
     """A short IMMEDIATE transaction: takes the write lock first, so read-then-write
     under contention never fails with "database is locked".
 
-    Every commit runs at the configured ``synchronous`` (full or normal, never off).
     With ``sync`` (the default) the change is on disk when the block exits (see
     :func:`make_durable`), so the caller may report it. ``sync=False`` is for a caller
     whose change becomes visible only through a path that calls :func:`make_durable`
@@ -393,17 +394,24 @@ def write_transaction(sync: bool = True) -> Iterator[None]:
 class _Durability:
     """The durability point of this process: one fsync of the SQLite WAL, shared.
 
-    At ``synchronous = full`` every commit has synced the WAL already, and PostgreSQL
-    commits are durable, so there is nothing to do. At ``normal`` a commit leaves its
-    WAL frames in the page cache; one ``fsync`` of the WAL file (from any process)
+    Every SQLite connection runs at ``PRAGMA synchronous = NORMAL``: a commit leaves its
+    WAL frames in the page cache, and one ``fsync`` of the WAL file (from any process)
     makes every commit made before it durable. A checkpoint syncs the WAL before it
     copies pages into the database and syncs the database after, so frames a later
-    writer overwrites are already safe. Threads that ask while a fsync runs wait for
-    the next one, which covers them all (group fsync).
+    writer overwrites are already safe, and the file is never left inconsistent.
+
+    The fsync happens here, after the commit has released the write lock, not inside
+    COMMIT as SQLite's FULL would do it: the next writer does not wait for the disk, and
+    threads that ask while a fsync runs wait for the next one, which covers them all
+    (group fsync). The ``[database] synchronous`` setting decides only who asks: at
+    ``full`` also every worker round (a step's output is on disk before the flow's next
+    step starts, :func:`make_step_durable`); at ``normal`` only what makes something
+    visible (SPEC 4.5). PostgreSQL commits are durable: nothing to do.
     """
 
     def __init__(self) -> None:
-        self.wal_path: str | None = None   # set at synchronous = normal on SQLite only
+        self.wal_path: str | None = None   # SQLite only
+        self.each_step = True              # [database] synchronous = full
         self._lock = threading.Lock()      # one fsync at a time
         self._gen_lock = threading.Lock()
         self._next_gen = 0                 # generation the next fsync to start gets
@@ -412,7 +420,8 @@ class _Durability:
         self.fsyncs = 0
 
     def configure(self, path: Path | None, synchronous: str) -> None:
-        self.wal_path = f"{path}-wal" if path is not None and synchronous != "full" else None
+        self.wal_path = f"{path}-wal" if path is not None else None
+        self.each_step = synchronous == "full"
         self._dir_synced = None
 
     def sync(self) -> None:
@@ -457,9 +466,17 @@ def make_durable() -> None:
     """Return once every commit made so far, by any process, survives a power cut.
 
     Call it before anything makes a change visible (SPEC 4.5: an acknowledgement, a
-    published result, a reply). A no-op at ``synchronous = full`` and on PostgreSQL.
+    published result, a reply). A no-op on PostgreSQL.
     """
     _durability.sync()
+
+
+def make_step_durable() -> None:
+    """After a worker's round commit, before the next steps start: at ``synchronous =
+    full`` the outputs just committed are on disk first, so a power cut re-runs at most
+    the steps that were running; at ``normal`` the next durability point covers them."""
+    if _durability.each_step:
+        _durability.sync()
 
 
 class _WriterLock:
