@@ -204,6 +204,8 @@ class OutboxPublisher:
         if self._wake is not None:
             self._wake.close()
             self.statuses.stop()
+            log.info("status messages: %d received, %d coalesced or dropped (backed up)", self.statuses.received,
+                     self.statuses.dropped)
         self._poke_r.close()
         self._poke_w.close()
 
