@@ -659,9 +659,11 @@ class Engine:
                     started = self._claim_one(flows.get(flow_id), token, pid, effects, now)
                     if started is not None:
                         nxt.append(started)
-        self._apply(effects)
         if finished:
-            make_step_durable()  # at synchronous = full: these outputs are on disk before the next steps run
+            # At synchronous = full these outputs are on disk before the next steps run,
+            # and before the daemon hears of them: its publisher finds nothing to sync.
+            make_step_durable()
+        self._apply(effects)
         return nxt
 
     def _advance(self, flow: Row, result: Row, output: Any, effects: Effects, now: dt.datetime

@@ -8,11 +8,9 @@ calls :func:`init_database` once and then uses these models.
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 import json
 import os
 import sqlite3
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
@@ -35,6 +33,9 @@ from peewee import (
 )
 
 from flowd.config import DatabaseSection, redact_url
+from flowd.durability import durability, writer_lock
+from flowd.durability import make_durable as make_durable  # the durability point, here for every caller
+from flowd.durability import make_step_durable as make_step_durable
 from flowd.errors import StoreUnavailable
 
 database = DatabaseProxy()
@@ -314,7 +315,7 @@ def init_database(section: DatabaseSection, *, create: bool = True,
                 "auto_vacuum": "incremental",  # must come first: only takes effect before WAL and tables
                 "journal_mode": "wal",
                 # Both settings: a commit writes its WAL frames without a fsync, and
-                # make_durable() syncs them, outside the write lock (see _Durability).
+                # make_durable() syncs them, outside the write lock (flowd.durability).
                 "synchronous": "normal",
                 "foreign_keys": 1,
                 "busy_timeout": int(busy_timeout * 1000),
@@ -332,8 +333,8 @@ def init_database(section: DatabaseSection, *, create: bool = True,
             # row locks, and with them another node's takeover, for as long as it sleeps.
             timeout = f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_S * 1000}"
             db.connect_params["options"] = " ".join(filter(None, [db.connect_params.get("options"), timeout]))
-    _durability.configure(path, section.synchronous)
-    _writer_lock.configure(path)
+    durability.configure(path, section.synchronous)
+    writer_lock.configure(path)
     database.initialize(db)
     try:
         old_umask = os.umask(0o077)
@@ -391,143 +392,6 @@ def write_transaction(sync: bool = True) -> Iterator[None]:
         write_transactions += 1
 
 
-class _Durability:
-    """The durability point of this process: one fsync of the SQLite WAL, shared.
-
-    Every SQLite connection runs at ``PRAGMA synchronous = NORMAL``: a commit leaves its
-    WAL frames in the page cache, and one ``fsync`` of the WAL file (from any process)
-    makes every commit made before it durable. A checkpoint syncs the WAL before it
-    copies pages into the database and syncs the database after, so frames a later
-    writer overwrites are already safe, and the file is never left inconsistent.
-
-    The fsync happens here, after the commit has released the write lock, not inside
-    COMMIT as SQLite's FULL would do it: the next writer does not wait for the disk, and
-    threads that ask while a fsync runs wait for the next one, which covers them all
-    (group fsync). The ``[database] synchronous`` setting decides only who asks: at
-    ``full`` also every worker round (a step's output is on disk before the flow's next
-    step starts, :func:`make_step_durable`); at ``normal`` only what makes something
-    visible (SPEC 4.5). PostgreSQL commits are durable: nothing to do.
-    """
-
-    def __init__(self) -> None:
-        self.wal_path: str | None = None   # SQLite only
-        self.each_step = True              # [database] synchronous = full
-        self._lock = threading.Lock()      # one fsync at a time
-        self._gen_lock = threading.Lock()
-        self._next_gen = 0                 # generation the next fsync to start gets
-        self._synced_gen = -1              # latest generation whose fsync finished
-        self._dir_synced: tuple[int, int] | None = None  # WAL inode whose directory entry was synced
-        self.fsyncs = 0
-
-    def configure(self, path: Path | None, synchronous: str) -> None:
-        self.wal_path = f"{path}-wal" if path is not None else None
-        self.each_step = synchronous == "full"
-        self._dir_synced = None
-
-    def sync(self) -> None:
-        if self.wal_path is None:
-            return
-        with self._gen_lock:
-            wanted = self._next_gen  # a fsync that starts from now on covers my commits
-        with self._lock:
-            if self._synced_gen >= wanted:
-                return
-            with self._gen_lock:
-                generation = self._next_gen
-                self._next_gen += 1
-            self._fsync_wal(self.wal_path)
-            self._synced_gen = generation
-
-    def _fsync_wal(self, wal_path: str) -> None:
-        try:
-            fd = os.open(wal_path, os.O_RDONLY)
-        except FileNotFoundError:
-            return  # no WAL: the last connection checkpointed (synced) everything and removed it
-        try:
-            os.fsync(fd)
-            self.fsyncs += 1
-            inode = os.fstat(fd)
-            key = (inode.st_dev, inode.st_ino)
-        finally:
-            os.close(fd)
-        if key != self._dir_synced:  # a new WAL file: its directory entry must survive too
-            dir_fd = os.open(os.path.dirname(wal_path) or ".", os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-            self._dir_synced = key
-
-
-_durability = _Durability()
-
-
-def make_durable() -> None:
-    """Return once every commit made so far, by any process, survives a power cut.
-
-    Call it before anything makes a change visible (SPEC 4.5: an acknowledgement, a
-    published result, a reply). A no-op on PostgreSQL.
-    """
-    _durability.sync()
-
-
-def make_step_durable() -> None:
-    """After a worker's round commit, before the next steps start: at ``synchronous =
-    full`` the outputs just committed are on disk first, so a power cut re-runs at most
-    the steps that were running; at ``normal`` the next durability point covers them."""
-    if _durability.each_step:
-        _durability.sync()
-
-
-class _WriterLock:
-    """The write lock of a SQLite file, taken before BEGIN IMMEDIATE: one ``flock`` per
-    process (the file ``<db>-writer``) and one mutex per thread of the process.
-
-    SQLite's own lock cannot be waited on: a busy writer is retried by sleeping, which
-    costs statements, system calls and up to milliseconds of idle lock per try. A
-    process blocked in ``flock`` sleeps in the kernel and wakes the moment the holder
-    commits; the lock goes when its holder dies. Processes that do not take it (the
-    sqlite3 shell) still meet SQLite's busy timeout. Without the file (no permission),
-    writes fall back to that timeout alone.
-    """
-
-    def __init__(self) -> None:
-        self.path: str | None = None
-        self._pid = 0
-        self._fd: int | None = None
-        self._mutex = threading.Lock()
-
-    def configure(self, path: Path | None) -> None:
-        self.path = f"{path}-writer" if path is not None else None
-        self._pid, self._fd = 0, None
-
-    def _file(self) -> int | None:
-        if self._pid != os.getpid():  # a forked child: its own descriptor, its own flock
-            self._pid, self._fd, self._mutex = os.getpid(), None, threading.Lock()
-            if self.path is not None:
-                try:
-                    self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                except OSError:
-                    self._fd = None
-        return self._fd
-
-    @contextmanager
-    def held(self) -> Iterator[None]:
-        fd = self._file()
-        with self._mutex:
-            if fd is None:
-                yield
-                return
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-
-
-_writer_lock = _WriterLock()
-
-
 @contextmanager
 def _immediate(db: peewee.SqliteDatabase) -> Iterator[None]:
     """BEGIN IMMEDIATE under this process's writer lock; a nested call is a savepoint."""
@@ -535,7 +399,7 @@ def _immediate(db: peewee.SqliteDatabase) -> Iterator[None]:
         with db.atomic():
             yield
         return
-    with _writer_lock.held(), db.atomic(lock_type="IMMEDIATE"):
+    with writer_lock.held(), db.atomic(lock_type="IMMEDIATE"):
         yield
 
 
