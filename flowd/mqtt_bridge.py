@@ -388,7 +388,10 @@ class MqttBridge:
         acknowledged, like ours), and the session ends when this connection closes, so
         the broker sends the group's next submits to the nodes still connected.
         """
-        if client_id == self.config.mqtt.client_id or self.config.mqtt.protocol != "5":
+        if client_id == self.config.mqtt.client_id:
+            return
+        self.refresh_wait_topics()  # what its waiting flows listen on, before its session ends
+        if self.config.mqtt.protocol != "5":
             return
         threading.Thread(target=self._drain_session, args=(node_id, client_id), name="flowd-mqtt-takeover",
                          daemon=True).start()
@@ -492,14 +495,16 @@ class MqttBridge:
             messages.append((reply_to, payload, correlation_hex))
         return messages
 
-    def handle_event(self, topic: str, payload: bytes, retained: bool = False) -> None:
+    def handle_event(self, topic: str, payload: bytes, retained: bool = False, *, any_topic: bool = False) -> None:
         """A message on a topic a waiting flow listens on (SPEC 2.1).
 
         A retained message replayed at subscribe time is old news, not the event waited for.
-        JSON payloads are passed decoded, other UTF-8 text as a string.
+        JSON payloads are passed decoded, other UTF-8 text as a string. ``any_topic``: it
+        came from a dead node's session, subscribed for its flows, which this node may
+        not have subscribed yet (the engine matches it against the waiting flows anyway).
         """
         with self._wait_lock:
-            watched = any(topic_matches(f, topic) for f in self._wait_filters)
+            watched = any_topic or any(topic_matches(f, topic) for f in self._wait_filters)
         if not watched or retained:
             log.debug("MQTT: ignoring a %smessage on '%s'", "retained " if retained else "", topic)
             return
@@ -549,4 +554,4 @@ class _SessionHandler:
         self.bridge.handle_submits(messages)
 
     def handle_event(self, topic: str, payload: bytes, retained: bool = False) -> None:
-        self.bridge.handle_event(topic, payload, retained)
+        self.bridge.handle_event(topic, payload, retained, any_topic=True)

@@ -9,6 +9,7 @@ database recorded.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
 import json
@@ -81,11 +82,9 @@ class Cluster:
 
     def define(self, sleep: float, schedule: str | None = None) -> None:
         """The three-step routine, stored once through flowd's own API (as flowctl apply would)."""
-        from flowd import api, catalog
-        from flowd.config import load_config
+        from flowd import catalog
 
-        api.configure(load_config(self.config_path("setup")))
-        try:
+        with self.api():
             paths = [str(self.task_dir)]
             catalog.save_task("logged", "nodes.Logged", task_paths=paths, options={"log": str(self.log),
                                                                                   "sleep": sleep})
@@ -93,6 +92,16 @@ class Cluster:
             if schedule:
                 catalog.save_task("tick", "nodes.Logged", task_paths=paths, options={"log": str(self.log)})
                 catalog.save_routine("tick", ["tick"], schedule=schedule)
+
+    @contextlib.contextmanager
+    def api(self) -> Iterator[None]:
+        """flowd's API on the cluster's database, in this process."""
+        from flowd import api
+        from flowd.config import load_config
+
+        api.configure(load_config(self.config_path("setup")))
+        try:
+            yield
         finally:
             api.reset()
 
@@ -312,6 +321,90 @@ def test_a_frozen_node_is_taken_over_and_commits_nothing_after_waking(cluster: C
         assert attempts[-1][0] > run["attempt"]
     assert woke_at > frozen_at + LEASE_S
     assert cluster.states() == {"DONE": len(flow_ids)}
+
+
+def test_a_waiting_flow_is_resumed_once_by_an_event_whichever_node_receives_it(
+        cluster: Cluster, mqtt_client: Callable[..., MqttClient]) -> None:
+    """Events come on plain subscriptions: every node that subscribed gets each one, and
+    each waiting flow must still resume once; a dead node's waiting flows resume on the others."""
+    from flowd import catalog
+
+    with cluster.api():
+        paths = [str(cluster.task_dir)]
+        catalog.save_task("awaits", "nodes.Awaits", task_paths=paths, options={"log": str(cluster.log)})
+        catalog.save_task("logged", "nodes.Logged", task_paths=paths, options={"log": str(cluster.log)})
+        catalog.save_routine("await", ["awaits", "logged"], max=100_000)
+    for node in "abc":
+        cluster.start(node)
+    wait_ready(cluster, "a", "b", "c")
+    watcher = mqtt_client()
+    watcher.subscribe("flow/+/status")
+    device = mqtt_client()
+    shared = 24  # flows 0..23 wait on one topic (every node subscribes it), the others on one each
+    count = shared + 24
+    topics = {i: "dev/all/event" if i < shared else f"dev/{i}/event" for i in range(count)}
+    for i in range(count):
+        device.publish("flow/submit", {"routine": "await", "request_id": f"w-{i}",
+                                       "kwargs": {"i": i, "topic": topics[i]}})
+    wait_for(lambda: cluster.sql("SELECT COUNT(*) FROM flow WHERE state = 'WAITING'") == [(count,)], 60,
+             interval=0.1, message=f"{count} flows WAITING")
+    by_request = {rid: fid for fid, rid in cluster.sql("SELECT id, request_id FROM flow")}
+    flow_of = {i: by_request[f"w-{i}"] for i in range(count)}
+    wait_for(lambda: {s["flow_id"] for s in watcher.json_on("flow/+/status") if s["state"] == "WAITING"}
+             >= set(flow_of.values()), 30, message="every WAITING status published")
+    time.sleep(2.5)  # each node subscribes what the others' flows wait on within 2 s
+    waited_on = {r["flow"]: r["node"] for r in cluster.executions() if r["position"] == 0}
+    assert len(set(waited_on.values())) >= 2, waited_on
+
+    def resumed(flows: set[int]) -> bool:
+        return {r["flow"] for r in cluster.executions() if r["position"] == 1} >= flows
+
+    # Every node gets each event on the common topic; one of them resumes the flow.
+    for i in range(shared):
+        device.publish("dev/all/event", {"i": i})
+    device.publish("dev/all/event", {"i": -1})  # matches no flow: resumes nothing
+    wait_for(lambda: resumed({flow_of[i] for i in range(shared)}), 30, interval=0.1,
+             message="the flows waiting on the common topic resumed")
+
+    # A node killed while flows it ran wait: the events reach the live nodes, or its
+    # session (which a live node takes over): its flows resume there, once.
+    of_b = [i for i in range(shared, count) if waited_on[flow_of[i]] == "b"]
+    assert of_b, "node b ran none of the flows waiting on their own topic"
+    cluster.procs["b"].kill9()
+    killed_at = time.time()
+    early = [i for i in range(shared, count) if i % 2 == 0]
+    for i in early:
+        device.publish(f"dev/{i}/event", {"i": i})
+    wait_for(lambda: "node b: its lease expired; node " in cluster.procs["a"].log_text()
+             + cluster.procs["c"].log_text(), LEASE_S + 15, message="b's lease taken over")
+    for i in range(shared, count):
+        if i not in early:
+            device.publish(f"dev/{i}/event", {"i": i})
+    wait_for(lambda: resumed(set(flow_of.values())), 30, interval=0.1, message="every flow resumed")
+    wait_for(lambda: cluster.states() == {"DONE": count}, 30, interval=0.1, message="every flow DONE")
+    cluster.start("b")  # back: whatever its session still held must resume nothing again
+    wait_ready(cluster, "b")
+    time.sleep(LEASE_S)
+
+    runs = cluster.executions()
+    steps: dict[tuple[int, int], list[str]] = defaultdict(list)
+    for run in runs:
+        steps[(run["flow"], run["position"])].append(run["node"])
+    assert {step: len(nodes) for step, nodes in steps.items() if len(nodes) != 1} == {}
+    assert set(steps) == {(f, p) for f in flow_of.values() for p in (0, 1)}
+    assert {flow_of[i] for i in of_b} <= {r["flow"] for r in runs if r["position"] == 1 and r["node"] != "b"
+                                          and r["start"] > killed_at}
+    attempts = cluster.sql("SELECT flow_id, position, COUNT(*) FROM task_result GROUP BY flow_id, position "
+                           "HAVING COUNT(*) <> 1")
+    assert attempts == []
+    # Each flow got its own event, not another's.
+    outputs = {fid: json.loads(out) if isinstance(out, str) else out for fid, out in cluster.sql(
+        "SELECT flow_id, output FROM task_result WHERE position = 0")}
+    assert {fid: out["kwargs"]["event"]["i"] for fid, out in outputs.items()} == {f: i for i, f in flow_of.items()}
+    statuses: dict[int, list[str]] = defaultdict(list)
+    for status in watcher.json_on("flow/+/status"):
+        statuses[status["flow_id"]].append(status["state"])
+    assert all(states.count("WAITING") == 1 for states in statuses.values()), statuses
 
 
 def test_a_session_the_server_ended_is_replaced_at_the_next_transaction(config_file: Callable[..., Path]) -> None:
