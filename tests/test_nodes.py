@@ -477,6 +477,55 @@ def test_a_request_id_sent_to_two_nodes_at_once_is_stored_once_and_each_submit_a
     print(f"\nnodes: {count} request ids sent to both nodes; {raced} cross-node race(s), each answered as a duplicate")
 
 
+def test_a_node_back_while_its_session_is_drained_waits_and_no_submit_runs_twice(
+        cluster: Cluster, mqtt_client: Callable[..., MqttClient]) -> None:
+    """b is killed with submits queued in its broker session; a takes the session and is
+    frozen halfway through it. b, back, must not take the session from under a: mosquitto
+    then ends it (a resumed it with a Session Expiry of 0) and drops what it had not sent
+    yet (without the wait, 334 of 800 were lost); a broker that resumed it would hand b
+    again what a had stored but not acknowledged (without request_id: two flows). b
+    connects once a has finished: every submit stored once."""
+    from flowd import catalog
+
+    with cluster.api():
+        catalog.save_task("logged", "nodes.Logged", task_paths=[str(cluster.task_dir)],
+                          options={"log": str(cluster.log)})
+        catalog.save_routine("one", ["logged"], max=100_000)
+    for node in "ab":
+        cluster.start(node)
+    wait_ready(cluster, "a", "b")
+    cluster.procs["b"].kill9()
+    device = mqtt_client()
+    count = 800
+    sent = [device.client.publish("flowd/b/submit", json.dumps({"routine": "one", "kwargs": {"i": i}}), qos=1)
+            for i in range(count)]
+    for info in sent:
+        info.wait_for_publish(10)
+    a = cluster.procs["a"]
+    assert a.proc is not None
+    wait_for(lambda: "is taking its MQTT session" in a.log_text(), LEASE_S + 15, interval=0.01,
+             message="a taking b's session")
+    os.killpg(a.proc.pid, signal.SIGSTOP)
+    try:
+        b = cluster.start("b")
+        wait_for(lambda: "is taking the broker session this node left" in b.log_text(), 30,
+                 message="b waiting for a to finish with its session")
+        time.sleep(0.5)
+        assert "ready: node" not in b.log_text()
+    finally:
+        os.killpg(a.proc.pid, signal.SIGCONT)
+    wait_ready(cluster, "b")
+    assert "took the" in a.log_text()  # a had finished with the session before b connected
+
+    def stored() -> list[tuple[Any, ...]]:
+        return cluster.sql("SELECT kwargs, COUNT(*) FROM flow GROUP BY kwargs")
+    wait_for(lambda: cluster.states() == {"DONE": len(stored())}, 60, interval=0.2, message="every flow DONE")
+    time.sleep(1.0)
+    twice = [kwargs for kwargs, n in stored() if n != 1]
+    assert twice == []
+    assert len(stored()) == count
+
+
 def test_a_session_the_server_ended_is_replaced_at_the_next_transaction(config_file: Callable[..., Path]) -> None:
     """A node frozen inside a transaction loses its session after IDLE_IN_TRANSACTION_S
     (so its locks hold no takeover back); awake, it connects again instead of failing forever."""
