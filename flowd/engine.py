@@ -20,7 +20,7 @@ from typing import Any
 
 from flowd import outbox, store
 from flowd.config import Config
-from flowd.errors import FlowdError, InputError, NotFoundError
+from flowd.errors import DuplicateRequest, FlowdError, InputError, NotFoundError
 from flowd.lease import is_shared_database
 from flowd.models import (
     FlowState,
@@ -304,11 +304,29 @@ class Engine:
                     ) -> list[tuple[Row, bool] | FlowdError]:
         """Store several submits in one transaction (group commit); per submit, (flow,
         created) or the FlowdError that refused it. A refusal changes nothing and never
-        undoes the others: every refusal is decided by reads, before its submit writes."""
-        effects = Effects()
+        undoes the others: every refusal is decided by reads, before its submit writes.
+
+        Another node may store a flow with one of these ``request_id`` after this
+        transaction looked for it (several nodes, SPEC 10): the database refuses the
+        second, the transaction rolls back, and the batch is stored again at once; the
+        read then finds that flow and answers it as a duplicate (SPEC 4.1). Each retry
+        finds one more, so they are bounded by the batch's size.
+        """
         now = now or utcnow()
-        outcomes: list[tuple[Row, bool] | FlowdError] = []
         self.definitions.refresh()
+        for _ in range(len(submissions)):
+            try:
+                return self._submit_batch(submissions, sync, now)
+            except DuplicateRequest as exc:
+                log.info("request_id '%s' was stored by another node at the same moment; storing the other %d "
+                         "submit(s) of its batch again and answering it as a duplicate", exc.request_id,
+                         len(submissions) - 1)
+        return self._submit_batch(submissions, sync, now)
+
+    def _submit_batch(self, submissions: list[Submission], sync: bool, now: dt.datetime
+                      ) -> list[tuple[Row, bool] | FlowdError]:
+        effects = Effects()
+        outcomes: list[tuple[Row, bool] | FlowdError] = []
         with write_transaction(sync=sync):
             for submission in submissions:
                 try:  # every refusal comes from these reads, before anything is written

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from flowd.config import Config
 from flowd.models import sqlite_path, write_transaction
@@ -44,6 +45,39 @@ class LeaseKeeper:
         if self.enabled:
             with write_transaction():
                 nodes.renew_lease(self.node_id, self.lease, self.client_id)
+
+    def wait_for_session_drain(self, limit: float) -> None:
+        """Before connecting to the broker: if a live node is taking this node's session
+        (its lease had expired), wait until it has disconnected from it. Connecting now
+        would take the session over from under it: mosquitto ends it and drops what it
+        still held; a broker that kept it would hand this node again what the other had
+        stored but not acknowledged (a submit without ``request_id``: two flows).
+        The wait ends early if that node's own lease expires (dead or frozen: its drain
+        is gone with it), and after ``limit`` s in any case."""
+        if not self.enabled:
+            return
+        with write_transaction():  # renewed first: no node claims the session after this read
+            nodes.renew_lease(self.node_id, self.lease, self.client_id)
+            drainer = nodes.session_drainer(self.node_id)
+        if drainer is None:
+            return
+        log.info("node %s: node %s is taking the broker session this node left; connecting once it is done",
+                 self.node_id, drainer)
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            if nodes.session_drainer(self.node_id) is None:
+                return
+            lease = nodes.lease_of(drainer)
+            if lease is None or not lease[2]:
+                log.warning("node %s: node %s stopped renewing its lease while taking this node's broker "
+                            "session; connecting", self.node_id, drainer)
+                break
+        else:
+            log.warning("node %s: node %s did not finish with this node's broker session within %.0fs; "
+                        "connecting anyway", self.node_id, drainer, limit)
+        with write_transaction():  # the mark would hold up this node's next start too
+            nodes.session_drained(self.node_id)
 
     def start(self) -> None:
         if not self.enabled or self._thread is not None:

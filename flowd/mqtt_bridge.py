@@ -34,6 +34,7 @@ from flowd.errors import ConfigError, InputError
 from flowd.intake import Intake, Received
 from flowd.models import isoformat, utcnow, write_transaction
 from flowd.payloads import SubmitRefused, SubmitRequest, is_reply_topic, parse_json_payload, parse_submit
+from flowd.store import nodes
 from flowd.topics import is_valid_filter, topic_matches
 
 log = logging.getLogger(__name__)
@@ -429,12 +430,28 @@ class MqttBridge:
         acknowledged, like ours), and the session ends when this connection closes, so
         the broker sends the group's next submits to the nodes still connected.
         """
+        self.refresh_wait_topics()  # what its waiting flows listen on, before its session ends
         if client_id == self.config.mqtt.client_id or self.config.mqtt.protocol != "5":
+            self._session_drained(node_id)
             return
         threading.Thread(target=self._drain_session, args=(node_id, client_id), name="flowd-mqtt-takeover",
                          daemon=True).start()
 
+    def _session_drained(self, node_id: str) -> None:
+        """Lift the mark :func:`nodes.claim_session` set: the node, back, may connect."""
+        try:
+            with write_transaction():
+                nodes.session_drained(node_id)
+        except Exception:  # the node back waits SESSION_LIMIT_S at most
+            log.exception("cannot note that node %s's broker session was taken", node_id)
+
     def _drain_session(self, node_id: str, client_id: str) -> None:
+        try:
+            self._drain(node_id, client_id)
+        finally:
+            self._session_drained(node_id)
+
+    def _drain(self, node_id: str, client_id: str) -> None:
         m = self.config.mqtt
         client = new_client(self.config, client_id, v5=True, persistent=True)  # no will, none of our callbacks
         topics = {self.config.topic("flow/submit"), self.config.topic(f"flowd/{node_id}/submit")}
@@ -453,6 +470,7 @@ class MqttBridge:
         client.on_message = on_message
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = 0
+        properties.ReceiveMaximum = RECEIVE_MAXIMUM  # the rest waits in the session, as for our own
         drain.start()
         try:
             client.connect(m.host, m.port, m.keepalive, clean_start=False, properties=properties)
@@ -460,6 +478,14 @@ class MqttBridge:
             log.warning("MQTT: cannot reach the broker to end node %s's session: %s", node_id, exc)
             drain.stop()
             return
+        log.info("node %s: its lease expired; node %s is taking its MQTT session '%s'", node_id,
+                 self.config.flowd.node_id, client_id)
+        # Out of the group first: the broker would go on handing this session its turn
+        # of new submits, and the last ones could come just before the session ends
+        # (lost with it). What it holds already is still delivered.
+        group = m.shared_group
+        client.unsubscribe([f"$share/{group}/{self.config.topic('flow/submit')}" if group
+                            else self.config.topic("flow/submit"), self.config.topic(f"flowd/{node_id}/submit")])
         client.loop_start()
         deadline = time.monotonic() + SESSION_LIMIT_S
         while time.monotonic() < deadline:
@@ -533,14 +559,16 @@ class MqttBridge:
             messages.append((reply_to, payload, correlation_hex))
         return messages
 
-    def handle_event(self, topic: str, payload: bytes, retained: bool = False) -> None:
+    def handle_event(self, topic: str, payload: bytes, retained: bool = False, *, any_topic: bool = False) -> None:
         """A message on a topic a waiting flow listens on (SPEC 2.1).
 
         A retained message replayed at subscribe time is old news, not the event waited for.
-        JSON payloads are passed decoded, other UTF-8 text as a string.
+        JSON payloads are passed decoded, other UTF-8 text as a string. ``any_topic``: it
+        came from a dead node's session, subscribed for its flows, which this node may
+        not have subscribed yet (the engine matches it against the waiting flows anyway).
         """
         with self._wait_lock:
-            watched = any(topic_matches(f, topic) for f in self._wait_filters)
+            watched = any_topic or any(topic_matches(f, topic) for f in self._wait_filters)
         if not watched or retained:
             log.debug("MQTT: ignoring a %smessage on '%s'", "retained " if retained else "", topic)
             return
@@ -590,4 +618,4 @@ class _SessionHandler:
         self.bridge.handle_submits(messages)
 
     def handle_event(self, topic: str, payload: bytes, retained: bool = False) -> None:
-        self.bridge.handle_event(topic, payload, retained)
+        self.bridge.handle_event(topic, payload, retained, any_topic=True)

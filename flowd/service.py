@@ -223,6 +223,9 @@ class Service:
         self.reaper = Reaper(self.config, self.engine)
         self.reaper.on_session_taken = self.bridge.end_session_of
         self.lease.start()
+        from flowd.mqtt_bridge import SESSION_LIMIT_S
+
+        self.lease.wait_for_session_drain(SESSION_LIMIT_S + self.config.mqtt.keepalive)
         self.bridge.start()
         if importlib.util.find_spec("flowd.scheduler") is not None:
             from flowd.scheduler_gate import SchedulerGate

@@ -104,11 +104,31 @@ def expired_nodes(except_node: str) -> list[str]:
 def claim_session(node_id: str, by_node: str) -> str | None:
     """The MQTT client id of an expired node whose broker session nobody has taken yet,
     now taken by ``by_node`` (one live node only); None when another node was first,
-    or the node renewed its lease meanwhile."""
+    or the node renewed its lease meanwhile. A claim marks the session as being drained
+    (:func:`session_drained` ends the mark), in the same transaction: the node, back
+    after renewing its lease (whose row this claim locks), sees it and waits."""
     now, params = _now_sql()
     row = execute(f"UPDATE node_lease SET taken_by = ? WHERE node_id = ? AND taken_by IS NULL AND expires_at < {now} "
                   "RETURNING client_id", (by_node, node_id, *params)).fetchone()
-    return row[0] if row else None
+    if row is None or row[0] is None:
+        return None
+    execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (_DRAIN_KEY + node_id, by_node))
+    return str(row[0])
+
+
+_DRAIN_KEY = "session_drain:"  # meta key: a live node is taking this node's broker session
+
+
+def session_drained(node_id: str) -> None:
+    """The live node that claimed ``node_id``'s session has disconnected from it."""
+    execute("DELETE FROM meta WHERE key = ?", (_DRAIN_KEY + node_id,))
+
+
+def session_drainer(node_id: str) -> str | None:
+    """The live node taking ``node_id``'s broker session now, if one is."""
+    row = execute("SELECT value FROM meta WHERE key = ?", (_DRAIN_KEY + node_id,)).fetchone()
+    return str(row[0]) if row else None
 
 
 def flows_of_expired_node(node_id: str) -> list[Row]:

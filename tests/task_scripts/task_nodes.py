@@ -4,7 +4,18 @@ import json
 import os
 import time
 
-from flowd.task import Task
+from flowd.task import Task, Wait
+
+
+def _log(log, step, start):
+    line = json.dumps({"node": os.environ.get("FLOWD_TEST_NODE", "?"), "flow": step.flow_id,
+                       "position": step.position, "attempt": step.attempt, "start": start,
+                       "end": time.time()}) + "\n"
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
 
 
 class Logged(Task):
@@ -14,12 +25,13 @@ class Logged(Task):
     def perform(self, *args, log, sleep=0.0, **kwargs):
         start = time.time()
         time.sleep(float(sleep))
-        line = json.dumps({"node": os.environ.get("FLOWD_TEST_NODE", "?"), "flow": self.flow_id,
-                           "position": self.position, "attempt": self.attempt, "start": start,
-                           "end": time.time()}) + "\n"
-        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line.encode())
-        finally:
-            os.close(fd)
+        _log(log, self, start)
         return args, kwargs
+
+
+class Awaits(Task):
+    """Logged like ``Logged``, then waits for a message on ``topic`` whose payload has ``"i": i``."""
+
+    def perform(self, *args, log, topic, i, **kwargs):
+        _log(log, self, time.time())
+        return Wait(topic, match={"i": i})
