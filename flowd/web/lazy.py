@@ -19,6 +19,7 @@ import logging
 import selectors
 import socket
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from flowd.config import Config
@@ -119,6 +120,7 @@ class LazyConsole:
         self._load()
 
     def _load(self) -> None:
+        started = time.monotonic()
         try:
             from flowd.web.server import Console
 
@@ -138,7 +140,7 @@ class LazyConsole:
                 self._close_sockets()
                 return
             self._server = server
-        log.debug("web console: loaded at the first connection")
+        log.info("web console: loaded at the first connection (%.0f ms)", 1000 * (time.monotonic() - started))
 
     def stop(self, timeout: float = 5.0) -> None:
         """Close the listening sockets and, once loaded, every connection and the server's threads."""
