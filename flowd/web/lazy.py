@@ -92,13 +92,13 @@ class LazyConsole:
         return self._server is not None
 
     def start(self) -> None:
+        self._changes = Changes()  # what exists now is not counted by /metrics
         host, port = self.config.web.address
         try:
             self._sockets = listen(host, port)
         except OSError as exc:
             raise ConfigError(f"the console cannot listen on {self.config.web.listen}: {exc.strerror or exc}",
                               key="web.listen", path=self.config.path) from None
-        self._changes = Changes()  # what exists now is not counted by /metrics
         self._wake = socket.socketpair()
         self._thread = threading.Thread(target=self._wait, name="web-console-door", daemon=True)
         self._thread.start()
