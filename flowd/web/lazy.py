@@ -66,7 +66,6 @@ class LazyConsole:
 
     >>> console = LazyConsole(config, password)   # password: auth.load_password(...) or None
     >>> console.start()                           # raises ConfigError if it cannot listen
-    >>> console.loaded                            # False until someone connects
     >>> console.stop()
     """
 
@@ -85,11 +84,6 @@ class LazyConsole:
     def url(self) -> str:
         host, port = self.config.web.address
         return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
-
-    @property
-    def loaded(self) -> bool:
-        """True once the web libraries are imported and serving."""
-        return self._server is not None
 
     def start(self) -> None:
         self._changes = Changes()  # what exists now is not counted by /metrics
