@@ -245,12 +245,13 @@ class Service:
             self._console_password = load_password(web.password_file, self.config.path)
 
     def _start_console(self) -> None:
-        """The web console, imported only now: the worker processes never load it."""
+        """The console's port, taken now (after the fork: no worker holds it); its web
+        libraries are imported at the first connection (flowd.web.lazy)."""
         if not self.config.web.enabled:
             return
-        from flowd.web.server import Console
+        from flowd.web.lazy import LazyConsole
 
-        console = Console(self.config, self._console_password)
+        console = LazyConsole(self.config, self._console_password)
         try:
             console.start()
         except ConfigError as exc:

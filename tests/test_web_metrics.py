@@ -9,23 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import wait_for
-from prometheus_client.parser import text_string_to_metric_families
-from webconsole import Http, start_console_daemon, time_get
-
-
-def scrape(client: Http) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of /metrics, parsed by the Prometheus client's own parser."""
-    status, headers, text = client.get("/metrics")
-    assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def value(samples: dict[Any, float], name: str, **labels: str) -> float | None:
-    return samples.get((name, tuple(sorted(labels.items()))))
+from webconsole import scrape, start_console_daemon, time_get, value
 
 
 def test_metrics_count_what_ran(tmp_path: Path, broker: Any, config_file: Any, flowd_proc: Any) -> None:

@@ -17,6 +17,7 @@ from urllib.parse import urlencode
 
 import pytest
 from conftest import ROOT, flowd_env, wait_for
+from prometheus_client.parser import text_string_to_metric_families
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -220,3 +221,18 @@ def time_get(client: Http, path: str, runs: int = 5) -> float:
         times.append(time.perf_counter() - start)
         assert status == 200, path
     return sorted(times)[len(times) // 2]
+
+
+def scrape(client: Http) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of /metrics, parsed by the Prometheus client's own parser."""
+    status, headers, text = client.get("/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: dict[Any, float], name: str, **labels: str) -> float | None:
+    return samples.get((name, tuple(sorted(labels.items()))))

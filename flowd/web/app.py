@@ -26,6 +26,7 @@ from flowd.display import human_duration, human_size, local_time, parse_iso, scr
 from flowd.errors import FlowdError, InputError, NotFoundError, StoreUnavailable
 from flowd.models import ACTIVE_STATES, ENDED_STATES, FlowState
 from flowd.web.auth import LoginThrottle, PasswordHash, Session, Sessions
+from flowd.web.changes import Changes
 from flowd.web.metrics import CONTENT_TYPE, Metrics
 
 log = logging.getLogger(__name__)
@@ -104,14 +105,15 @@ def _refuse_constant(name: str) -> Any:
 
 
 class ConsoleApp:
-    """The WSGI application: ``ConsoleApp(config, password).wsgi`` for the server."""
+    """The WSGI application: ``ConsoleApp(config, password, changes).wsgi`` for the server
+    (``changes``: the /metrics baseline taken at the daemon's start; None: from now on)."""
 
-    def __init__(self, config: Config, password: PasswordHash | None):
+    def __init__(self, config: Config, password: PasswordHash | None, changes: Changes | None = None):
         self.config = config
         self.password = password
         self.sessions = Sessions()
         self.throttle = LoginThrottle()
-        self.metrics = Metrics()
+        self.metrics = Metrics(changes)
         self._templates: dict[str, bottle.SimpleTemplate] = {}
         self.wsgi = bottle.Bottle(catchall=True)
         self.wsgi.config["json.enable"] = False
