@@ -111,6 +111,7 @@ def run_batch(rt: WorkerRuntime, pairs: list[tuple[int, int]], pid: int) -> None
     batch = Batch(steps)
     _watchdog(rt).watch(batch)
     rt.batch = batch
+    rt.loader.new_round()
     try:
         while True:
             if rt.stopping():
@@ -134,6 +135,7 @@ def run_batch(rt: WorkerRuntime, pairs: list[tuple[int, int]], pid: int) -> None
                 # worker's batch stays full, and its commits carry more steps each.
                 more = rt.take_waiting(MAX_HELD - len(done)) if hold and rt.take_waiting is not None else None
                 batch.start_round(rt.engine.finish_many(done, pid, hold=hold, claim=more))
+                rt.loader.new_round()
                 continue
             step.started_at = utcnow()
             output = None
@@ -146,6 +148,7 @@ def run_batch(rt: WorkerRuntime, pairs: list[tuple[int, int]], pid: int) -> None
         raise
     finally:
         rt.batch = None
+        rt.loader.end_rounds()
         _watchdog(rt).watch(None)
 
 

@@ -74,9 +74,29 @@ class ScriptLoader:
         self.task_paths = tuple(task_paths)
         self._modules: dict[Path, tuple[tuple[int, int], ModuleType]] = {}
         self._paths: dict[str, Path] = {}  # module -> its file, found once
+        self._round: dict[str, tuple[Path, os.stat_result]] | None = None  # stats taken this round
+
+    def new_round(self) -> None:
+        """A worker starts a round of steps (flowd.batch): each script file is looked at
+        once in it, not once per step. The round starts after its flows were claimed, so
+        a file changed before a flow was submitted is always seen by its steps."""
+        self._round = {}
+
+    def end_rounds(self) -> None:
+        """The worker's batch is over: one stat per load again."""
+        self._round = None
 
     def _script_file(self, module: str) -> tuple[Path, os.stat_result]:
-        """The module's file and its stat: one stat per step while the file stays put."""
+        """The module's file and its stat: one stat per step (per round in a worker)
+        while the file stays put."""
+        if self._round is not None:
+            found = self._round.get(module)
+            if found is None:
+                found = self._round[module] = self._stat_script(module)
+            return found
+        return self._stat_script(module)
+
+    def _stat_script(self, module: str) -> tuple[Path, os.stat_result]:
         path = self._paths.get(module)
         if path is not None:
             try:

@@ -117,6 +117,8 @@ class OutboxPublisher:
         self._stopping = threading.Event()
         self._wake: WakeSocket | None = None
         self._poke_r, self._poke_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._poked = False     # something to do: set by poke(), cleared by the thread when it wakes
+        self._sleeping = False  # the thread is in (or about to enter) select: poke() must send
         self._poke_r.setblocking(False)
         self._poke_w.setblocking(False)
         self._thread: threading.Thread | None = None
@@ -138,7 +140,12 @@ class OutboxPublisher:
         self._thread.start()
 
     def poke(self) -> None:
-        """Wake the thread now (connected, or room in the window again)."""
+        """Wake the thread now (connected, or room in the window again). A thread that is
+        not asleep sees the flag before it sleeps again: no system call per status or
+        PUBACK under load."""
+        self._poked = True
+        if not self._sleeping:
+            return
         try:
             self._poke_w.send(b"!")
         except OSError:
@@ -239,10 +246,14 @@ class OutboxPublisher:
 
     def _wait(self, timeout: float) -> None:
         assert self._wake is not None
+        self._sleeping = True  # then the flag: a poke either sees this or is seen below (one GIL)
         try:
-            readable, _, _ = select.select([self._wake.sock, self._poke_r], [], [], timeout)
+            readable, _, _ = select.select([self._wake.sock, self._poke_r], [], [], 0 if self._poked else timeout)
         except InterruptedError:
             return
+        finally:
+            self._sleeping = False
+            self._poked = False  # the pass that follows sees what every poke so far announced
         if self._poke_r in readable:
             try:
                 while self._poke_r.recv(64):

@@ -183,3 +183,21 @@ def test_a_recorded_run_is_stored_ended_with_its_attempts(engine: Any) -> None:
     assert (attempt.state, attempt.output, attempt.started_at) == ("DONE", {"child": child}, NOW)
     assert [(c.id, c.state, c.depth) for c in store.child_flows(parent)] == [(child, "FAILED", 1)]
     assert sorted(catalog.task_names()) == ["add", "plain"] and sorted(catalog.routine_names()) == ["other", "pair"]
+
+
+def test_attempt_changes_work_out_each_duration_in_the_database(engine: Any) -> None:
+    # /metrics reads thousands of attempts a minute: the duration comes from SQL, exact to
+    # the microsecond, across a second boundary and with no fraction on one side.
+    flow_id = engine.submit("pair", [1], now=NOW)[0].id
+    cases = [(NOW, NOW + dt.timedelta(microseconds=1500)),
+             (dt.datetime(2026, 5, 1, 12, 0, 0, 999999), dt.datetime(2026, 5, 1, 12, 0, 1)),
+             (dt.datetime(2026, 5, 1, 23, 59, 59, 999999), dt.datetime(2026, 5, 2, 0, 0, 2, 500000))]
+    with write_transaction():
+        for attempt, (started, finished) in enumerate(cases, start=1):
+            TaskResult.create(flow=flow_id, position=0, task="add", attempt=attempt, state="DONE",
+                              started_at=started, finished_at=finished)
+        TaskResult.create(flow=flow_id, position=1, task="plain", attempt=1, state="RUNNING", started_at=NOW)
+    changes, _newest = api.attempt_changes(0)
+    took = [t for _, fid, routine, _, t in changes if fid == flow_id and routine == "pair"]
+    assert took[:3] == pytest.approx([0.0015, 0.000001, 2.500001], abs=1e-9)
+    assert took[3] is None  # still running

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from flowd.models import ENDED_STATES
-from flowd.store.rows import decode_time, execute
+from flowd.store.rows import execute, is_sqlite
 
 _CHUNK = 500
 
@@ -52,18 +52,28 @@ def attempt_changes(after_id: int | None, watched: Iterable[int] = ()
                     ) -> list[tuple[int, int, str, str, float | None]]:
     """(id, flow id, routine, task, seconds it took or None while it runs) of every step
     attempt newer than ``after_id`` and of the ``watched`` ones (``after_id=None``: the
-    attempts still running)."""
-    head = ("SELECT t.id, t.flow_id, f.routine, t.task, t.started_at, t.finished_at FROM task_result t "
+    attempts still running). The database works out how long each took: no time is
+    parsed in Python."""
+    head = (f"SELECT t.id, t.flow_id, f.routine, t.task, {_took()} FROM task_result t "
             "JOIN flow f ON f.id = t.flow_id WHERE ")
     queries: list[tuple[str, tuple[object, ...]]] = [
         (head + "t.id > ?", (after_id,)) if after_id is not None else (head + "t.finished_at IS NULL", ())]
     queries += [(head + f"t.id IN ({_marks(len(chunk))})", tuple(chunk)) for chunk in _chunks(watched)]
     found: dict[int, tuple[int, int, str, str, float | None]] = {}
     for text, params in queries:
-        for attempt_id, flow_id, routine, task, started, finished in execute(text, params).fetchall():
-            took = None
-            start, end = decode_time(started), decode_time(finished)
-            if start is not None and end is not None:
-                took = max((end - start).total_seconds(), 0.0)
-            found[attempt_id] = (int(attempt_id), int(flow_id), str(routine), str(task), took)
+        for attempt_id, flow_id, routine, task, took in execute(text, params).fetchall():
+            found[attempt_id] = (int(attempt_id), int(flow_id), str(routine), str(task),
+                                 None if took is None else max(float(took), 0.0))
     return sorted(found.values())
+
+
+def _took() -> str:
+    """Seconds from ``t.started_at`` to ``t.finished_at`` (NULL while it runs), exact to the
+    microsecond. SQLite keeps times as text, 'YYYY-MM-DD HH:MM:SS[.ffffff]': whole seconds
+    from strftime('%s') of the first 19 characters (given the fraction, it may round up),
+    the fraction from character 20 on ('' counts as 0)."""
+    if is_sqlite():
+        return ("CASE WHEN t.finished_at IS NULL OR t.started_at IS NULL THEN NULL ELSE "
+                "(strftime('%s', substr(t.finished_at, 1, 19)) - strftime('%s', substr(t.started_at, 1, 19))) "
+                "+ (substr(t.finished_at, 20) - substr(t.started_at, 20)) END")
+    return "EXTRACT(EPOCH FROM (t.finished_at - t.started_at))"
