@@ -28,6 +28,7 @@ from flowd.models import (
     StepState,
     dumps,
     isoformat,
+    make_step_durable,
     utcnow,
     write_transaction,
 )
@@ -676,6 +677,10 @@ class Engine:
                     started = self._claim_one(flows.get(flow_id), token, pid, effects, now)
                     if started is not None:
                         nxt.append(started)
+        if finished:
+            # At synchronous = full these outputs are on disk before the next steps run,
+            # and before the daemon hears of them: its publisher finds nothing to sync.
+            make_step_durable()
         self._apply(effects)
         return nxt
 

@@ -1,8 +1,8 @@
 """Messages from the broker, handled in arrival order by one thread, with group commit.
 
 paho calls ``on_message`` once per message on its network thread. Handing each to
-the engine there would cost one transaction and (at ``synchronous = full``) one fsync
-per submit, and hold the network thread while it waits for the disk. Instead the
+the engine there would cost one transaction and one fsync per submit, and hold the
+network thread while it waits for the disk. Instead the
 bridge queues the message here; this thread takes whatever has arrived, stores a run
 of consecutive submits in one transaction (``Engine.submit_many``), makes it durable
 once (``models.make_durable``), and only then sends the PUBACKs, in arrival order

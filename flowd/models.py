@@ -35,6 +35,7 @@ from peewee import (
 from flowd.config import DatabaseSection, redact_url
 from flowd.durability import durability, writer_lock
 from flowd.durability import make_durable as make_durable  # the durability point, here for every caller
+from flowd.durability import make_step_durable as make_step_durable
 from flowd.errors import StoreUnavailable
 
 database = DatabaseProxy()
@@ -313,7 +314,9 @@ def init_database(section: DatabaseSection, *, create: bool = True,
             pragmas={
                 "auto_vacuum": "incremental",  # must come first: only takes effect before WAL and tables
                 "journal_mode": "wal",
-                "synchronous": section.synchronous,
+                # Both settings: a commit writes its WAL frames without a fsync, and
+                # make_durable() syncs them, outside the write lock (flowd.durability).
+                "synchronous": "normal",
                 "foreign_keys": 1,
                 "busy_timeout": int(busy_timeout * 1000),
             },

@@ -1,6 +1,8 @@
-"""The durability point (flowd.durability) at ``synchronous = normal``: a fsync from any
-process covers every commit made before it (on the power-cut filesystem), and making
-something durable never drops the SQLite locks its own process holds."""
+"""The durability point shared across processes (flowd.durability), on the power-cut
+filesystem: a fsync from any process covers every commit made before it, one skipped
+because another process synced never loses a commit, one with nothing new to cover
+costs nothing, and making something durable never drops the SQLite locks its own
+process holds."""
 
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ SYNCER = textwrap.dedent("""
     point = Durability()
     point.configure(Path(sys.argv[1]), "normal")
     point.sync()
-    print(point.fsyncs)
+    print(point.fsyncs, point.skipped)
 """)
 
 # A reader holding a read transaction (a lock on the -shm file) while its process makes
@@ -95,10 +97,12 @@ def writer(lossy: LossyMount) -> Iterator[Writer]:  # noqa: F811 - the fixture i
         found.kill()
 
 
-def sync_from_another_process(db: Path) -> int:
+def sync_from_another_process(db: Path) -> tuple[int, int]:
+    """(fsyncs, skipped) of one make_durable in a new process."""
     out = subprocess.run([sys.executable, "-c", SYNCER, str(db)], capture_output=True, text=True, env=env(),
                          timeout=60, check=True)
-    return int(out.stdout)
+    fsyncs, skipped = out.stdout.split()
+    return int(fsyncs), int(skipped)
 
 
 def rows_after_cut(lossy: LossyMount, db: Path) -> int:  # noqa: F811
@@ -114,18 +118,31 @@ def rows_after_cut(lossy: LossyMount, db: Path) -> int:  # noqa: F811
 def test_a_sync_from_any_process_covers_the_commits_of_the_others(lossy: LossyMount, writer: Writer) -> None:  # noqa: F811
     db = lossy.mountpoint / "shared.db"
     writer.commit(100)
-    assert sync_from_another_process(db) == 1
+    assert sync_from_another_process(db) == (1, 0)
+    assert sync_from_another_process(db) == (0, 1)  # nobody committed since: skipped
     writer.commit(100)
-    assert sync_from_another_process(db) == 1
+    assert sync_from_another_process(db) == (1, 0)  # new frames: synced, not skipped
     writer.kill()
     assert rows_after_cut(lossy, db) == 200
+
+
+def test_a_stale_record_never_skips_a_fsync(lossy: LossyMount, writer: Writer) -> None:  # noqa: F811
+    db = lossy.mountpoint / "shared.db"
+    writer.commit(50)
+    Path(f"{db}-synced").write_bytes(b"\x00" * 24)
+    assert sync_from_another_process(db) == (1, 0)
+    Path(f"{db}-synced").write_bytes(b"garbage")
+    writer.commit(50)
+    assert sync_from_another_process(db) == (1, 0)
+    writer.kill()
+    assert rows_after_cut(lossy, db) == 100
 
 
 def test_without_a_sync_the_cut_takes_the_commits(lossy: LossyMount, writer: Writer) -> None:  # noqa: F811
     # The check above can fail: commits nobody synced are gone after the cut.
     db = lossy.mountpoint / "shared.db"
     writer.commit(100)
-    assert sync_from_another_process(db) == 1
+    assert sync_from_another_process(db) == (1, 0)
     writer.commit(100)
     writer.kill()
     assert rows_after_cut(lossy, db) == 100
