@@ -219,6 +219,37 @@ def worker_pool(db: Any) -> Iterator[Any]:
     pool.stop(grace=2)
 
 
+PG_ADMIN = "dbname=postgres user=postgres host=127.0.0.1 port=5432"  # the machine's PostgreSQL
+
+
+def create_pg_database(prefix: str) -> str:
+    """A new, empty database on the machine's PostgreSQL for one test; its name."""
+    import uuid
+
+    import psycopg2
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = psycopg2.connect(PG_ADMIN)
+    try:
+        admin.autocommit = True
+        admin.cursor().execute(f'CREATE DATABASE "{name}"')
+    finally:
+        admin.close()
+    return name
+
+
+def drop_pg_database(name: str) -> None:
+    """Drop a test's database, closing what is still connected to it."""
+    import psycopg2
+
+    admin = psycopg2.connect(PG_ADMIN)
+    try:
+        admin.autocommit = True
+        admin.cursor().execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    finally:
+        admin.close()
+
+
 def flowd_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "INVOCATION_ID",
                                                              "STATE_DIRECTORY", "JOURNAL_STREAM", "FLOWD_CONFIG")}

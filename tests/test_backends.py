@@ -8,16 +8,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg2
 import pytest
 import redis
-from conftest import wait_for
+from conftest import create_pg_database, drop_pg_database, wait_for
 
 from flowd import api, catalog
 from flowd.config import load_config
 from flowd.workers import WorkerPool
 
-PG_ADMIN = "dbname=postgres user=postgres host=127.0.0.1 port=5432"
 REDIS_URL = "redis://127.0.0.1:6379/15"
 
 
@@ -27,11 +25,7 @@ def backend(request: Any, config_file: Any) -> Iterator[Any]:
     sections: dict[str, Any] = {}
     dbname = None
     if request.param == "postgres-redis":
-        dbname = f"flowd_test_{uuid.uuid4().hex[:12]}"
-        admin = psycopg2.connect(PG_ADMIN)
-        admin.autocommit = True
-        admin.cursor().execute(f'CREATE DATABASE "{dbname}"')
-        admin.close()
+        dbname = create_pg_database("flowd_test")
         queue_name = f"flowd-test-{uuid.uuid4().hex[:8]}"
         sections = {"database": {"url": f"postgresql://postgres@127.0.0.1:5432/{dbname}"},
                     "queue": {"backend": "redis", "url": REDIS_URL, "name": queue_name}}
@@ -43,10 +37,7 @@ def backend(request: Any, config_file: Any) -> Iterator[Any]:
     api.reset()
     if dbname:
         redis.Redis.from_url(REDIS_URL).flushdb()
-        admin = psycopg2.connect(PG_ADMIN)
-        admin.autocommit = True
-        admin.cursor().execute(f'DROP DATABASE "{dbname}" WITH (FORCE)')
-        admin.close()
+        drop_pg_database(dbname)
 
 
 def ended(flow_id: int) -> Any:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_for
+from conftest import create_pg_database, drop_pg_database, wait_for
 
 from flowd import api, catalog, loader, outbox
 from flowd.config import redact_url
@@ -228,19 +228,11 @@ def test_redact_url_masks_passwords_and_secret_parameters() -> None:
 
 
 def _pg_database() -> Iterator[str]:
-    import uuid
-
-    import psycopg2
-
-    name = f"flowd_test_{uuid.uuid4().hex[:12]}"
-    admin = psycopg2.connect("dbname=postgres user=postgres host=127.0.0.1 port=5432")
-    admin.autocommit = True
-    admin.cursor().execute(f'CREATE DATABASE "{name}"')
+    name = create_pg_database("flowd_test")
     try:
         yield name
     finally:
-        admin.cursor().execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        admin.close()
+        drop_pg_database(name)
 
 
 @pytest.fixture

@@ -28,9 +28,18 @@ import peewee
 import psycopg2
 import pytest
 import redis
-from conftest import Broker, FlowdProcess, MqttClient, flowd_env, wait_for, write_config
+from conftest import (
+    PG_ADMIN,
+    Broker,
+    FlowdProcess,
+    MqttClient,
+    create_pg_database,
+    drop_pg_database,
+    flowd_env,
+    wait_for,
+    write_config,
+)
 
-PG_ADMIN = "dbname=postgres user=postgres host=127.0.0.1 port=5432"
 REDIS_URL = "redis://127.0.0.1:6379/14"
 LEASE_S = 2.0
 FLOWS = int(os.environ.get("FLOWD_TEST_NODES_FLOWS", "240"))
@@ -45,16 +54,12 @@ class Cluster:
         self.broker = broker
         self.task_dir = task_dir
         self.start_proc = flowd_proc
-        self.dbname = f"flowd_nodes_{uuid.uuid4().hex[:10]}"
+        self.dbname = create_pg_database("flowd_nodes")
         self.queue = f"flowd-nodes-{uuid.uuid4().hex[:8]}"
         self.url = f"postgresql://postgres@127.0.0.1:5432/{self.dbname}"
         self.log = tmp_path / "executions.jsonl"
         self.procs: dict[str, FlowdProcess] = {}
         self.lease = LEASE_S
-        admin = psycopg2.connect(PG_ADMIN)
-        admin.autocommit = True
-        admin.cursor().execute(f'CREATE DATABASE "{self.dbname}"')
-        admin.close()
 
     def config_path(self, node: str) -> Path:
         state = self.tmp_path / f"state-{node}"
@@ -125,10 +130,7 @@ class Cluster:
         client = redis.Redis.from_url(REDIS_URL)
         for key in client.scan_iter(f"*{self.queue}*"):
             client.delete(key)
-        admin = psycopg2.connect(PG_ADMIN)
-        admin.autocommit = True
-        admin.cursor().execute(f'DROP DATABASE "{self.dbname}" WITH (FORCE)')
-        admin.close()
+        drop_pg_database(self.dbname)
 
 
 @pytest.fixture
@@ -536,10 +538,9 @@ def test_a_session_the_server_ended_is_replaced_at_the_next_transaction(config_f
     from flowd.config import load_config
     from flowd.models import Meta, write_transaction
 
-    dbname = f"flowd_nodes_{uuid.uuid4().hex[:10]}"
-    admin = psycopg2.connect(PG_ADMIN)
+    dbname = create_pg_database("flowd_nodes")
+    admin = psycopg2.connect(PG_ADMIN)  # to end the daemon's session under it
     admin.autocommit = True
-    admin.cursor().execute(f'CREATE DATABASE "{dbname}"')
     try:
         api.configure(load_config(config_file(database={"url": f"postgresql://postgres@127.0.0.1:5432/{dbname}"})))
         from flowd.models import database
@@ -556,5 +557,5 @@ def test_a_session_the_server_ended_is_replaced_at_the_next_transaction(config_f
         assert sorted(m.key for m in Meta.select() if m.key in "xyz") == ["z"]
     finally:
         api.reset()
-        admin.cursor().execute(f'DROP DATABASE "{dbname}" WITH (FORCE)')
         admin.close()
+        drop_pg_database(dbname)

@@ -8,19 +8,17 @@ through the store and, where the store must not be trusted, through the peewee m
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import psycopg2
 import pytest
+from conftest import create_pg_database, drop_pg_database
 
 from flowd import api, catalog, store
 from flowd.config import load_config
 from flowd.errors import InputError
 from flowd.models import Flow, Outbox, TaskResult, write_transaction
 
-PG_ADMIN = "dbname=postgres user=postgres host=127.0.0.1 port=5432"
 NOW = dt.datetime(2026, 5, 1, 12, 0, 0, 250000)
 
 
@@ -30,11 +28,7 @@ def engine(request: Any, config_file: Any) -> Iterator[Any]:
     sections: dict[str, Any] = {}
     dbname = None
     if request.param == "postgres":
-        dbname = f"flowd_store_{uuid.uuid4().hex[:12]}"
-        admin = psycopg2.connect(PG_ADMIN)
-        admin.autocommit = True
-        admin.cursor().execute(f'CREATE DATABASE "{dbname}"')
-        admin.close()
+        dbname = create_pg_database("flowd_store")
         sections = {"database": {"url": f"postgresql://postgres@127.0.0.1:5432/{dbname}"}}
     engine = api.configure(load_config(config_file(**sections)), create=True)
     paths = engine.config.flowd.task_paths
@@ -45,10 +39,7 @@ def engine(request: Any, config_file: Any) -> Iterator[Any]:
     yield engine
     api.reset()
     if dbname:
-        admin = psycopg2.connect(PG_ADMIN)
-        admin.autocommit = True
-        admin.cursor().execute(f'DROP DATABASE "{dbname}" WITH (FORCE)')
-        admin.close()
+        drop_pg_database(dbname)
 
 
 def test_listings_traces_and_counts(engine: Any) -> None:
