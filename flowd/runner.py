@@ -285,13 +285,14 @@ def check_json(value: Any, label: str) -> str:
     that is not a string, a tuple, an object JSON cannot carry) is walked in Python,
     to name the problem or to find there is none.
     """
+    text: str | None = None
     try:
         text = dumps(value)
         text.encode("utf-8")
         if json.loads(text) == value:
             return text
     except (TypeError, ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
-        pass
+        text = None
     problem = _first_non_json(value, "")
     if problem is not None:
         path, bad = problem
@@ -300,8 +301,10 @@ def check_json(value: Any, label: str) -> str:
                             f"at '{path.lstrip('.') or '(the value itself)'}': {_short(bad)}")
         raise StepError(f"{label} returned a value that is not JSON-serialisable at '{path.lstrip('.')}': "
                         f"{type(bad).__name__} {_short(bad)}")
+    if text is not None:
+        return text  # plain JSON that reads back otherwise: tuples, say, as arrays
     try:
-        return dumps(value)  # tuples, say: JSON arrays
+        return dumps(value)
     except (TypeError, ValueError, RecursionError) as exc:
         raise StepError(f"{label} returned a value that cannot be stored as JSON: {exc}") from None
 

@@ -198,9 +198,9 @@ _FINISH_HELD_POSTGRES = _FINISH_HELD.format(same="=") + " FOR UPDATE)"
 
 def finish_held_result(result_id: int, output_json: str, now: dt.datetime, started_at: dt.datetime | None,
                        flow_id: int, worker_pid: int, token: int, node_id: str | None) -> bool:
-    """Record a finished attempt (its output as JSON text) if its worker still holds the flow (same node, same
-    worker, same dispatch token, flow RUNNING, attempt RUNNING): the check and the write
-    in one statement. False: the flow was cancelled or taken over (the token is the
+    """Record a finished attempt (its output as JSON text) if its worker still holds the
+    flow (same node, same worker, same dispatch token, flow RUNNING, attempt RUNNING):
+    the check and the write in one statement. False: the flow was cancelled or taken over (the token is the
     fence: a node frozen past its lease commits nothing), and nothing was written."""
     # On PostgreSQL the flow row is locked (see _locking): a takeover under way is waited for.
     cursor = execute(_FINISH_HELD_SQLITE if is_sqlite() else _FINISH_HELD_POSTGRES,
