@@ -3,7 +3,8 @@
 huey.storage imports redis, and peewee and playhouse.migrate psycopg2 (and psycopg),
 whenever they are installed: ~8 and ~5 MiB in every process of a node on SQLite. The
 daemon calls :func:`import_for` before it forks its workers; a replacement worker (a
-fresh interpreter) calls it too.
+fresh interpreter) calls it too. playhouse.migrate (~0.5 MiB) is imported only when a
+schema upgrade runs (:mod:`flowd.migrations`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ def import_for(config: Config) -> None:
     unused = ["redis"] if config.queue.backend == "sqlite" else []
     if config.database.url.startswith("sqlite:"):
         unused += ["psycopg2", "psycopg"]
-    import_without(unused, ["peewee", "playhouse.migrate", "huey.storage"])
+    import_without(unused, ["peewee", "huey.storage"])
 
 
 def import_without(absent: list[str], modules: list[str]) -> None:

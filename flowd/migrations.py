@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import peewee
 
 from flowd import models
+from flowd.imports import import_without
 
 if TYPE_CHECKING:
     from playhouse.migrate import SchemaMigrator
@@ -136,6 +137,8 @@ def upgrade_schema(db: peewee.Database) -> int:
 
         raise StoreUnavailable(f"the database has schema version {version}, newer than this flowd "
                                f"understands ({LATEST}); upgrade flowd")
+    if isinstance(db, peewee.SqliteDatabase):  # its PostgreSQL helpers would load the drivers
+        import_without(["psycopg2", "psycopg"], ["playhouse.migrate"])
     from playhouse.migrate import SchemaMigrator
 
     migrator = SchemaMigrator.from_database(db)

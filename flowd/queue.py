@@ -27,6 +27,7 @@ from huey.storage import SqliteStorage
 
 from flowd.config import Config
 from flowd.errors import StoreUnavailable
+from flowd.libc import HeapTrimmer
 from flowd.models import utcnow
 from flowd.wakeup import WakeSocket, send_wakeup
 
@@ -46,6 +47,7 @@ class WakeableSqliteStorage(SqliteStorage):  # type: ignore[misc]
 
     ``blocking = True`` tells huey's worker loop not to sleep between empty dequeues;
     the wait happens here instead, and ends as soon as an enqueue sends a datagram.
+    A worker going idle after a busy spell first hands its free heap back (``heap_trimmer``).
     """
 
     blocking = True
@@ -54,6 +56,7 @@ class WakeableSqliteStorage(SqliteStorage):  # type: ignore[misc]
         self.wake_path = wake_path
         self.wake_socket: WakeSocket | None = None
         self.stop_fd: int | None = None
+        self.heap_trimmer: HeapTrimmer | None = None
         super().__init__(*args, **kwargs)
 
     def _create_connection(self) -> Any:
@@ -75,8 +78,11 @@ class WakeableSqliteStorage(SqliteStorage):  # type: ignore[misc]
 
     def dequeue(self) -> bytes | None:
         data: bytes | None = super().dequeue()
-        if data is None and self.wake_socket is not None and self.wake_socket.wait(_IDLE_WAIT_S, self.stop_fd):
-            data = super().dequeue()
+        if data is None and self.wake_socket is not None:
+            if self.heap_trimmer is not None:
+                self.heap_trimmer.idle_point(known_idle=True)
+            if self.wake_socket.wait(_IDLE_WAIT_S, self.stop_fd):
+                data = super().dequeue()
         return data
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from flowd import __version__
+from flowd import __version__, libc
 from flowd.config import Config, load_config, redact_url
 from flowd.errors import ConfigError, DatabaseDamaged, FlowdError, StoreUnavailable
 from flowd.imports import import_for
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "reload":
         return request_reload(config, args.pid)
+    libc.use_one_malloc_arena()  # before any thread: the workers forked later keep it too
     import_for(config)
     return Service(config, config_arg=args.config).run()
 
@@ -137,6 +138,7 @@ class Service:
         self._damaged = False
         self._last_counts: dict[str, int] | None = None
         self._last_counts_at = time.monotonic()  # the status sent at connect has them
+        self._heap_trimmer = libc.HeapTrimmer()  # each tick: hands free heap back once a busy spell ends
 
     # ------------------------------------------------------------------ life cycle
     def run(self) -> int:
@@ -195,6 +197,7 @@ class Service:
             self._install_signal_handlers()
             self._start_threads()
             self._write_heartbeat(force=True)
+            libc.trim_heap()  # what recovery and the imports freed
             self.notifier.ready()
             log.info("flowd %s ready: node '%s', %d worker(s), %d flow(s) recovered", __version__,
                      self.config.flowd.node_id, self.config.flowd.workers, recovered)
@@ -355,6 +358,7 @@ class Service:
                 log.exception("%s failed", what)
 
     def _guarded_tick(self) -> None:
+        self._heap_trimmer.idle_point()
         self._guarded("worker supervision", self.pool.replace_dead)
         self._guarded("MQTT protocol fallback", self.bridge.fall_back_if_needed)
         self._guarded("reaper", self.reaper.run_once)

@@ -19,7 +19,6 @@ its message is done, running steps get ``grace`` seconds, then SIGTERM interrupt
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import os
@@ -32,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from flowd import libc
 from flowd.config import Config
 from flowd.wakeup import WakeSocket
 
@@ -265,15 +265,9 @@ def _describe(status: int) -> str:
 
 
 def die_with_parent(parent: int) -> bool:
-    """Ask the kernel to SIGKILL this process when ``parent`` dies (Linux prctl); False
-    when it is gone already (then nobody would ever stop this process)."""
-    try:
-        # The running program's symbols include libc's; ctypes.util.find_library("c")
-        # would run ldconfig in a child process in every worker at its start.
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    """Ask the kernel to SIGKILL this process when ``parent`` dies; False when it is gone
+    already (then nobody would ever stop this process)."""
+    libc.die_with_parent_signal()
     return os.getppid() == parent
 
 
@@ -306,12 +300,14 @@ def serve(config: Config, stop: StopFlag, wake: WakeSocket | None) -> int:
     if isinstance(huey.storage, queue.WakeableSqliteStorage):
         huey.storage.wake_socket = wake
         huey.storage.stop_fd = stop.fd
+        huey.storage.heap_trimmer = libc.HeapTrimmer()
     logging.getLogger("huey").setLevel(logging.WARNING)
     worker = Worker(huey, stop, default_delay=0.1, max_delay=10.0, backoff=1.15)
     # huey's own set-up of a process worker: SIGINT (a terminal's Ctrl-C) and SIGHUP are
     # the daemon's; SIGTERM interrupts a running task (KeyboardInterrupt), or is ignored.
     ProcessEnvironment().init_child(worker)
     runner.init_worker(config, stop)
+    libc.trim_heap()  # what the start-up freed
     try:
         while not stop.is_set():
             worker.loop()
@@ -326,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     from flowd.imports import import_for
     from flowd.logs import setup_logging
 
+    libc.use_one_malloc_arena()
     _ignore_daemon_signals()
     args = [int(a) for a in (sys.argv[1:] if argv is None else argv)]
     parent, config_fd, stop_fd = args[:3]
