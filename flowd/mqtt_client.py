@@ -1,0 +1,205 @@
+"""paho's client class as flowd uses it, made cheaper per message.
+
+At a few MQTT packets per flow (a submit in, its PUBACK out, statuses and a result
+out, their PUBACKs in), paho's per-packet Python is a large part of the daemon's
+main process. :class:`Client` keeps paho's behaviour and cuts what it costs:
+
+* reads are served from one buffer (:class:`BufferedSocket`), not three ``recv`` per packet;
+* a PUBACK is decoded in a few lines, not by paho's generic decoder, which builds a
+  ``ReasonCode`` and a ``Properties`` object (two dozen dict entries each) per packet;
+* the packets waiting to go out are written with one ``send``, not one each;
+* a burst of publishes wakes the network thread once, not once per publish.
+
+These overrides rest on private parts of paho-mqtt 2.2.0 (pinned exactly in
+pyproject.toml); ``tests/test_mqtt_client.py`` fails when they change.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import TYPE_CHECKING, Any, Literal
+
+import paho.mqtt.client as mqtt
+from paho.mqtt import _packet
+from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.exception import MalformedPacket
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+if TYPE_CHECKING:
+    from paho.mqtt.client import _OutPacket
+
+WRITE_SIZE = 65536  # bytes of waiting packets joined into one send
+
+
+class BufferedSocket:
+    """The broker connection with reads served from one buffer.
+
+    paho reads a packet in three ``recv`` calls (its type, its length, the rest), one
+    system call each: at a few small packets per flow (a submit, PUBACKs, statuses)
+    that is most of the network thread's time. Here one ``recv`` takes whatever the
+    kernel holds and the packet reads are served from it. ``pending`` tells paho's
+    loop that bytes are waiting here, so it reads them before it sleeps in ``select``
+    (paho asks this of TLS sockets, which buffer the same way). Everything else goes
+    to the socket itself.
+    """
+
+    READ_SIZE = 65536
+
+    def __init__(self, sock: Any):
+        self._sock = sock
+        self._data = b""
+        self._position = 0
+
+    def recv(self, size: int) -> bytes:
+        if self._position >= len(self._data):
+            data = self._sock.recv(max(size, self.READ_SIZE))  # BlockingIOError, b"" at EOF: as the socket
+            if len(data) <= size:
+                self._data, self._position = b"", 0
+                return bytes(data)
+            self._data, self._position = data, 0
+        start, self._position = self._position, min(self._position + size, len(self._data))
+        return self._data[start:self._position]
+
+    def pending(self) -> int:
+        inner = self._sock.pending() if hasattr(self._sock, "pending") else 0
+        return len(self._data) - self._position + int(inner)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+_PUBACK_REASONS: dict[int, ReasonCode] = {}  # value -> ReasonCode: never changed once made, so shared
+_EMPTY_PUBACK_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
+
+
+def puback_reason(value: int) -> ReasonCode:
+    """The PUBACK ReasonCode for ``value``, made once. KeyError or ValueError when it is
+    not a PUBACK reason code, as paho's ``ReasonCode.unpack``."""
+    reason = _PUBACK_REASONS.get(value)
+    if reason is None:
+        reason = _PUBACK_REASONS[value] = ReasonCode(PacketTypes.PUBACK, identifier=value)
+    return reason
+
+
+def empty_puback_properties() -> Properties:
+    """What ``Properties(PacketTypes.PUBACK)`` makes, without building its name tables
+    again: a new object (a callback may keep or fill it) sharing them, which paho only reads."""
+    properties = object.__new__(Properties)
+    properties.__dict__.update(_EMPTY_PUBACK_PROPERTIES.__dict__)
+    return properties
+
+
+def decode_puback(packet: bytes | bytearray, protocol: int) -> tuple[int, ReasonCode, Properties]:
+    """(mid, reason code, properties) of a PUBACK's variable header, as paho's
+    ``_packet.decode_puback`` gives them; MalformedPacket where it raises it.
+
+    MQTT 5 may leave out the reason code (Success) and the properties; 3.1.1 has
+    the packet id only."""
+    size = len(packet)
+    if size < 2 or (size != 2 and protocol != MQTTProtocolVersion.MQTTv5):
+        raise MalformedPacket("wrong size of packet")
+    mid = (packet[0] << 8) | packet[1]
+    if size == 2:
+        return mid, puback_reason(0), empty_puback_properties()
+    try:
+        reason = puback_reason(packet[2])
+        if size == 3:
+            return mid, reason, empty_puback_properties()
+        properties = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
+        properties.unpack(packet[3:])  # type: ignore[no-untyped-call]
+    except _packet.DECODE_ERRORS as exc:
+        raise MalformedPacket(str(exc)) from exc
+    return mid, reason, properties
+
+
+class Client(mqtt.Client):
+    """paho's client, remembering why the last connection attempt failed (paho's own
+    retry loop swallows the exception), with the cheaper per-packet paths above."""
+
+    last_error: BaseException | None = None
+    _wake_sent = False  # a wake byte went to the network thread since its loop last began
+
+    def reconnect(self) -> MQTTErrorCode:
+        try:
+            return super().reconnect()
+        except OSError as exc:
+            self.last_error = exc
+            raise
+
+    def _create_socket(self) -> Any:
+        sock = super()._create_socket()
+        return BufferedSocket(sock) if isinstance(sock, socket.socket) else sock  # SSLSocket is one too
+
+    def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
+        """paho's handler, with the PUBACK decoded by :func:`decode_puback`; the
+        bookkeeping after it (``_do_on_publish``: the callback, the message's info,
+        the in-flight window) is paho's own."""
+        if cmd != "PUBACK":
+            return super()._handle_pubackcomp(cmd)
+        mid, reason, properties = decode_puback(self._in_packet["packet"], self._protocol)
+        self._easy_log(mqtt.MQTT_LOG_DEBUG, "Received %s (Mid: %d)", cmd, mid)
+        with self._out_message_mutex:
+            if mid in self._out_messages:  # only the first PUBACK of a message counts
+                return self._do_on_publish(mid, reason, properties)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _loop(self, timeout: float = 1.0) -> MQTTErrorCode:
+        # Before paho looks at what waits to be written: a packet queued after this
+        # point either is seen there or wakes the select below (see _packet_queue).
+        self._wake_sent = False
+        return super()._loop(timeout)
+
+    def _packet_queue(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
+                      info: mqtt.MQTTMessageInfo | None = None) -> MQTTErrorCode:
+        """paho's, but the byte that wakes the network thread from ``select`` is sent
+        once per turn of its loop, not once per packet.
+
+        A packet queued while ``_wake_sent`` is set needs no byte of its own: the byte
+        already sent wakes the loop that follows, or was read by this turn, whose
+        clearing of the flag comes after the packet went in the queue, so the next
+        turn sees the packet when it asks what waits to be written. (Two threads may
+        both send a byte: harmless, the loop reads them all at once.)"""
+        self._out_packet.append({"command": command, "mid": mid, "qos": qos, "pos": 0,
+                                 "to_process": len(packet), "packet": packet, "info": info})
+        if self._sockpairW is not None and not self._wake_sent:
+            self._wake_sent = True
+            try:
+                self._sockpairW.send(mqtt.sockpair_data)
+            except BlockingIOError:
+                pass
+        # From here on, paho's lines as they are.
+        if self._thread is None and self._on_socket_register_write is None and self._in_callback_mutex.acquire(False):
+            self._in_callback_mutex.release()
+            return self.loop_write()
+        self._call_socket_register_write()
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _packet_write(self) -> MQTTErrorCode:
+        """paho's, after joining the packets at the head of the queue into one, so one
+        ``send`` carries them (TCP_NODELAY makes each its own segment otherwise).
+
+        Only packets paho does nothing with once written are joined: not a QoS 0
+        PUBLISH (its callback fires on writing), not a DISCONNECT. Only this thread
+        takes from the queue's head; others append at its tail."""
+        queue = self._out_packet
+        if len(queue) < 2:
+            return super()._packet_write()
+        run: list[_OutPacket] = []
+        size = 0
+        while queue and size < WRITE_SIZE:
+            head = queue.popleft()
+            kind = head["command"] & 0xF0
+            if kind == mqtt.DISCONNECT or (kind == mqtt.PUBLISH and head["qos"] == 0):
+                queue.appendleft(head)
+                break
+            run.append(head)
+            size += head["to_process"]
+        if len(run) > 1:
+            joined = b"".join(part["packet"][part["pos"]:] for part in run)
+            queue.appendleft({"command": run[0]["command"], "mid": run[0]["mid"], "qos": run[0]["qos"], "pos": 0,
+                              "to_process": len(joined), "packet": joined, "info": None})
+        elif run:
+            queue.appendleft(run[0])
+        return super()._packet_write()
