@@ -71,7 +71,7 @@ class BufferedSocket:
 
 
 _PUBACK_REASONS: dict[int, ReasonCode] = {}  # value -> ReasonCode: never changed once made, so shared
-_EMPTY_PUBACK_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
+_EMPTY_PROPERTIES = {kind: Properties(kind) for kind in (PacketTypes.PUBACK, PacketTypes.PUBLISH)}  # type: ignore[no-untyped-call]
 
 
 def puback_reason(value: int) -> ReasonCode:
@@ -83,11 +83,12 @@ def puback_reason(value: int) -> ReasonCode:
     return reason
 
 
-def empty_puback_properties() -> Properties:
-    """What ``Properties(PacketTypes.PUBACK)`` makes, without building its name tables
-    again: a new object (a callback may keep or fill it) sharing them, which paho only reads."""
+def empty_properties(packet_type: int) -> Properties:
+    """What ``Properties(packet_type)`` makes (PUBACK or PUBLISH), without building its
+    name tables again: a new object (a callback may keep or fill it) sharing them,
+    which paho only ever reads."""
     properties = object.__new__(Properties)
-    properties.__dict__.update(_EMPTY_PUBACK_PROPERTIES.__dict__)
+    properties.__dict__.update(_EMPTY_PROPERTIES[packet_type].__dict__)
     return properties
 
 
@@ -102,16 +103,48 @@ def decode_puback(packet: bytes | bytearray, protocol: int) -> tuple[int, Reason
         raise MalformedPacket("wrong size of packet")
     mid = (packet[0] << 8) | packet[1]
     if size == 2:
-        return mid, puback_reason(0), empty_puback_properties()
+        return mid, puback_reason(0), empty_properties(PacketTypes.PUBACK)
     try:
         reason = puback_reason(packet[2])
         if size == 3:
-            return mid, reason, empty_puback_properties()
+            return mid, reason, empty_properties(PacketTypes.PUBACK)
         properties = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
         properties.unpack(packet[3:])  # type: ignore[no-untyped-call]
     except _packet.DECODE_ERRORS as exc:
         raise MalformedPacket(str(exc)) from exc
     return mid, reason, properties
+
+
+def decode_publish(header: int, packet: bytes | bytearray, protocol: int) -> _packet.PublishPacket:
+    """A PUBLISH packet as paho's ``_packet.decode_publish`` gives it (payload and topic
+    as bytes), MalformedPacket where it raises it; no properties (the usual case) cost
+    an empty :class:`Properties`, not paho's parse of nothing."""
+    try:
+        data = bytes(packet)
+        topic_end = 2 + int.from_bytes(data[:2], "big") if len(data) >= 2 else -1
+        if not 2 <= topic_end <= len(data):
+            raise MalformedPacket("the topic does not fit in the packet")
+        topic = data[2:topic_end]
+        if protocol != MQTTProtocolVersion.MQTTv5 and not topic:
+            raise MalformedPacket("topic can't be empty in MQTTv3")
+        position, mid, qos = topic_end, 0, (header & 0x06) >> 1
+        if qos > 0:
+            if len(data) < position + 2:
+                raise MalformedPacket("no room for the packet id")
+            mid, position = int.from_bytes(data[position:position + 2], "big"), position + 2
+        properties = None
+        if protocol == MQTTProtocolVersion.MQTTv5:
+            if data[position:position + 1] == b"\x00":
+                properties, position = empty_properties(PacketTypes.PUBLISH), position + 1
+            else:
+                properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                position += properties.unpack(data[position:])[1]  # type: ignore[no-untyped-call]
+    except MalformedPacket:
+        raise
+    except _packet.DECODE_ERRORS as exc:
+        raise MalformedPacket(str(exc)) from exc
+    return _packet.PublishPacket(dup=bool(header & 0x08), qos=qos, retain=bool(header & 0x01), topic=topic, mid=mid,
+                                 properties=properties, payload=data[position:])
 
 
 class Client(mqtt.Client):
@@ -144,6 +177,42 @@ class Client(mqtt.Client):
             if mid in self._out_messages:  # only the first PUBACK of a message counts
                 return self._do_on_publish(mid, reason, properties)
         return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        """paho's handler line for line, with the packet decoded by :func:`decode_publish`."""
+        result = decode_publish(self._in_packet["command"], self._in_packet["packet"], self._protocol)
+        message = mqtt.MQTTMessage(mid=result.mid, topic=result.topic)
+        message.dup = result.dup
+        message.qos = result.qos
+        message.retain = result.retain
+        message.properties = result.properties
+        message.payload = result.payload
+        try:
+            print_topic = result.topic.decode("utf-8")
+        except UnicodeDecodeError:
+            print_topic = f"TOPIC WITH INVALID UTF-8: {result.topic!r}"
+        if self._protocol == MQTTProtocolVersion.MQTTv5:
+            self._easy_log(mqtt.MQTT_LOG_DEBUG,
+                           "Received PUBLISH (d%d, q%d, r%d, m%d), '%s', properties=%s, ...  (%d bytes)",
+                           message.dup, message.qos, message.retain, message.mid, print_topic, message.properties,
+                           len(message.payload))
+        else:
+            self._easy_log(mqtt.MQTT_LOG_DEBUG, "Received PUBLISH (d%d, q%d, r%d, m%d), '%s', ...  (%d bytes)",
+                           message.dup, message.qos, message.retain, message.mid, print_topic, len(message.payload))
+        message.timestamp = mqtt.time_func()
+        if message.qos == 0:
+            self._handle_on_message(message)
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        if message.qos == 1:
+            self._handle_on_message(message)
+            return MQTTErrorCode.MQTT_ERR_SUCCESS if self._manual_ack else self._send_puback(message.mid)
+        if message.qos == 2:
+            rc = self._send_pubrec(message.mid)
+            message.state = mqtt.mqtt_ms_wait_for_pubrel
+            with self._in_message_mutex:
+                self._in_messages[message.mid] = message
+            return rc
+        return MQTTErrorCode.MQTT_ERR_PROTOCOL
 
     def _loop(self, timeout: float = 1.0) -> MQTTErrorCode:
         # Before paho looks at what waits to be written: a packet queued after this
