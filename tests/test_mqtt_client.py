@@ -38,6 +38,9 @@ PAHO_SOURCES = {
     "Client._packet_queue": "e298fa9ab31e5f79",
     "Client._packet_write": "d097b7b51bed128d",
     "Client._do_on_publish": "5bbcad6f9447107a",
+    "Client._update_inflight": "d11feb21cf855b12",
+    "Client._messages_reconnect_reset_out": "464a42c69618a49b",
+    "Client.publish": "5c00cd3dcebceaae",
     "_packet._decode_mid_reason_prop": "c001ca9750a186ed",
     "_packet.decode_publish": "50c158487fa3d96e",
 }
@@ -53,14 +56,15 @@ def test_the_paho_internals_relied_on_are_those_of_2_2_0() -> None:
     assert version("paho-mqtt") == "2.2.0"
     for name in ("_handle_pubackcomp", "_handle_publish", "_handle_on_message", "_do_on_publish", "_update_inflight",
                  "_packet_queue", "_packet_write", "_loop", "_easy_log", "_send_puback", "_send_pubrec",
-                 "_call_socket_register_write", "_create_socket"):
+                 "_call_socket_register_write", "_create_socket",
+                 "_messages_reconnect_reset_out"):
         assert callable(getattr(mqtt.Client, name)), name
     client = mqtt.Client(CallbackAPIVersion.VERSION2)
     for name in ("_in_packet", "_out_packet", "_out_messages", "_out_message_mutex", "_in_messages",
                  "_in_message_mutex", "_in_callback_mutex", "_protocol", "_sockpairW", "_thread", "_manual_ack",
-                 "_on_socket_register_write"):
+                 "_on_socket_register_write", "_inflight_messages", "_max_inflight_messages"):
         assert hasattr(client, name), name
-    assert mqtt.sockpair_data == b"0" and callable(mqtt.time_func)
+    assert mqtt.sockpair_data == b"0" and callable(mqtt.time_func) and mqtt.mqtt_ms_queued is not None
     assert isinstance(_packet.DECODE_ERRORS, tuple) and _packet.PublishPacket._fields == (
         "dup", "qos", "retain", "topic", "mid", "properties", "payload")
     changed = {name: paho_source_digest(name) for name, digest in PAHO_SOURCES.items()
@@ -164,10 +168,11 @@ def test_empty_properties_are_new_objects_that_behave_as_paho_s() -> None:
 class Recorder:
     """A client (flowd's or stock paho's) that records what on_publish gets."""
 
-    def __init__(self, cls: type[mqtt.Client], broker: Broker, protocol: MQTTProtocolVersion):
+    def __init__(self, cls: type[mqtt.Client], broker: Broker, protocol: MQTTProtocolVersion, window: int = 20):
         self.published: list[tuple[int, int, str, bool, str]] = []
         self.lock = threading.Lock()
         self.client = cls(CallbackAPIVersion.VERSION2, protocol=protocol)
+        self.client.max_inflight_messages_set(window)
         self.client.on_publish = self._on_publish
         connected = threading.Event()
         self.client.on_connect = lambda *args: connected.set()
@@ -319,3 +324,23 @@ def test_bursts_from_other_threads_go_out_at_once_and_in_order(broker: Broker) -
         qos1 = [f"{name}-{i:03d}" for i in range(200) if i % 10 != 5]  # the broker orders each QoS apart
         assert [p for p, _ in arrivals if p in qos1] == qos1
     assert len(qos0_written) == 420  # QoS 0: on_publish once written, QoS 1: on its PUBACK
+
+
+@pytest.mark.parametrize("protocol", [V5, V311])
+def test_messages_queued_behind_a_full_window_still_go(broker: Broker, protocol: MQTTProtocolVersion) -> None:
+    # flowd never fills paho's window, so its client skips paho's search for queued
+    # messages after each PUBACK; once the window does fill, they must go as with paho.
+    for cls in (Client, mqtt.Client):
+        recorder = Recorder(cls, broker, protocol, window=3)
+        recorder.publish_all(["q/first"] * 3)  # PUBACKs while nothing is queued: flowd's client stops looking
+        wait_for(lambda: len(recorder.published) == 3, 5, message="the first on_publish")  # noqa: B023
+        queued_seen = []
+        with recorder.client._out_message_mutex:  # the network thread cannot take a PUBACK meanwhile
+            infos = [recorder.client.publish(f"q/{index}", b"x", qos=1) for index in range(60)]
+            queued_seen.append(sum(m.state == mqtt.mqtt_ms_queued for m in recorder.client._out_messages.values()))
+        for info in infos:
+            info.wait_for_publish(5)
+        assert all(info.is_published() for info in infos), cls
+        wait_for(lambda: len(recorder.published) == 63, 5, message="every on_publish")  # noqa: B023
+        assert queued_seen == [57] and recorder.client._out_messages == {}
+        recorder.close()
