@@ -33,6 +33,7 @@ from flowd.engine import Engine, Submission, flow_status_payload
 from flowd.errors import ConfigError, InputError
 from flowd.intake import Intake, Received
 from flowd.models import isoformat, utcnow, write_transaction
+from flowd.mqtt_client import Client
 from flowd.payloads import SubmitRefused, SubmitRequest, is_reply_topic, parse_json_payload, parse_submit
 from flowd.store import nodes
 from flowd.topics import is_valid_filter, topic_matches
@@ -65,71 +66,16 @@ def describe_connect_error(exc: BaseException, host: str, port: int) -> tuple[in
     return logging.WARNING, f"cannot connect to the broker at {where}: {exc}"
 
 
-class _BufferedSocket:
-    """The broker connection with reads served from one buffer.
-
-    paho reads a packet in three ``recv`` calls (its type, its length, the rest), one
-    system call each: at a few small packets per flow (a submit, PUBACKs, statuses)
-    that is most of the network thread's time. Here one ``recv`` takes whatever the
-    kernel holds and the packet reads are served from it. ``pending`` tells paho's
-    loop that bytes are waiting here, so it reads them before it sleeps in ``select``
-    (paho asks this of TLS sockets, which buffer the same way). Everything else goes
-    to the socket itself.
-    """
-
-    READ_SIZE = 65536
-
-    def __init__(self, sock: Any):
-        self._sock = sock
-        self._data = b""
-        self._position = 0
-
-    def recv(self, size: int) -> bytes:
-        if self._position >= len(self._data):
-            data = self._sock.recv(max(size, self.READ_SIZE))  # BlockingIOError, b"" at EOF: as the socket
-            if len(data) <= size:
-                self._data, self._position = b"", 0
-                return bytes(data)
-            self._data, self._position = data, 0
-        start, self._position = self._position, min(self._position + size, len(self._data))
-        return self._data[start:self._position]
-
-    def pending(self) -> int:
-        inner = self._sock.pending() if hasattr(self._sock, "pending") else 0
-        return len(self._data) - self._position + int(inner)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
-
-
-class _Client(mqtt.Client):
-    """paho's client, remembering why the last connection attempt failed (paho's own
-    retry loop swallows the exception), reading through :class:`_BufferedSocket`."""
-
-    last_error: BaseException | None = None
-
-    def reconnect(self) -> MQTTErrorCode:
-        try:
-            return super().reconnect()
-        except OSError as exc:
-            self.last_error = exc
-            raise
-
-    def _create_socket(self) -> Any:
-        sock = super()._create_socket()
-        return _BufferedSocket(sock) if isinstance(sock, socket.socket) else sock  # SSLSocket is one too
-
-
-def new_client(config: Config, client_id: str, *, v5: bool, persistent: bool) -> _Client:
+def new_client(config: Config, client_id: str, *, v5: bool, persistent: bool) -> Client:
     """A paho client for the configured broker: protocol, user, password, TLS, reconnect
     backoff. ``persistent``: the daemon's session (kept by the broker, messages
     acknowledged by flowd); else a clean one (flowctl's listeners). ConfigError when a
     TLS file cannot be loaded."""
     if v5:
-        client = _Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
+        client = Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
                          manual_ack=persistent)
     else:
-        client = _Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
+        client = Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
                          clean_session=not persistent, manual_ack=persistent)
     client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
     _set_credentials(client, config)
@@ -192,7 +138,7 @@ class MqttBridge:
         common = f"$share/{group}/{self.config.topic('flow/submit')}" if group else self.config.topic("flow/submit")
         return [common, node_submit]
 
-    def _build_client(self) -> _Client:
+    def _build_client(self) -> Client:
         client = new_client(self.config, self.config.mqtt.client_id, v5=self.is_v5, persistent=True)
         client.max_inflight_messages_set(PAHO_INFLIGHT)
         client.max_queued_messages_set(0)  # the outbox publisher bounds what it hands over

@@ -1,0 +1,304 @@
+"""paho's client class as flowd uses it, made cheaper per message.
+
+At a few MQTT packets per flow (a submit in, its PUBACK out, statuses and a result
+out, their PUBACKs in), paho's per-packet Python is a large part of the daemon's
+main process. :class:`Client` keeps paho's behaviour and cuts what it costs:
+
+* reads are served from one buffer (:class:`BufferedSocket`), not three ``recv`` per packet;
+* a PUBACK is decoded in a few lines, not by paho's generic decoder, which builds a
+  ``ReasonCode`` and a ``Properties`` object (two dozen dict entries each) per packet;
+* a PUBLISH without properties (a submit from most clients) skips paho's parse of them;
+* the packets waiting to go out are written with one ``send``, not one each;
+* a burst of publishes wakes the network thread once, not once per publish;
+* a PUBACK does not make paho look through every message in flight for a queued one
+  while none can be queued.
+
+These overrides rest on private parts of paho-mqtt 2.2.0 (pinned exactly in
+pyproject.toml); ``tests/test_mqtt_client.py`` fails when they change.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import TYPE_CHECKING, Any, Literal
+
+import paho.mqtt.client as mqtt
+from paho.mqtt import _packet
+from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.exception import MalformedPacket
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+if TYPE_CHECKING:
+    from paho.mqtt.client import _OutPacket
+
+WRITE_SIZE = 65536  # bytes of waiting packets joined into one send
+
+
+class BufferedSocket:
+    """The broker connection with reads served from one buffer.
+
+    paho reads a packet in three ``recv`` calls (its type, its length, the rest), one
+    system call each: at a few small packets per flow (a submit, PUBACKs, statuses)
+    that is most of the network thread's time. Here one ``recv`` takes whatever the
+    kernel holds and the packet reads are served from it. ``pending`` tells paho's
+    loop that bytes are waiting here, so it reads them before it sleeps in ``select``
+    (paho asks this of TLS sockets, which buffer the same way). Everything else goes
+    to the socket itself.
+    """
+
+    READ_SIZE = 65536
+
+    def __init__(self, sock: Any):
+        self._sock = sock
+        self._data = b""
+        self._position = 0
+
+    def recv(self, size: int) -> bytes:
+        if self._position >= len(self._data):
+            data = self._sock.recv(max(size, self.READ_SIZE))  # BlockingIOError, b"" at EOF: as the socket
+            if len(data) <= size:
+                self._data, self._position = b"", 0
+                return bytes(data)
+            self._data, self._position = data, 0
+        start, self._position = self._position, min(self._position + size, len(self._data))
+        return self._data[start:self._position]
+
+    def pending(self) -> int:
+        inner = self._sock.pending() if hasattr(self._sock, "pending") else 0
+        return len(self._data) - self._position + int(inner)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+_PUBACK_REASONS: dict[int, ReasonCode] = {}  # value -> ReasonCode: never changed once made, so shared
+_EMPTY_PROPERTIES = {kind: Properties(kind) for kind in (PacketTypes.PUBACK, PacketTypes.PUBLISH)}  # type: ignore[no-untyped-call]
+
+
+def puback_reason(value: int) -> ReasonCode:
+    """The PUBACK ReasonCode for ``value``, made once. KeyError or ValueError when it is
+    not a PUBACK reason code, as paho's ``ReasonCode.unpack``."""
+    reason = _PUBACK_REASONS.get(value)
+    if reason is None:
+        reason = _PUBACK_REASONS[value] = ReasonCode(PacketTypes.PUBACK, identifier=value)
+    return reason
+
+
+def empty_properties(packet_type: int) -> Properties:
+    """What ``Properties(packet_type)`` makes (PUBACK or PUBLISH), without building its
+    name tables again: a new object (a callback may keep or fill it) sharing them,
+    which paho only ever reads."""
+    properties = object.__new__(Properties)
+    properties.__dict__.update(_EMPTY_PROPERTIES[packet_type].__dict__)
+    return properties
+
+
+def decode_puback(packet: bytes | bytearray, protocol: int) -> tuple[int, ReasonCode, Properties]:
+    """(mid, reason code, properties) of a PUBACK's variable header, as paho's
+    ``_packet.decode_puback`` gives them; MalformedPacket where it raises it.
+
+    MQTT 5 may leave out the reason code (Success) and the properties; 3.1.1 has
+    the packet id only."""
+    size = len(packet)
+    if size < 2 or (size != 2 and protocol != MQTTProtocolVersion.MQTTv5):
+        raise MalformedPacket("wrong size of packet")
+    mid = (packet[0] << 8) | packet[1]
+    if size == 2:
+        return mid, puback_reason(0), empty_properties(PacketTypes.PUBACK)
+    try:
+        reason = puback_reason(packet[2])
+        if size == 3:
+            return mid, reason, empty_properties(PacketTypes.PUBACK)
+        properties = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
+        properties.unpack(packet[3:])  # type: ignore[no-untyped-call]
+    except _packet.DECODE_ERRORS as exc:
+        raise MalformedPacket(str(exc)) from exc
+    return mid, reason, properties
+
+
+def decode_publish(header: int, packet: bytes | bytearray, protocol: int) -> _packet.PublishPacket:
+    """A PUBLISH packet as paho's ``_packet.decode_publish`` gives it (payload and topic
+    as bytes), MalformedPacket where it raises it; no properties (the usual case) cost
+    an empty :class:`Properties`, not paho's parse of nothing."""
+    try:
+        data = bytes(packet)
+        topic_end = 2 + int.from_bytes(data[:2], "big") if len(data) >= 2 else -1
+        if not 2 <= topic_end <= len(data):
+            raise MalformedPacket("the topic does not fit in the packet")
+        topic = data[2:topic_end]
+        if protocol != MQTTProtocolVersion.MQTTv5 and not topic:
+            raise MalformedPacket("topic can't be empty in MQTTv3")
+        position, mid, qos = topic_end, 0, (header & 0x06) >> 1
+        if qos > 0:
+            if len(data) < position + 2:
+                raise MalformedPacket("no room for the packet id")
+            mid, position = int.from_bytes(data[position:position + 2], "big"), position + 2
+        properties = None
+        if protocol == MQTTProtocolVersion.MQTTv5:
+            if data[position:position + 1] == b"\x00":
+                properties, position = empty_properties(PacketTypes.PUBLISH), position + 1
+            else:
+                properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                position += properties.unpack(data[position:])[1]  # type: ignore[no-untyped-call]
+    except MalformedPacket:
+        raise
+    except _packet.DECODE_ERRORS as exc:
+        raise MalformedPacket(str(exc)) from exc
+    return _packet.PublishPacket(dup=bool(header & 0x08), qos=qos, retain=bool(header & 0x01), topic=topic, mid=mid,
+                                 properties=properties, payload=data[position:])
+
+
+class Client(mqtt.Client):
+    """paho's client, remembering why the last connection attempt failed (paho's own
+    retry loop swallows the exception), with the cheaper per-packet paths above."""
+
+    last_error: BaseException | None = None
+    _wake_sent = False  # a wake byte went to the network thread since its loop last began
+    _may_hold_queued = True  # a QoS > 0 message may wait in paho's queue for room in the window
+
+    def reconnect(self) -> MQTTErrorCode:
+        try:
+            return super().reconnect()
+        except OSError as exc:
+            self.last_error = exc
+            raise
+
+    def _create_socket(self) -> Any:
+        sock = super()._create_socket()
+        return BufferedSocket(sock) if isinstance(sock, socket.socket) else sock  # SSLSocket is one too
+
+    def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
+        """paho's handler, with the PUBACK decoded by :func:`decode_puback`; the
+        bookkeeping after it (``_do_on_publish``: the callback, the message's info,
+        the in-flight window) is paho's own."""
+        if cmd != "PUBACK":
+            return super()._handle_pubackcomp(cmd)
+        mid, reason, properties = decode_puback(self._in_packet["packet"], self._protocol)
+        self._easy_log(mqtt.MQTT_LOG_DEBUG, "Received %s (Mid: %d)", cmd, mid)
+        with self._out_message_mutex:
+            if mid in self._out_messages:  # only the first PUBACK of a message counts
+                return self._do_on_publish(mid, reason, properties)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        """paho's handler line for line, with the packet decoded by :func:`decode_publish`."""
+        result = decode_publish(self._in_packet["command"], self._in_packet["packet"], self._protocol)
+        message = mqtt.MQTTMessage(mid=result.mid, topic=result.topic)
+        message.dup = result.dup
+        message.qos = result.qos
+        message.retain = result.retain
+        message.properties = result.properties
+        message.payload = result.payload
+        try:
+            print_topic = result.topic.decode("utf-8")
+        except UnicodeDecodeError:
+            print_topic = f"TOPIC WITH INVALID UTF-8: {result.topic!r}"
+        if self._protocol == MQTTProtocolVersion.MQTTv5:
+            self._easy_log(mqtt.MQTT_LOG_DEBUG,
+                           "Received PUBLISH (d%d, q%d, r%d, m%d), '%s', properties=%s, ...  (%d bytes)",
+                           message.dup, message.qos, message.retain, message.mid, print_topic, message.properties,
+                           len(message.payload))
+        else:
+            self._easy_log(mqtt.MQTT_LOG_DEBUG, "Received PUBLISH (d%d, q%d, r%d, m%d), '%s', ...  (%d bytes)",
+                           message.dup, message.qos, message.retain, message.mid, print_topic, len(message.payload))
+        message.timestamp = mqtt.time_func()
+        if message.qos == 0:
+            self._handle_on_message(message)
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        if message.qos == 1:
+            self._handle_on_message(message)
+            return MQTTErrorCode.MQTT_ERR_SUCCESS if self._manual_ack else self._send_puback(message.mid)
+        if message.qos == 2:
+            rc = self._send_pubrec(message.mid)
+            message.state = mqtt.mqtt_ms_wait_for_pubrel
+            with self._in_message_mutex:
+                self._in_messages[message.mid] = message
+            return rc
+        return MQTTErrorCode.MQTT_ERR_PROTOCOL
+
+    def publish(self, topic: str, payload: mqtt.PayloadType = None, qos: int = 0, retain: bool = False,
+                properties: Properties | None = None) -> mqtt.MQTTMessageInfo:
+        """paho's, noting (under paho's lock) when the message may have been queued: the
+        window was full."""
+        if qos == 0:
+            return super().publish(topic, payload, qos, retain, properties)
+        with self._out_message_mutex:
+            info = super().publish(topic, payload, qos, retain, properties)
+            if self._inflight_messages >= self._max_inflight_messages > 0:
+                self._may_hold_queued = True
+        return info
+
+    def _messages_reconnect_reset_out(self) -> None:
+        super()._messages_reconnect_reset_out()
+        self._may_hold_queued = True  # it queues what does not fit in the window
+
+    def _update_inflight(self) -> MQTTErrorCode:
+        """paho's, skipped while no message is queued: after each PUBACK paho looks at
+        every message it holds for a queued one, and flowd never fills the window (its
+        outbox hands over no more). Called with paho's lock held."""
+        if not self._may_hold_queued:
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        rc = super()._update_inflight()
+        self._may_hold_queued = any(m.state == mqtt.mqtt_ms_queued for m in self._out_messages.values())
+        return rc
+
+    def _loop(self, timeout: float = 1.0) -> MQTTErrorCode:
+        # Before paho looks at what waits to be written: a packet queued after this
+        # point either is seen there or wakes the select below (see _packet_queue).
+        self._wake_sent = False
+        return super()._loop(timeout)
+
+    def _packet_queue(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
+                      info: mqtt.MQTTMessageInfo | None = None) -> MQTTErrorCode:
+        """paho's, but the byte that wakes the network thread from ``select`` is sent
+        once per turn of its loop, not once per packet.
+
+        A packet queued while ``_wake_sent`` is set needs no byte of its own: the byte
+        already sent wakes the loop that follows, or was read by this turn, whose
+        clearing of the flag comes after the packet went in the queue, so the next
+        turn sees the packet when it asks what waits to be written. (Two threads may
+        both send a byte: harmless, the loop reads them all at once.)"""
+        self._out_packet.append({"command": command, "mid": mid, "qos": qos, "pos": 0,
+                                 "to_process": len(packet), "packet": packet, "info": info})
+        if self._sockpairW is not None and not self._wake_sent:
+            self._wake_sent = True
+            try:
+                self._sockpairW.send(mqtt.sockpair_data)
+            except BlockingIOError:
+                pass
+        # From here on, paho's lines as they are.
+        if self._thread is None and self._on_socket_register_write is None and self._in_callback_mutex.acquire(False):
+            self._in_callback_mutex.release()
+            return self.loop_write()
+        self._call_socket_register_write()
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _packet_write(self) -> MQTTErrorCode:
+        """paho's, after joining the packets at the head of the queue into one, so one
+        ``send`` carries them (TCP_NODELAY makes each its own segment otherwise).
+
+        Only packets paho does nothing with once written are joined: not a QoS 0
+        PUBLISH (its callback fires on writing), not a DISCONNECT. Only this thread
+        takes from the queue's head; others append at its tail."""
+        queue = self._out_packet
+        if len(queue) < 2:
+            return super()._packet_write()
+        run: list[_OutPacket] = []
+        size = 0
+        while queue and size < WRITE_SIZE:
+            head = queue.popleft()
+            kind = head["command"] & 0xF0
+            if kind == mqtt.DISCONNECT or (kind == mqtt.PUBLISH and head["qos"] == 0):
+                queue.appendleft(head)
+                break
+            run.append(head)
+            size += head["to_process"]
+        if len(run) > 1:
+            joined = b"".join(part["packet"][part["pos"]:] for part in run)
+            queue.appendleft({"command": run[0]["command"], "mid": run[0]["mid"], "qos": run[0]["qos"], "pos": 0,
+                              "to_process": len(joined), "packet": joined, "info": None})
+        elif run:
+            queue.appendleft(run[0])
+        return super()._packet_write()
