@@ -21,13 +21,17 @@ from typing import Any
 from flowd import outbox, store
 from flowd.config import Config
 from flowd.errors import DuplicateRequest, FlowdError, InputError, NotFoundError
+
+# Re-exported: the MQTT bridge and the foreground runner import them from here.
+from flowd.flowmessages import flow_result_payload
+from flowd.flowmessages import flow_status_payload as flow_status_payload
+from flowd.flowmessages import payload_matches as payload_matches
 from flowd.lease import is_shared_database
 from flowd.models import (
     FlowState,
     Routine,
     StepState,
     dumps,
-    isoformat,
     make_step_durable,
     utcnow,
     write_transaction,
@@ -140,59 +144,11 @@ class ClaimedStep:
     output_json: str | None = field(default=None, repr=False, compare=False)
 
 
-def flow_status_payload(flow: Any, child_id: int | None = None) -> dict[str, Any]:
-    """``flow/<id>/status`` (SPEC 4.2); ``flow`` is a Flow model or a store row;
-    ``child_id`` names the sub-flow a WAITING flow waits for."""
-    steps = flow.steps or []
-    task = steps[flow.position] if 0 <= flow.position < len(steps) else None
-    payload: dict[str, Any] = {
-        "flow_id": flow.id, "uid": flow.uid, "routine": flow.routine, "request_id": flow.request_id,
-        "state": flow.state, "position": flow.position, "steps": len(steps), "task": task,
-        "trigger": flow.trigger,
-    }
-    if flow.state == FlowState.WAITING.value and flow.wait_topic:
-        payload["waiting_for"] = {"topic": flow.wait_topic, "match": flow.wait_match}
-    elif flow.state == FlowState.WAITING.value and child_id is not None:
-        payload["waiting_for"] = {"flow": child_id}
-    if flow.error:
-        payload["error"] = flow.error
-    return payload
-
-
-def flow_result_payload(flow: Any) -> dict[str, Any]:
-    """``flow/<id>/result`` (SPEC 4.2)."""
-    return {
-        "flow_id": flow.id, "uid": flow.uid, "routine": flow.routine, "request_id": flow.request_id,
-        "state": flow.state, "result": flow.result, "error": flow.error, "trigger": flow.trigger,
-        "started_at": isoformat(flow.started_at), "finished_at": isoformat(flow.finished_at),
-    }
-
-
 def retry_delay(task: store.TaskInfo | None, failed: int) -> float:
     """Seconds before the attempt after ``failed`` failed ones: ``retry_delay`` doubling
     each time, up to ``retry_backoff_max``."""
     base = task.retry_delay if task else 1.0
     return float(min(base * (2 ** (failed - 1)), task.retry_backoff_max if task else base))
-
-
-def payload_matches(match: dict[str, Any] | None, payload: Any) -> bool:
-    """True when every key/value of ``match`` is in the JSON object ``payload``."""
-    if not match:
-        return True
-    if not isinstance(payload, dict):
-        return False
-    return all(key in payload and same_json(payload[key], value) for key, value in match.items())
-
-
-def same_json(a: Any, b: Any) -> bool:
-    """JSON equality: ``true`` is not ``1`` (Python's == says it is); 1 equals 1.0."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return isinstance(a, bool) and isinstance(b, bool) and a == b
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(same_json(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(same_json(x, y) for x, y in zip(a, b, strict=True))
-    return bool(a == b)
 
 
 class Engine:
@@ -461,10 +417,12 @@ class Engine:
 
     # ------------------------------------------------------------------ ending
     def _end(self, flow: Row, state: FlowState, effects: Effects, now: dt.datetime, *,
-             result: Any = None, error: str | None = None) -> None:
+             result: Any = None, error: str | None = None, result_json: str | None = None) -> None:
+        """``result_json``: the result's JSON text, when the caller has it (a worker's last step)."""
         was_admitted = flow.admitted and not flow.is_ended
         store.update_flow(flow, state=state.value, result=result, error=error, finished_at=now, updated_at=now,
-                          worker_pid=None, next_attempt_at=None, wait_topic=None, wait_match=None, wait_until=None)
+                          worker_pid=None, next_attempt_at=None, wait_topic=None, wait_match=None, wait_until=None,
+                          texts={"result": result_json} if result_json is not None else None)
         if state != FlowState.DONE:
             store.end_running_results(flow.id, StepState.CANCELLED.value if state == FlowState.CANCELLED
                                       else StepState.FAILED.value, error, now)
@@ -695,7 +653,7 @@ class Engine:
                    results: list[Any] | None, output_json: str | None = None) -> ClaimedStep | None:
         """After a step's output is recorded: start the next step, or end the flow DONE."""
         if flow.position + 1 >= len(flow.steps):
-            self._end(flow, FlowState.DONE, effects, now, result=output)
+            self._end(flow, FlowState.DONE, effects, now, result=output, result_json=output_json)
             return None
         if flow.deadline and now >= flow.deadline:
             store.update_flow(flow, position=flow.position + 1)

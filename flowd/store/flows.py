@@ -81,22 +81,33 @@ def insert_flow(values: dict[str, Any]) -> int:
         raise
 
 
-def update_flow(flow: Row, **changes: Any) -> None:
+def update_flow(flow: Row, *, texts: dict[str, str] | None = None, **changes: Any) -> None:
     """Write ``changes`` to the flow's row and to ``flow`` itself.
 
     Columns whose value ``flow`` already has are left out: a column not in the SET
     list costs no index update (``state`` is in two indexes), and an empty change
     costs no statement. ``flow`` must be what the row holds (read in this transaction).
+    ``texts``: the JSON text of some of the changed values, which the caller has
+    already (a step's output as the flow's result): stored as it is, not encoded again.
     """
     known = flow.__dict__
     changes = {name: value for name, value in changes.items() if name not in known or known[name] != value
                or type(known[name]) is not type(value)}
     if not changes:
         return
-    names = sorted(changes)
-    sql = f'UPDATE flow SET {", ".join(chr(34) + n + chr(34) + " = ?" for n in names)} WHERE id = ?'
-    execute(sql, [*(encode(n, changes[n]) for n in names), flow.id])
-    flow.__dict__.update(changes)
+    names = tuple(sorted(changes))
+    sql = _update_sql.get(names)
+    if sql is None:  # a handful of column sets recur (a claim, a next step, an end): built once each
+        columns = ", ".join(f'"{n}" = ?' for n in names)
+        sql = _update_sql[names] = f"UPDATE flow SET {columns} WHERE id = ?"
+    if texts:
+        execute(sql, [*[texts[n] if n in texts else encode(n, changes[n]) for n in names], flow.id])
+    else:
+        execute(sql, [*[encode(n, changes[n]) for n in names], flow.id])
+    known.update(changes)
+
+
+_update_sql: dict[tuple[str, ...], str] = {}
 
 
 def running_result(flow_id: int, position: int) -> Row | None:
