@@ -526,16 +526,18 @@ class Engine:
         self.definitions.refresh()
         # Made durable by the next sync point: if a power cut loses the claim, recovery queues the step again.
         with write_transaction(sync=False):
-            flows = store.flows_by_id([flow_id for flow_id, _ in pairs])
+            flows, writes = store.flows_by_id([flow_id for flow_id, _ in pairs]), store.FlowWrites()
             for flow_id, token in pairs:
-                step = self._claim_one(flows.get(flow_id), token, pid, effects, now)
+                step = self._claim_one(flows.get(flow_id), token, pid, effects, now, writes)
                 if step is not None:
                     steps.append(step)
+            writes.flush()
         self._apply(effects)
         return steps
 
-    def _claim_one(self, flow: Row | None, token: int, pid: int, effects: Effects, now: dt.datetime
-                   ) -> ClaimedStep | None:
+    def _claim_one(self, flow: Row | None, token: int, pid: int, effects: Effects, now: dt.datetime,
+                   writes: store.FlowWrites) -> ClaimedStep | None:
+        """``writes``: where the claim's own update goes (the claimed flow is not read again)."""
         step: ClaimedStep | None = None
         if (flow is None or flow.dispatch_token != token or not flow.admitted
                 or flow.state not in (FlowState.INIT.value, FlowState.RUNNING.value) or flow.worker_pid):
@@ -553,10 +555,10 @@ class Engine:
                 changes.update(state=FlowState.RUNNING.value, started_at=flow.started_at or now)
                 if info is not None and info.timeout and flow.deadline is None:
                     changes["deadline"] = now + dt.timedelta(seconds=info.timeout)
-                store.update_flow(flow, **changes)
+                store.update_flow(flow, defer=writes, **changes)
                 self._publish_status(flow, effects, state_change=True)
             else:
-                store.update_flow(flow, **changes)
+                store.update_flow(flow, defer=writes, **changes)
             if flow.position == 0:
                 step_input = {"args": flow.args or [], "kwargs": flow.kwargs or {}}
                 results: list[Any] = []
@@ -618,6 +620,7 @@ class Engine:
         nxt: list[ClaimedStep] = []
         if claim:
             self.definitions.refresh()
+        writes = store.FlowWrites()  # the held flows' moves to their next step, written together
         with write_transaction(sync=False):
             for step, output in finished:
                 flow = step.flow
@@ -626,15 +629,17 @@ class Engine:
                                                                 step.flow_id, pid, step.token, self.node_id):
                     continue  # cancelled or taken over meanwhile: its new owner decides
                 started = self._next_step(flow, output, effects, now, pid=pid if hold else None,
-                                          results=[*step.results, output], output_json=text)
+                                          results=[*step.results, output], output_json=text, writes=writes)
                 if started is not None:
                     nxt.append(started)
+            writes.flush()
             if claim:
                 flows = store.flows_by_id([flow_id for flow_id, _ in claim])
                 for flow_id, token in claim:
-                    started = self._claim_one(flows.get(flow_id), token, pid, effects, now)
+                    started = self._claim_one(flows.get(flow_id), token, pid, effects, now, writes)
                     if started is not None:
                         nxt.append(started)
+                writes.flush()
         if finished:
             # At synchronous = full these outputs are on disk before the next steps run,
             # and before the daemon hears of them: its publisher finds nothing to sync.
@@ -650,8 +655,10 @@ class Engine:
         return self._next_step(flow, output, effects, now, pid=None, results=None)
 
     def _next_step(self, flow: Row, output: Any, effects: Effects, now: dt.datetime, *, pid: int | None,
-                   results: list[Any] | None, output_json: str | None = None) -> ClaimedStep | None:
-        """After a step's output is recorded: start the next step, or end the flow DONE."""
+                   results: list[Any] | None, output_json: str | None = None,
+                   writes: store.FlowWrites | None = None) -> ClaimedStep | None:
+        """After a step's output is recorded: start the next step, or end the flow DONE.
+        ``writes``: where the move to the next step goes when a worker holds the flow on."""
         if flow.position + 1 >= len(flow.steps):
             self._end(flow, FlowState.DONE, effects, now, result=output, result_json=output_json)
             return None
@@ -662,7 +669,7 @@ class Engine:
         resumed = flow.state != FlowState.RUNNING.value  # a wait or a sub-flow ended
         store.update_flow(flow, position=flow.position + 1, step_attempt=0, interruptions=0,
                           state=FlowState.RUNNING.value, wait_topic=None, wait_match=None, wait_until=None,
-                          updated_at=now, worker_pid=pid)
+                          updated_at=now, worker_pid=pid, defer=writes if pid is not None else None)
         self._publish_status(flow, effects, state_change=resumed)
         if pid is None:
             self._admit(flow, effects, now)

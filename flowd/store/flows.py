@@ -81,7 +81,8 @@ def insert_flow(values: dict[str, Any]) -> int:
         raise
 
 
-def update_flow(flow: Row, *, texts: dict[str, str] | None = None, **changes: Any) -> None:
+def update_flow(flow: Row, *, texts: dict[str, str] | None = None, defer: FlowWrites | None = None,
+                **changes: Any) -> None:
     """Write ``changes`` to the flow's row and to ``flow`` itself.
 
     Columns whose value ``flow`` already has are left out: a column not in the SET
@@ -89,11 +90,17 @@ def update_flow(flow: Row, *, texts: dict[str, str] | None = None, **changes: An
     costs no statement. ``flow`` must be what the row holds (read in this transaction).
     ``texts``: the JSON text of some of the changed values, which the caller has
     already (a step's output as the flow's result): stored as it is, not encoded again.
+    ``defer``: written by its ``flush`` (same transaction), with the other flows that
+    get the same values.
     """
     known = flow.__dict__
     changes = {name: value for name, value in changes.items() if name not in known or known[name] != value
                or type(known[name]) is not type(value)}
     if not changes:
+        return
+    if defer is not None:
+        defer.add(flow, changes, texts)
+        known.update(changes)
         return
     names = tuple(sorted(changes))
     sql = _update_sql.get(names)
@@ -108,6 +115,39 @@ def update_flow(flow: Row, *, texts: dict[str, str] | None = None, **changes: An
 
 
 _update_sql: dict[tuple[str, ...], str] = {}
+
+
+class FlowWrites:
+    """Flow updates of one transaction, written together: one statement per set of
+    values, not one per flow.
+
+    A worker's round moves every flow it holds on to its next step (the same
+    ``updated_at``, the position its neighbours reach too) and claims new flows with
+    the same values: those are a few statements per round. Only for rows this
+    transaction holds and reads no more until ``flush`` (the claims and next steps of
+    a worker's round): a deferred change is not in the database before it.
+    """
+
+    def __init__(self) -> None:
+        self._changes: dict[int, dict[str, Any]] = {}  # flow id -> column -> encoded value
+
+    def add(self, flow: Row, changes: dict[str, Any], texts: dict[str, str] | None = None) -> None:
+        row = self._changes.setdefault(flow.id, {})
+        for name, value in changes.items():
+            row[name] = texts[name] if texts and name in texts else encode(name, value)
+
+    def flush(self) -> None:
+        """Write what was added since the last flush."""
+        groups: dict[tuple[tuple[str, Any], ...], list[int]] = {}
+        for flow_id, row in self._changes.items():
+            groups.setdefault(tuple(sorted(row.items())), []).append(flow_id)
+        self._changes = {}
+        for values, flow_ids in groups.items():
+            columns = ", ".join(f'"{name}" = ?' for name, _ in values)
+            for start in range(0, len(flow_ids), 500):  # far below any backend's parameter limit
+                chunk = flow_ids[start:start + 500]
+                execute(f"UPDATE flow SET {columns} WHERE id IN ({', '.join('?' * len(chunk))})",
+                        [*(value for _, value in values), *chunk])
 
 
 def running_result(flow_id: int, position: int) -> Row | None:
