@@ -566,7 +566,7 @@ class Engine:
                 step_input = store.step_output(flow.id, flow.position - 1) or {"args": [], "kwargs": {}}
                 results = store.done_outputs(flow.id, flow.position)
             # A flow that never ran has no earlier attempt: no need to count them.
-            step = self._start_step(flow, step_input, results, pid, now, attempt=1 if fresh else None)
+            step = self._start_step(flow, step_input, results, pid, now, attempt=1 if fresh else None, writes=writes)
         return step
 
     def _flow_timeout_text(self, flow: Row) -> str:
@@ -574,18 +574,26 @@ class Engine:
         limit = f"{info.timeout:g}s" if info and info.timeout else "its limit"
         return f"flow timed out: routine '{flow.routine}' allows {limit} for the whole flow"
 
-    def _start_step(self, flow: Row, step_input: dict[str, Any], results: list[Any], pid: int,
-                    now: dt.datetime, attempt: int | None = None, input_json: str | None = None) -> ClaimedStep:
+    def _start_step(self, flow: Row, step_input: dict[str, Any], results: list[Any], pid: int, now: dt.datetime,
+                    attempt: int | None = None, input_json: str | None = None,
+                    writes: store.FlowWrites | None = None) -> ClaimedStep:
+        """``writes``: where a first attempt is inserted (its id set at the flush)."""
         task_name = flow.steps[flow.position]
-        result_id, attempt = store.insert_result(flow.id, flow.position, task_name, input_json or step_input, pid, now,
-                                                 attempt, self.node_id)
+        result_id = 0
+        if writes is None or attempt is None:
+            result_id, attempt = store.insert_result(flow.id, flow.position, task_name, input_json or step_input, pid,
+                                                     now, attempt, self.node_id)
         task = self.definitions.tasks.get(task_name)
-        return ClaimedStep(
+        step = ClaimedStep(
             flow_id=flow.id, flow_uid=flow.uid, routine=flow.routine, token=flow.dispatch_token,
             steps=list(flow.steps), position=flow.position, attempt=attempt, task_result_id=result_id,
             task_name=task_name, script=task.script if task else None, options=dict(task.options) if task else {},
             timeout=task.timeout if task else None, args=list(step_input.get("args", [])),
             kwargs=dict(step_input.get("kwargs", {})), results=results, deadline=flow.deadline, flow=flow)
+        if not result_id and writes is not None:
+            writes.insert_result(step, flow.id, flow.position, task_name, input_json or dumps(step_input), pid, now,
+                                 self.node_id)
+        return step
 
     def _held(self, step: ClaimedStep, pid: int) -> tuple[Row | None, Row | None]:
         """The flow and attempt, if this worker still holds them (not cancelled/taken over)."""
@@ -677,7 +685,7 @@ class Engine:
         if results is None:
             results = store.done_outputs(flow.id, flow.position)
         # A step the flow has just reached has no earlier attempt.
-        return self._start_step(flow, output, results, pid, now, attempt=1, input_json=output_json)
+        return self._start_step(flow, output, results, pid, now, attempt=1, input_json=output_json, writes=writes)
 
     def release(self, step: ClaimedStep, pid: int) -> None:
         """Give back a held step that has not started (shutdown): recovery re-queues it."""

@@ -211,3 +211,24 @@ def test_deferred_flow_writes_land_at_the_flush_each_flow_with_its_values(engine
     assert [(stored[i].worker_pid, stored[i].updated_at) for i in ids[:3]] == [(77, later)] * 3
     assert (stored[ids[3]].worker_pid, stored[ids[3]].position, stored[ids[3]].result) == (None, 1, {"a": [1]})
     assert stored[ids[3]].updated_at == NOW
+
+
+def test_deferred_first_attempts_get_their_ids_at_the_flush(engine: Any) -> None:
+    ids = [engine.submit("pair", [n], now=NOW)[0].id for n in range(3)]
+
+    class Target:
+        task_result_id = 0
+
+    targets = [Target() for _ in ids]
+    with write_transaction():
+        writes = store.FlowWrites()
+        for n, (flow_id, target) in enumerate(zip(ids, targets, strict=True)):
+            writes.insert_result(target, flow_id, n % 2, "add", f'{{"args":[{n}]}}', 4242, NOW, None)
+        assert TaskResult.select().count() == 0 and {t.task_result_id for t in targets} == {0}
+        writes.flush()
+    stored = {r.id: r for r in TaskResult.select()}
+    assert len(stored) == 3
+    for n, (flow_id, target) in enumerate(zip(ids, targets, strict=True)):
+        row = stored[target.task_result_id]
+        assert (row.flow_id, row.position, row.attempt, row.state, row.input, row.worker_pid, row.started_at) == (
+            flow_id, n % 2, 1, "RUNNING", {"args": [n]}, 4242, NOW)

@@ -8,8 +8,9 @@ are still the peewee models of ``models.py`` (same columns, same encodings).
 from __future__ import annotations
 
 import datetime as dt
+import sqlite3
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import peewee
 
@@ -117,9 +118,13 @@ def update_flow(flow: Row, *, texts: dict[str, str] | None = None, defer: FlowWr
 _update_sql: dict[tuple[str, ...], str] = {}
 
 
+class HasResultId(Protocol):
+    task_result_id: int
+
+
 class FlowWrites:
-    """Flow updates of one transaction, written together: one statement per set of
-    values, not one per flow.
+    """Flow updates and first attempts of one transaction, written together: one
+    UPDATE per set of values and one INSERT, not one statement per flow.
 
     A worker's round moves every flow it holds on to its next step (the same
     ``updated_at``, the position its neighbours reach too) and claims new flows with
@@ -130,6 +135,14 @@ class FlowWrites:
 
     def __init__(self) -> None:
         self._changes: dict[int, dict[str, Any]] = {}  # flow id -> column -> encoded value
+        self._results: list[tuple[HasResultId, tuple[Any, ...]]] = []
+
+    def insert_result(self, target: HasResultId, flow_id: int, position: int, task: str, input_json: str,
+                      worker_pid: int | None, started_at: dt.datetime, node_id: str | None) -> None:
+        """:func:`insert_result` of a step's first attempt; its id is set on
+        ``target.task_result_id`` by the flush."""
+        self._results.append((target, (flow_id, position, task, 1, StepState.RUNNING.value, input_json, worker_pid,
+                                       encode("started_at", started_at), node_id)))
 
     def add(self, flow: Row, changes: dict[str, Any], texts: dict[str, str] | None = None) -> None:
         row = self._changes.setdefault(flow.id, {})
@@ -148,6 +161,32 @@ class FlowWrites:
                 chunk = flow_ids[start:start + 500]
                 execute(f"UPDATE flow SET {columns} WHERE id IN ({', '.join('?' * len(chunk))})",
                         [*(value for _, value in values), *chunk])
+        results, self._results = self._results, []
+        for start in range(0, len(results), 500):
+            chunk_results = results[start:start + 500]
+            if is_sqlite() and not _SQLITE_RETURNING:
+                for target, values_row in chunk_results:
+                    target.task_result_id = _insert_result_row(values_row)
+                continue
+            marks = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk_results))
+            cursor = execute(f"{_INSERT_RESULT} VALUES {marks} RETURNING flow_id, position, id",
+                             [value for _, values_row in chunk_results for value in values_row])
+            ids = {(flow_id, position): result_id for flow_id, position, result_id in cursor.fetchall()}
+            for target, values_row in chunk_results:  # RETURNING's order is not promised: by flow and step
+                target.task_result_id = int(ids[(values_row[0], values_row[1])])
+
+
+_INSERT_RESULT = ("INSERT INTO task_result (flow_id, position, task, attempt, state, input, worker_pid, started_at, "
+                  "node_id)")
+# RETURNING came with SQLite 3.35 (Debian 12 has 3.40); PostgreSQL has it. Without it, a row at a time.
+_SQLITE_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
+
+
+def _insert_result_row(values: tuple[Any, ...]) -> int:
+    sql = _INSERT_RESULT + " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    if not is_sqlite():
+        return int(execute(sql + " RETURNING id", values).fetchone()[0])
+    return int(execute(sql, values).lastrowid)
 
 
 def running_result(flow_id: int, position: int) -> Row | None:
@@ -168,13 +207,8 @@ def insert_result(flow_id: int, position: int, task: str, step_input: Any, worke
                       (flow_id, position)).fetchone()
         attempt = int(row[0])
     encoded = step_input if isinstance(step_input, str) else encode("input", step_input)
-    values = [flow_id, position, task, attempt, StepState.RUNNING.value, encoded, worker_pid,
-              encode("started_at", started_at), node_id]
-    sql = ('INSERT INTO task_result (flow_id, position, task, attempt, state, input, worker_pid, started_at, node_id) '
-           'VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)')
-    if not is_sqlite():
-        return int(execute(sql + " RETURNING id", values).fetchone()[0]), attempt
-    return int(execute(sql, values).lastrowid), attempt
+    return _insert_result_row((flow_id, position, task, attempt, StepState.RUNNING.value, encoded, worker_pid,
+                               encode("started_at", started_at), node_id)), attempt
 
 
 def update_result(result_id: int, **changes: Any) -> None:
