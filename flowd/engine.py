@@ -21,13 +21,17 @@ from typing import Any
 from flowd import outbox, store
 from flowd.config import Config
 from flowd.errors import DuplicateRequest, FlowdError, InputError, NotFoundError
+
+# Re-exported: the MQTT bridge and the foreground runner import them from here.
+from flowd.flowmessages import flow_result_payload
+from flowd.flowmessages import flow_status_payload as flow_status_payload
+from flowd.flowmessages import payload_matches as payload_matches
 from flowd.lease import is_shared_database
 from flowd.models import (
     FlowState,
     Routine,
     StepState,
     dumps,
-    isoformat,
     make_step_durable,
     utcnow,
     write_transaction,
@@ -140,59 +144,11 @@ class ClaimedStep:
     output_json: str | None = field(default=None, repr=False, compare=False)
 
 
-def flow_status_payload(flow: Any, child_id: int | None = None) -> dict[str, Any]:
-    """``flow/<id>/status`` (SPEC 4.2); ``flow`` is a Flow model or a store row;
-    ``child_id`` names the sub-flow a WAITING flow waits for."""
-    steps = flow.steps or []
-    task = steps[flow.position] if 0 <= flow.position < len(steps) else None
-    payload: dict[str, Any] = {
-        "flow_id": flow.id, "uid": flow.uid, "routine": flow.routine, "request_id": flow.request_id,
-        "state": flow.state, "position": flow.position, "steps": len(steps), "task": task,
-        "trigger": flow.trigger,
-    }
-    if flow.state == FlowState.WAITING.value and flow.wait_topic:
-        payload["waiting_for"] = {"topic": flow.wait_topic, "match": flow.wait_match}
-    elif flow.state == FlowState.WAITING.value and child_id is not None:
-        payload["waiting_for"] = {"flow": child_id}
-    if flow.error:
-        payload["error"] = flow.error
-    return payload
-
-
-def flow_result_payload(flow: Any) -> dict[str, Any]:
-    """``flow/<id>/result`` (SPEC 4.2)."""
-    return {
-        "flow_id": flow.id, "uid": flow.uid, "routine": flow.routine, "request_id": flow.request_id,
-        "state": flow.state, "result": flow.result, "error": flow.error, "trigger": flow.trigger,
-        "started_at": isoformat(flow.started_at), "finished_at": isoformat(flow.finished_at),
-    }
-
-
 def retry_delay(task: store.TaskInfo | None, failed: int) -> float:
     """Seconds before the attempt after ``failed`` failed ones: ``retry_delay`` doubling
     each time, up to ``retry_backoff_max``."""
     base = task.retry_delay if task else 1.0
     return float(min(base * (2 ** (failed - 1)), task.retry_backoff_max if task else base))
-
-
-def payload_matches(match: dict[str, Any] | None, payload: Any) -> bool:
-    """True when every key/value of ``match`` is in the JSON object ``payload``."""
-    if not match:
-        return True
-    if not isinstance(payload, dict):
-        return False
-    return all(key in payload and same_json(payload[key], value) for key, value in match.items())
-
-
-def same_json(a: Any, b: Any) -> bool:
-    """JSON equality: ``true`` is not ``1`` (Python's == says it is); 1 equals 1.0."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return isinstance(a, bool) and isinstance(b, bool) and a == b
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(same_json(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(same_json(x, y) for x, y in zip(a, b, strict=True))
-    return bool(a == b)
 
 
 class Engine:
@@ -461,10 +417,12 @@ class Engine:
 
     # ------------------------------------------------------------------ ending
     def _end(self, flow: Row, state: FlowState, effects: Effects, now: dt.datetime, *,
-             result: Any = None, error: str | None = None) -> None:
+             result: Any = None, error: str | None = None, result_json: str | None = None) -> None:
+        """``result_json``: the result's JSON text, when the caller has it (a worker's last step)."""
         was_admitted = flow.admitted and not flow.is_ended
         store.update_flow(flow, state=state.value, result=result, error=error, finished_at=now, updated_at=now,
-                          worker_pid=None, next_attempt_at=None, wait_topic=None, wait_match=None, wait_until=None)
+                          worker_pid=None, next_attempt_at=None, wait_topic=None, wait_match=None, wait_until=None,
+                          texts={"result": result_json} if result_json is not None else None)
         if state != FlowState.DONE:
             store.end_running_results(flow.id, StepState.CANCELLED.value if state == FlowState.CANCELLED
                                       else StepState.FAILED.value, error, now)
@@ -568,16 +526,18 @@ class Engine:
         self.definitions.refresh()
         # Made durable by the next sync point: if a power cut loses the claim, recovery queues the step again.
         with write_transaction(sync=False):
-            flows = store.flows_by_id([flow_id for flow_id, _ in pairs])
+            flows, writes = store.flows_by_id([flow_id for flow_id, _ in pairs]), store.FlowWrites()
             for flow_id, token in pairs:
-                step = self._claim_one(flows.get(flow_id), token, pid, effects, now)
+                step = self._claim_one(flows.get(flow_id), token, pid, effects, now, writes)
                 if step is not None:
                     steps.append(step)
+            writes.flush()
         self._apply(effects)
         return steps
 
-    def _claim_one(self, flow: Row | None, token: int, pid: int, effects: Effects, now: dt.datetime
-                   ) -> ClaimedStep | None:
+    def _claim_one(self, flow: Row | None, token: int, pid: int, effects: Effects, now: dt.datetime,
+                   writes: store.FlowWrites) -> ClaimedStep | None:
+        """``writes``: where the claim's own update goes (the claimed flow is not read again)."""
         step: ClaimedStep | None = None
         if (flow is None or flow.dispatch_token != token or not flow.admitted
                 or flow.state not in (FlowState.INIT.value, FlowState.RUNNING.value) or flow.worker_pid):
@@ -595,10 +555,10 @@ class Engine:
                 changes.update(state=FlowState.RUNNING.value, started_at=flow.started_at or now)
                 if info is not None and info.timeout and flow.deadline is None:
                     changes["deadline"] = now + dt.timedelta(seconds=info.timeout)
-                store.update_flow(flow, **changes)
+                store.update_flow(flow, defer=writes, **changes)
                 self._publish_status(flow, effects, state_change=True)
             else:
-                store.update_flow(flow, **changes)
+                store.update_flow(flow, defer=writes, **changes)
             if flow.position == 0:
                 step_input = {"args": flow.args or [], "kwargs": flow.kwargs or {}}
                 results: list[Any] = []
@@ -606,7 +566,7 @@ class Engine:
                 step_input = store.step_output(flow.id, flow.position - 1) or {"args": [], "kwargs": {}}
                 results = store.done_outputs(flow.id, flow.position)
             # A flow that never ran has no earlier attempt: no need to count them.
-            step = self._start_step(flow, step_input, results, pid, now, attempt=1 if fresh else None)
+            step = self._start_step(flow, step_input, results, pid, now, attempt=1 if fresh else None, writes=writes)
         return step
 
     def _flow_timeout_text(self, flow: Row) -> str:
@@ -614,18 +574,26 @@ class Engine:
         limit = f"{info.timeout:g}s" if info and info.timeout else "its limit"
         return f"flow timed out: routine '{flow.routine}' allows {limit} for the whole flow"
 
-    def _start_step(self, flow: Row, step_input: dict[str, Any], results: list[Any], pid: int,
-                    now: dt.datetime, attempt: int | None = None, input_json: str | None = None) -> ClaimedStep:
+    def _start_step(self, flow: Row, step_input: dict[str, Any], results: list[Any], pid: int, now: dt.datetime,
+                    attempt: int | None = None, input_json: str | None = None,
+                    writes: store.FlowWrites | None = None) -> ClaimedStep:
+        """``writes``: where a first attempt is inserted (its id set at the flush)."""
         task_name = flow.steps[flow.position]
-        result_id, attempt = store.insert_result(flow.id, flow.position, task_name, input_json or step_input, pid, now,
-                                                 attempt, self.node_id)
+        result_id = 0
+        if writes is None or attempt is None:
+            result_id, attempt = store.insert_result(flow.id, flow.position, task_name, input_json or step_input, pid,
+                                                     now, attempt, self.node_id)
         task = self.definitions.tasks.get(task_name)
-        return ClaimedStep(
+        step = ClaimedStep(
             flow_id=flow.id, flow_uid=flow.uid, routine=flow.routine, token=flow.dispatch_token,
             steps=list(flow.steps), position=flow.position, attempt=attempt, task_result_id=result_id,
             task_name=task_name, script=task.script if task else None, options=dict(task.options) if task else {},
             timeout=task.timeout if task else None, args=list(step_input.get("args", [])),
             kwargs=dict(step_input.get("kwargs", {})), results=results, deadline=flow.deadline, flow=flow)
+        if not result_id and writes is not None:
+            writes.insert_result(step, flow.id, flow.position, task_name, input_json or dumps(step_input), pid, now,
+                                 self.node_id)
+        return step
 
     def _held(self, step: ClaimedStep, pid: int) -> tuple[Row | None, Row | None]:
         """The flow and attempt, if this worker still holds them (not cancelled/taken over)."""
@@ -660,6 +628,7 @@ class Engine:
         nxt: list[ClaimedStep] = []
         if claim:
             self.definitions.refresh()
+        writes = store.FlowWrites()  # the held flows' moves to their next step, written together
         with write_transaction(sync=False):
             for step, output in finished:
                 flow = step.flow
@@ -668,15 +637,17 @@ class Engine:
                                                                 step.flow_id, pid, step.token, self.node_id):
                     continue  # cancelled or taken over meanwhile: its new owner decides
                 started = self._next_step(flow, output, effects, now, pid=pid if hold else None,
-                                          results=[*step.results, output], output_json=text)
+                                          results=[*step.results, output], output_json=text, writes=writes)
                 if started is not None:
                     nxt.append(started)
+            writes.flush()
             if claim:
                 flows = store.flows_by_id([flow_id for flow_id, _ in claim])
                 for flow_id, token in claim:
-                    started = self._claim_one(flows.get(flow_id), token, pid, effects, now)
+                    started = self._claim_one(flows.get(flow_id), token, pid, effects, now, writes)
                     if started is not None:
                         nxt.append(started)
+                writes.flush()
         if finished:
             # At synchronous = full these outputs are on disk before the next steps run,
             # and before the daemon hears of them: its publisher finds nothing to sync.
@@ -692,10 +663,12 @@ class Engine:
         return self._next_step(flow, output, effects, now, pid=None, results=None)
 
     def _next_step(self, flow: Row, output: Any, effects: Effects, now: dt.datetime, *, pid: int | None,
-                   results: list[Any] | None, output_json: str | None = None) -> ClaimedStep | None:
-        """After a step's output is recorded: start the next step, or end the flow DONE."""
+                   results: list[Any] | None, output_json: str | None = None,
+                   writes: store.FlowWrites | None = None) -> ClaimedStep | None:
+        """After a step's output is recorded: start the next step, or end the flow DONE.
+        ``writes``: where the move to the next step goes when a worker holds the flow on."""
         if flow.position + 1 >= len(flow.steps):
-            self._end(flow, FlowState.DONE, effects, now, result=output)
+            self._end(flow, FlowState.DONE, effects, now, result=output, result_json=output_json)
             return None
         if flow.deadline and now >= flow.deadline:
             store.update_flow(flow, position=flow.position + 1)
@@ -704,7 +677,7 @@ class Engine:
         resumed = flow.state != FlowState.RUNNING.value  # a wait or a sub-flow ended
         store.update_flow(flow, position=flow.position + 1, step_attempt=0, interruptions=0,
                           state=FlowState.RUNNING.value, wait_topic=None, wait_match=None, wait_until=None,
-                          updated_at=now, worker_pid=pid)
+                          updated_at=now, worker_pid=pid, defer=writes if pid is not None else None)
         self._publish_status(flow, effects, state_change=resumed)
         if pid is None:
             self._admit(flow, effects, now)
@@ -712,7 +685,7 @@ class Engine:
         if results is None:
             results = store.done_outputs(flow.id, flow.position)
         # A step the flow has just reached has no earlier attempt.
-        return self._start_step(flow, output, results, pid, now, attempt=1, input_json=output_json)
+        return self._start_step(flow, output, results, pid, now, attempt=1, input_json=output_json, writes=writes)
 
     def release(self, step: ClaimedStep, pid: int) -> None:
         """Give back a held step that has not started (shutdown): recovery re-queues it."""

@@ -75,16 +75,19 @@ class ScriptLoader:
         self._modules: dict[Path, tuple[tuple[int, int], ModuleType]] = {}
         self._paths: dict[str, Path] = {}  # module -> its file, found once
         self._round: dict[str, tuple[Path, os.stat_result]] | None = None  # stats taken this round
+        self._round_classes: dict[str, type[Task]] = {}  # classes loaded this round, by reference
 
     def new_round(self) -> None:
         """A worker starts a round of steps (flowd.batch): each script file is looked at
         once in it, not once per step. The round starts after its flows were claimed, so
         a file changed before a flow was submitted is always seen by its steps."""
         self._round = {}
+        self._round_classes = {}
 
     def end_rounds(self) -> None:
         """The worker's batch is over: one stat per load again."""
         self._round = None
+        self._round_classes = {}
 
     def _script_file(self, module: str) -> tuple[Path, os.stat_result]:
         """The module's file and its stat: one stat per step (per round in a worker)
@@ -108,7 +111,17 @@ class ScriptLoader:
         return path, path.stat()
 
     def load(self, reference: str) -> type[Task]:
-        """The Task subclass behind ``reference``; raises TaskScriptError naming file and line."""
+        """The Task subclass behind ``reference``; raises TaskScriptError naming file and line.
+        In a round, a reference found once is that class for the rest of it: its file was
+        looked at once in the round anyway."""
+        if self._round is not None:
+            found = self._round_classes.get(reference)
+            if found is None:
+                found = self._round_classes[reference] = self._load(reference)
+            return found
+        return self._load(reference)
+
+    def _load(self, reference: str) -> type[Task]:
         module_name, class_name = parse_reference(reference)
         path, stat = self._script_file(module_name)
         module = self._import(path, module_name, stat)

@@ -190,3 +190,19 @@ def test_a_long_queue_is_not_read_again_at_every_flows_end(db: Any) -> None:
         models.database.obj.connection().set_trace_callback(None)
     assert [f.state for f in Flow.select()] == ["DONE"] * 200
     assert pending_limits and max(pending_limits) <= 3, sorted(set(pending_limits))
+
+
+def test_a_round_loads_a_reference_once_and_the_next_round_sees_the_changed_file(tmp_path: Any) -> None:
+    script = tmp_path / "task_roundy.py"
+    script.write_text("from flowd.task import Task\n\nclass A(Task):\n    n = 1\n")
+    loader = ScriptLoader([str(tmp_path)])
+    loader.new_round()
+    first = loader.load("roundy.A")
+    script.write_text("from flowd.task import Task\n\nclass A(Task):\n    n = 22\n")  # another size: another stamp
+    assert loader.load("roundy.A") is first  # the round looked at the file once
+    loader.new_round()
+    second = loader.load("roundy.A")
+    assert second is not first and (first.n, second.n) == (1, 22)  # type: ignore[attr-defined]
+    loader.end_rounds()
+    script.write_text("from flowd.task import Task\n\nclass A(Task):\n    n = 333\n")
+    assert loader.load("roundy.A").n == 333  # type: ignore[attr-defined]

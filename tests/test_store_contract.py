@@ -192,3 +192,43 @@ def test_attempt_changes_work_out_each_duration_in_the_database(engine: Any) -> 
     took = [t for _, fid, routine, _, t in changes if fid == flow_id and routine == "pair"]
     assert took[:3] == pytest.approx([0.0015, 0.000001, 2.500001], abs=1e-9)
     assert took[3] is None  # still running
+
+
+def test_deferred_flow_writes_land_at_the_flush_each_flow_with_its_values(engine: Any) -> None:
+    ids = [engine.submit("pair", [n], now=NOW)[0].id for n in range(4)]
+    later = NOW + dt.timedelta(seconds=3)
+    with write_transaction():
+        flows = store.flows_by_id(ids)
+        writes = store.FlowWrites()
+        for flow_id in ids[:3]:  # the same values: one statement
+            store.update_flow(flows[flow_id], defer=writes, worker_pid=77, updated_at=later)
+        store.update_flow(flows[ids[3]], defer=writes, position=1, result={"a": [1]}, texts={"result": '{"a":[1]}'})
+        assert flows[ids[0]].worker_pid == 77 and flows[ids[3]].position == 1  # the rows know at once
+        assert Flow.get_by_id(ids[0]).worker_pid is None  # the database at the flush
+        writes.flush()
+        writes.flush()  # nothing left: writes nothing
+    stored = {f.id: f for f in Flow.select().where(Flow.id.in_(ids))}
+    assert [(stored[i].worker_pid, stored[i].updated_at) for i in ids[:3]] == [(77, later)] * 3
+    assert (stored[ids[3]].worker_pid, stored[ids[3]].position, stored[ids[3]].result) == (None, 1, {"a": [1]})
+    assert stored[ids[3]].updated_at == NOW
+
+
+def test_deferred_first_attempts_get_their_ids_at_the_flush(engine: Any) -> None:
+    ids = [engine.submit("pair", [n], now=NOW)[0].id for n in range(3)]
+
+    class Target:
+        task_result_id = 0
+
+    targets = [Target() for _ in ids]
+    with write_transaction():
+        writes = store.FlowWrites()
+        for n, (flow_id, target) in enumerate(zip(ids, targets, strict=True)):
+            writes.insert_result(target, flow_id, n % 2, "add", f'{{"args":[{n}]}}', 4242, NOW, None)
+        assert TaskResult.select().count() == 0 and {t.task_result_id for t in targets} == {0}
+        writes.flush()
+    stored = {r.id: r for r in TaskResult.select()}
+    assert len(stored) == 3
+    for n, (flow_id, target) in enumerate(zip(ids, targets, strict=True)):
+        row = stored[target.task_result_id]
+        assert (row.flow_id, row.position, row.attempt, row.state, row.input, row.worker_pid, row.started_at) == (
+            flow_id, n % 2, 1, "RUNNING", {"args": [n]}, 4242, NOW)

@@ -9,6 +9,7 @@ migrations and the catalog (``models.py``, ``migrations.py``, ``catalog.py``).
 from flowd.store.definitions import Definitions, RoutineInfo, TaskInfo
 from flowd.store.failures import unusable_reason
 from flowd.store.flows import (
+    FlowWrites,
     active_children,
     active_flows,
     admitted_not_ended,
@@ -81,6 +82,7 @@ __all__ = [
     "FLOW_COLUMNS",
     "RESULT_COLUMNS",
     "Definitions",
+    "FlowWrites",
     "RoutineInfo",
     "Row",
     "TaskInfo",

@@ -8,8 +8,9 @@ are still the peewee models of ``models.py`` (same columns, same encodings).
 from __future__ import annotations
 
 import datetime as dt
+import sqlite3
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import peewee
 
@@ -81,22 +82,111 @@ def insert_flow(values: dict[str, Any]) -> int:
         raise
 
 
-def update_flow(flow: Row, **changes: Any) -> None:
+def update_flow(flow: Row, *, texts: dict[str, str] | None = None, defer: FlowWrites | None = None,
+                **changes: Any) -> None:
     """Write ``changes`` to the flow's row and to ``flow`` itself.
 
     Columns whose value ``flow`` already has are left out: a column not in the SET
     list costs no index update (``state`` is in two indexes), and an empty change
     costs no statement. ``flow`` must be what the row holds (read in this transaction).
+    ``texts``: the JSON text of some of the changed values, which the caller has
+    already (a step's output as the flow's result): stored as it is, not encoded again.
+    ``defer``: written by its ``flush`` (same transaction), with the other flows that
+    get the same values.
     """
     known = flow.__dict__
     changes = {name: value for name, value in changes.items() if name not in known or known[name] != value
                or type(known[name]) is not type(value)}
     if not changes:
         return
-    names = sorted(changes)
-    sql = f'UPDATE flow SET {", ".join(chr(34) + n + chr(34) + " = ?" for n in names)} WHERE id = ?'
-    execute(sql, [*(encode(n, changes[n]) for n in names), flow.id])
-    flow.__dict__.update(changes)
+    if defer is not None:
+        defer.add(flow, changes, texts)
+        known.update(changes)
+        return
+    names = tuple(sorted(changes))
+    sql = _update_sql.get(names)
+    if sql is None:  # a handful of column sets recur (a claim, a next step, an end): built once each
+        columns = ", ".join(f'"{n}" = ?' for n in names)
+        sql = _update_sql[names] = f"UPDATE flow SET {columns} WHERE id = ?"
+    if texts:
+        execute(sql, [*[texts[n] if n in texts else encode(n, changes[n]) for n in names], flow.id])
+    else:
+        execute(sql, [*[encode(n, changes[n]) for n in names], flow.id])
+    known.update(changes)
+
+
+_update_sql: dict[tuple[str, ...], str] = {}
+
+
+class HasResultId(Protocol):
+    task_result_id: int
+
+
+class FlowWrites:
+    """Flow updates and first attempts of one transaction, written together: one
+    UPDATE per set of values and one INSERT, not one statement per flow.
+
+    A worker's round moves every flow it holds on to its next step (the same
+    ``updated_at``, the position its neighbours reach too) and claims new flows with
+    the same values: those are a few statements per round. Only for rows this
+    transaction holds and reads no more until ``flush`` (the claims and next steps of
+    a worker's round): a deferred change is not in the database before it.
+    """
+
+    def __init__(self) -> None:
+        self._changes: dict[int, dict[str, Any]] = {}  # flow id -> column -> encoded value
+        self._results: list[tuple[HasResultId, tuple[Any, ...]]] = []
+
+    def insert_result(self, target: HasResultId, flow_id: int, position: int, task: str, input_json: str,
+                      worker_pid: int | None, started_at: dt.datetime, node_id: str | None) -> None:
+        """:func:`insert_result` of a step's first attempt; its id is set on
+        ``target.task_result_id`` by the flush."""
+        self._results.append((target, (flow_id, position, task, 1, StepState.RUNNING.value, input_json, worker_pid,
+                                       encode("started_at", started_at), node_id)))
+
+    def add(self, flow: Row, changes: dict[str, Any], texts: dict[str, str] | None = None) -> None:
+        row = self._changes.setdefault(flow.id, {})
+        for name, value in changes.items():
+            row[name] = texts[name] if texts and name in texts else encode(name, value)
+
+    def flush(self) -> None:
+        """Write what was added since the last flush."""
+        groups: dict[tuple[tuple[str, Any], ...], list[int]] = {}
+        for flow_id, row in self._changes.items():
+            groups.setdefault(tuple(sorted(row.items())), []).append(flow_id)
+        self._changes = {}
+        for values, flow_ids in groups.items():
+            columns = ", ".join(f'"{name}" = ?' for name, _ in values)
+            for start in range(0, len(flow_ids), 500):  # far below any backend's parameter limit
+                chunk = flow_ids[start:start + 500]
+                execute(f"UPDATE flow SET {columns} WHERE id IN ({', '.join('?' * len(chunk))})",
+                        [*(value for _, value in values), *chunk])
+        results, self._results = self._results, []
+        for start in range(0, len(results), 500):
+            chunk_results = results[start:start + 500]
+            if is_sqlite() and not _SQLITE_RETURNING:
+                for target, values_row in chunk_results:
+                    target.task_result_id = _insert_result_row(values_row)
+                continue
+            marks = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(chunk_results))
+            cursor = execute(f"{_INSERT_RESULT} VALUES {marks} RETURNING flow_id, position, id",
+                             [value for _, values_row in chunk_results for value in values_row])
+            ids = {(flow_id, position): result_id for flow_id, position, result_id in cursor.fetchall()}
+            for target, values_row in chunk_results:  # RETURNING's order is not promised: by flow and step
+                target.task_result_id = int(ids[(values_row[0], values_row[1])])
+
+
+_INSERT_RESULT = ("INSERT INTO task_result (flow_id, position, task, attempt, state, input, worker_pid, started_at, "
+                  "node_id)")
+# RETURNING came with SQLite 3.35 (Debian 12 has 3.40); PostgreSQL has it. Without it, a row at a time.
+_SQLITE_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
+
+
+def _insert_result_row(values: tuple[Any, ...]) -> int:
+    sql = _INSERT_RESULT + " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    if not is_sqlite():
+        return int(execute(sql + " RETURNING id", values).fetchone()[0])
+    return int(execute(sql, values).lastrowid)
 
 
 def running_result(flow_id: int, position: int) -> Row | None:
@@ -117,13 +207,8 @@ def insert_result(flow_id: int, position: int, task: str, step_input: Any, worke
                       (flow_id, position)).fetchone()
         attempt = int(row[0])
     encoded = step_input if isinstance(step_input, str) else encode("input", step_input)
-    values = [flow_id, position, task, attempt, StepState.RUNNING.value, encoded, worker_pid,
-              encode("started_at", started_at), node_id]
-    sql = ('INSERT INTO task_result (flow_id, position, task, attempt, state, input, worker_pid, started_at, node_id) '
-           'VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)')
-    if not is_sqlite():
-        return int(execute(sql + " RETURNING id", values).fetchone()[0]), attempt
-    return int(execute(sql, values).lastrowid), attempt
+    return _insert_result_row((flow_id, position, task, attempt, StepState.RUNNING.value, encoded, worker_pid,
+                               encode("started_at", started_at), node_id)), attempt
 
 
 def update_result(result_id: int, **changes: Any) -> None:

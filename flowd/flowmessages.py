@@ -1,0 +1,57 @@
+"""What flowd publishes about a flow (SPEC 4.2) and how a waiting flow's ``match``
+is compared with an event (SPEC 2.1): plain functions of a flow row, shared by the
+engine, the MQTT bridge and the foreground runner."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flowd.models import FlowState, isoformat
+
+
+def flow_status_payload(flow: Any, child_id: int | None = None) -> dict[str, Any]:
+    """``flow/<id>/status`` (SPEC 4.2); ``flow`` is a Flow model or a store row;
+    ``child_id`` names the sub-flow a WAITING flow waits for."""
+    steps = flow.steps or []
+    task = steps[flow.position] if 0 <= flow.position < len(steps) else None
+    payload: dict[str, Any] = {
+        "flow_id": flow.id, "uid": flow.uid, "routine": flow.routine, "request_id": flow.request_id,
+        "state": flow.state, "position": flow.position, "steps": len(steps), "task": task,
+        "trigger": flow.trigger,
+    }
+    if flow.state == FlowState.WAITING.value and flow.wait_topic:
+        payload["waiting_for"] = {"topic": flow.wait_topic, "match": flow.wait_match}
+    elif flow.state == FlowState.WAITING.value and child_id is not None:
+        payload["waiting_for"] = {"flow": child_id}
+    if flow.error:
+        payload["error"] = flow.error
+    return payload
+
+
+def flow_result_payload(flow: Any) -> dict[str, Any]:
+    """``flow/<id>/result`` (SPEC 4.2)."""
+    return {
+        "flow_id": flow.id, "uid": flow.uid, "routine": flow.routine, "request_id": flow.request_id,
+        "state": flow.state, "result": flow.result, "error": flow.error, "trigger": flow.trigger,
+        "started_at": isoformat(flow.started_at), "finished_at": isoformat(flow.finished_at),
+    }
+
+
+def payload_matches(match: dict[str, Any] | None, payload: Any) -> bool:
+    """True when every key/value of ``match`` is in the JSON object ``payload``."""
+    if not match:
+        return True
+    if not isinstance(payload, dict):
+        return False
+    return all(key in payload and same_json(payload[key], value) for key, value in match.items())
+
+
+def same_json(a: Any, b: Any) -> bool:
+    """JSON equality: ``true`` is not ``1`` (Python's == says it is); 1 equals 1.0."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_json(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same_json(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
