@@ -629,12 +629,14 @@ class Engine:
         if claim:
             self.definitions.refresh()
         writes = store.FlowWrites()  # the held flows' moves to their next step, written together
+        texts = [step.output_json if step.output_json is not None else dumps(output) for step, output in finished]
         with write_transaction(sync=False):
-            for step, output in finished:
+            # All recorded first: a next step touches no other held flow (a parent waits for its sub-flows).
+            recorded = store.finish_held_results([(s.task_result_id, text, s.started_at, s.flow_id, s.token) for (
+                s, _), text in zip(finished, texts, strict=True) if s.flow is not None], now, pid, self.node_id)
+            for (step, output), text in zip(finished, texts, strict=True):
                 flow = step.flow
-                text = step.output_json if step.output_json is not None else dumps(output)
-                if flow is None or not store.finish_held_result(step.task_result_id, text, now, step.started_at,
-                                                                step.flow_id, pid, step.token, self.node_id):
+                if flow is None or step.task_result_id not in recorded:
                     continue  # cancelled or taken over meanwhile: its new owner decides
                 started = self._next_step(flow, output, effects, now, pid=pid if hold else None,
                                           results=[*step.results, output], output_json=text, writes=writes)

@@ -11,13 +11,14 @@ import datetime as dt
 from collections.abc import Iterator
 from typing import Any
 
+import peewee
 import pytest
 from conftest import create_pg_database, drop_pg_database
 
 from flowd import api, catalog, store
 from flowd.config import load_config
 from flowd.errors import InputError
-from flowd.models import Flow, Outbox, TaskResult, write_transaction
+from flowd.models import Flow, Outbox, TaskResult, database, write_transaction
 
 NOW = dt.datetime(2026, 5, 1, 12, 0, 0, 250000)
 
@@ -232,3 +233,46 @@ def test_deferred_first_attempts_get_their_ids_at_the_flush(engine: Any) -> None
         row = stored[target.task_result_id]
         assert (row.flow_id, row.position, row.attempt, row.state, row.input, row.worker_pid, row.started_at) == (
             flow_id, n % 2, 1, "RUNNING", {"args": [n]}, 4242, NOW)
+
+
+def test_held_attempts_are_recorded_together_only_where_the_worker_still_holds_them(engine: Any) -> None:
+    ids = [engine.submit("pair", [n], now=NOW)[0].id for n in range(5)]
+    later, ran = NOW + dt.timedelta(seconds=2), NOW + dt.timedelta(seconds=1)
+    with write_transaction():
+        Flow.update(state="RUNNING", worker_pid=4242, node_id="n1", dispatch_token=3).where(Flow.id.in_(ids)).execute()
+        Flow.update(dispatch_token=4).where(Flow.id == ids[1]).execute()  # taken over: a new token
+        Flow.update(state="CANCELLED").where(Flow.id == ids[2]).execute()
+        Flow.update(worker_pid=99).where(Flow.id == ids[3]).execute()  # another worker's
+        results = [store.insert_result(flow_id, 0, "add", {"args": [n]}, 4242, NOW)[0]
+                   for n, flow_id in enumerate(ids)]
+        store.update_result(results[4], state="FAILED")  # an attempt no longer running
+    rows = [(result_id, f'{{"n":{n}}}', ran if n == 0 else None, flow_id, 3)
+            for n, (result_id, flow_id) in enumerate(zip(results, ids, strict=True))]
+    with write_transaction():
+        recorded = store.finish_held_results(rows, later, 4242, "n1")
+        assert store.finish_held_results([], later, 4242, "n1") == set()
+        if not isinstance(database.obj, peewee.SqliteDatabase):
+            assert _row_locked(ids[0]) and not _row_locked(ids[1])  # the held flow, as finish_held_result
+    assert recorded == {results[0]}
+    stored = {r.id: r for r in TaskResult.select()}
+    first = stored[results[0]]
+    assert (first.state, first.output, first.started_at, first.finished_at) == ("DONE", {"n": 0}, ran, later)
+    assert [(stored[r].state, stored[r].output, stored[r].finished_at) for r in results[1:]] == [
+        ("RUNNING", None, None)] * 3 + [("FAILED", None, None)]
+    assert all(stored[r].started_at == NOW for r in results[1:])  # no started_at given: left as it was
+
+
+def _row_locked(flow_id: int) -> bool:
+    """Whether another PostgreSQL session finds the flow's row locked."""
+    import psycopg2
+    import psycopg2.errors
+
+    other = psycopg2.connect(dbname=database.obj.database, user="postgres", host="127.0.0.1", port=5432)
+    try:
+        with other.cursor() as cursor:
+            cursor.execute("SELECT id FROM flow WHERE id = %s FOR UPDATE NOWAIT", (flow_id,))
+            return False
+    except psycopg2.errors.LockNotAvailable:
+        return True
+    finally:
+        other.close()

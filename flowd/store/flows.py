@@ -295,6 +295,56 @@ def finish_held_result(result_id: int, output_json: str, now: dt.datetime, start
     return int(cursor.rowcount) == 1
 
 
+# SQLite: UPDATE ... FROM came with 3.33, RETURNING with 3.35. A VALUES list's columns are
+# column1, column2, ... on both backends; PostgreSQL wants their types (casts).
+_FINISH_MANY_SQLITE = (
+    "UPDATE task_result SET state = ?, output = v.column2, finished_at = ?, "
+    "started_at = COALESCE(v.column3, task_result.started_at) FROM (VALUES {marks}) AS v "
+    "WHERE task_result.id = v.column1 AND task_result.state = ? AND EXISTS (SELECT 1 FROM flow WHERE "
+    "flow.id = v.column4 AND flow.state = ? AND flow.worker_pid = ? AND flow.node_id IS ? "
+    "AND flow.dispatch_token = v.column5) RETURNING task_result.id")
+# The held flows are locked first, in id order (as _locking's reads), then their attempts updated.
+_FINISH_MANY_POSTGRES = (
+    "WITH v AS (VALUES {marks}), held AS (SELECT f.id FROM flow f JOIN v ON f.id = v.column4 "
+    "AND f.dispatch_token = v.column5 WHERE f.state = ? AND f.worker_pid = ? AND f.node_id = ? "
+    "ORDER BY f.id FOR UPDATE OF f) "
+    "UPDATE task_result r SET state = ?, output = v.column2, finished_at = ?, "
+    "started_at = COALESCE(v.column3, r.started_at) FROM v JOIN held ON held.id = v.column4 "
+    "WHERE r.id = v.column1 AND r.state = ? RETURNING r.id")
+_POSTGRES_ROW = "(?::bigint, ?::text, ?::timestamp, ?::bigint, ?::bigint)"
+_SQLITE_UPDATE_FROM = sqlite3.sqlite_version_info >= (3, 35, 0)  # RETURNING too
+
+
+def finish_held_results(finished: list[tuple[int, str, dt.datetime | None, int, int]], now: dt.datetime,
+                        worker_pid: int, node_id: str | None) -> set[int]:
+    """:func:`finish_held_result` of several attempts (result id, output JSON, started
+    at, flow id, dispatch token) of one worker: one statement for a round, not one
+    per step. The ids of those recorded; the others were cancelled or taken over.
+
+    Each row is checked and written as by :func:`finish_held_result`. On PostgreSQL
+    the same rows are locked (each held flow, then its attempt), the flows in id order.
+    """
+    if not finished:
+        return set()
+    if is_sqlite() and not _SQLITE_UPDATE_FROM:
+        return {row[0] for row in finished if finish_held_result(row[0], row[1], now, row[2], row[3], worker_pid,
+                                                                 row[4], node_id)}
+    done, running, stamp = StepState.DONE.value, StepState.RUNNING.value, encode("finished_at", now)
+    recorded: set[int] = set()
+    for start in range(0, len(finished), 200):  # 5 parameters a row: far below any backend's limit
+        chunk = finished[start:start + 200]
+        values = [value for result_id, text, started_at, flow_id, token in chunk
+                  for value in (result_id, text, encode("started_at", started_at), flow_id, token)]
+        if is_sqlite():
+            sql = _FINISH_MANY_SQLITE.format(marks=", ".join(["(?, ?, ?, ?, ?)"] * len(chunk)))
+            params = [done, stamp, *values, running, FlowState.RUNNING.value, worker_pid, node_id]
+        else:
+            sql = _FINISH_MANY_POSTGRES.format(marks=", ".join([_POSTGRES_ROW] * len(chunk)))
+            params = [*values, FlowState.RUNNING.value, worker_pid, node_id, done, stamp, running]
+        recorded.update(int(row[0]) for row in execute(sql, params).fetchall())
+    return recorded
+
+
 # ---------------------------------------------------------------- named selections of the engine
 def active_children(parent_id: int) -> list[Row]:
     placeholders = ", ".join("?" * len(ACTIVE_STATES))
