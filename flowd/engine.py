@@ -632,13 +632,11 @@ class Engine:
         texts = [step.output_json if step.output_json is not None else dumps(output) for step, output in finished]
         with write_transaction(sync=False):
             # All recorded first: a next step touches no other held flow (a parent waits for its sub-flows).
-            recorded = store.finish_held_results([(s.task_result_id, text, s.started_at, s.flow_id, s.token) for (
-                s, _), text in zip(finished, texts, strict=True) if s.flow is not None], now, pid, self.node_id)
+            recorded = store.finish_held_results([step for step, _ in finished], texts, now, pid, self.node_id)
             for (step, output), text in zip(finished, texts, strict=True):
-                flow = step.flow
-                if flow is None or step.task_result_id not in recorded:
+                if step.flow is None or step.task_result_id not in recorded:
                     continue  # cancelled or taken over meanwhile: its new owner decides
-                started = self._next_step(flow, output, effects, now, pid=pid if hold else None,
+                started = self._next_step(step.flow, output, effects, now, pid=pid if hold else None,
                                           results=[*step.results, output], output_json=text, writes=writes)
                 if started is not None:
                     nxt.append(started)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import peewee
@@ -235,7 +236,10 @@ def test_deferred_first_attempts_get_their_ids_at_the_flush(engine: Any) -> None
             flow_id, n % 2, 1, "RUNNING", {"args": [n]}, 4242, NOW)
 
 
-def test_held_attempts_are_recorded_together_only_where_the_worker_still_holds_them(engine: Any) -> None:
+@pytest.mark.parametrize("update_from", [True, False], ids=["update-from", "old-sqlite"])
+def test_held_attempts_are_recorded_together_only_where_the_worker_still_holds_them(
+        engine: Any, update_from: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store.flows, "_SQLITE_UPDATE_FROM", update_from)  # SQLite before 3.35: a row at a time
     ids = [engine.submit("pair", [n], now=NOW)[0].id for n in range(5)]
     later, ran = NOW + dt.timedelta(seconds=2), NOW + dt.timedelta(seconds=1)
     with write_transaction():
@@ -246,11 +250,13 @@ def test_held_attempts_are_recorded_together_only_where_the_worker_still_holds_t
         results = [store.insert_result(flow_id, 0, "add", {"args": [n]}, 4242, NOW)[0]
                    for n, flow_id in enumerate(ids)]
         store.update_result(results[4], state="FAILED")  # an attempt no longer running
-    rows = [(result_id, f'{{"n":{n}}}', ran if n == 0 else None, flow_id, 3)
-            for n, (result_id, flow_id) in enumerate(zip(results, ids, strict=True))]
+    steps = [SimpleNamespace(flow=object(), task_result_id=result_id, started_at=ran if n == 0 else None,
+                             flow_id=flow_id, token=3)
+             for n, (result_id, flow_id) in enumerate(zip(results, ids, strict=True))]
+    texts = [f'{{"n":{n}}}' for n in range(5)]
     with write_transaction():
-        recorded = store.finish_held_results(rows, later, 4242, "n1")
-        assert store.finish_held_results([], later, 4242, "n1") == set()
+        recorded = store.finish_held_results(steps, texts, later, 4242, "n1")  # type: ignore[arg-type]
+        assert store.finish_held_results([], [], later, 4242, "n1") == set()
         if not isinstance(database.obj, peewee.SqliteDatabase):
             assert _row_locked(ids[0]) and not _row_locked(ids[1])  # the held flow, as finish_held_result
     assert recorded == {results[0]}

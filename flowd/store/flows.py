@@ -315,15 +315,25 @@ _POSTGRES_ROW = "(?::bigint, ?::text, ?::timestamp, ?::bigint, ?::bigint)"
 _SQLITE_UPDATE_FROM = sqlite3.sqlite_version_info >= (3, 35, 0)  # RETURNING too
 
 
-def finish_held_results(finished: list[tuple[int, str, dt.datetime | None, int, int]], now: dt.datetime,
-                        worker_pid: int, node_id: str | None) -> set[int]:
-    """:func:`finish_held_result` of several attempts (result id, output JSON, started
-    at, flow id, dispatch token) of one worker: one statement for a round, not one
-    per step. The ids of those recorded; the others were cancelled or taken over.
+class HeldStep(Protocol):
+    flow: Any
+    task_result_id: int
+    started_at: dt.datetime | None
+    flow_id: int
+    token: int
+
+
+def finish_held_results(steps: list[HeldStep], output_jsons: list[str], now: dt.datetime, worker_pid: int,
+                        node_id: str | None) -> set[int]:
+    """:func:`finish_held_result` of several steps of one worker (each with its output
+    as JSON text): one statement for a round, not one per step. The attempt ids
+    recorded; the others were cancelled or taken over. Steps without a ``flow`` are left out.
 
     Each row is checked and written as by :func:`finish_held_result`. On PostgreSQL
     the same rows are locked (each held flow, then its attempt), the flows in id order.
     """
+    finished = [(step.task_result_id, text, step.started_at, step.flow_id, step.token)
+                for step, text in zip(steps, output_jsons, strict=True) if step.flow is not None]
     if not finished:
         return set()
     if is_sqlite() and not _SQLITE_UPDATE_FROM:
