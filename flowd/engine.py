@@ -36,7 +36,7 @@ from flowd.models import (
     utcnow,
     write_transaction,
 )
-from flowd.status import Status, send_statuses
+from flowd.status import Status, send_statuses, status_payload_text
 from flowd.store import Row, nodes
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class Effects:
     enqueue: list[tuple[int, int, float | None]] = field(default_factory=list)
     signal_pids: list[int] = field(default_factory=list)
     published: bool = False
-    statuses: list[tuple[int, str, str, dict[str, Any]]] = field(default_factory=list)  # encoded after the commit
+    statuses: list[Status] = field(default_factory=list)  # sent after the commit
     slots: Slots = field(default_factory=lambda: Slots())
 
     def extend(self, other: Effects) -> None:
@@ -172,8 +172,7 @@ class Engine:
         if effects.statuses:
             # First: the daemon has them before anything below can wake its publisher,
             # which sends a flow's result only after its last status.
-            send_statuses(self.config.flowd.state_dir, [Status(flow_id, state, topic, dumps(payload))
-                                                        for flow_id, state, topic, payload in effects.statuses])
+            send_statuses(self.config.flowd.state_dir, effects.statuses)
         now = [(flow_id, token) for flow_id, token, delay in effects.enqueue if not delay or delay <= 0]
         if self._enqueue_many is not None and len(now) > 1:
             # Flows admitted together travel together: one message per worker, not per flow.
@@ -208,8 +207,8 @@ class Engine:
         mode = self._status_mode(flow.routine)
         if mode == "off" or (mode == "states" and not state_change):
             return
-        effects.statuses.append((flow.id, flow.state, self.config.topic(f"flow/{flow.id}/status"),
-                                 flow_status_payload(flow, child_id)))
+        effects.statuses.append(Status(flow.id, flow.state, self.config.topic(f"flow/{flow.id}/status"),
+                                       status_payload_text(flow, child_id)))
 
     def _status_mode(self, routine: str) -> str:
         info = self._routine_info(routine)
