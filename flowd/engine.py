@@ -415,13 +415,14 @@ class Engine:
             effects.slots.admitted(routine_name)
 
     # ------------------------------------------------------------------ ending
-    def _end(self, flow: Row, state: FlowState, effects: Effects, now: dt.datetime, *,
-             result: Any = None, error: str | None = None, result_json: str | None = None) -> None:
-        """``result_json``: the result's JSON text, when the caller has it (a worker's last step)."""
+    def _end(self, flow: Row, state: FlowState, effects: Effects, now: dt.datetime, *, result: Any = None,
+             error: str | None = None, result_json: str | None = None, writes: store.FlowWrites | None = None) -> None:
+        """``result_json``: the result's JSON text, when the caller has it (a worker's last step);
+        ``writes``: where the update goes, when this worker held the flow (not read again)."""
         was_admitted = flow.admitted and not flow.is_ended
         store.update_flow(flow, state=state.value, result=result, error=error, finished_at=now, updated_at=now,
                           worker_pid=None, next_attempt_at=None, wait_topic=None, wait_match=None, wait_until=None,
-                          texts={"result": result_json} if result_json is not None else None)
+                          texts={"result": result_json} if result_json is not None else None, defer=writes)
         if state != FlowState.DONE:
             store.end_running_results(flow.id, StepState.CANCELLED.value if state == FlowState.CANCELLED
                                       else StepState.FAILED.value, error, now)
@@ -439,6 +440,8 @@ class Engine:
                 self._cancel_tree(child, effects, now, f"parent flow {flow.id} {why}")
         if was_admitted:
             effects.slots.ended(flow.routine)
+            if writes is not None and effects.slots.has_pending(flow.routine):
+                writes.flush()  # admitting counts the active flows in the database
             self._admit_pending(flow.routine, effects, now)
         if flow.parent_id:
             self._child_ended(flow, effects, now)
@@ -544,7 +547,7 @@ class Engine:
         if flow.next_attempt_at and flow.next_attempt_at > now + dt.timedelta(seconds=0.05):
             effects.enqueue.append((flow.id, flow.dispatch_token, (flow.next_attempt_at - now).total_seconds()))
         elif flow.deadline and now >= flow.deadline:
-            self._end(flow, FlowState.FAILED, effects, now, error=self._flow_timeout_text(flow))
+            self._end(flow, FlowState.FAILED, effects, now, error=self.definitions.timeout_text(flow.routine))
         else:
             changes: dict[str, Any] = {"worker_pid": pid, "node_id": self.node_id, "next_attempt_at": None,
                                        "updated_at": now}
@@ -567,11 +570,6 @@ class Engine:
             # A flow that never ran has no earlier attempt: no need to count them.
             step = self._start_step(flow, step_input, results, pid, now, attempt=1 if fresh else None, writes=writes)
         return step
-
-    def _flow_timeout_text(self, flow: Row) -> str:
-        info = self.definitions.routines.get(flow.routine)
-        limit = f"{info.timeout:g}s" if info and info.timeout else "its limit"
-        return f"flow timed out: routine '{flow.routine}' allows {limit} for the whole flow"
 
     def _start_step(self, flow: Row, step_input: dict[str, Any], results: list[Any], pid: int, now: dt.datetime,
                     attempt: int | None = None, input_json: str | None = None,
@@ -667,11 +665,11 @@ class Engine:
         """After a step's output is recorded: start the next step, or end the flow DONE.
         ``writes``: where the move to the next step goes when a worker holds the flow on."""
         if flow.position + 1 >= len(flow.steps):
-            self._end(flow, FlowState.DONE, effects, now, result=output, result_json=output_json)
+            self._end(flow, FlowState.DONE, effects, now, result=output, result_json=output_json, writes=writes)
             return None
         if flow.deadline and now >= flow.deadline:
             store.update_flow(flow, position=flow.position + 1)
-            self._end(flow, FlowState.FAILED, effects, now, error=self._flow_timeout_text(flow))
+            self._end(flow, FlowState.FAILED, effects, now, error=self.definitions.timeout_text(flow.routine))
             return None
         resumed = flow.state != FlowState.RUNNING.value  # a wait or a sub-flow ended
         store.update_flow(flow, position=flow.position + 1, step_attempt=0, interruptions=0,
@@ -780,7 +778,7 @@ class Engine:
             return
         store.update_flow(flow, step_attempt=attempts)
         if timed_out:
-            self._end(flow, FlowState.FAILED, effects, now, error=self._flow_timeout_text(flow))
+            self._end(flow, FlowState.FAILED, effects, now, error=self.definitions.timeout_text(flow.routine))
         else:
             self._end(flow, FlowState.FAILED, effects, now, error=f"{label} failed: {summary}")
 
@@ -981,7 +979,7 @@ class Engine:
                                          f" matching {flow.wait_match or {}}", effects, now)
                     touched += 1
             for flow in store.overdue_unheld(now):
-                self._end(flow, FlowState.FAILED, effects, now, error=self._flow_timeout_text(flow))
+                self._end(flow, FlowState.FAILED, effects, now, error=self.definitions.timeout_text(flow.routine))
                 touched += 1
         self._apply(effects)
         return touched

@@ -282,3 +282,46 @@ def _row_locked(flow_id: int) -> bool:
         return True
     finally:
         other.close()
+
+
+@pytest.mark.parametrize("update_from", [True, False], ids=["update-from", "old-sqlite"])
+def test_deferred_flow_writes_with_values_of_their_own_are_one_statement_per_column_set(
+        engine: Any, update_from: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store.flows, "_SQLITE_UPDATE_FROM", update_from)  # SQLite before 3.35: a statement per value
+    ids = [engine.submit("pair", [n], now=NOW)[0].id for n in range(4)]
+    times = [NOW + dt.timedelta(seconds=n + 1) for n in range(4)]
+    with write_transaction():
+        flows = store.flows_by_id(ids)
+        writes = store.FlowWrites()
+        for n, flow_id in enumerate(ids):  # the same columns, some with values of their own
+            store.update_flow(flows[flow_id], defer=writes, state="DONE", position=n % 2 + 1, updated_at=times[n],
+                              result={"n": n}, admitted=False, worker_pid=10 + n, error="e",
+                              texts={"result": f'{{"n":{n}}}'} if n < 2 else None)
+        assert Flow.get_by_id(ids[0]).state == "INIT"  # the database at the flush
+        statements: list[str] = []
+        sqlite = isinstance(database.obj, peewee.SqliteDatabase)
+        if sqlite:
+            database.obj.connection().set_trace_callback(statements.append)
+        writes.flush()
+        if sqlite:
+            database.obj.connection().set_trace_callback(None)
+            assert len([s for s in statements if s.startswith("UPDATE flow")]) == (1 if update_from else 4)
+    stored = {f.id: f for f in Flow.select().where(Flow.id.in_(ids))}
+    assert [(stored[i].state, stored[i].position, stored[i].updated_at, stored[i].result, stored[i].admitted,
+             stored[i].worker_pid, stored[i].error) for i in ids] == [
+        ("DONE", n % 2 + 1, times[n], {"n": n}, False, 10 + n, "e") for n in range(4)]
+
+
+def test_flows_ending_in_one_worker_round_free_their_slots_for_the_waiting_ones(engine: Any) -> None:
+    # Their ends are written at the round's flush; admitting counts active flows in the database first.
+    catalog.save_routine("two", ["plain"], max=2)
+    ids = [engine.submit("two", [n])[0].id for n in range(5)]
+    assert [Flow.get_by_id(i).admitted for i in ids] == [True, True, False, False, False]
+    tokens = {f.id: f.dispatch_token for f in Flow.select().where(Flow.id.in_(ids[:2]))}
+    steps = engine.claim_many([(i, tokens[i]) for i in ids[:2]], 4242)
+    assert [s.flow_id for s in steps] == ids[:2]
+    assert engine.finish_many([(s, {"args": [s.flow_id], "kwargs": {}}) for s in steps], 4242) == []
+    stored = {f.id: f for f in Flow.select().where(Flow.id.in_(ids))}
+    assert [(stored[i].state, stored[i].result) for i in ids[:2]] == [("DONE", {"args": [i], "kwargs": {}})
+                                                                      for i in ids[:2]]
+    assert [stored[i].admitted for i in ids[2:]] == [True, True, False]

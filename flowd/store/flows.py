@@ -16,7 +16,19 @@ import peewee
 
 from flowd.errors import DuplicateRequest
 from flowd.models import ACTIVE_STATES, FlowState, StepState, database
-from flowd.store.rows import FLOW_COLUMNS, RESULT_COLUMNS, Row, decode, encode, execute, is_sqlite, rows, sql_bool
+from flowd.store.rows import (
+    BOOL_COLUMNS,
+    FLOW_COLUMNS,
+    RESULT_COLUMNS,
+    TIME_COLUMNS,
+    Row,
+    decode,
+    encode,
+    execute,
+    is_sqlite,
+    rows,
+    sql_bool,
+)
 
 _FLOW_SELECT = "SELECT " + ", ".join(f'"{c}"' for c in FLOW_COLUMNS) + " FROM flow"
 _RESULT_SELECT = "SELECT " + ", ".join(f'"{c}"' for c in RESULT_COLUMNS) + " FROM task_result"
@@ -150,17 +162,16 @@ class FlowWrites:
             row[name] = texts[name] if texts and name in texts else encode(name, value)
 
     def flush(self) -> None:
-        """Write what was added since the last flush."""
-        groups: dict[tuple[tuple[str, Any], ...], list[int]] = {}
+        """Write what was added since the last flush: the flows that change the same
+        columns in one statement, those of their values that differ in a VALUES list
+        (a round's flows end each with its result, move on to different positions)."""
+        groups: dict[tuple[str, ...], list[tuple[int, dict[str, Any]]]] = {}
         for flow_id, row in self._changes.items():
-            groups.setdefault(tuple(sorted(row.items())), []).append(flow_id)
+            groups.setdefault(tuple(sorted(row)), []).append((flow_id, row))
         self._changes = {}
-        for values, flow_ids in groups.items():
-            columns = ", ".join(f'"{name}" = ?' for name, _ in values)
-            for start in range(0, len(flow_ids), 500):  # far below any backend's parameter limit
-                chunk = flow_ids[start:start + 500]
-                execute(f"UPDATE flow SET {columns} WHERE id IN ({', '.join('?' * len(chunk))})",
-                        [*(value for _, value in values), *chunk])
+        for names, members in groups.items():
+            for start in range(0, len(members), 100):  # far below any backend's parameter limit
+                _update_flows(names, members[start:start + 100])
         results, self._results = self._results, []
         for start in range(0, len(results), 500):
             chunk_results = results[start:start + 500]
@@ -176,10 +187,49 @@ class FlowWrites:
                 target.task_result_id = int(ids[(values_row[0], values_row[1])])
 
 
+def _update_flows(names: tuple[str, ...], members: list[tuple[int, dict[str, Any]]]) -> None:
+    """One UPDATE of the columns ``names`` of several flows (id, column -> encoded value)."""
+    first = members[0][1]
+    same = [n for n in names if all(type(row[n]) is type(first[n]) and row[n] == first[n] for _, row in members)]
+    varying = [n for n in names if n not in same]
+    columns = [f'"{name}" = ?' for name in same]
+    if not varying or (is_sqlite() and not _SQLITE_UPDATE_FROM):
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for flow_id, row in members:
+            groups.setdefault(tuple(row[n] for n in varying), []).append(flow_id)
+        columns += [f'"{name}" = ?' for name in varying]
+        for values, flow_ids in groups.items():
+            execute(f"UPDATE flow SET {', '.join(columns)} WHERE id IN ({', '.join('?' * len(flow_ids))})",
+                    [*(first[n] for n in same), *values, *flow_ids])
+        return
+    columns += [f'"{name}" = v.column{index}' for index, name in enumerate(varying, 2)]
+    if is_sqlite():
+        marks = ", ".join(["(" + ", ".join("?" * (len(varying) + 1)) + ")"] * len(members))
+    else:  # PostgreSQL types a VALUES column from its values: parameters need their casts
+        marks = ", ".join(["(?::bigint, " + ", ".join(f"?::{_postgres_type(n)}" for n in varying) + ")"]
+                          * len(members))
+    execute(f"UPDATE flow SET {', '.join(columns)} FROM (VALUES {marks}) AS v WHERE flow.id = v.column1",
+            [*(first[n] for n in same), *(value for flow_id, row in members for value in (flow_id, *(
+                row[n] for n in varying)))])
+
+
+_INTEGER_COLUMNS = {"id", "position", "dispatch_token", "worker_pid", "step_attempt", "interruptions", "parent_id",
+                    "depth"}
+
+
+def _postgres_type(name: str) -> str:
+    if name in _INTEGER_COLUMNS:
+        return "bigint"
+    if name in TIME_COLUMNS:
+        return "timestamp"
+    return "boolean" if name in BOOL_COLUMNS else "text"
+
+
 _INSERT_RESULT = ("INSERT INTO task_result (flow_id, position, task, attempt, state, input, worker_pid, started_at, "
                   "node_id)")
 # RETURNING came with SQLite 3.35 (Debian 12 has 3.40); PostgreSQL has it. Without it, a row at a time.
 _SQLITE_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
+_SQLITE_UPDATE_FROM = _SQLITE_RETURNING  # UPDATE ... FROM came with 3.33; with RETURNING (finish_held_results)
 
 
 def _insert_result_row(values: tuple[Any, ...]) -> int:
@@ -312,7 +362,6 @@ _FINISH_MANY_POSTGRES = (
     "started_at = COALESCE(v.column3, r.started_at) FROM v JOIN held ON held.id = v.column4 "
     "WHERE r.id = v.column1 AND r.state = ? RETURNING r.id")
 _POSTGRES_ROW = "(?::bigint, ?::text, ?::timestamp, ?::bigint, ?::bigint)"
-_SQLITE_UPDATE_FROM = sqlite3.sqlite_version_info >= (3, 35, 0)  # RETURNING too
 
 
 class HeldStep(Protocol):
