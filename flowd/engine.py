@@ -195,8 +195,10 @@ class Engine:
                     pass  # gone already, or not ours: the worker sees the state when its step ends
 
     def _publish(self, topic: str, payload: dict[str, Any], effects: Effects, now: dt.datetime,
-                 correlation_data: str | None = None) -> None:
-        store.add_outbox(topic, dumps(payload), correlation_data, now, self.node_id)
+                 correlation_data: str | None = None, writes: store.FlowWrites | None = None) -> None:
+        """``writes``: where the row goes when its flow's end is deferred (rows keep their order)."""
+        add = writes.add_outbox if writes is not None else store.add_outbox
+        add(topic, dumps(payload), correlation_data, now, self.node_id)
         effects.published = True
 
     def _publish_status(self, flow: Row, effects: Effects, *, state_change: bool, child_id: int | None = None
@@ -221,16 +223,19 @@ class Engine:
             info = self.definitions.routines.get(routine)
         return info
 
-    def _publish_result(self, flow: Row, effects: Effects, now: dt.datetime) -> None:
+    def _publish_result(self, flow: Row, effects: Effects, now: dt.datetime, writes: store.FlowWrites | None
+                        ) -> None:
         payload = flow_result_payload(flow)
-        self._publish(self.config.topic(f"flow/{flow.id}/result"), payload, effects, now)
+        self._publish(self.config.topic(f"flow/{flow.id}/result"), payload, effects, now, writes=writes)
         if flow.reply_to:
-            self._publish(flow.reply_to, payload, effects, now, flow.correlation_data)
+            self._publish(flow.reply_to, payload, effects, now, flow.correlation_data, writes)
         if self.config.homeassistant.discovery:
             info = self._routine_info(flow.routine)
             if info is not None and info.mqtt:  # its Home Assistant sensor (SPEC 12): the last flow, retained
                 from flowd.homeassistant import last_flow_topic
 
+                if writes is not None:
+                    writes.flush()  # after the result, as before
                 outbox.add_message(last_flow_topic(self.config, flow.routine), payload, retain=True,
                                    node_id=self.node_id)
 
@@ -418,7 +423,7 @@ class Engine:
     def _end(self, flow: Row, state: FlowState, effects: Effects, now: dt.datetime, *, result: Any = None,
              error: str | None = None, result_json: str | None = None, writes: store.FlowWrites | None = None) -> None:
         """``result_json``: the result's JSON text, when the caller has it (a worker's last step);
-        ``writes``: where the update goes, when this worker held the flow (not read again)."""
+        ``writes``: where its update and messages go, when this worker held the flow (not read again)."""
         was_admitted = flow.admitted and not flow.is_ended
         store.update_flow(flow, state=state.value, result=result, error=error, finished_at=now, updated_at=now,
                           worker_pid=None, next_attempt_at=None, wait_topic=None, wait_match=None, wait_until=None,
@@ -427,7 +432,7 @@ class Engine:
             store.end_running_results(flow.id, StepState.CANCELLED.value if state == FlowState.CANCELLED
                                       else StepState.FAILED.value, error, now)
         self._publish_status(flow, effects, state_change=True)
-        self._publish_result(flow, effects, now)
+        self._publish_result(flow, effects, now, writes)
         extra = {"FLOW_ID": flow.id, "ROUTINE": flow.routine}
         if state == FlowState.DONE:
             log.debug("flow %d (%s) ended DONE", flow.id, flow.routine, extra=extra)
@@ -444,6 +449,8 @@ class Engine:
                 writes.flush()  # admitting counts the active flows in the database
             self._admit_pending(flow.routine, effects, now)
         if flow.parent_id:
+            if writes is not None:
+                writes.flush()  # the parent's writes and messages come after the child's
             self._child_ended(flow, effects, now)
 
     def _child_ended(self, child: Row, effects: Effects, now: dt.datetime) -> None:
@@ -705,15 +712,6 @@ class Engine:
                 else:
                     store.update_flow(flow, worker_pid=None)
         self._apply(effects)
-
-    @staticmethod
-    def mark_started(steps: list[ClaimedStep], now: dt.datetime | None = None) -> None:
-        """Move the ``started_at`` of held, not yet started attempts to ``now``, so the
-        reaper's step timeouts count from (about) their real start."""
-        if not steps:
-            return
-        with write_transaction(sync=False):
-            store.restamp_running([step.task_result_id for step in steps], now or utcnow())
 
     def held_flow_ids(self, steps: list[ClaimedStep], pid: int) -> set[int]:
         """Which of these steps' flows this worker still holds (after a cancel signal)."""

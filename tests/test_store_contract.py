@@ -325,3 +325,18 @@ def test_flows_ending_in_one_worker_round_free_their_slots_for_the_waiting_ones(
     assert [(stored[i].state, stored[i].result) for i in ids[:2]] == [("DONE", {"args": [i], "kwargs": {}})
                                                                       for i in ids[:2]]
     assert [stored[i].admitted for i in ids[2:]] == [True, True, False]
+
+
+def test_deferred_outbox_rows_land_at_the_flush_in_the_order_added(engine: Any) -> None:
+    before = Outbox.select().count()
+    with write_transaction():
+        writes = store.FlowWrites()
+        for n in range(3):
+            writes.add_outbox(f"t/{n}", f'{{"n":{n}}}', "c" if n == 1 else None, NOW, "node-a")
+        store.add_outbox("t/now", "{}", None, NOW)  # not deferred: in at once
+        assert Outbox.select().count() == before + 1
+        writes.flush()
+    rows = list(Outbox.select().order_by(Outbox.id))[before:]
+    assert [(r.topic, r.payload, r.qos, r.retain, r.correlation_data, r.created_at, r.node_id) for r in rows] == [
+        ("t/now", "{}", 1, False, None, NOW, None)] + [
+        (f"t/{n}", f'{{"n":{n}}}', 1, False, "c" if n == 1 else None, NOW, "node-a") for n in range(3)]

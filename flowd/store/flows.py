@@ -148,6 +148,13 @@ class FlowWrites:
     def __init__(self) -> None:
         self._changes: dict[int, dict[str, Any]] = {}  # flow id -> column -> encoded value
         self._results: list[tuple[HasResultId, tuple[Any, ...]]] = []
+        self._outbox: list[tuple[Any, ...]] = []
+
+    def add_outbox(self, topic: str, payload: str, correlation_data: str | None, now: dt.datetime,
+                   node_id: str | None = None) -> None:
+        """:func:`flowd.store.outbox.add_outbox` at the flush, the rows in the order added."""
+        self._outbox.append((topic, payload, encode("retain", False), correlation_data, encode("created_at", now),
+                             node_id))
 
     def insert_result(self, target: HasResultId, flow_id: int, position: int, task: str, input_json: str,
                       worker_pid: int | None, started_at: dt.datetime, node_id: str | None) -> None:
@@ -172,6 +179,11 @@ class FlowWrites:
         for names, members in groups.items():
             for start in range(0, len(members), 100):  # far below any backend's parameter limit
                 _update_flows(names, members[start:start + 100])
+        outbox_rows, self._outbox = self._outbox, []
+        for start in range(0, len(outbox_rows), 100):  # one multi-row INSERT: ids in the order added
+            chunk = outbox_rows[start:start + 100]
+            execute("INSERT INTO outbox (topic, payload, qos, retain, correlation_data, created_at, node_id) VALUES "
+                    + ", ".join(["(?, ?, 1, ?, ?, ?, ?)"] * len(chunk)), [value for row in chunk for value in row])
         results, self._results = self._results, []
         for start in range(0, len(results), 500):
             chunk_results = results[start:start + 500]
@@ -475,9 +487,10 @@ def delete_result(result_id: int) -> None:
 def restamp_running(result_ids: list[int], now: dt.datetime) -> None:
     """Move the ``started_at`` of attempts still RUNNING to ``now``."""
     stamp = encode("started_at", now)
-    for result_id in result_ids:
-        execute("UPDATE task_result SET started_at = ? WHERE id = ? AND state = ?",
-                (stamp, result_id, StepState.RUNNING.value))
+    for start in range(0, len(result_ids), 500):
+        chunk = result_ids[start:start + 500]
+        execute(f"UPDATE task_result SET started_at = ? WHERE id IN ({', '.join('?' * len(chunk))}) AND state = ?",
+                (stamp, *chunk, StepState.RUNNING.value))
 
 
 def held_tokens(flow_ids: list[int], worker_pid: int, node_id: str | None) -> dict[int, int]:
