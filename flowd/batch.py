@@ -21,8 +21,9 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from flowd import store
 from flowd.engine import ClaimedStep, Engine
-from flowd.models import utcnow
+from flowd.models import utcnow, write_transaction
 
 if TYPE_CHECKING:
     from flowd.runner import WorkerRuntime
@@ -121,7 +122,7 @@ def run_batch(rt: WorkerRuntime, pairs: list[tuple[int, int]], pid: int) -> None
                 rt.cancel_seen = False
                 _drop_cancelled(rt, batch, pid)
             if batch.todo and time.monotonic() - batch.claimed_at > RESTAMP_AFTER_S:
-                rt.engine.mark_started(list(batch.todo))
+                _mark_started(list(batch.todo))
                 batch.claimed_at = time.monotonic()
             if batch.todo and batch.done and time.monotonic() - batch.done_since > FLUSH_AFTER_S:
                 batch.start_round(rt.engine.finish_many(batch.take_done(), pid))  # long round: commit now
@@ -150,6 +151,13 @@ def run_batch(rt: WorkerRuntime, pairs: list[tuple[int, int]], pid: int) -> None
         rt.batch = None
         rt.loader.end_rounds()
         _watchdog(rt).watch(None)
+
+
+def _mark_started(steps: list[ClaimedStep]) -> None:
+    """Move the ``started_at`` of held, not yet started attempts to now, so the
+    reaper's step timeouts count from (about) their real start."""
+    with write_transaction(sync=False):
+        store.restamp_running([step.task_result_id for step in steps], utcnow())
 
 
 def _hand_back(rt: WorkerRuntime, batch: Batch, pid: int, *, requeue: bool) -> None:

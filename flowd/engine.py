@@ -36,7 +36,7 @@ from flowd.models import (
     utcnow,
     write_transaction,
 )
-from flowd.status import Status, send_statuses
+from flowd.status import Status, send_statuses, status_payload_text
 from flowd.store import Row, nodes
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class Effects:
     enqueue: list[tuple[int, int, float | None]] = field(default_factory=list)
     signal_pids: list[int] = field(default_factory=list)
     published: bool = False
-    statuses: list[tuple[int, str, str, dict[str, Any]]] = field(default_factory=list)  # encoded after the commit
+    statuses: list[Status] = field(default_factory=list)  # sent after the commit
     slots: Slots = field(default_factory=lambda: Slots())
 
     def extend(self, other: Effects) -> None:
@@ -172,8 +172,7 @@ class Engine:
         if effects.statuses:
             # First: the daemon has them before anything below can wake its publisher,
             # which sends a flow's result only after its last status.
-            send_statuses(self.config.flowd.state_dir, [Status(flow_id, state, topic, dumps(payload))
-                                                        for flow_id, state, topic, payload in effects.statuses])
+            send_statuses(self.config.flowd.state_dir, effects.statuses)
         now = [(flow_id, token) for flow_id, token, delay in effects.enqueue if not delay or delay <= 0]
         if self._enqueue_many is not None and len(now) > 1:
             # Flows admitted together travel together: one message per worker, not per flow.
@@ -196,8 +195,10 @@ class Engine:
                     pass  # gone already, or not ours: the worker sees the state when its step ends
 
     def _publish(self, topic: str, payload: dict[str, Any], effects: Effects, now: dt.datetime,
-                 correlation_data: str | None = None) -> None:
-        store.add_outbox(topic, dumps(payload), correlation_data, now, self.node_id)
+                 correlation_data: str | None = None, writes: store.FlowWrites | None = None) -> None:
+        """``writes``: where the row goes when its flow's end is deferred (rows keep their order)."""
+        add = writes.add_outbox if writes is not None else store.add_outbox
+        add(topic, dumps(payload), correlation_data, now, self.node_id)
         effects.published = True
 
     def _publish_status(self, flow: Row, effects: Effects, *, state_change: bool, child_id: int | None = None
@@ -208,8 +209,8 @@ class Engine:
         mode = self._status_mode(flow.routine)
         if mode == "off" or (mode == "states" and not state_change):
             return
-        effects.statuses.append((flow.id, flow.state, self.config.topic(f"flow/{flow.id}/status"),
-                                 flow_status_payload(flow, child_id)))
+        effects.statuses.append(Status(flow.id, flow.state, self.config.topic(f"flow/{flow.id}/status"),
+                                       status_payload_text(flow, child_id)))
 
     def _status_mode(self, routine: str) -> str:
         info = self._routine_info(routine)
@@ -222,16 +223,19 @@ class Engine:
             info = self.definitions.routines.get(routine)
         return info
 
-    def _publish_result(self, flow: Row, effects: Effects, now: dt.datetime) -> None:
+    def _publish_result(self, flow: Row, effects: Effects, now: dt.datetime, writes: store.FlowWrites | None
+                        ) -> None:
         payload = flow_result_payload(flow)
-        self._publish(self.config.topic(f"flow/{flow.id}/result"), payload, effects, now)
+        self._publish(self.config.topic(f"flow/{flow.id}/result"), payload, effects, now, writes=writes)
         if flow.reply_to:
-            self._publish(flow.reply_to, payload, effects, now, flow.correlation_data)
+            self._publish(flow.reply_to, payload, effects, now, flow.correlation_data, writes)
         if self.config.homeassistant.discovery:
             info = self._routine_info(flow.routine)
             if info is not None and info.mqtt:  # its Home Assistant sensor (SPEC 12): the last flow, retained
                 from flowd.homeassistant import last_flow_topic
 
+                if writes is not None:
+                    writes.flush()  # after the result, as before
                 outbox.add_message(last_flow_topic(self.config, flow.routine), payload, retain=True,
                                    node_id=self.node_id)
 
@@ -416,18 +420,19 @@ class Engine:
             effects.slots.admitted(routine_name)
 
     # ------------------------------------------------------------------ ending
-    def _end(self, flow: Row, state: FlowState, effects: Effects, now: dt.datetime, *,
-             result: Any = None, error: str | None = None, result_json: str | None = None) -> None:
-        """``result_json``: the result's JSON text, when the caller has it (a worker's last step)."""
+    def _end(self, flow: Row, state: FlowState, effects: Effects, now: dt.datetime, *, result: Any = None,
+             error: str | None = None, result_json: str | None = None, writes: store.FlowWrites | None = None) -> None:
+        """``result_json``: the result's JSON text, when the caller has it (a worker's last step);
+        ``writes``: where its update and messages go, when this worker held the flow (not read again)."""
         was_admitted = flow.admitted and not flow.is_ended
         store.update_flow(flow, state=state.value, result=result, error=error, finished_at=now, updated_at=now,
                           worker_pid=None, next_attempt_at=None, wait_topic=None, wait_match=None, wait_until=None,
-                          texts={"result": result_json} if result_json is not None else None)
+                          texts={"result": result_json} if result_json is not None else None, defer=writes)
         if state != FlowState.DONE:
             store.end_running_results(flow.id, StepState.CANCELLED.value if state == FlowState.CANCELLED
                                       else StepState.FAILED.value, error, now)
         self._publish_status(flow, effects, state_change=True)
-        self._publish_result(flow, effects, now)
+        self._publish_result(flow, effects, now, writes)
         extra = {"FLOW_ID": flow.id, "ROUTINE": flow.routine}
         if state == FlowState.DONE:
             log.debug("flow %d (%s) ended DONE", flow.id, flow.routine, extra=extra)
@@ -440,8 +445,12 @@ class Engine:
                 self._cancel_tree(child, effects, now, f"parent flow {flow.id} {why}")
         if was_admitted:
             effects.slots.ended(flow.routine)
+            if writes is not None and effects.slots.has_pending(flow.routine):
+                writes.flush()  # admitting counts the active flows in the database
             self._admit_pending(flow.routine, effects, now)
         if flow.parent_id:
+            if writes is not None:
+                writes.flush()  # the parent's writes and messages come after the child's
             self._child_ended(flow, effects, now)
 
     def _child_ended(self, child: Row, effects: Effects, now: dt.datetime) -> None:
@@ -545,7 +554,7 @@ class Engine:
         if flow.next_attempt_at and flow.next_attempt_at > now + dt.timedelta(seconds=0.05):
             effects.enqueue.append((flow.id, flow.dispatch_token, (flow.next_attempt_at - now).total_seconds()))
         elif flow.deadline and now >= flow.deadline:
-            self._end(flow, FlowState.FAILED, effects, now, error=self._flow_timeout_text(flow))
+            self._end(flow, FlowState.FAILED, effects, now, error=self.definitions.timeout_text(flow.routine))
         else:
             changes: dict[str, Any] = {"worker_pid": pid, "node_id": self.node_id, "next_attempt_at": None,
                                        "updated_at": now}
@@ -568,11 +577,6 @@ class Engine:
             # A flow that never ran has no earlier attempt: no need to count them.
             step = self._start_step(flow, step_input, results, pid, now, attempt=1 if fresh else None, writes=writes)
         return step
-
-    def _flow_timeout_text(self, flow: Row) -> str:
-        info = self.definitions.routines.get(flow.routine)
-        limit = f"{info.timeout:g}s" if info and info.timeout else "its limit"
-        return f"flow timed out: routine '{flow.routine}' allows {limit} for the whole flow"
 
     def _start_step(self, flow: Row, step_input: dict[str, Any], results: list[Any], pid: int, now: dt.datetime,
                     attempt: int | None = None, input_json: str | None = None,
@@ -629,14 +633,14 @@ class Engine:
         if claim:
             self.definitions.refresh()
         writes = store.FlowWrites()  # the held flows' moves to their next step, written together
+        texts = [step.output_json if step.output_json is not None else dumps(output) for step, output in finished]
         with write_transaction(sync=False):
-            for step, output in finished:
-                flow = step.flow
-                text = step.output_json if step.output_json is not None else dumps(output)
-                if flow is None or not store.finish_held_result(step.task_result_id, text, now, step.started_at,
-                                                                step.flow_id, pid, step.token, self.node_id):
+            # All recorded first: a next step touches no other held flow (a parent waits for its sub-flows).
+            recorded = store.finish_held_results([step for step, _ in finished], texts, now, pid, self.node_id)
+            for (step, output), text in zip(finished, texts, strict=True):
+                if step.flow is None or step.task_result_id not in recorded:
                     continue  # cancelled or taken over meanwhile: its new owner decides
-                started = self._next_step(flow, output, effects, now, pid=pid if hold else None,
+                started = self._next_step(step.flow, output, effects, now, pid=pid if hold else None,
                                           results=[*step.results, output], output_json=text, writes=writes)
                 if started is not None:
                     nxt.append(started)
@@ -668,11 +672,11 @@ class Engine:
         """After a step's output is recorded: start the next step, or end the flow DONE.
         ``writes``: where the move to the next step goes when a worker holds the flow on."""
         if flow.position + 1 >= len(flow.steps):
-            self._end(flow, FlowState.DONE, effects, now, result=output, result_json=output_json)
+            self._end(flow, FlowState.DONE, effects, now, result=output, result_json=output_json, writes=writes)
             return None
         if flow.deadline and now >= flow.deadline:
             store.update_flow(flow, position=flow.position + 1)
-            self._end(flow, FlowState.FAILED, effects, now, error=self._flow_timeout_text(flow))
+            self._end(flow, FlowState.FAILED, effects, now, error=self.definitions.timeout_text(flow.routine))
             return None
         resumed = flow.state != FlowState.RUNNING.value  # a wait or a sub-flow ended
         store.update_flow(flow, position=flow.position + 1, step_attempt=0, interruptions=0,
@@ -708,15 +712,6 @@ class Engine:
                 else:
                     store.update_flow(flow, worker_pid=None)
         self._apply(effects)
-
-    @staticmethod
-    def mark_started(steps: list[ClaimedStep], now: dt.datetime | None = None) -> None:
-        """Move the ``started_at`` of held, not yet started attempts to ``now``, so the
-        reaper's step timeouts count from (about) their real start."""
-        if not steps:
-            return
-        with write_transaction(sync=False):
-            store.restamp_running([step.task_result_id for step in steps], now or utcnow())
 
     def held_flow_ids(self, steps: list[ClaimedStep], pid: int) -> set[int]:
         """Which of these steps' flows this worker still holds (after a cancel signal)."""
@@ -781,7 +776,7 @@ class Engine:
             return
         store.update_flow(flow, step_attempt=attempts)
         if timed_out:
-            self._end(flow, FlowState.FAILED, effects, now, error=self._flow_timeout_text(flow))
+            self._end(flow, FlowState.FAILED, effects, now, error=self.definitions.timeout_text(flow.routine))
         else:
             self._end(flow, FlowState.FAILED, effects, now, error=f"{label} failed: {summary}")
 
@@ -982,7 +977,7 @@ class Engine:
                                          f" matching {flow.wait_match or {}}", effects, now)
                     touched += 1
             for flow in store.overdue_unheld(now):
-                self._end(flow, FlowState.FAILED, effects, now, error=self._flow_timeout_text(flow))
+                self._end(flow, FlowState.FAILED, effects, now, error=self.definitions.timeout_text(flow.routine))
                 touched += 1
         self._apply(effects)
         return touched

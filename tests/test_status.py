@@ -22,9 +22,18 @@ from typing import Any
 import pytest
 from conftest import Broker, flowd_env, free_port, wait_for
 
-from flowd import api, catalog
-from flowd.models import Flow, FlowState, Outbox
-from flowd.status import STATUS_INFLIGHT, Status, StatusInbox, decode_statuses, encode_statuses, send_statuses
+from flowd import api, catalog, store
+from flowd.flowmessages import flow_status_payload
+from flowd.models import Flow, FlowState, Outbox, dumps
+from flowd.status import (
+    STATUS_INFLIGHT,
+    Status,
+    StatusInbox,
+    decode_statuses,
+    encode_statuses,
+    send_statuses,
+    status_payload_text,
+)
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -229,6 +238,23 @@ def test_status_messages_on_the_wire_and_without_a_daemon(tmp_path: Path) -> Non
     finally:
         inbox.stop()
     assert not (tmp_path / "status.sock").exists()
+
+
+def test_a_status_payload_written_out_directly_is_the_text_dumps_gives() -> None:
+    # Workers write a running flow's status text without building the dict; any flow
+    # (odd characters, no request id, past its last step, waiting, failed) gets dumps' text.
+    base = {"id": 7, "uid": "0f8e", "routine": "rü \"q\"\\\n\x01 ", "request_id": None,
+            "state": "RUNNING", "position": 1, "steps": ["a", "b\t😀", "c"], "trigger": "mqtt",
+            "wait_topic": None, "wait_match": None, "error": None}
+    cases = [{}, {"request_id": "req-é\"1"}, {"position": 3}, {"position": 0, "state": "INIT"},
+             {"steps": []}, {"state": "DONE", "position": 2}, {"error": ""},
+             {"state": "FAILED", "error": "boom \u0000\n"}, {"state": "WAITING", "wait_topic": "t/1",
+                                                             "wait_match": {"k": [1, None]}}, {"state": "WAITING"}]
+    for changes in cases:
+        flow = store.Row({**base, **changes})
+        for child_id in (None, 12):
+            assert status_payload_text(flow, child_id) == dumps(flow_status_payload(flow, child_id)), changes
+    assert json.loads(status_payload_text(store.Row(base)))["task"] == "b\t😀"
 
 
 def test_a_result_waits_for_its_flows_last_status_and_nothing_follows_it(

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
+import peewee
 import pytest
 from conftest import create_pg_database, drop_pg_database
 
 from flowd import api, catalog, store
 from flowd.config import load_config
 from flowd.errors import InputError
-from flowd.models import Flow, Outbox, TaskResult, write_transaction
+from flowd.models import Flow, Outbox, TaskResult, database, write_transaction
 
 NOW = dt.datetime(2026, 5, 1, 12, 0, 0, 250000)
 
@@ -232,3 +234,109 @@ def test_deferred_first_attempts_get_their_ids_at_the_flush(engine: Any) -> None
         row = stored[target.task_result_id]
         assert (row.flow_id, row.position, row.attempt, row.state, row.input, row.worker_pid, row.started_at) == (
             flow_id, n % 2, 1, "RUNNING", {"args": [n]}, 4242, NOW)
+
+
+@pytest.mark.parametrize("update_from", [True, False], ids=["update-from", "old-sqlite"])
+def test_held_attempts_are_recorded_together_only_where_the_worker_still_holds_them(
+        engine: Any, update_from: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store.flows, "_SQLITE_UPDATE_FROM", update_from)  # SQLite before 3.35: a row at a time
+    ids = [engine.submit("pair", [n], now=NOW)[0].id for n in range(5)]
+    later, ran = NOW + dt.timedelta(seconds=2), NOW + dt.timedelta(seconds=1)
+    with write_transaction():
+        Flow.update(state="RUNNING", worker_pid=4242, node_id="n1", dispatch_token=3).where(Flow.id.in_(ids)).execute()
+        Flow.update(dispatch_token=4).where(Flow.id == ids[1]).execute()  # taken over: a new token
+        Flow.update(state="CANCELLED").where(Flow.id == ids[2]).execute()
+        Flow.update(worker_pid=99).where(Flow.id == ids[3]).execute()  # another worker's
+        results = [store.insert_result(flow_id, 0, "add", {"args": [n]}, 4242, NOW)[0]
+                   for n, flow_id in enumerate(ids)]
+        store.update_result(results[4], state="FAILED")  # an attempt no longer running
+    steps = [SimpleNamespace(flow=object(), task_result_id=result_id, started_at=ran if n == 0 else None,
+                             flow_id=flow_id, token=3)
+             for n, (result_id, flow_id) in enumerate(zip(results, ids, strict=True))]
+    texts = [f'{{"n":{n}}}' for n in range(5)]
+    with write_transaction():
+        recorded = store.finish_held_results(steps, texts, later, 4242, "n1")  # type: ignore[arg-type]
+        assert store.finish_held_results([], [], later, 4242, "n1") == set()
+        if not isinstance(database.obj, peewee.SqliteDatabase):
+            assert _row_locked(ids[0]) and not _row_locked(ids[1])  # the held flow, as finish_held_result
+    assert recorded == {results[0]}
+    stored = {r.id: r for r in TaskResult.select()}
+    first = stored[results[0]]
+    assert (first.state, first.output, first.started_at, first.finished_at) == ("DONE", {"n": 0}, ran, later)
+    assert [(stored[r].state, stored[r].output, stored[r].finished_at) for r in results[1:]] == [
+        ("RUNNING", None, None)] * 3 + [("FAILED", None, None)]
+    assert all(stored[r].started_at == NOW for r in results[1:])  # no started_at given: left as it was
+
+
+def _row_locked(flow_id: int) -> bool:
+    """Whether another PostgreSQL session finds the flow's row locked."""
+    import psycopg2
+    import psycopg2.errors
+
+    other = psycopg2.connect(dbname=database.obj.database, user="postgres", host="127.0.0.1", port=5432)
+    try:
+        with other.cursor() as cursor:
+            cursor.execute("SELECT id FROM flow WHERE id = %s FOR UPDATE NOWAIT", (flow_id,))
+            return False
+    except psycopg2.errors.LockNotAvailable:
+        return True
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize("update_from", [True, False], ids=["update-from", "old-sqlite"])
+def test_deferred_flow_writes_with_values_of_their_own_are_one_statement_per_column_set(
+        engine: Any, update_from: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store.flows, "_SQLITE_UPDATE_FROM", update_from)  # SQLite before 3.35: a statement per value
+    ids = [engine.submit("pair", [n], now=NOW)[0].id for n in range(4)]
+    times = [NOW + dt.timedelta(seconds=n + 1) for n in range(4)]
+    with write_transaction():
+        flows = store.flows_by_id(ids)
+        writes = store.FlowWrites()
+        for n, flow_id in enumerate(ids):  # the same columns, some with values of their own
+            store.update_flow(flows[flow_id], defer=writes, state="DONE", position=n % 2 + 1, updated_at=times[n],
+                              result={"n": n}, admitted=False, worker_pid=10 + n, error="e",
+                              texts={"result": f'{{"n":{n}}}'} if n < 2 else None)
+        assert Flow.get_by_id(ids[0]).state == "INIT"  # the database at the flush
+        statements: list[str] = []
+        sqlite = isinstance(database.obj, peewee.SqliteDatabase)
+        if sqlite:
+            database.obj.connection().set_trace_callback(statements.append)
+        writes.flush()
+        if sqlite:
+            database.obj.connection().set_trace_callback(None)
+            assert len([s for s in statements if s.startswith("UPDATE flow")]) == (1 if update_from else 4)
+    stored = {f.id: f for f in Flow.select().where(Flow.id.in_(ids))}
+    assert [(stored[i].state, stored[i].position, stored[i].updated_at, stored[i].result, stored[i].admitted,
+             stored[i].worker_pid, stored[i].error) for i in ids] == [
+        ("DONE", n % 2 + 1, times[n], {"n": n}, False, 10 + n, "e") for n in range(4)]
+
+
+def test_flows_ending_in_one_worker_round_free_their_slots_for_the_waiting_ones(engine: Any) -> None:
+    # Their ends are written at the round's flush; admitting counts active flows in the database first.
+    catalog.save_routine("two", ["plain"], max=2)
+    ids = [engine.submit("two", [n])[0].id for n in range(5)]
+    assert [Flow.get_by_id(i).admitted for i in ids] == [True, True, False, False, False]
+    tokens = {f.id: f.dispatch_token for f in Flow.select().where(Flow.id.in_(ids[:2]))}
+    steps = engine.claim_many([(i, tokens[i]) for i in ids[:2]], 4242)
+    assert [s.flow_id for s in steps] == ids[:2]
+    assert engine.finish_many([(s, {"args": [s.flow_id], "kwargs": {}}) for s in steps], 4242) == []
+    stored = {f.id: f for f in Flow.select().where(Flow.id.in_(ids))}
+    assert [(stored[i].state, stored[i].result) for i in ids[:2]] == [("DONE", {"args": [i], "kwargs": {}})
+                                                                      for i in ids[:2]]
+    assert [stored[i].admitted for i in ids[2:]] == [True, True, False]
+
+
+def test_deferred_outbox_rows_land_at_the_flush_in_the_order_added(engine: Any) -> None:
+    before = Outbox.select().count()
+    with write_transaction():
+        writes = store.FlowWrites()
+        for n in range(3):
+            writes.add_outbox(f"t/{n}", f'{{"n":{n}}}', "c" if n == 1 else None, NOW, "node-a")
+        store.add_outbox("t/now", "{}", None, NOW)  # not deferred: in at once
+        assert Outbox.select().count() == before + 1
+        writes.flush()
+    rows = list(Outbox.select().order_by(Outbox.id))[before:]
+    assert [(r.topic, r.payload, r.qos, r.retain, r.correlation_data, r.created_at, r.node_id) for r in rows] == [
+        ("t/now", "{}", 1, False, None, NOW, None)] + [
+        (f"t/{n}", f'{{"n":{n}}}', 1, False, "c" if n == 1 else None, NOW, "node-a") for n in range(3)]

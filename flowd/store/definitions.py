@@ -60,3 +60,9 @@ class Definitions:
             routines[name] = RoutineInfo(name, [t for _, t in sorted(steps.get(routine_id, []))], mode, limit,
                                          timeout, bool(enabled), bool(mqtt), status)
         self.tasks, self.routines, self.version = tasks, routines, version
+
+    def timeout_text(self, routine: str) -> str:
+        """Why a flow of ``routine`` failed at its routine's time limit."""
+        info = self.routines.get(routine)
+        limit = f"{info.timeout:g}s" if info and info.timeout else "its limit"
+        return f"flow timed out: routine '{routine}' allows {limit} for the whole flow"

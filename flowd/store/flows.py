@@ -16,7 +16,19 @@ import peewee
 
 from flowd.errors import DuplicateRequest
 from flowd.models import ACTIVE_STATES, FlowState, StepState, database
-from flowd.store.rows import FLOW_COLUMNS, RESULT_COLUMNS, Row, decode, encode, execute, is_sqlite, rows, sql_bool
+from flowd.store.rows import (
+    BOOL_COLUMNS,
+    FLOW_COLUMNS,
+    RESULT_COLUMNS,
+    TIME_COLUMNS,
+    Row,
+    decode,
+    encode,
+    execute,
+    is_sqlite,
+    rows,
+    sql_bool,
+)
 
 _FLOW_SELECT = "SELECT " + ", ".join(f'"{c}"' for c in FLOW_COLUMNS) + " FROM flow"
 _RESULT_SELECT = "SELECT " + ", ".join(f'"{c}"' for c in RESULT_COLUMNS) + " FROM task_result"
@@ -136,6 +148,13 @@ class FlowWrites:
     def __init__(self) -> None:
         self._changes: dict[int, dict[str, Any]] = {}  # flow id -> column -> encoded value
         self._results: list[tuple[HasResultId, tuple[Any, ...]]] = []
+        self._outbox: list[tuple[Any, ...]] = []
+
+    def add_outbox(self, topic: str, payload: str, correlation_data: str | None, now: dt.datetime,
+                   node_id: str | None = None) -> None:
+        """:func:`flowd.store.outbox.add_outbox` at the flush, the rows in the order added."""
+        self._outbox.append((topic, payload, encode("retain", False), correlation_data, encode("created_at", now),
+                             node_id))
 
     def insert_result(self, target: HasResultId, flow_id: int, position: int, task: str, input_json: str,
                       worker_pid: int | None, started_at: dt.datetime, node_id: str | None) -> None:
@@ -150,17 +169,21 @@ class FlowWrites:
             row[name] = texts[name] if texts and name in texts else encode(name, value)
 
     def flush(self) -> None:
-        """Write what was added since the last flush."""
-        groups: dict[tuple[tuple[str, Any], ...], list[int]] = {}
+        """Write what was added since the last flush: the flows that change the same
+        columns in one statement, those of their values that differ in a VALUES list
+        (a round's flows end each with its result, move on to different positions)."""
+        groups: dict[tuple[str, ...], list[tuple[int, dict[str, Any]]]] = {}
         for flow_id, row in self._changes.items():
-            groups.setdefault(tuple(sorted(row.items())), []).append(flow_id)
+            groups.setdefault(tuple(sorted(row)), []).append((flow_id, row))
         self._changes = {}
-        for values, flow_ids in groups.items():
-            columns = ", ".join(f'"{name}" = ?' for name, _ in values)
-            for start in range(0, len(flow_ids), 500):  # far below any backend's parameter limit
-                chunk = flow_ids[start:start + 500]
-                execute(f"UPDATE flow SET {columns} WHERE id IN ({', '.join('?' * len(chunk))})",
-                        [*(value for _, value in values), *chunk])
+        for names, members in groups.items():
+            for start in range(0, len(members), 100):  # far below any backend's parameter limit
+                _update_flows(names, members[start:start + 100])
+        outbox_rows, self._outbox = self._outbox, []
+        for start in range(0, len(outbox_rows), 100):  # one multi-row INSERT: ids in the order added
+            chunk = outbox_rows[start:start + 100]
+            execute("INSERT INTO outbox (topic, payload, qos, retain, correlation_data, created_at, node_id) VALUES "
+                    + ", ".join(["(?, ?, 1, ?, ?, ?, ?)"] * len(chunk)), [value for row in chunk for value in row])
         results, self._results = self._results, []
         for start in range(0, len(results), 500):
             chunk_results = results[start:start + 500]
@@ -176,10 +199,49 @@ class FlowWrites:
                 target.task_result_id = int(ids[(values_row[0], values_row[1])])
 
 
+def _update_flows(names: tuple[str, ...], members: list[tuple[int, dict[str, Any]]]) -> None:
+    """One UPDATE of the columns ``names`` of several flows (id, column -> encoded value)."""
+    first = members[0][1]
+    same = [n for n in names if all(type(row[n]) is type(first[n]) and row[n] == first[n] for _, row in members)]
+    varying = [n for n in names if n not in same]
+    columns = [f'"{name}" = ?' for name in same]
+    if not varying or (is_sqlite() and not _SQLITE_UPDATE_FROM):
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for flow_id, row in members:
+            groups.setdefault(tuple(row[n] for n in varying), []).append(flow_id)
+        columns += [f'"{name}" = ?' for name in varying]
+        for values, flow_ids in groups.items():
+            execute(f"UPDATE flow SET {', '.join(columns)} WHERE id IN ({', '.join('?' * len(flow_ids))})",
+                    [*(first[n] for n in same), *values, *flow_ids])
+        return
+    columns += [f'"{name}" = v.column{index}' for index, name in enumerate(varying, 2)]
+    if is_sqlite():
+        marks = ", ".join(["(" + ", ".join("?" * (len(varying) + 1)) + ")"] * len(members))
+    else:  # PostgreSQL types a VALUES column from its values: parameters need their casts
+        marks = ", ".join(["(?::bigint, " + ", ".join(f"?::{_postgres_type(n)}" for n in varying) + ")"]
+                          * len(members))
+    execute(f"UPDATE flow SET {', '.join(columns)} FROM (VALUES {marks}) AS v WHERE flow.id = v.column1",
+            [*(first[n] for n in same), *(value for flow_id, row in members for value in (flow_id, *(
+                row[n] for n in varying)))])
+
+
+_INTEGER_COLUMNS = {"id", "position", "dispatch_token", "worker_pid", "step_attempt", "interruptions", "parent_id",
+                    "depth"}
+
+
+def _postgres_type(name: str) -> str:
+    if name in _INTEGER_COLUMNS:
+        return "bigint"
+    if name in TIME_COLUMNS:
+        return "timestamp"
+    return "boolean" if name in BOOL_COLUMNS else "text"
+
+
 _INSERT_RESULT = ("INSERT INTO task_result (flow_id, position, task, attempt, state, input, worker_pid, started_at, "
                   "node_id)")
 # RETURNING came with SQLite 3.35 (Debian 12 has 3.40); PostgreSQL has it. Without it, a row at a time.
 _SQLITE_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
+_SQLITE_UPDATE_FROM = _SQLITE_RETURNING  # UPDATE ... FROM came with 3.33; with RETURNING (finish_held_results)
 
 
 def _insert_result_row(values: tuple[Any, ...]) -> int:
@@ -295,6 +357,65 @@ def finish_held_result(result_id: int, output_json: str, now: dt.datetime, start
     return int(cursor.rowcount) == 1
 
 
+# SQLite: UPDATE ... FROM came with 3.33, RETURNING with 3.35. A VALUES list's columns are
+# column1, column2, ... on both backends; PostgreSQL wants their types (casts).
+_FINISH_MANY_SQLITE = (
+    "UPDATE task_result SET state = ?, output = v.column2, finished_at = ?, "
+    "started_at = COALESCE(v.column3, task_result.started_at) FROM (VALUES {marks}) AS v "
+    "WHERE task_result.id = v.column1 AND task_result.state = ? AND EXISTS (SELECT 1 FROM flow WHERE "
+    "flow.id = v.column4 AND flow.state = ? AND flow.worker_pid = ? AND flow.node_id IS ? "
+    "AND flow.dispatch_token = v.column5) RETURNING task_result.id")
+# The held flows are locked first, in id order (as _locking's reads), then their attempts updated.
+_FINISH_MANY_POSTGRES = (
+    "WITH v AS (VALUES {marks}), held AS (SELECT f.id FROM flow f JOIN v ON f.id = v.column4 "
+    "AND f.dispatch_token = v.column5 WHERE f.state = ? AND f.worker_pid = ? AND f.node_id = ? "
+    "ORDER BY f.id FOR UPDATE OF f) "
+    "UPDATE task_result r SET state = ?, output = v.column2, finished_at = ?, "
+    "started_at = COALESCE(v.column3, r.started_at) FROM v JOIN held ON held.id = v.column4 "
+    "WHERE r.id = v.column1 AND r.state = ? RETURNING r.id")
+_POSTGRES_ROW = "(?::bigint, ?::text, ?::timestamp, ?::bigint, ?::bigint)"
+
+
+class HeldStep(Protocol):
+    flow: Any
+    task_result_id: int
+    started_at: dt.datetime | None
+    flow_id: int
+    token: int
+
+
+def finish_held_results(steps: list[HeldStep], output_jsons: list[str], now: dt.datetime, worker_pid: int,
+                        node_id: str | None) -> set[int]:
+    """:func:`finish_held_result` of several steps of one worker (each with its output
+    as JSON text): one statement for a round, not one per step. The attempt ids
+    recorded; the others were cancelled or taken over. Steps without a ``flow`` are left out.
+
+    Each row is checked and written as by :func:`finish_held_result`. On PostgreSQL
+    the same rows are locked (each held flow, then its attempt), the flows in id order.
+    """
+    finished = [(step.task_result_id, text, step.started_at, step.flow_id, step.token)
+                for step, text in zip(steps, output_jsons, strict=True) if step.flow is not None]
+    if not finished:
+        return set()
+    if is_sqlite() and not _SQLITE_UPDATE_FROM:
+        return {row[0] for row in finished if finish_held_result(row[0], row[1], now, row[2], row[3], worker_pid,
+                                                                 row[4], node_id)}
+    done, running, stamp = StepState.DONE.value, StepState.RUNNING.value, encode("finished_at", now)
+    recorded: set[int] = set()
+    for start in range(0, len(finished), 200):  # 5 parameters a row: far below any backend's limit
+        chunk = finished[start:start + 200]
+        values = [value for result_id, text, started_at, flow_id, token in chunk
+                  for value in (result_id, text, encode("started_at", started_at), flow_id, token)]
+        if is_sqlite():
+            sql = _FINISH_MANY_SQLITE.format(marks=", ".join(["(?, ?, ?, ?, ?)"] * len(chunk)))
+            params = [done, stamp, *values, running, FlowState.RUNNING.value, worker_pid, node_id]
+        else:
+            sql = _FINISH_MANY_POSTGRES.format(marks=", ".join([_POSTGRES_ROW] * len(chunk)))
+            params = [*values, FlowState.RUNNING.value, worker_pid, node_id, done, stamp, running]
+        recorded.update(int(row[0]) for row in execute(sql, params).fetchall())
+    return recorded
+
+
 # ---------------------------------------------------------------- named selections of the engine
 def active_children(parent_id: int) -> list[Row]:
     placeholders = ", ".join("?" * len(ACTIVE_STATES))
@@ -366,9 +487,10 @@ def delete_result(result_id: int) -> None:
 def restamp_running(result_ids: list[int], now: dt.datetime) -> None:
     """Move the ``started_at`` of attempts still RUNNING to ``now``."""
     stamp = encode("started_at", now)
-    for result_id in result_ids:
-        execute("UPDATE task_result SET started_at = ? WHERE id = ? AND state = ?",
-                (stamp, result_id, StepState.RUNNING.value))
+    for start in range(0, len(result_ids), 500):
+        chunk = result_ids[start:start + 500]
+        execute(f"UPDATE task_result SET started_at = ? WHERE id IN ({', '.join('?' * len(chunk))}) AND state = ?",
+                (stamp, *chunk, StepState.RUNNING.value))
 
 
 def held_tokens(flow_ids: list[int], worker_pid: int, node_id: str | None) -> dict[int, int]:
