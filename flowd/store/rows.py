@@ -28,6 +28,7 @@ _JSON = {"steps", "args", "kwargs", "result", "wait_match", "input", "output"}
 _TIMES = {"next_attempt_at", "deadline", "created_at", "started_at", "finished_at", "updated_at", "wait_until",
           "renewed_at", "expires_at"}
 _BOOLS = {"admitted"}
+CODED_COLUMNS = frozenset(_JSON | _TIMES | _BOOLS)  # the columns :func:`encode` and :func:`decode` change
 
 
 class Row:
