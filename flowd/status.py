@@ -38,8 +38,8 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from flowd.models import ENDED_STATES, FlowState
 
@@ -58,9 +58,9 @@ _RECEIVE_SIZE = 256 * 1024
 _SEP = b"\x00"              # never inside a field: not in topics (invalid), states, ids, or JSON text
 
 
-@dataclass(frozen=True, slots=True)
-class Status:
-    """One ``flow/<id>/status`` message: ``payload`` is its JSON text."""
+class Status(NamedTuple):
+    """One ``flow/<id>/status`` message: ``payload`` is its JSON text. A named tuple:
+    the daemon makes several per flow, at a third of a frozen dataclass's cost."""
 
     flow_id: int
     state: str
