@@ -13,7 +13,6 @@ import datetime as dt
 import logging
 import os
 import signal
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -322,7 +321,7 @@ class Engine:
 
     def _create_flow(self, info: store.RoutineInfo, args: list[Any], kwargs: dict[str, Any], effects: Effects,
                      now: dt.datetime, **fields: Any) -> Row:
-        values = {"uid": str(uuid.uuid4()), "routine": info.name, "steps": info.steps, "state": FlowState.INIT.value,
+        values = {"uid": store.new_uid(), "routine": info.name, "steps": info.steps, "state": FlowState.INIT.value,
                   "position": 0, "args": args, "kwargs": kwargs, "request_id": None, "trigger": "api",
                   "reply_to": None, "correlation_data": None, "admitted": False, "dispatch_token": 0,
                   "worker_pid": None, "step_attempt": 0, "interruptions": 0, "next_attempt_at": None,

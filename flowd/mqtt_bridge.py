@@ -343,19 +343,21 @@ class MqttBridge:
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if not self._intake:
             return  # not acknowledged: the broker keeps it for the next session
-        handler = self.extra_topics.get(message.topic)
+        topic = message.topic  # a property: paho decodes the topic's bytes each time it is read
+        handler = self.extra_topics.get(topic)
         if handler is not None:
             try:
                 handler(bytes(message.payload))
             except Exception:
-                log.exception("MQTT: error handling a message on %r", message.topic)
+                log.exception("MQTT: error handling a message on %r", topic)
             if message.qos:
                 self.client.ack(message.mid, message.qos)
             return
-        log.debug("MQTT: message %d on '%s' (%d bytes%s)", message.mid, message.topic, len(message.payload),
-                  ", again" if message.dup else "")
-        self.intake.put(Received(message.topic, bytes(message.payload), message.properties, message.mid,
-                                 message.qos, bool(message.retain), self._connection))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("MQTT: message %d on '%s' (%d bytes%s)", message.mid, topic, len(message.payload),
+                      ", again" if message.dup else "")
+        self.intake.put(Received(topic, bytes(message.payload), message.properties, message.mid, message.qos,
+                                 bool(message.retain), self._connection))
 
     def ack(self, message: Received) -> None:
         """PUBACK a handled message, called by the intake once its state is on disk."""

@@ -4,7 +4,10 @@ At a few MQTT packets per flow (a submit in, its PUBACK out, statuses and a resu
 out, their PUBACKs in), paho's per-packet Python is a large part of the daemon's
 main process. :class:`Client` keeps paho's behaviour and cuts what it costs:
 
-* reads are served from one buffer (:class:`BufferedSocket`), not three ``recv`` per packet;
+* reads are served from one buffer (:class:`BufferedSocket`), not three ``recv`` per packet,
+  and a packet wholly in it is taken in one step, not a byte at a time;
+* a message received gets no ``MQTTMessageInfo`` (a ``Condition`` for publishing it)
+  unless something asks for one (:class:`ReceivedMessage`);
 * a PUBACK is decoded in a few lines, not by paho's generic decoder, which builds a
   ``ReasonCode`` and a ``Properties`` object (two dozen dict entries each) per packet;
 * a PUBLISH without properties (a submit from most clients) skips paho's parse of them;
@@ -64,6 +67,27 @@ class BufferedSocket:
             self._data, self._position = data, 0
         start, self._position = self._position, min(self._position + size, len(self._data))
         return self._data[start:self._position]
+
+    def take_packet(self) -> tuple[int, bytes] | None:
+        """The next packet if the buffer holds all of it, taken out: (its first byte,
+        what follows its remaining length). None otherwise (nothing or part of one
+        buffered, or a length of over 4 bytes): paho's own read takes it from there."""
+        data, start = self._data, self._position
+        end = len(data)
+        index, length, multiplier = start + 1, 0, 1
+        while True:
+            if index >= end or index - start > 4:
+                return None
+            byte = data[index]
+            index += 1
+            length += (byte & 127) * multiplier
+            if not byte & 128:
+                break
+            multiplier *= 128
+        if index + length > end:
+            return None
+        self._position = index + length
+        return data[start], data[index:index + length]
 
     def pending(self) -> int:
         inner = self._sock.pending() if hasattr(self._sock, "pending") else 0
@@ -150,6 +174,41 @@ def decode_publish(header: int, packet: bytes | bytearray, protocol: int) -> _pa
                                  properties=properties, payload=data[position:])
 
 
+_INFO: Any = mqtt.MQTTMessage.__dict__["info"]  # the slot paho's MQTTMessage keeps its info in
+
+
+class ReceivedMessage(mqtt.MQTTMessage):
+    """A message from the broker: paho's ``MQTTMessage`` without the ``MQTTMessageInfo``
+    its ``__init__`` makes (a ``threading.Condition``, to wait for a publish to go out),
+    which neither paho nor flowd reads for a message received; one is made if asked for."""
+
+    __slots__ = ()
+
+    def __init__(self, mid: int = 0, topic: bytes = b""):  # paho's __init__ but the info
+        self.timestamp = 0.0
+        self.state = mqtt.mqtt_ms_invalid
+        self.dup = False
+        self.mid = mid
+        self._topic = topic
+        self.payload = b""
+        self.qos = 0
+        self.retain = False
+        self.properties = None
+
+    @property
+    def info(self) -> mqtt.MQTTMessageInfo:
+        try:
+            info: mqtt.MQTTMessageInfo = _INFO.__get__(self, ReceivedMessage)
+        except AttributeError:
+            info = mqtt.MQTTMessageInfo(self.mid)
+            _INFO.__set__(self, info)
+        return info
+
+    @info.setter
+    def info(self, value: mqtt.MQTTMessageInfo) -> None:
+        _INFO.__set__(self, value)
+
+
 class Client(mqtt.Client):
     """paho's client, remembering why the last connection attempt failed (paho's own
     retry loop swallows the exception), with the cheaper per-packet paths above."""
@@ -169,6 +228,34 @@ class Client(mqtt.Client):
         sock = super()._create_socket()
         return BufferedSocket(sock) if isinstance(sock, socket.socket) else sock  # SSLSocket is one too
 
+    def _packet_read(self) -> MQTTErrorCode:
+        """paho's, in one step for a packet the buffer holds whole (under load, most:
+        one ``recv`` brings many). paho reads it a byte at a time through the buffer
+        (its type, each byte of its length, the rest) and keeps its progress in
+        ``_in_packet`` between reads; here ``_in_packet`` is filled as paho leaves it
+        when the packet is complete, then handled and reset as paho does."""
+        sock = self._sock
+        if self._in_packet["command"] != 0 or not isinstance(sock, BufferedSocket):
+            return super()._packet_read()
+        whole = sock.take_packet()
+        if whole is None:
+            return super()._packet_read()
+        command, packet = whole
+        in_packet = self._in_packet
+        in_packet["command"], in_packet["have_remaining"] = command, 1
+        in_packet["remaining_length"], in_packet["packet"], in_packet["to_process"] = len(packet), bytearray(packet), 0
+        in_packet["pos"] = 0
+        try:  # from here on, paho's lines
+            rc = self._packet_handle()
+        except MalformedPacket as exc:
+            self._easy_log(mqtt.MQTT_LOG_DEBUG, "Received malformed packet: %s", exc)
+            rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
+        self._in_packet = {"command": 0, "have_remaining": 0, "remaining_count": [], "remaining_mult": 1,
+                           "remaining_length": 0, "packet": bytearray(b""), "to_process": 0, "pos": 0}
+        with self._msgtime_mutex:
+            self._last_bytes_received = mqtt.time_func()
+        return rc
+
     def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
         """paho's handler, with the PUBACK decoded by :func:`decode_puback`; the
         bookkeeping after it (``_do_on_publish``: the callback, the message's info,
@@ -183,9 +270,10 @@ class Client(mqtt.Client):
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _handle_publish(self) -> MQTTErrorCode:
-        """paho's handler line for line, with the packet decoded by :func:`decode_publish`."""
+        """paho's handler line for line, with the packet decoded by :func:`decode_publish`
+        into a :class:`ReceivedMessage`."""
         result = decode_publish(self._in_packet["command"], self._in_packet["packet"], self._protocol)
-        message = mqtt.MQTTMessage(mid=result.mid, topic=result.topic)
+        message = ReceivedMessage(mid=result.mid, topic=result.topic)
         message.dup = result.dup
         message.qos = result.qos
         message.retain = result.retain

@@ -287,12 +287,12 @@ class OutboxPublisher:
             self.statuses.set_backed_up(len(self._status_inflight) >= STATUS_INFLIGHT)
             if not rows:
                 return window_full
-            self._note_awaited_results(rows)
-            for row_id, topic, payload, qos, retain, correlation in rows:
+            result_flows = self._note_awaited_results(rows)
+            for (row_id, topic, payload, qos, retain, correlation), flow_id in zip(rows, result_flows, strict=True):
                 if row_id not in self._handed:
                     if len(self._handed) >= MAX_HANDED:
                         return True
-                    if not self._is_result_due(row_id, topic):
+                    if flow_id is not None and not self._is_result_due(row_id, flow_id):
                         return True
                     if not self._hand_over(row_id, topic, payload, qos, retain, correlation):
                         return True
@@ -307,26 +307,25 @@ class OutboxPublisher:
         middle = topic[len(self._result_prefix):-len("/result")]
         return int(middle) if middle.isdigit() else None
 
-    def _note_awaited_results(self, rows: list[tuple[Any, ...]]) -> None:
+    def _note_awaited_results(self, rows: list[tuple[Any, ...]]) -> list[int | None]:
         """Start the wait of every result read whose flow's last status is on its way, so
-        several such results wait together, not one after the other."""
+        several such results wait together, not one after the other; per row, the flow
+        whose result it is (None: not a result)."""
         now = time.monotonic()
-        if any(self._result_flow(row[1]) is not None for row in rows):
+        result_flows = [self._result_flow(row[1]) for row in rows]
+        if any(flow_id is not None for flow_id in result_flows):
             # Statuses of a fast flow may all still sit in a sender's connection: take them
             # in first, or the flow would not look awaited and they would all come too late.
             self.statuses.receive_now()
-        for row in rows:
-            flow_id = self._result_flow(row[1])
+        for row, flow_id in zip(rows, result_flows, strict=True):
             if flow_id is not None and row[0] not in self._held and self.statuses.is_awaited(flow_id):
                 self._held[row[0]] = now
+        return result_flows
 
-    def _is_result_due(self, row_id: int, topic: str) -> bool:
-        """A result goes after its flow's last status: False while that status is on its
-        way (sent by the process that committed the end, not received yet), for at most
-        HOLD_S; a pending status of the flow is handed over first."""
-        flow_id = self._result_flow(topic)
-        if flow_id is None:
-            return True
+    def _is_result_due(self, row_id: int, flow_id: int) -> bool:
+        """The result of ``flow_id`` goes after its flow's last status: False while that
+        status is on its way (sent by the process that committed the end, not received
+        yet), for at most HOLD_S; a pending status of the flow is handed over first."""
         since = self._held.get(row_id)
         if since is not None and self.statuses.is_awaited(flow_id):
             self.statuses.receive_now()

@@ -12,8 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from flowd.errors import InputError
 from flowd.topics import is_valid_publish_topic
@@ -35,13 +34,13 @@ class SubmitRefused(InputError):
         self.reply_to = reply_to
 
 
-@dataclass(frozen=True)
-class SubmitRequest:
-    """A checked submit (SPEC 4.1)."""
+class SubmitRequest(NamedTuple):
+    """A checked submit (SPEC 4.1); a named tuple, made once per submit at a fraction
+    of a frozen dataclass's cost."""
 
     routine: str
-    args: list[Any] = field(default_factory=list)
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    args: list[Any]
+    kwargs: dict[str, Any]
     request_id: str | None = None
     reply_to: str | None = None
 

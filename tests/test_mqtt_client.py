@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import socket
 import struct
 import threading
 import time
+import types
 from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
@@ -27,7 +29,7 @@ from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from flowd.mqtt_client import Client, decode_puback, decode_publish
+from flowd.mqtt_client import BufferedSocket, Client, ReceivedMessage, decode_puback, decode_publish
 
 V5, V311 = MQTTProtocolVersion.MQTTv5, MQTTProtocolVersion.MQTTv311
 
@@ -40,6 +42,8 @@ PAHO_SOURCES = {
     "Client._do_on_publish": "5bbcad6f9447107a",
     "Client._update_inflight": "d11feb21cf855b12",
     "Client._messages_reconnect_reset_out": "464a42c69618a49b",
+    "Client._packet_read": "bbe32d8af1e37955",
+    "MQTTMessage.__init__": "af92f9a50f5f90e4",
     "Client.publish": "5c00cd3dcebceaae",
     "_packet._decode_mid_reason_prop": "c001ca9750a186ed",
     "_packet.decode_publish": "50c158487fa3d96e",
@@ -48,7 +52,7 @@ PAHO_SOURCES = {
 
 def paho_source_digest(name: str) -> str:
     owner, attribute = name.split(".")
-    function = getattr(mqtt.Client if owner == "Client" else _packet, attribute)
+    function = getattr({"Client": mqtt.Client, "MQTTMessage": mqtt.MQTTMessage}.get(owner, _packet), attribute)
     return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()[:16]
 
 
@@ -62,8 +66,12 @@ def test_the_paho_internals_relied_on_are_those_of_2_2_0() -> None:
     client = mqtt.Client(CallbackAPIVersion.VERSION2)
     for name in ("_in_packet", "_out_packet", "_out_messages", "_out_message_mutex", "_in_messages",
                  "_in_message_mutex", "_in_callback_mutex", "_protocol", "_sockpairW", "_thread", "_manual_ack",
-                 "_on_socket_register_write", "_inflight_messages", "_max_inflight_messages"):
+                 "_on_socket_register_write", "_inflight_messages", "_max_inflight_messages", "_msgtime_mutex",
+                 "_last_bytes_received"):
         assert hasattr(client, name), name
+    assert set(client._in_packet) == {"command", "have_remaining", "remaining_count", "remaining_mult",
+                                      "remaining_length", "packet", "to_process", "pos"}
+    assert isinstance(mqtt.MQTTMessage.__dict__["info"], types.MemberDescriptorType) and callable(client._packet_handle)
     assert mqtt.sockpair_data == b"0" and callable(mqtt.time_func) and mqtt.mqtt_ms_queued is not None
     assert isinstance(_packet.DECODE_ERRORS, tuple) and _packet.PublishPacket._fields == (
         "dup", "qos", "retain", "topic", "mid", "properties", "payload")
@@ -162,6 +170,41 @@ def test_empty_properties_are_new_objects_that_behave_as_paho_s() -> None:
     assert first.json() == {"ResponseTopic": "reply/x"}
     with pytest.raises(MalformedPacket):
         decode_puback(bytearray(b"\x00\x01\x00\x00"), V311)
+
+
+def test_whole_packets_are_taken_from_the_buffer_and_the_rest_left_to_paho() -> None:
+    big = b"\x30" + bytes([0x80 | (300 & 127), 300 >> 7]) + b"\x00\x01t" + b"x" * 297  # a 2-byte length
+    data = b"\x40\x02\x00\x07" + big + b"\xd0\x00" + b"\x40\x03\x00\x08"  # PUBACK, PUBLISH, PINGRESP, part
+    left, right = socket.socketpair()
+    try:
+        left.sendall(data)
+        buffered = BufferedSocket(right)
+        assert buffered.take_packet() is None  # nothing buffered yet: paho's read fills it
+        assert buffered.recv(1) == b"\x40"
+        buffered._position = 0  # as if not read: what paho's first recv brought is all buffered
+        taken = [buffered.take_packet() for _ in range(4)]
+        assert taken == [(0x40, b"\x00\x07"), (0x30, big[3:]), (0xD0, b""), None]
+        assert buffered.pending() == 4 and buffered.recv(4) == b"\x40\x03\x00\x08"  # the part stays for paho
+        buffered._data, buffered._position = b"\x30\xff\xff\xff\xff\x01" + b"x" * 10, 0  # 5 length bytes
+        assert buffered.take_packet() is None and buffered.pending() == 16  # paho refuses it (protocol error)
+    finally:
+        left.close()
+        right.close()
+
+
+def test_a_received_message_makes_its_info_only_when_asked() -> None:
+    message = ReceivedMessage(mid=9, topic=b"in/x")
+    stock = mqtt.MQTTMessage(mid=9, topic=b"in/x")
+    fields = ("timestamp", "state", "dup", "mid", "topic", "payload", "qos", "retain", "properties")
+    assert [getattr(message, f) for f in fields] == [getattr(stock, f) for f in fields]
+    assert isinstance(message, mqtt.MQTTMessage) and message == ReceivedMessage(mid=9)
+    assert not hasattr(message, "__dict__")
+    with pytest.raises(AttributeError):
+        mqtt.MQTTMessage.__dict__["info"].__get__(message, ReceivedMessage)  # not made yet
+    info = message.info
+    assert isinstance(info, mqtt.MQTTMessageInfo) and info.mid == 9 and message.info is info
+    message.info = mqtt.MQTTMessageInfo(10)
+    assert message.info.mid == 10
 
 
 # ---------------------------------------------------------------------- with a real mosquitto

@@ -8,6 +8,8 @@ through the store and, where the store must not be trusted, through the peewee m
 from __future__ import annotations
 
 import datetime as dt
+import os
+import uuid
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -340,3 +342,43 @@ def test_deferred_outbox_rows_land_at_the_flush_in_the_order_added(engine: Any) 
     assert [(r.topic, r.payload, r.qos, r.retain, r.correlation_data, r.created_at, r.node_id) for r in rows] == [
         ("t/now", "{}", 1, False, None, NOW, None)] + [
         (f"t/{n}", f'{{"n":{n}}}', 1, False, "c" if n == 1 else None, NOW, "node-a") for n in range(3)]
+
+
+def test_new_flows_store_every_value_with_its_encoding_as_peewee_reads_it(engine: Any) -> None:
+    """insert_flow works out each column set's statement once and reuses a routine's
+    steps JSON while its list is the same: flows of two routines, and of a routine whose
+    steps changed in between, each keep their own values."""
+    first = engine.submit("pair", [1, "x"], {"k": {"n": None}}, now=NOW)[0].id
+    other = engine.submit("other", now=NOW)[0].id
+    again = engine.submit("pair", [2], now=NOW, request_id="r-1")[0].id
+    catalog.save_routine("pair", ["plain"])
+    changed = engine.submit("pair", [3], now=NOW)[0].id
+    stored = {f.id: f for f in Flow.select().where(Flow.id.in_([first, other, again, changed]))}
+    assert [(stored[i].steps, stored[i].args, stored[i].request_id) for i in (first, other, again, changed)] == [
+        (["add", "plain"], [1, "x"], None), (["plain"], [], None), (["add", "plain"], [2], "r-1"),
+        (["plain"], [3], None)]
+    assert stored[first].kwargs == {"k": {"n": None}} and stored[first].created_at == NOW
+    assert stored[first].updated_at == NOW and stored[first].admitted is True
+    uids = {stored[i].uid for i in stored}
+    assert len(uids) == 4 and all(uuid.UUID(u).version == 4 and str(uuid.UUID(u)) == u for u in uids)
+
+
+def test_flow_uids_are_uuid4_text_and_a_forked_child_never_hands_out_its_parents() -> None:
+    made = [store.new_uid() for _ in range(3 * store.flows.UID_BATCH)]  # several refills of the pool
+    assert len(set(made)) == len(made)
+    assert all(uuid.UUID(u).version == 4 and uuid.UUID(u).variant == uuid.RFC_4122 and str(uuid.UUID(u)) == u
+               for u in made)
+    store.new_uid()  # the pool holds uids now: a child must not take them
+    pending = list(store.flows._uids)
+    assert pending
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: write its uids and leave at once
+        os.close(read)
+        os.write(write, "\n".join(store.new_uid() for _ in range(len(pending))).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as child:
+        theirs = child.read().split("\n")
+    os.waitpid(pid, 0)
+    assert len(theirs) == len(pending) and not set(theirs) & set(pending)

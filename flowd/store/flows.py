@@ -8,6 +8,7 @@ are still the peewee models of ``models.py`` (same columns, same encodings).
 from __future__ import annotations
 
 import datetime as dt
+import os
 import sqlite3
 from collections.abc import Iterable
 from typing import Any, Protocol
@@ -18,6 +19,7 @@ from flowd.errors import DuplicateRequest
 from flowd.models import ACTIVE_STATES, FlowState, StepState, database
 from flowd.store.rows import (
     BOOL_COLUMNS,
+    CODED_COLUMNS,
     FLOW_COLUMNS,
     RESULT_COLUMNS,
     TIME_COLUMNS,
@@ -77,16 +79,70 @@ def flow_by_request_id(request_id: str) -> Row | None:
     return found[0] if found else None
 
 
+UID_BATCH = 64
+_uids: list[str] = []
+
+
+def new_uid() -> str:
+    """A random UUID4 as text, as ``str(uuid.uuid4())`` gives it, from random bytes read
+    ``UID_BATCH`` at a time: a submit cost one ``getrandom`` system call and a ``UUID``
+    object for its flow's uid before. ``list.pop`` and ``extend`` are atomic, so threads
+    share the pool safely; a forked child empties its copy (never its parent's uids)."""
+    try:
+        return _uids.pop()
+    except IndexError:
+        pass
+    raw = bytearray(os.urandom(16 * UID_BATCH))
+    raw[6::16] = bytes((byte & 0x0F) | 0x40 for byte in raw[6::16])  # version 4
+    raw[8::16] = bytes((byte & 0x3F) | 0x80 for byte in raw[8::16])  # variant RFC 4122
+    text = raw.hex()
+    made = [f"{text[i:i + 8]}-{text[i + 8:i + 12]}-{text[i + 12:i + 16]}-{text[i + 16:i + 20]}-"
+            f"{text[i + 20:i + 32]}" for i in range(0, len(text), 32)]
+    _uids.extend(made[1:])
+    return made[0]
+
+
+os.register_at_fork(after_in_child=_uids.clear)
+
+
+_insert_sql: dict[tuple[str, ...], tuple[str, tuple[tuple[int, str], ...]]] = {}
+_last_steps: tuple[object, str] = (None, "")
+
+
 def insert_flow(values: dict[str, Any]) -> int:
     """Store a new flow; its id. Raises DuplicateRequest when another process stored its
-    ``request_id`` in the same instant."""
-    names = list(values)
-    sql = f'INSERT INTO flow ({", ".join(chr(34) + n + chr(34) for n in names)}) VALUES ({", ".join("?" * len(names))})'
+    ``request_id`` in the same instant.
+
+    A submit is one such INSERT, and the columns given recur (a submit's, a child's):
+    the statement, and which of its columns have an encoding, are worked out once per
+    column set, and only those columns go through :func:`encode` (the others it would
+    pass through as they are; a bool the driver binds itself, as SQLite's 0/1). The
+    routine's ``steps`` list is the same object for all its flows until the definitions
+    change: its JSON is made once, not per flow."""
+    global _last_steps
+    names = tuple(values)
+    cached = _insert_sql.get(names)
+    if cached is None:
+        sql = (f'INSERT INTO flow ({", ".join(chr(34) + n + chr(34) for n in names)}) '
+               f'VALUES ({", ".join("?" * len(names))})')
+        coded = tuple((index, name) for index, name in enumerate(names) if name in CODED_COLUMNS)
+        cached = _insert_sql[names] = (sql, coded)
+    sql, coded = cached
+    params = list(values.values())
+    for index, name in coded:
+        value = params[index]
+        if name == "steps" and value is not None:
+            last = _last_steps  # one read: another thread may replace it, never half of it
+            if last[0] is not value:
+                last = _last_steps = (value, encode(name, value))
+            params[index] = last[1]
+        else:
+            params[index] = encode(name, value)
     try:
         if not is_sqlite():
-            cursor = execute(sql + " RETURNING id", [encode(n, values[n]) for n in names])
+            cursor = execute(sql + " RETURNING id", params)
             return int(cursor.fetchone()[0])
-        cursor = execute(sql, [encode(n, values[n]) for n in names])
+        cursor = execute(sql, params)
         return int(cursor.lastrowid)
     except peewee.IntegrityError as exc:
         if values.get("request_id") is not None and "request_id" in str(exc):

@@ -29,6 +29,7 @@ _TIMES = {"next_attempt_at", "deadline", "created_at", "started_at", "finished_a
           "renewed_at", "expires_at"}
 _BOOLS = {"admitted"}
 TIME_COLUMNS, BOOL_COLUMNS = frozenset(_TIMES), frozenset(_BOOLS)
+CODED_COLUMNS = frozenset(_JSON | _TIMES | _BOOLS)  # the columns :func:`encode` and :func:`decode` change
 
 
 class Row:
