@@ -13,10 +13,11 @@ import importlib.util
 import os
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import TypeVar
 
 from flowd.errors import TaskScriptError
 from flowd.task import Task
@@ -92,12 +93,9 @@ class ScriptLoader:
     def _script_file(self, module: str) -> tuple[Path, os.stat_result]:
         """The module's file and its stat: one stat per step (per round in a worker)
         while the file stays put."""
-        if self._round is not None:
-            found = self._round.get(module)
-            if found is None:
-                found = self._round[module] = self._stat_script(module)
-            return found
-        return self._stat_script(module)
+        if self._round is None:
+            return self._stat_script(module)
+        return _memo(self._round, module, self._stat_script)
 
     def _stat_script(self, module: str) -> tuple[Path, os.stat_result]:
         path = self._paths.get(module)
@@ -114,12 +112,9 @@ class ScriptLoader:
         """The Task subclass behind ``reference``; raises TaskScriptError naming file and line.
         In a round, a reference found once is that class for the rest of it: its file was
         looked at once in the round anyway."""
-        if self._round is not None:
-            found = self._round_classes.get(reference)
-            if found is None:
-                found = self._round_classes[reference] = self._load(reference)
-            return found
-        return self._load(reference)
+        if self._round is None:
+            return self._load(reference)
+        return _memo(self._round_classes, reference, self._load)
 
     def _load(self, reference: str) -> type[Task]:
         module_name, class_name = parse_reference(reference)
@@ -236,3 +231,14 @@ def _task_classes(path: Path) -> list[tuple[str, str]]:
             doc = (ast.get_docstring(node) or "").strip().splitlines()
             result.append((node.name, doc[0] if doc else ""))
     return result
+
+
+_T = TypeVar("_T")
+
+
+def _memo(cache: dict[str, _T], key: str, compute: Callable[[str], _T]) -> _T:
+    """``compute(key)``, worked out once while ``cache`` lives (a worker's round)."""
+    found = cache.get(key)
+    if found is None:
+        found = cache[key] = compute(key)
+    return found
