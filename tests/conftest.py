@@ -226,26 +226,24 @@ def create_pg_database(prefix: str) -> str:
     """A new, empty database on the machine's PostgreSQL for one test; its name."""
     import uuid
 
-    import psycopg2
-
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    admin = psycopg2.connect(PG_ADMIN)
-    try:
-        admin.autocommit = True
-        admin.cursor().execute(f'CREATE DATABASE "{name}"')
-    finally:
-        admin.close()
+    _pg_admin(f'CREATE DATABASE "{name}"')
     return name
 
 
 def drop_pg_database(name: str) -> None:
     """Drop a test's database, closing what is still connected to it."""
+    _pg_admin(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+def _pg_admin(statement: str) -> None:
+    """One statement outside a transaction (CREATE/DROP DATABASE cannot run inside one)."""
     import psycopg2
 
     admin = psycopg2.connect(PG_ADMIN)
     try:
         admin.autocommit = True
-        admin.cursor().execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        admin.cursor().execute(statement)
     finally:
         admin.close()
 
