@@ -34,12 +34,13 @@ def _libc() -> Any:
     return _handle
 
 
-def _call(name: str, *args: int) -> bool:
+def _call(name: str, *args: int) -> None:
+    """``name(*args)`` in the C library; nothing where it has no such function."""
     try:
         function = getattr(_libc(), name)
     except (OSError, AttributeError):
-        return False
-    return bool(function(*args))
+        return
+    function(*args)
 
 
 def use_one_malloc_arena() -> None:
