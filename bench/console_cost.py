@@ -33,7 +33,8 @@ def pss():
 import flowd.service, flowd.api, flowd.engine, flowd.mqtt_bridge, flowd.scheduler, flowd.queue, flowd.outbox
 before, t0 = pss(), time.perf_counter()
 import flowd.web.server
-print(json.dumps({"import_ms": round(1000 * (time.perf_counter() - t0), 1), "import_pss_mib": round((pss() - before) / 1024, 2)}))
+print(json.dumps({"import_ms": round(1000 * (time.perf_counter() - t0), 1),
+                  "import_pss_mib": round((pss() - before) / 1024, 2)}))
 """
 
 

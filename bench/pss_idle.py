@@ -66,6 +66,21 @@ def rollup(pid: int) -> dict[str, int]:
     return values
 
 
+def by_mapping(pids: list[int]) -> dict[str, int]:
+    """PSS (KiB) summed over ``pids`` per mapped file ("[heap]", "[anon]" for the rest)."""
+    total: dict[str, int] = {}
+    for pid in pids:
+        name = "[anon]"
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                head = line.split(None, 5)
+                if "-" in head[0] and not head[0].endswith(":"):
+                    name = head[5].strip().rsplit("/", 1)[-1] if len(head) > 5 else "[anon]"
+                elif head[0] == "Pss:":
+                    total[name] = total.get(name, 0) + int(head[1])
+    return dict(sorted(total.items(), key=lambda kv: -kv[1]))
+
+
 def roles(main: int) -> list[tuple[str, int]]:
     """(role, pid) for the daemon's tree: main, its workers, or (flowd before issue 12)
     a pool parent and the pool's children."""
@@ -128,9 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--settle", type=float, default=5.0, help="seconds after ready (and after the flows)")
     p.add_argument("--flows", type=int, default=0, help="flows to run before a second reading")
+    p.add_argument("--mappings", type=int, default=0, metavar="N",
+                   help="also print the N mappings with the most PSS, summed over the processes")
     p.add_argument("--json", action="store_true", help="also print one JSON line")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
-    p.add_argument("--web", choices=("on", "off"), default="on", help="the web console (default on, as in flowd)")
+    p.add_argument("--web", choices=("on", "unvisited", "off"), default="on",
+                   help="the web console: on and visited (the default), on but never visited, or off")
     p.add_argument("--daemon-wrapper", metavar="SCRIPT", help="experiments: start the daemon as "
                    "'python SCRIPT run --config X' instead of 'python -m flowd run --config X'")
     a = p.parse_args(argv)
@@ -154,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         config = work / "flowd.toml"
         config.write_text(f'[flowd]\nstate_dir = "{work / "state"}"\ntask_paths = ["{BENCH / "tasks"}"]\n'
                           f'workers = {a.workers}\nnode_id = "pss"\n\n[mqtt]\nhost = "127.0.0.1"\nport = {port}\n'
-                          f'\n[web]\nenabled = {"true" if a.web == "on" else "false"}\n'
+                          f'\n[web]\nenabled = {"false" if a.web == "off" else "true"}\n'
                           f'listen = "127.0.0.1:{web_port}"\n')
         subprocess.run([sys.executable, "-m", "flowd.cli", "--config", str(config), "apply",
                         str(BENCH / "bench3.toml")], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -169,6 +187,13 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(a.settle)
         out: dict[str, Any] = {"web": a.web, "idle": reading(daemon.pid)}
         show("idle after start", out["idle"])
+        if a.mappings:
+            pids = [p["pid"] for p in out["idle"]["per_process"]]
+            for name, kib in list(by_mapping(pids).items())[:a.mappings]:
+                print(f"  {kib / 1024:7.2f} MiB  {name}")
+            for proc in out["idle"]["per_process"]:
+                top = list(by_mapping([proc["pid"]]).items())[:a.mappings]
+                print(f"  {proc['role']}: " + ", ".join(f"{name} {kib / 1024:.2f}" for name, kib in top))
         if a.flows:
             run_flows(port, a.flows, 120)
             if a.web == "on":
@@ -176,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(a.settle)
             out["after_flows"] = reading(daemon.pid)
             show(f"idle after {a.flows} flows", out["after_flows"])
+            if a.mappings:
+                for proc in out["after_flows"]["per_process"]:
+                    top = list(by_mapping([proc["pid"]]).items())[:a.mappings]
+                    print(f"  {proc['role']}: " + ", ".join(f"{name} {kib / 1024:.2f}" for name, kib in top))
         if daemon.poll() is not None:
             raise SystemExit(f"pss_idle: flowd exited ({daemon.returncode}); see {work}/flowd.log")
         if a.json:

@@ -355,7 +355,8 @@ class Bench:
     def apply_routine(self) -> None:
         routines = BENCH / "bench3.toml"
         if self.args.status != "steps":  # the routine's status setting (SPEC 4.4); steps is the default
-            text = routines.read_text().replace("[routines.bench3]\n", f'[routines.bench3]\nstatus = "{self.args.status}"\n')
+            text = routines.read_text().replace("[routines.bench3]\n",
+                                                f'[routines.bench3]\nstatus = "{self.args.status}"\n')
             routines = self.work / "bench3.toml"
             routines.write_text(text)
         code, out, err = run_child(self.children, "flowctl apply",
@@ -471,7 +472,7 @@ class Bench:
         for pid in self.tree():
             role = "main" if pid == self.daemon.pid else f"pid{pid}"
             procs.append(self.children.start(f"py-spy {pid}", [
-                spy, "record", "--nonblocking", "--format", "raw", "--rate", "250", "--pid", str(pid),
+                spy, "record", "--nonblocking", "--gil", "--format", "raw", "--rate", "250", "--pid", str(pid),
                 "-o", str(folder / f"{role}.txt")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(1.0)
         return procs
@@ -1069,8 +1070,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--run-timeout", type=float, default=600.0, help="bound (s) for each client run")
     p.add_argument("--max-seconds", type=int, default=2400, help="bound for the whole run")
-    p.add_argument("--profile", metavar="DIR", help="py-spy (raw stacks) on every flowd process during the "
-                   "throughput run; needs py-spy in PATH or next to this Python")
+    p.add_argument("--profile", metavar="DIR", help="py-spy (raw stacks of the thread holding the GIL: Python "
+                   "CPU) on every flowd process during the throughput run; needs py-spy in PATH or next to this Python")
     p.add_argument("--daemon-wrapper", metavar="SCRIPT", help="experiments: start the daemon as "
                    "'python SCRIPT run --config X' instead of 'python -m flowd run --config X'")
     p.add_argument("--keep", action="store_true", help="keep the work folder (state, logs)")
@@ -1151,9 +1152,9 @@ def main(argv: list[str] | None = None) -> int:
                         date=started.isoformat(timespec="seconds"),
                         machine=machine(),
                         versions=versions(), config={
-                            "workers": a.workers, "synchronous": a.synchronous, "status": a.status, "quick": a.quick, "lat_n": a.lat_n,
-                            "tp_n": a.tp_n, "tp_c": a.tp_c, "peers": a.peers, "count_lat_n": a.count_lat_n,
-                            "count_tp_n": a.count_tp_n, "tail_s": a.tail,
+                            "workers": a.workers, "synchronous": a.synchronous, "status": a.status, "quick": a.quick,
+                            "lat_n": a.lat_n, "tp_n": a.tp_n, "tp_c": a.tp_c, "peers": a.peers,
+                            "count_lat_n": a.count_lat_n, "count_tp_n": a.count_tp_n, "tail_s": a.tail,
                             "broker": "mosquitto set_tcp_nodelay, no persistence"})
     code = 0
     t_start = time.monotonic()
