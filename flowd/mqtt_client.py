@@ -14,7 +14,9 @@ main process. :class:`Client` keeps paho's behaviour and cuts what it costs:
 * the packets waiting to go out are written with one ``send``, not one each;
 * a burst of publishes wakes the network thread once, not once per publish;
 * a PUBACK does not make paho look through every message in flight for a queued one
-  while none can be queued.
+  while none can be queued;
+* without TLS and without an ``mqtt_proxy`` variable, ``ssl`` and ``urllib.request``
+  (deferred by :mod:`flowd.imports`) are never looked into, so they never load.
 
 These overrides rest on private parts of paho-mqtt 2.2.0 (pinned exactly in
 pyproject.toml); ``tests/test_mqtt_client.py`` fails when they change.
@@ -22,6 +24,7 @@ pyproject.toml); ``tests/test_mqtt_client.py`` fails when they change.
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -222,6 +225,39 @@ class Client(mqtt.Client):
             return super().reconnect()
         except OSError as exc:
             self.last_error = exc
+            raise
+
+    def _get_proxy(self) -> dict[str, Any] | None:
+        """paho's, without reading the environment through ``urllib.request`` (deferred,
+        see :mod:`flowd.imports`) when no ``mqtt_proxy`` variable is set: paho takes
+        only that one from it."""
+        if self._proxy or any(value and name.lower() == "mqtt_proxy" for name, value in os.environ.items()):
+            return super()._get_proxy()
+        return None
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        """paho's, which names ``ssl``'s want-read and want-write errors in the handlers
+        of every ``BlockingIOError``: not looked up (``ssl`` stays deferred) without TLS."""
+        if self._ssl:
+            return super()._sock_recv(bufsize)
+        if self._sock is None:
+            raise ConnectionError("self._sock is None")
+        try:
+            return self._sock.recv(bufsize)
+        except AttributeError as err:  # paho's: another thread dropped the socket meanwhile
+            self._easy_log(mqtt.MQTT_LOG_DEBUG, "socket was None: %s", err)
+            raise ConnectionError() from err
+
+    def _sock_send(self, buf: bytes | bytearray) -> int:
+        """paho's, likewise: without TLS only a ``BlockingIOError`` needs handling."""
+        if self._ssl:
+            return super()._sock_send(buf)
+        if self._sock is None:
+            raise ConnectionError("self._sock is None")
+        try:
+            return self._sock.send(buf)
+        except BlockingIOError:
+            self._call_socket_register_write()
             raise
 
     def _create_socket(self) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import os
 import socket
 import struct
 import threading
@@ -45,6 +46,9 @@ PAHO_SOURCES = {
     "Client._packet_read": "bbe32d8af1e37955",
     "MQTTMessage.__init__": "af92f9a50f5f90e4",
     "Client.publish": "5c00cd3dcebceaae",
+    "Client._get_proxy": "725ac4a27856ecd9",
+    "Client._sock_recv": "c3b9043a46dd81b7",
+    "Client._sock_send": "300d9f1031bd0dbd",
     "_packet._decode_mid_reason_prop": "c001ca9750a186ed",
     "_packet.decode_publish": "50c158487fa3d96e",
 }
@@ -112,6 +116,25 @@ PUBACKS = [
     b"\x00\x07\x00" + properties_bytes(PacketTypes.PUBACK, UserProperty=("a", "b")),
     b"\x00\x07\x00\x05\x1f", b"\x00\x07\x00\x03\x21\x00\x01",  # truncated; a property PUBACK may not carry
 ]
+
+
+@pytest.mark.parametrize("environment", [{}, {"MQTT_PROXY": "socks://127.0.0.1:1080"},
+                                         {"mqtt_proxy": "http://127.0.0.1:3128", "no_proxy": "example.org"},
+                                         {"mqtt_proxy": "socks://127.0.0.1:1080", "no_proxy": "127.0.0.1"},
+                                         {"http_proxy": "http://127.0.0.1:3128"}])
+def test_the_proxy_is_paho_s(environment: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("socks")  # without PySocks paho takes no proxy at all
+    for name in [n for n in os.environ if n.lower().endswith("_proxy")]:
+        monkeypatch.delenv(name)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    ours, stock = Client(CallbackAPIVersion.VERSION2), mqtt.Client(CallbackAPIVersion.VERSION2)
+    for client in (ours, stock):
+        client._host = "127.0.0.1"
+    assert ours._get_proxy() == stock._get_proxy()
+    ours.proxy_set(proxy_type=2, proxy_addr="127.0.0.2", proxy_port=1080)
+    stock.proxy_set(proxy_type=2, proxy_addr="127.0.0.2", proxy_port=1080)
+    assert ours._get_proxy() == stock._get_proxy() == {"proxy_type": 2, "proxy_addr": "127.0.0.2", "proxy_port": 1080}
 
 
 @pytest.mark.parametrize("protocol", [V5, V311])

@@ -99,8 +99,8 @@ def test_a_retry_runs_on_time(db: Any, worker_pool: Any, tmp_path: Path) -> None
 def test_the_daemon_on_sqlite(broker: Broker, config_file: Callable[..., Path], flowd_proc: Callable[..., Any],
                               tmp_path: Path) -> None:
     # flowd run on SQLite: the daemon and its two workers, nothing else; no
-    # process loaded the Postgres or Redis driver, yet a task can import them; a retry
-    # runs on time (the daemon's retry timer).
+    # process loaded the Postgres or Redis driver, nor (without TLS) ssl, yet a task can
+    # import and use them; a retry runs on time (the daemon's retry timer).
     path = config_file(broker, workers=2)
     engine = api.configure(load_config(path), create=True)
     paths = engine.config.flowd.task_paths
@@ -108,8 +108,10 @@ def test_the_daemon_on_sqlite(broker: Broker, config_file: Callable[..., Path], 
         "import sys\nfrom flowd.task import Task\n\n\nclass Drivers(Task):\n"
         "    def perform(self, **kwargs):\n"
         "        loaded = sorted(n for n in ('psycopg2', 'psycopg', 'redis') if n in sys.modules)\n"
-        "        import psycopg2, redis  # noqa: F401\n"
-        "        return {'loaded_before': loaded}\n")
+        "        deferred = sorted(n for n in ('ssl', 'urllib.request') if type(sys.modules[n]).__name__ != 'module')\n"
+        "        import psycopg2, redis, ssl, urllib.request  # noqa: F401\n"
+        "        return {'loaded_before': loaded, 'deferred_before': deferred,\n"
+        "                'url': urllib.request.pathname2url('/a b'), 'tls': ssl.PROTOCOL_TLS_CLIENT.name}\n")
     catalog.save_task("drivers", "drivers.Drivers", task_paths=paths)
     catalog.save_routine("drivers-r", ["drivers"])
     counter = tmp_path / "count"
@@ -119,7 +121,12 @@ def test_the_daemon_on_sqlite(broker: Broker, config_file: Callable[..., Path], 
     daemon = flowd_proc(path)
     wait_for(lambda: "ready" in daemon.log_text(), 30, message="flowd ready")
 
-    assert done(api.submit_flow("drivers-r").id).result["kwargs"]["loaded_before"] == []
+    # paho's TLS and proxy modules wait for a first use (flowd.imports.defer_import), then work.
+    seen = done(api.submit_flow("drivers-r").id).result["kwargs"]
+    assert {k: seen[k] for k in ("loaded_before", "deferred_before", "url", "tls")} == {
+        "loaded_before": [], "deferred_before": ["ssl", "urllib.request"], "url": "/a%20b",
+        "tls": "PROTOCOL_TLS_CLIENT"}
+    assert "/_ssl." not in Path(f"/proc/{daemon.pid}/maps").read_text(), "the daemon loaded ssl without TLS"
     first, second = api.flow_trace(done(api.submit_flow("flaky-r").id).id)
     assert 0 <= (second.started_at - first.finished_at).total_seconds() - 0.5 < 0.25
 
