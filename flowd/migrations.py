@@ -137,6 +137,8 @@ def upgrade_schema(db: peewee.Database) -> int:
 
         raise StoreUnavailable(f"the database has schema version {version}, newer than this flowd "
                                f"understands ({LATEST}); upgrade flowd")
+    if version == LATEST:  # the usual start: nothing to do, nor to import (playhouse.migrate, ~0.5 MiB)
+        return version
     if isinstance(db, peewee.SqliteDatabase):  # its PostgreSQL helpers would load the drivers
         import_without(["psycopg2", "psycopg"], ["playhouse.migrate"])
     from playhouse.migrate import SchemaMigrator

@@ -99,15 +99,17 @@ def test_a_retry_runs_on_time(db: Any, worker_pool: Any, tmp_path: Path) -> None
 def test_the_daemon_on_sqlite(broker: Broker, config_file: Callable[..., Path], flowd_proc: Callable[..., Any],
                               tmp_path: Path) -> None:
     # flowd run on SQLite: the daemon and its two workers, nothing else; no
-    # process loaded the Postgres or Redis driver, nor (without TLS) ssl, yet a task can
-    # import and use them; a retry runs on time (the daemon's retry timer).
+    # process loaded the Postgres or Redis driver, nor (without TLS) ssl, nor the schema
+    # migrator (the schema is current), yet a task can import and use them; a retry runs
+    # on time (the daemon's retry timer).
     path = config_file(broker, workers=2)
     engine = api.configure(load_config(path), create=True)
     paths = engine.config.flowd.task_paths
     Path(paths[0], "task_drivers.py").write_text(
         "import sys\nfrom flowd.task import Task\n\n\nclass Drivers(Task):\n"
         "    def perform(self, **kwargs):\n"
-        "        loaded = sorted(n for n in ('psycopg2', 'psycopg', 'redis') if n in sys.modules)\n"
+        "        loaded = sorted(n for n in ('psycopg2', 'psycopg', 'redis', 'playhouse.migrate')\n"
+        "                        if n in sys.modules)\n"
         "        deferred = sorted(n for n in ('ssl', 'urllib.request') if type(sys.modules[n]).__name__ != 'module')\n"
         "        import psycopg2, redis, ssl, urllib.request  # noqa: F401\n"
         "        return {'loaded_before': loaded, 'deferred_before': deferred,\n"
