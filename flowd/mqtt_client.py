@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt import _packet
@@ -212,6 +212,14 @@ class ReceivedMessage(mqtt.MQTTMessage):
         _INFO.__set__(self, value)
 
 
+class _PlainSocket(Protocol):
+    """What a connection without TLS is read and written through (a BufferedSocket, a socket)."""
+
+    def recv(self, size: int, /) -> bytes: ...
+
+    def send(self, data: bytes | bytearray, /) -> int: ...
+
+
 class Client(mqtt.Client):
     """paho's client, remembering why the last connection attempt failed (paho's own
     retry loop swallows the exception), with the cheaper per-packet paths above."""
@@ -240,25 +248,23 @@ class Client(mqtt.Client):
         of every ``BlockingIOError``: not looked up (``ssl`` stays deferred) without TLS."""
         if self._ssl:
             return super()._sock_recv(bufsize)
-        if self._sock is None:
-            raise ConnectionError("self._sock is None")
-        try:
-            return self._sock.recv(bufsize)
-        except AttributeError as err:  # paho's: another thread dropped the socket meanwhile
-            self._easy_log(mqtt.MQTT_LOG_DEBUG, "socket was None: %s", err)
-            raise ConnectionError() from err
+        return self._plain_socket().recv(bufsize)
 
     def _sock_send(self, buf: bytes | bytearray) -> int:
         """paho's, likewise: without TLS only a ``BlockingIOError`` needs handling."""
         if self._ssl:
             return super()._sock_send(buf)
-        if self._sock is None:
-            raise ConnectionError("self._sock is None")
         try:
-            return self._sock.send(buf)
+            return self._plain_socket().send(buf)
         except BlockingIOError:
             self._call_socket_register_write()
             raise
+
+    def _plain_socket(self) -> _PlainSocket:
+        sock = self._sock  # read once: another thread may drop it meanwhile (paho then raises as here)
+        if sock is None:
+            raise ConnectionError("self._sock is None")
+        return sock
 
     def _create_socket(self) -> Any:
         sock = super()._create_socket()
