@@ -146,6 +146,16 @@ def wait_ready(cluster: Cluster, *nodes: str) -> None:
         wait_for(lambda n=node: "ready: node" in cluster.procs[n].log_text(), 30, message=f"node {node} ready")
 
 
+def wait_subscribed(mqtt_client: Callable[..., MqttClient], node: str) -> None:
+    """Until the broker holds ``node``'s subscriptions: "ready" does not wait for the broker,
+    but the node's retained online status goes out after its SUBSCRIBE on the same
+    connection, and the broker handles a client's packets in order."""
+    watcher = mqtt_client()
+    watcher.subscribe(f"flowd/{node}/status")
+    wait_for(lambda: any(s.get("state") == "online" for s in watcher.json_on(f"flowd/{node}/status")), 30,
+             message=f"node {node} online")
+
+
 def overlapping_runs(executions: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """Pairs of executions of the same step whose times overlap (on any nodes)."""
     by_step: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
@@ -498,6 +508,7 @@ def test_a_node_back_while_its_session_is_drained_waits_and_no_submit_runs_twice
     for node in "ab":
         cluster.start(node)
     wait_ready(cluster, "a", "b")
+    wait_subscribed(mqtt_client, "b")  # else b's session may hold no subscription, and the submits go nowhere
     cluster.procs["b"].kill9()
     device = mqtt_client()
     count = 800
