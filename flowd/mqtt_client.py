@@ -409,6 +409,22 @@ class Client(mqtt.Client):
             return rc
         return MQTTErrorCode.MQTT_ERR_PROTOCOL
 
+    def _handle_on_message(self, message: mqtt.MQTTMessage) -> None:
+        """paho's: with no callback added for a topic filter (flowd adds none), only
+        ``on_message``, without paho's search of the empty filter tree per message."""
+        if self._on_message_filtered._root._children:
+            super()._handle_on_message(message)
+            return
+        on_message = self._on_message
+        if on_message:
+            with self._in_callback_mutex:
+                try:
+                    on_message(self, self._userdata, message)
+                except Exception as err:
+                    self._easy_log(mqtt.MQTT_LOG_ERR, "Caught exception in on_message: %s", err)
+                    if not self.suppress_exceptions:
+                        raise
+
     def publish(self, topic: str, payload: mqtt.PayloadType = None, qos: int = 0, retain: bool = False,
                 properties: Properties | None = None) -> mqtt.MQTTMessageInfo:
         """paho's, noting (under paho's lock) when the message may have been queued: the

@@ -142,6 +142,11 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+# One decoder for the process: json.loads with options builds a new one per call. It
+# keeps no state between calls, so threads share it.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys)
+
+
 def parse_json_payload(payload: bytes, max_payload: int, *, allow_surrogates: bool = False) -> Any:
     """Decode an MQTT payload as JSON safely; raises InputError with the reason.
 
@@ -157,8 +162,9 @@ def parse_json_payload(payload: bytes, max_payload: int, *, allow_surrogates: bo
     if is_nested_deeper(text, MAX_JSON_DEPTH):
         raise InputError(f"the JSON is nested more than {MAX_JSON_DEPTH} levels deep")
     try:
-        data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
-                          object_pairs_hook=_unique_keys)
+        if text.startswith("\ufeff"):  # as json.loads refuses it
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        data = _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         raise InputError(f"the payload is not valid JSON: {exc.msg} (line {exc.lineno} column {exc.colno})") from None
     except _DuplicateKey as exc:

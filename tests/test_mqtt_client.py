@@ -58,6 +58,7 @@ PAHO_SOURCES = {
     "Client._sock_recv": "c3b9043a46dd81b7",
     "Client._sock_send": "300d9f1031bd0dbd",
     "Client._send_publish": "4edd21dd50f58a28",
+    "Client._handle_on_message": "8ccc46fdb090aead",
     "Client._pack_remaining_length": "588b47e80722ce0c",
     "_packet._decode_mid_reason_prop": "c001ca9750a186ed",
     "_packet.decode_publish": "50c158487fa3d96e",
@@ -82,12 +83,13 @@ def test_the_paho_internals_relied_on_are_those_of_2_2_0() -> None:
                  "_in_message_mutex", "_in_callback_mutex", "_protocol", "_sockpairW", "_thread", "_manual_ack",
                  "_on_socket_register_write", "_inflight_messages", "_max_inflight_messages", "_msgtime_mutex",
                  "_last_bytes_received", "_on_log", "_logger", "_on_publish", "_userdata", "_callback_api_version",
-                 "_max_queued_messages", "suppress_exceptions"):
+                 "_max_queued_messages", "suppress_exceptions", "_on_message", "_on_message_filtered"):
         assert hasattr(client, name), name
     assert set(client._in_packet) == {"command", "have_remaining", "remaining_count", "remaining_mult",
                                       "remaining_length", "packet", "to_process", "pos"}
     assert isinstance(mqtt.MQTTMessage.__dict__["info"], types.MemberDescriptorType) and callable(client._packet_handle)
     assert mqtt.sockpair_data == b"0" and callable(mqtt.time_func) and mqtt.mqtt_ms_queued is not None
+    assert client._on_message_filtered._root._children == {}
     assert isinstance(_packet.DECODE_ERRORS, tuple) and _packet.PublishPacket._fields == (
         "dup", "qos", "retain", "topic", "mid", "properties", "payload")
     changed = {name: paho_source_digest(name) for name, digest in PAHO_SOURCES.items()
@@ -466,6 +468,36 @@ def test_messages_in_arrive_as_paho_gives_them(broker: Broker, protocol: MQTTPro
     assert {row[0] for row in received[Client]} == {"in/a", "in/b", "in/c", "in/d", "in/e"}
     with_properties = [row for row in received[Client] if row[0] == "in/e"]
     assert with_properties[0][5] == ({"ResponseTopic": "reply/7", "CorrelationData": "07"} if protocol == V5 else None)
+
+
+def test_callbacks_added_for_a_topic_filter_are_paho_s(broker: Broker) -> None:
+    # flowd adds none, so its client skips the search for them; once one is added, each
+    # message goes where paho sends it.
+    got: dict[type, list[tuple[str, str]]] = {Client: [], mqtt.Client: []}
+    clients = []
+    for cls in (Client, mqtt.Client):
+        client = cls(CallbackAPIVersion.VERSION2, protocol=V5)
+        client.on_message = lambda c, u, m, cls=cls: got[cls].append(("any", m.topic))
+        client.connect(broker.host, broker.port)
+        client.subscribe("cb/#", qos=1)
+        client.loop_start()
+        clients.append(client)
+    sender = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=V5)
+    sender.connect(broker.host, broker.port)
+    sender.loop_start()
+    time.sleep(0.3)
+    sender.publish("cb/before", b"1", qos=1).wait_for_publish(5)
+    wait_for(lambda: all(len(g) == 1 for g in got.values()), 5, message="the first message")
+    for client, cls in zip(clients, (Client, mqtt.Client), strict=True):
+        client.message_callback_add("cb/f/+", lambda c, u, m, cls=cls: got[cls].append(("filtered", m.topic)))
+    for topic in ("cb/f/x", "cb/other", "cb/f/y/z"):
+        sender.publish(topic, b"2", qos=1).wait_for_publish(5)
+    wait_for(lambda: all(len(g) == 4 for g in got.values()), 5, message="every message")
+    for client in (*clients, sender):
+        client.disconnect()
+        client.loop_stop()
+    assert got[Client] == got[mqtt.Client] == [("any", "cb/before"), ("filtered", "cb/f/x"), ("any", "cb/other"),
+                                                ("any", "cb/f/y/z")]
 
 
 def test_bursts_from_other_threads_go_out_at_once_and_in_order(broker: Broker) -> None:
