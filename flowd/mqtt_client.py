@@ -374,7 +374,7 @@ class Client(mqtt.Client):
 
     def _handle_publish(self) -> MQTTErrorCode:
         """paho's handler line for line, with the packet decoded by :func:`decode_publish`
-        into a :class:`LeanMessage`."""
+        into a :class:`LeanMessage`, and its log line made only while the log is on."""
         result = decode_publish(self._in_packet["command"], self._in_packet["packet"], self._protocol)
         message = LeanMessage(mid=result.mid, topic=result.topic)
         message.dup = result.dup
@@ -382,18 +382,8 @@ class Client(mqtt.Client):
         message.retain = result.retain
         message.properties = result.properties
         message.payload = result.payload
-        try:
-            print_topic = result.topic.decode("utf-8")
-        except UnicodeDecodeError:
-            print_topic = f"TOPIC WITH INVALID UTF-8: {result.topic!r}"
-        if self._protocol == MQTTProtocolVersion.MQTTv5:
-            self._easy_log(mqtt.MQTT_LOG_DEBUG,
-                           "Received PUBLISH (d%d, q%d, r%d, m%d), '%s', properties=%s, ...  (%d bytes)",
-                           message.dup, message.qos, message.retain, message.mid, print_topic, message.properties,
-                           len(message.payload))
-        else:
-            self._easy_log(mqtt.MQTT_LOG_DEBUG, "Received PUBLISH (d%d, q%d, r%d, m%d), '%s', ...  (%d bytes)",
-                           message.dup, message.qos, message.retain, message.mid, print_topic, len(message.payload))
+        if self._logger is not None or self._on_log is not None:
+            self._log_received(message)
         message.timestamp = mqtt.time_func()
         if message.qos == 0:
             self._handle_on_message(message)
@@ -424,6 +414,21 @@ class Client(mqtt.Client):
                     self._easy_log(mqtt.MQTT_LOG_ERR, "Caught exception in on_message: %s", err)
                     if not self.suppress_exceptions:
                         raise
+
+    def _log_received(self, message: LeanMessage) -> None:
+        """paho's log line for a PUBLISH received (only while its log is on: it decodes the topic)."""
+        try:
+            print_topic = message._topic.decode("utf-8")
+        except UnicodeDecodeError:
+            print_topic = f"TOPIC WITH INVALID UTF-8: {message._topic!r}"
+        if self._protocol == MQTTProtocolVersion.MQTTv5:
+            self._easy_log(mqtt.MQTT_LOG_DEBUG,
+                           "Received PUBLISH (d%d, q%d, r%d, m%d), '%s', properties=%s, ...  (%d bytes)",
+                           message.dup, message.qos, message.retain, message.mid, print_topic, message.properties,
+                           len(message.payload))
+        else:
+            self._easy_log(mqtt.MQTT_LOG_DEBUG, "Received PUBLISH (d%d, q%d, r%d, m%d), '%s', ...  (%d bytes)",
+                           message.dup, message.qos, message.retain, message.mid, print_topic, len(message.payload))
 
     def publish(self, topic: str, payload: mqtt.PayloadType = None, qos: int = 0, retain: bool = False,
                 properties: Properties | None = None) -> mqtt.MQTTMessageInfo:

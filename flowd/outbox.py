@@ -232,7 +232,7 @@ class OutboxPublisher:
                     busy = False
                 self._delete_acked(force=False)
                 self._check_cap()
-                if not busy:
+                if not busy and not self._idle.is_set():  # set() takes a lock and notifies: once is enough
                     self._idle.set()
             except Exception as exc:
                 busy = False

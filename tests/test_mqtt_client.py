@@ -436,6 +436,7 @@ def test_pubacks_resolve_like_paho_s(acl_broker: Broker, protocol: MQTTProtocolV
 @pytest.mark.parametrize("protocol", [V5, V311])
 def test_messages_in_arrive_as_paho_gives_them(broker: Broker, protocol: MQTTProtocolVersion) -> None:
     received: dict[type, list[tuple[Any, ...]]] = {Client: [], mqtt.Client: []}
+    logged: dict[type, list[str]] = {Client: [], mqtt.Client: []}
     clients = []
     for cls in (Client, mqtt.Client):
         client = cls(CallbackAPIVersion.VERSION2, protocol=protocol)
@@ -446,6 +447,8 @@ def test_messages_in_arrive_as_paho_gives_them(broker: Broker, protocol: MQTTPro
                                   properties.json() if properties is not None else None))
 
         client.on_message = on_message
+        client.on_log = lambda c, u, level, text, cls=cls: text.startswith("Received PUBLISH") and logged[cls].append(
+            text.split(", m")[0] + text.split(")", 1)[1])  # the mid differs between the two
         client.connect(broker.host, broker.port)
         client.subscribe("in/#", qos=2)
         client.loop_start()
@@ -465,6 +468,7 @@ def test_messages_in_arrive_as_paho_gives_them(broker: Broker, protocol: MQTTPro
         client.disconnect()
         client.loop_stop()
     assert sorted(received[Client], key=repr) == sorted(received[mqtt.Client], key=repr)
+    assert sorted(logged[Client]) == sorted(logged[mqtt.Client]) and len(logged[Client]) == len(sent)
     assert {row[0] for row in received[Client]} == {"in/a", "in/b", "in/c", "in/d", "in/e"}
     with_properties = [row for row in received[Client] if row[0] == "in/e"]
     assert with_properties[0][5] == ({"ResponseTopic": "reply/7", "CorrelationData": "07"} if protocol == V5 else None)
