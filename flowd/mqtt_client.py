@@ -63,6 +63,10 @@ class BufferedSocket:
         self._sock = sock
         self._data = b""
         self._position = 0
+        # Asked for at every turn of paho's loop: found here, not through __getattr__.
+        self.send = sock.send
+        self.fileno = sock.fileno
+        self._inner_pending = getattr(sock, "pending", None)  # an SSLSocket's
 
     def recv(self, size: int) -> bytes:
         if self._position >= len(self._data):
@@ -96,7 +100,7 @@ class BufferedSocket:
         return data[start], data[index:index + length]
 
     def pending(self) -> int:
-        inner = self._sock.pending() if hasattr(self._sock, "pending") else 0
+        inner = self._inner_pending() if self._inner_pending is not None else 0
         return len(self._data) - self._position + int(inner)
 
     def __getattr__(self, name: str) -> Any:

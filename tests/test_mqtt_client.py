@@ -223,6 +223,9 @@ def test_whole_packets_are_taken_from_the_buffer_and_the_rest_left_to_paho() -> 
         assert buffered.pending() == 4 and buffered.recv(4) == b"\x40\x03\x00\x08"  # the part stays for paho
         buffered._data, buffered._position = b"\x30\xff\xff\xff\xff\x01" + b"x" * 10, 0  # 5 length bytes
         assert buffered.take_packet() is None and buffered.pending() == 16  # paho refuses it (protocol error)
+        assert buffered.fileno() == right.fileno() and buffered.send(b"z") == 1 and left.recv(1) == b"z"
+        tls_like = types.SimpleNamespace(send=None, fileno=None, pending=lambda: 5)
+        assert BufferedSocket(tls_like).pending() == 5  # what an SSLSocket holds counts too
     finally:
         left.close()
         right.close()

@@ -319,7 +319,7 @@ def test_decode_statuses_refuses_what_it_cannot_read() -> None:
 def test_statuses_backed_up_keep_one_per_flow_until_they_can_go_again(tmp_path: Path) -> None:
     inbox = StatusInbox(tmp_path / "status.sock")  # not started: put() and take() only
     first = [Status(1, "RUNNING", "flow/1/status", str(n)) for n in range(3)]
-    inbox.put(first + [Status(2, "RUNNING", "flow/2/status", "a")])
+    inbox.put([*first, Status(2, "RUNNING", "flow/2/status", "a")])
     inbox.set_backed_up(True)
     later = [Status(1, "RUNNING", "flow/1/status", str(n)) for n in range(3, 5)]
     inbox.put(later)
