@@ -20,6 +20,7 @@ from flowd.topics import is_valid_publish_topic
 MAX_JSON_DEPTH = 32
 MAX_ID_LENGTH = 256
 SUBMIT_FIELDS = ("routine", "args", "kwargs", "request_id", "reply_to")
+_SUBMIT_FIELD_SET = frozenset(SUBMIT_FIELDS)
 _JSON_SPECIAL = re.compile(r'[\[\]{}"\\]')
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
@@ -228,7 +229,8 @@ def parse_submit(payload: bytes, max_payload: int) -> SubmitRequest:
         except InputError as exc:
             raise refuse(str(exc)) from None
 
-    unknown = sorted(str(key) for key in data if key not in SUBMIT_FIELDS)
+    unknown = [] if _SUBMIT_FIELD_SET.issuperset(data) else sorted(str(key) for key in data
+                                                                  if key not in SUBMIT_FIELDS)
     if unknown:
         raise refuse(f"unknown field {shown(unknown[0])} in the submit; the fields are {', '.join(SUBMIT_FIELDS)}")
     routine = data.get("routine")

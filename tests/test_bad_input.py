@@ -204,3 +204,19 @@ def test_the_shared_json_decoder_reads_and_refuses_as_json_loads(text: str) -> N
     except InputError as exc:
         got = ("refused", str(exc))
     assert got == expected
+
+
+@pytest.mark.parametrize("value", [[], {}, [[]], {"a": {}}, "", 0, None, False, (), "[]", [1, "é"]])
+def test_dumps_writes_what_json_dumps_writes(value: Any) -> None:
+    # Empty lists and objects skip the encoder; everything reads back the same.
+    from flowd.models import dumps
+
+    assert dumps(value) == json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def test_dumps_refuses_what_json_refuses() -> None:
+    from flowd.models import dumps
+
+    for value in (float("nan"), {1j}, object()):
+        with pytest.raises((ValueError, TypeError)):
+            dumps(value)
