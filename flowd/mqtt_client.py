@@ -403,6 +403,12 @@ class Client(mqtt.Client):
             return rc
         return MQTTErrorCode.MQTT_ERR_PROTOCOL
 
+    def ack(self, mid: int, qos: int) -> MQTTErrorCode:
+        """paho's; a QoS 1 PUBACK (every submit's) queued directly while paho's log is off."""
+        if qos == 1 and self._manual_ack and self._logger is None and self._on_log is None:
+            return self._packet_queue(mqtt.PUBACK, bytes((mqtt.PUBACK, 2, mid >> 8, mid & 0xFF)), mid, 1)
+        return super().ack(mid, qos)
+
     def _handle_on_message(self, message: mqtt.MQTTMessage) -> None:
         """paho's: with no callback added for a topic filter (flowd adds none), only
         ``on_message``, without paho's search of the empty filter tree per message."""

@@ -406,7 +406,8 @@ class StatusInbox:
             return flow_id in self._live and not self._has_retry(flow_id)
 
     def _has_retry(self, flow_id: int) -> bool:
-        return any(s.state == FlowState.INIT.value for s in self._pending.get(flow_id, ()))
+        waiting = self._pending.get(flow_id)  # usually none: no generator to make
+        return waiting is not None and any(s.state == FlowState.INIT.value for s in waiting)
 
     def take_before_result(self, flow_id: int, now: float | None = None) -> list[Status]:
         """The flow's result is being handed over: its pending statuses, to go just before

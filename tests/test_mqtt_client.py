@@ -59,6 +59,9 @@ PAHO_SOURCES = {
     "Client._sock_send": "300d9f1031bd0dbd",
     "Client._send_publish": "4edd21dd50f58a28",
     "Client._handle_on_message": "8ccc46fdb090aead",
+    "Client.ack": "92f83b7a84a46b21",
+    "Client._send_puback": "bb015cefb632f942",
+    "Client._send_command_with_mid": "1a771678b66dc9e4",
     "Client._pack_remaining_length": "588b47e80722ce0c",
     "_packet._decode_mid_reason_prop": "c001ca9750a186ed",
     "_packet.decode_publish": "50c158487fa3d96e",
@@ -317,6 +320,24 @@ def test_send_queues_what_publish_queues(protocol: MQTTProtocolVersion) -> None:
     results, packets, messages, inflight = outcomes[Client]
     assert "ValueError" in results and inflight == 7 and len(packets) == 9
     assert len(messages) == (12 if protocol == V5 else 10)  # an empty topic is refused in 3.1.1 only
+
+
+@pytest.mark.parametrize("manual", [True, False])
+@pytest.mark.parametrize("with_log", [False, True])
+def test_acks_queue_paho_s_packets(manual: bool, with_log: bool) -> None:
+    made = {}
+    for cls in (Client, mqtt.Client):
+        queued = Queued(cls, V5)
+        queued.client._manual_ack = manual
+        if with_log:
+            queued.client.on_log = lambda *args: None
+        try:
+            rcs = [queued.client.ack(mid, qos) for mid in (1, 255, 256, 0x1234, 65535) for qos in (0, 1, 2)]
+            made[cls] = (rcs, queued.packets())
+        finally:
+            queued.close()
+    assert made[Client] == made[mqtt.Client]
+    assert len(made[Client][1]) == (10 if manual else 0)
 
 
 @pytest.mark.parametrize("protocol", [V5, V311])
