@@ -261,7 +261,7 @@ class OutboxPublisher:
             except OSError:
                 pass
         if self._wake.sock in readable:
-            self._wake.wait(0)
+            self._wake.drain()  # select said so: no second select to ask again
 
     def _send_rows(self) -> bool:
         """Hand waiting statuses, then rows in id order, to the client; True when more
