@@ -333,7 +333,7 @@ class Engine:
         if admit_now:  # admitted as it is stored: one statement, not two
             values.update(admitted=True, dispatch_token=1)
             effects.slots.admitted(info.name)
-        values["id"] = store.insert_flow({k: v for k, v in values.items() if v is not None or k == "request_id"})
+        values["id"] = store.insert_flow(values)  # every column: a NULL bound is a NULL left out
         flow = Row(values)
         if flow.reply_to:
             self._publish(flow.reply_to, flow_status_payload(flow), effects, now, flow.correlation_data)

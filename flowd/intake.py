@@ -69,6 +69,7 @@ class Intake:
         self._queue: collections.deque[Received] = collections.deque()
         self._ready = threading.Condition()
         self._stopping = False
+        self._waiting = False  # the thread waits (or is about to) for a message: put() must notify
         self._thread: threading.Thread | None = None
         self.batches = 0   # batches taken (each: its submit runs share a transaction, then one sync)
         self.messages = 0
@@ -79,9 +80,12 @@ class Intake:
         self._thread.start()
 
     def put(self, message: Received) -> None:
-        with self._ready:
-            self._queue.append(message)
-            self._ready.notify()
+        """Queue a message; the lock and the wake-up only when the thread waits for one
+        (under load it is busy with the last batch: a submit costs a deque append)."""
+        self._queue.append(message)
+        if self._waiting:  # read after the append: see _take
+            with self._ready:
+                self._ready.notify()
 
     def pending(self) -> int:
         return len(self._queue)
@@ -95,8 +99,13 @@ class Intake:
 
     def _take(self) -> list[Received] | None:
         with self._ready:
+            # The flag goes up before the queue is looked at, and put() appends before it
+            # reads the flag: either this sees the message or put() sees the flag and
+            # waits for the lock, which wait() releases, to notify.
+            self._waiting = True
             while not self._queue and not self._stopping:
                 self._ready.wait()
+            self._waiting = False
             if self._stopping:
                 return None
             batch: list[Received] = []

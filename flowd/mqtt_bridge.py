@@ -544,12 +544,12 @@ class MqttBridge:
         if correlation_data and self.is_v5:
             properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             properties.CorrelationData = correlation_data
-        info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
-        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+        rc, mid = self.client.send(topic, payload, qos, retain, properties)
+        if rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
             return None
-        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos == 0:
+        if rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos == 0:
             return None  # paho dropped it; send again once connected
-        return int(info.mid)
+        return mid
 
 
 class _SessionHandler:

@@ -6,10 +6,13 @@ main process. :class:`Client` keeps paho's behaviour and cuts what it costs:
 
 * reads are served from one buffer (:class:`BufferedSocket`), not three ``recv`` per packet,
   and a packet wholly in it is taken in one step, not a byte at a time;
-* a message received gets no ``MQTTMessageInfo`` (a ``Condition`` for publishing it)
-  unless something asks for one (:class:`ReceivedMessage`);
+* a message received, or sent with :meth:`Client.send`, gets no ``MQTTMessageInfo`` (a
+  ``Condition`` to wait for its publishing) unless something asks for one (:class:`LeanMessage`);
+* :meth:`Client.send` publishes at QoS 1 or 2 returning only (rc, mid), and a PUBLISH
+  packet is built in one join, not by paho's helpers a field at a time;
 * a PUBACK is decoded in a few lines, not by paho's generic decoder, which builds a
-  ``ReasonCode`` and a ``Properties`` object (two dozen dict entries each) per packet;
+  ``ReasonCode`` and a ``Properties`` object (two dozen dict entries each) per packet,
+  and handled straight from the read buffer;
 * a PUBLISH without properties (a submit from most clients) skips paho's parse of them;
 * the packets waiting to go out are written with one ``send``, not one each;
 * a burst of publishes wakes the network thread once, not once per publish;
@@ -26,11 +29,11 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 import paho.mqtt.client as mqtt
 from paho.mqtt import _packet
-from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -60,6 +63,10 @@ class BufferedSocket:
         self._sock = sock
         self._data = b""
         self._position = 0
+        # Asked for at every turn of paho's loop: found here, not through __getattr__.
+        self.send = sock.send
+        self.fileno = sock.fileno
+        self._inner_pending = getattr(sock, "pending", None)  # an SSLSocket's
 
     def recv(self, size: int) -> bytes:
         if self._position >= len(self._data):
@@ -93,7 +100,7 @@ class BufferedSocket:
         return data[start], data[index:index + length]
 
     def pending(self) -> int:
-        inner = self._sock.pending() if hasattr(self._sock, "pending") else 0
+        inner = self._inner_pending() if self._inner_pending is not None else 0
         return len(self._data) - self._position + int(inner)
 
     def __getattr__(self, name: str) -> Any:
@@ -180,10 +187,17 @@ def decode_publish(header: int, packet: bytes | bytearray, protocol: int) -> _pa
 _INFO: Any = mqtt.MQTTMessage.__dict__["info"]  # the slot paho's MQTTMessage keeps its info in
 
 
-class ReceivedMessage(mqtt.MQTTMessage):
-    """A message from the broker: paho's ``MQTTMessage`` without the ``MQTTMessageInfo``
-    its ``__init__`` makes (a ``threading.Condition``, to wait for a publish to go out),
-    which neither paho nor flowd reads for a message received; one is made if asked for."""
+def made_info(message: mqtt.MQTTMessage) -> mqtt.MQTTMessageInfo | None:
+    """The message's info if it has one already (a :class:`LeanMessage` may not)."""
+    info: mqtt.MQTTMessageInfo | None = _INFO.__get__(message, mqtt.MQTTMessage)
+    return info
+
+
+class LeanMessage(mqtt.MQTTMessage):
+    """paho's ``MQTTMessage`` without the ``MQTTMessageInfo`` its ``__init__`` makes (a
+    ``threading.Condition``, to wait for a publish to go out): nobody reads it for a
+    message received, nor for one flowd sends with :meth:`Client.send`, which returns
+    the mid only. One is made if asked for (a reconnect re-sending the message does)."""
 
     __slots__ = ()
 
@@ -196,13 +210,13 @@ class ReceivedMessage(mqtt.MQTTMessage):
         self.payload = b""
         self.qos = 0
         self.retain = False
+        _INFO.__set__(self, None)
         self.properties = None
 
     @property
     def info(self) -> mqtt.MQTTMessageInfo:
-        try:
-            info: mqtt.MQTTMessageInfo = _INFO.__get__(self, ReceivedMessage)
-        except AttributeError:
+        info = made_info(self)
+        if info is None:
             info = mqtt.MQTTMessageInfo(self.mid)
             _INFO.__set__(self, info)
         return info
@@ -210,6 +224,21 @@ class ReceivedMessage(mqtt.MQTTMessage):
     @info.setter
     def info(self, value: mqtt.MQTTMessageInfo) -> None:
         _INFO.__set__(self, value)
+
+
+def remaining_length(length: int) -> bytes:
+    """MQTT's variable-length encoding of a packet's remaining length (paho's
+    ``_pack_remaining_length``); ValueError past the largest."""
+    if length > 268_435_455:
+        raise ValueError("Packet too large")
+    if length < 128:
+        return bytes((length,))
+    encoded = bytearray()
+    while True:
+        byte, length = length % 128, length // 128
+        encoded.append(byte | 0x80 if length else byte)
+        if not length:
+            return bytes(encoded)
 
 
 class _PlainSocket(Protocol):
@@ -283,17 +312,22 @@ class Client(mqtt.Client):
         if whole is None:
             return super()._packet_read()
         command, packet = whole
-        in_packet = self._in_packet
-        in_packet["command"], in_packet["have_remaining"] = command, 1
-        in_packet["remaining_length"], in_packet["packet"], in_packet["to_process"] = len(packet), bytearray(packet), 0
-        in_packet["pos"] = 0
         try:  # from here on, paho's lines
-            rc = self._packet_handle()
+            if command & 0xF0 == mqtt.PUBACK:  # the usual packet: no _in_packet to fill and reset
+                rc = self._handle_puback(packet)
+            else:
+                in_packet = self._in_packet
+                in_packet["command"], in_packet["have_remaining"] = command, 1
+                in_packet["remaining_length"], in_packet["packet"] = len(packet), bytearray(packet)
+                in_packet["to_process"], in_packet["pos"] = 0, 0
+                try:
+                    rc = self._packet_handle()
+                finally:
+                    self._in_packet = {"command": 0, "have_remaining": 0, "remaining_count": [], "remaining_mult": 1,
+                                       "remaining_length": 0, "packet": bytearray(b""), "to_process": 0, "pos": 0}
         except MalformedPacket as exc:
             self._easy_log(mqtt.MQTT_LOG_DEBUG, "Received malformed packet: %s", exc)
             rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
-        self._in_packet = {"command": 0, "have_remaining": 0, "remaining_count": [], "remaining_mult": 1,
-                           "remaining_length": 0, "packet": bytearray(b""), "to_process": 0, "pos": 0}
         with self._msgtime_mutex:
             self._last_bytes_received = mqtt.time_func()
         return rc
@@ -304,35 +338,56 @@ class Client(mqtt.Client):
         the in-flight window) is paho's own."""
         if cmd != "PUBACK":
             return super()._handle_pubackcomp(cmd)
-        mid, reason, properties = decode_puback(self._in_packet["packet"], self._protocol)
-        self._easy_log(mqtt.MQTT_LOG_DEBUG, "Received %s (Mid: %d)", cmd, mid)
+        return self._handle_puback(self._in_packet["packet"])
+
+    def _handle_puback(self, packet: bytes | bytearray) -> MQTTErrorCode:
+        """A PUBACK's variable header ``packet``, handled as paho's ``_handle_pubackcomp``."""
+        mid, reason, properties = decode_puback(packet, self._protocol)
+        if self._logger is not None or self._on_log is not None:
+            self._easy_log(mqtt.MQTT_LOG_DEBUG, "Received %s (Mid: %d)", "PUBACK", mid)
         with self._out_message_mutex:
             if mid in self._out_messages:  # only the first PUBACK of a message counts
                 return self._do_on_publish(mid, reason, properties)
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
+    def _do_on_publish(self, mid: int, reason_code: ReasonCode, properties: Properties) -> MQTTErrorCode:
+        """paho's, but a message sent by :meth:`send` has no info to mark published (none
+        was made: nobody waits on it)."""
+        if self._callback_api_version != CallbackAPIVersion.VERSION2:
+            return super()._do_on_publish(mid, reason_code, properties)
+        on_publish = cast("mqtt.CallbackOnPublish_v2 | None", self._on_publish)  # paho's lock orders nothing here
+        if on_publish:
+            with self._in_callback_mutex:
+                try:
+                    on_publish(self, self._userdata, mid, reason_code, properties)
+                except Exception as err:
+                    self._easy_log(mqtt.MQTT_LOG_ERR, "Caught exception in on_publish: %s", err)
+                    if not self.suppress_exceptions:
+                        raise
+        message = self._out_messages.pop(mid)
+        info = made_info(message)
+        if info is not None:
+            info._set_as_published()
+        if message.qos > 0:
+            self._inflight_messages -= 1
+            if self._max_inflight_messages > 0:
+                rc = self._update_inflight()
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    return rc
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
     def _handle_publish(self) -> MQTTErrorCode:
         """paho's handler line for line, with the packet decoded by :func:`decode_publish`
-        into a :class:`ReceivedMessage`."""
+        into a :class:`LeanMessage`, and its log line made only while the log is on."""
         result = decode_publish(self._in_packet["command"], self._in_packet["packet"], self._protocol)
-        message = ReceivedMessage(mid=result.mid, topic=result.topic)
+        message = LeanMessage(mid=result.mid, topic=result.topic)
         message.dup = result.dup
         message.qos = result.qos
         message.retain = result.retain
         message.properties = result.properties
         message.payload = result.payload
-        try:
-            print_topic = result.topic.decode("utf-8")
-        except UnicodeDecodeError:
-            print_topic = f"TOPIC WITH INVALID UTF-8: {result.topic!r}"
-        if self._protocol == MQTTProtocolVersion.MQTTv5:
-            self._easy_log(mqtt.MQTT_LOG_DEBUG,
-                           "Received PUBLISH (d%d, q%d, r%d, m%d), '%s', properties=%s, ...  (%d bytes)",
-                           message.dup, message.qos, message.retain, message.mid, print_topic, message.properties,
-                           len(message.payload))
-        else:
-            self._easy_log(mqtt.MQTT_LOG_DEBUG, "Received PUBLISH (d%d, q%d, r%d, m%d), '%s', ...  (%d bytes)",
-                           message.dup, message.qos, message.retain, message.mid, print_topic, len(message.payload))
+        if self._logger is not None or self._on_log is not None:
+            self._log_received(message)
         message.timestamp = mqtt.time_func()
         if message.qos == 0:
             self._handle_on_message(message)
@@ -348,6 +403,43 @@ class Client(mqtt.Client):
             return rc
         return MQTTErrorCode.MQTT_ERR_PROTOCOL
 
+    def ack(self, mid: int, qos: int) -> MQTTErrorCode:
+        """paho's; a QoS 1 PUBACK (every submit's) queued directly while paho's log is off."""
+        if qos == 1 and self._manual_ack and self._logger is None and self._on_log is None:
+            return self._packet_queue(mqtt.PUBACK, bytes((mqtt.PUBACK, 2, mid >> 8, mid & 0xFF)), mid, 1)
+        return super().ack(mid, qos)
+
+    def _handle_on_message(self, message: mqtt.MQTTMessage) -> None:
+        """paho's: with no callback added for a topic filter (flowd adds none), only
+        ``on_message``, without paho's search of the empty filter tree per message."""
+        if self._on_message_filtered._root._children:
+            super()._handle_on_message(message)
+            return
+        on_message = self._on_message
+        if on_message:
+            with self._in_callback_mutex:
+                try:
+                    on_message(self, self._userdata, message)
+                except Exception as err:
+                    self._easy_log(mqtt.MQTT_LOG_ERR, "Caught exception in on_message: %s", err)
+                    if not self.suppress_exceptions:
+                        raise
+
+    def _log_received(self, message: LeanMessage) -> None:
+        """paho's log line for a PUBLISH received (only while its log is on: it decodes the topic)."""
+        try:
+            print_topic = message._topic.decode("utf-8")
+        except UnicodeDecodeError:
+            print_topic = f"TOPIC WITH INVALID UTF-8: {message._topic!r}"
+        if self._protocol == MQTTProtocolVersion.MQTTv5:
+            self._easy_log(mqtt.MQTT_LOG_DEBUG,
+                           "Received PUBLISH (d%d, q%d, r%d, m%d), '%s', properties=%s, ...  (%d bytes)",
+                           message.dup, message.qos, message.retain, message.mid, print_topic, message.properties,
+                           len(message.payload))
+        else:
+            self._easy_log(mqtt.MQTT_LOG_DEBUG, "Received PUBLISH (d%d, q%d, r%d, m%d), '%s', ...  (%d bytes)",
+                           message.dup, message.qos, message.retain, message.mid, print_topic, len(message.payload))
+
     def publish(self, topic: str, payload: mqtt.PayloadType = None, qos: int = 0, retain: bool = False,
                 properties: Properties | None = None) -> mqtt.MQTTMessageInfo:
         """paho's, noting (under paho's lock) when the message may have been queued: the
@@ -359,6 +451,73 @@ class Client(mqtt.Client):
             if self._inflight_messages >= self._max_inflight_messages > 0:
                 self._may_hold_queued = True
         return info
+
+    def send(self, topic: str, payload: bytes, qos: int, retain: bool = False,
+             properties: Properties | None = None) -> tuple[MQTTErrorCode, int]:
+        """``publish()`` returning (rc, mid) instead of an ``MQTTMessageInfo``: at QoS 1
+        and 2 the message is a :class:`LeanMessage` (no ``Condition`` made for it);
+        paho's ``publish`` otherwise. The same checks and ValueErrors as paho's."""
+        if qos not in (1, 2) or not isinstance(payload, bytes):
+            info = self.publish(topic, payload, qos, retain, properties)
+            return info.rc, info.mid
+        if self._protocol != mqtt.MQTTv5 and not topic:
+            raise ValueError("Invalid topic.")
+        topic_bytes = topic.encode("utf-8")
+        if b"+" in topic_bytes or b"#" in topic_bytes:
+            raise ValueError("Publish topic cannot contain wildcards.")
+        if len(topic_bytes) > 65535:
+            raise ValueError("Publish topic is too long.")
+        if len(payload) > 268435455:
+            raise ValueError("Payload too large.")
+        mid = self._mid_generate()
+        message = LeanMessage(mid, topic_bytes)
+        message.timestamp = mqtt.time_func()
+        message.payload = payload
+        message.qos = qos
+        message.retain = retain
+        message.properties = properties
+        with self._out_message_mutex:  # from here on, paho's publish()
+            if self._max_queued_messages > 0 and len(self._out_messages) >= self._max_queued_messages:
+                return MQTTErrorCode.MQTT_ERR_QUEUE_SIZE, mid
+            if mid in self._out_messages:
+                return MQTTErrorCode.MQTT_ERR_QUEUE_SIZE, mid
+            self._out_messages[mid] = message
+            if self._max_inflight_messages == 0 or self._inflight_messages < self._max_inflight_messages:
+                self._inflight_messages += 1
+                message.state = mqtt.mqtt_ms_wait_for_puback if qos == 1 else mqtt.mqtt_ms_wait_for_pubrec
+                rc = self._send_publish(mid, topic_bytes, payload, qos, retain, False, None, properties)
+                if rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+                    self._inflight_messages -= 1
+                    message.state = mqtt.mqtt_ms_publish
+                if self._inflight_messages >= self._max_inflight_messages > 0:
+                    self._may_hold_queued = True
+                return rc, mid
+            message.state = mqtt.mqtt_ms_queued
+            self._may_hold_queued = True
+            return MQTTErrorCode.MQTT_ERR_SUCCESS, mid
+
+    def _send_publish(self, mid: int, topic: bytes, payload: bytes | bytearray = b"", qos: int = 0,
+                      retain: bool = False, dup: bool = False, info: mqtt.MQTTMessageInfo | None = None,
+                      properties: Properties | None = None) -> MQTTErrorCode:
+        """paho's, the packet made in one join of its parts (the same bytes); paho's own
+        while its log is on (it logs each packet)."""
+        if self._logger is not None or self._on_log is not None:
+            return super()._send_publish(mid, topic, payload, qos, retain, dup, info, properties)
+        if not isinstance(topic, bytes):
+            raise TypeError("topic must be bytes, not str")
+        if payload and not isinstance(payload, (bytes, bytearray)):
+            raise TypeError("payload must be bytes if set")
+        if self._sock is None:
+            return MQTTErrorCode.MQTT_ERR_NO_CONN
+        packet_id = mid.to_bytes(2, "big") if qos > 0 else b""
+        packed_properties = b""
+        if self._protocol == mqtt.MQTTv5:
+            packed_properties = b"\x00" if properties is None else properties.pack()  # type: ignore[no-untyped-call]
+        length = 2 + len(topic) + len(packet_id) + len(packed_properties) + len(payload)
+        command = mqtt.PUBLISH | ((dup & 0x1) << 3) | (qos << 1) | retain
+        packet = b"".join((bytes((command,)), remaining_length(length), len(topic).to_bytes(2, "big"), topic,
+                           packet_id, packed_properties, payload))
+        return self._packet_queue(mqtt.PUBLISH, packet, mid, qos, info)
 
     def _messages_reconnect_reset_out(self) -> None:
         super()._messages_reconnect_reset_out()

@@ -232,7 +232,7 @@ class OutboxPublisher:
                     busy = False
                 self._delete_acked(force=False)
                 self._check_cap()
-                if not busy:
+                if not busy and not self._idle.is_set():  # set() takes a lock and notifies: once is enough
                     self._idle.set()
             except Exception as exc:
                 busy = False
@@ -261,7 +261,7 @@ class OutboxPublisher:
             except OSError:
                 pass
         if self._wake.sock in readable:
-            self._wake.wait(0)
+            self._wake.drain()  # select said so: no second select to ask again
 
     def _send_rows(self) -> bool:
         """Hand waiting statuses, then rows in id order, to the client; True when more

@@ -20,6 +20,7 @@ from flowd.topics import is_valid_publish_topic
 MAX_JSON_DEPTH = 32
 MAX_ID_LENGTH = 256
 SUBMIT_FIELDS = ("routine", "args", "kwargs", "request_id", "reply_to")
+_SUBMIT_FIELD_SET = frozenset(SUBMIT_FIELDS)
 _JSON_SPECIAL = re.compile(r'[\[\]{}"\\]')
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
@@ -142,6 +143,11 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+# One decoder for the process: json.loads with options builds a new one per call. It
+# keeps no state between calls, so threads share it.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys)
+
+
 def parse_json_payload(payload: bytes, max_payload: int, *, allow_surrogates: bool = False) -> Any:
     """Decode an MQTT payload as JSON safely; raises InputError with the reason.
 
@@ -157,8 +163,9 @@ def parse_json_payload(payload: bytes, max_payload: int, *, allow_surrogates: bo
     if is_nested_deeper(text, MAX_JSON_DEPTH):
         raise InputError(f"the JSON is nested more than {MAX_JSON_DEPTH} levels deep")
     try:
-        data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
-                          object_pairs_hook=_unique_keys)
+        if text.startswith("\ufeff"):  # as json.loads refuses it
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        data = _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         raise InputError(f"the payload is not valid JSON: {exc.msg} (line {exc.lineno} column {exc.colno})") from None
     except _DuplicateKey as exc:
@@ -222,7 +229,8 @@ def parse_submit(payload: bytes, max_payload: int) -> SubmitRequest:
         except InputError as exc:
             raise refuse(str(exc)) from None
 
-    unknown = sorted(str(key) for key in data if key not in SUBMIT_FIELDS)
+    unknown = [] if _SUBMIT_FIELD_SET.issuperset(data) else sorted(str(key) for key in data
+                                                                  if key not in SUBMIT_FIELDS)
     if unknown:
         raise refuse(f"unknown field {shown(unknown[0])} in the submit; the fields are {', '.join(SUBMIT_FIELDS)}")
     routine = data.get("routine")

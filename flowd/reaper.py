@@ -80,10 +80,13 @@ class Reaper:
     def stop_overdue_steps(self, now: dt.datetime) -> int:
         """Kill workers stuck past their step's timeout; fail attempts of dead workers."""
         touched = 0
+        alive: dict[int, bool] = {}  # per worker, not per attempt: a few workers hold every running step
         for attempt in store.running_attempts(self.engine.node_id):
             pid = attempt.worker_pid or 0
             limit = self._time_limit(attempt)
-            if not is_process_alive(pid):
+            if pid not in alive:
+                alive[pid] = is_process_alive(pid)
+            if not alive[pid]:
                 touched += self.engine.fail_attempt(attempt.flow_id, attempt.id,
                                                     f"interrupted: worker process {pid} died", None,
                                                     interrupted=True, now=now)

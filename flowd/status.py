@@ -113,12 +113,15 @@ def encode_statuses(statuses: Iterable[Status]) -> list[bytes]:
 
 
 def decode_statuses(message: bytes) -> list[Status]:
-    """The statuses of one socket message; ValueError for a malformed one."""
-    fields = message.split(_SEP)
+    """The statuses of one socket message; ValueError (UnicodeDecodeError is one) for a
+    malformed one. Decoded whole, then split: a NUL byte is never part of another
+    character's UTF-8, so that is each field decoded on its own, in one call."""
+    fields = message.decode("utf-8").split("\x00")
     if len(fields) % 4:
         raise ValueError(f"a status message has {len(fields)} fields, not a multiple of 4")
-    return [Status(int(fields[i]), fields[i + 1].decode(), fields[i + 2].decode("utf-8"),
-                   fields[i + 3].decode("utf-8")) for i in range(0, len(fields), 4)]
+    each = iter(fields)  # four at a time (their count is a multiple of 4)
+    return [Status(int(flow_id), state, topic, payload)
+            for flow_id, state, topic, payload in zip(each, each, each, each, strict=True)]
 
 
 # ---------------------------------------------------------------------- any process: sending
@@ -330,8 +333,8 @@ class StatusInbox:
         """The publisher cannot send statuses now (broker away, or its window is full):
         from now until it can, each flow keeps only its latest pending status."""
         with self._lock:
-            self._backed_up = backed_up
-            if backed_up:
+            was_backed_up, self._backed_up = self._backed_up, backed_up
+            if backed_up and not was_backed_up:  # while backed up, put() and restore() keep one per flow
                 for waiting in self._pending.values():
                     if len(waiting) > 1:
                         self.dropped += len(waiting) - 1
@@ -403,7 +406,8 @@ class StatusInbox:
             return flow_id in self._live and not self._has_retry(flow_id)
 
     def _has_retry(self, flow_id: int) -> bool:
-        return any(s.state == FlowState.INIT.value for s in self._pending.get(flow_id, ()))
+        waiting = self._pending.get(flow_id)  # usually none: no generator to make
+        return waiting is not None and any(s.state == FlowState.INIT.value for s in waiting)
 
     def take_before_result(self, flow_id: int, now: float | None = None) -> list[Status]:
         """The flow's result is being handed over: its pending statuses, to go just before

@@ -68,6 +68,10 @@ class WakeSocket:
             return False
         if self.sock.fileno() not in readable:
             return False
+        return self.drain()
+
+    def drain(self) -> bool:
+        """Read every pending datagram without waiting; True if there was one."""
         woken = False
         while True:
             try:

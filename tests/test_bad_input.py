@@ -190,3 +190,33 @@ def test_depth_check_ignores_brackets_inside_strings() -> None:
 def test_a_million_deep_payload_is_refused_without_recursion() -> None:
     with pytest.raises(InputError, match="levels deep"):
         parse_json_payload(b"{\"a\":" * 1_000_000, 10_000_000)
+
+
+@pytest.mark.parametrize("text", ['\ufeff{"routine": "r"}', '{"a": 1}', "[1, 2.5]", "", "{", '{"a": 1} x', '"\\u00e9"'])
+def test_the_shared_json_decoder_reads_and_refuses_as_json_loads(text: str) -> None:
+    # One decoder serves every payload: what json.loads accepts or refuses (a BOM too), it does.
+    try:
+        expected: Any = ("value", json.loads(text))
+    except json.JSONDecodeError as exc:
+        expected = ("refused", f"the payload is not valid JSON: {exc.msg} (line {exc.lineno} column {exc.colno})")
+    try:
+        got: Any = ("value", parse_json_payload(text.encode(), 1000))
+    except InputError as exc:
+        got = ("refused", str(exc))
+    assert got == expected
+
+
+@pytest.mark.parametrize("value", [[], {}, [[]], {"a": {}}, "", 0, None, False, (), "[]", [1, "é"]])
+def test_dumps_writes_what_json_dumps_writes(value: Any) -> None:
+    # Empty lists and objects skip the encoder; everything reads back the same.
+    from flowd.models import dumps
+
+    assert dumps(value) == json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def test_dumps_refuses_what_json_refuses() -> None:
+    from flowd.models import dumps
+
+    for value in (float("nan"), {1j}, object()):
+        with pytest.raises((ValueError, TypeError)):
+            dumps(value)

@@ -206,3 +206,20 @@ def test_a_round_loads_a_reference_once_and_the_next_round_sees_the_changed_file
     loader.end_rounds()
     script.write_text("from flowd.task import Task\n\nclass A(Task):\n    n = 333\n")
     assert loader.load("roundy.A").n == 333  # type: ignore[attr-defined]
+
+
+def test_a_submitted_flow_is_stored_as_the_row_it_returns(db: Any) -> None:
+    # Every column goes in the INSERT, the unset ones as NULL: reading the row back
+    # gives the flow the submit returned, column for column.
+    from flowd import store
+
+    three_steps(db.config.flowd.task_paths)
+    engine = Engine(db.config, enqueue=lambda *a: None, enqueue_many=lambda pairs: None)
+    outcomes = engine.submit_many([Submission("three"), Submission("three", [1], {"n": {}}, "req-1", "reply/x", "0a")])
+    for outcome in outcomes:
+        flow, created = outcome  # type: ignore[misc]
+        stored = store.get_flow(flow.id)
+        assert created and stored is not None and vars(stored) == vars(flow)
+    first = store.get_flow(outcomes[0][0].id)  # type: ignore[index]
+    assert first is not None and first.request_id is None and first.reply_to is None and first.args == []
+    assert first.kwargs == {} and first.result is None and first.node_id is None and first.parent_id is None

@@ -445,3 +445,30 @@ def test_prune_deletes_old_ended_flows_only(paths: tuple[str, ...], db: Any) -> 
     assert Flow.get_or_none(Flow.id == old.id) is None
     assert TaskResult.select().where(TaskResult.flow == old.id).count() == 0
     assert api.get_flow(running.id).state == "INIT"
+
+
+def test_the_reaper_asks_once_per_worker_whether_it_lives(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A few workers hold every running step: one liveness check each per pass, and the
+    # steps of the dead one are all failed as interrupted.
+    from flowd import reaper as reaper_module
+    from flowd.store import Row
+
+    now = dt.datetime(2026, 1, 1)
+    attempts = [Row({"id": n, "flow_id": n, "position": 0, "task": "t", "worker_pid": 100 + n % 2, "started_at": now,
+                     "routine": "r", "deadline": None, "timeout": None}) for n in range(10)]
+    asked: list[int] = []
+    failed: list[int] = []
+    monkeypatch.setattr(reaper_module.store, "running_attempts", lambda node_id: attempts)
+    monkeypatch.setattr(reaper_module, "is_process_alive", lambda pid: asked.append(pid) or pid == 100)
+
+    class FakeEngine:
+        node_id = None
+
+        def fail_attempt(self, flow_id: int, attempt_id: int, *args: Any, **kwargs: Any) -> int:
+            failed.append(flow_id)
+            return 1
+
+    reaper = reaper_module.Reaper.__new__(reaper_module.Reaper)
+    reaper.engine = FakeEngine()  # type: ignore[assignment]
+    assert reaper.stop_overdue_steps(now) == 5
+    assert sorted(asked) == [100, 101] and failed == [1, 3, 5, 7, 9]

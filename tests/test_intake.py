@@ -69,3 +69,52 @@ def test_submits_that_arrive_together_share_a_commit_and_are_acknowledged_only_a
         sender.disconnect()
         bridge.stop_intake()
         bridge.stop(drain=2)
+
+
+class _Events:
+    """A handler taking only events, recording them (no database)."""
+
+    def __init__(self) -> None:
+        self.seen: list[bytes] = []
+
+    def is_submit(self, topic: str) -> bool:
+        return False
+
+    def handle_submits(self, messages: list[Any]) -> None:
+        raise AssertionError("no submits here")
+
+    def handle_event(self, topic: str, payload: bytes, retained: bool = False) -> None:
+        self.seen.append(payload)
+
+
+def test_a_message_put_while_the_intake_waits_or_works_is_never_left_waiting() -> None:
+    # put() notifies only while the thread waits; a message put at any moment of its
+    # loop (waiting, about to wait, busy) is still handled at once, not at the next one.
+    import random
+    import threading
+
+    from flowd.intake import Intake, Received
+
+    handler = _Events()
+    intake = Intake(handler, ack=lambda message: None)
+    intake.start()
+    try:
+        sent = 0
+        for round_ in range(300):  # lone messages, each with the thread at a random point
+            time.sleep(random.random() * 0.0005)
+            intake.put(Received("t", str(sent).encode(), None, 0, 0, False, 0))
+            sent += 1
+            wait_for(lambda: len(handler.seen) == sent, 2, message=f"message {round_}")  # noqa: B023
+
+        def burst() -> None:
+            for index in range(5000):
+                intake.put(Received("t", b"b%d" % index, None, 0, 0, False, 0))
+
+        producers = [threading.Thread(target=burst) for _ in range(2)]
+        for producer in producers:
+            producer.start()
+        for producer in producers:
+            producer.join()
+        wait_for(lambda: len(handler.seen) == sent + 10000, 5, message="every message of the bursts")
+    finally:
+        intake.stop()

@@ -25,12 +25,20 @@ import paho.mqtt.client as mqtt
 import pytest
 from conftest import Broker, free_port, wait_for
 from paho.mqtt import _packet
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from flowd.mqtt_client import BufferedSocket, Client, ReceivedMessage, decode_puback, decode_publish
+from flowd.mqtt_client import (
+    BufferedSocket,
+    Client,
+    LeanMessage,
+    decode_puback,
+    decode_publish,
+    made_info,
+    remaining_length,
+)
 
 V5, V311 = MQTTProtocolVersion.MQTTv5, MQTTProtocolVersion.MQTTv311
 
@@ -49,6 +57,12 @@ PAHO_SOURCES = {
     "Client._get_proxy": "725ac4a27856ecd9",
     "Client._sock_recv": "c3b9043a46dd81b7",
     "Client._sock_send": "300d9f1031bd0dbd",
+    "Client._send_publish": "4edd21dd50f58a28",
+    "Client._handle_on_message": "8ccc46fdb090aead",
+    "Client.ack": "92f83b7a84a46b21",
+    "Client._send_puback": "bb015cefb632f942",
+    "Client._send_command_with_mid": "1a771678b66dc9e4",
+    "Client._pack_remaining_length": "588b47e80722ce0c",
     "_packet._decode_mid_reason_prop": "c001ca9750a186ed",
     "_packet.decode_publish": "50c158487fa3d96e",
 }
@@ -64,19 +78,21 @@ def test_the_paho_internals_relied_on_are_those_of_2_2_0() -> None:
     assert version("paho-mqtt") == "2.2.0"
     for name in ("_handle_pubackcomp", "_handle_publish", "_handle_on_message", "_do_on_publish", "_update_inflight",
                  "_packet_queue", "_packet_write", "_loop", "_easy_log", "_send_puback", "_send_pubrec",
-                 "_call_socket_register_write", "_create_socket",
+                 "_call_socket_register_write", "_create_socket", "_mid_generate",
                  "_messages_reconnect_reset_out"):
         assert callable(getattr(mqtt.Client, name)), name
     client = mqtt.Client(CallbackAPIVersion.VERSION2)
     for name in ("_in_packet", "_out_packet", "_out_messages", "_out_message_mutex", "_in_messages",
                  "_in_message_mutex", "_in_callback_mutex", "_protocol", "_sockpairW", "_thread", "_manual_ack",
                  "_on_socket_register_write", "_inflight_messages", "_max_inflight_messages", "_msgtime_mutex",
-                 "_last_bytes_received"):
+                 "_last_bytes_received", "_on_log", "_logger", "_on_publish", "_userdata", "_callback_api_version",
+                 "_max_queued_messages", "suppress_exceptions", "_on_message", "_on_message_filtered"):
         assert hasattr(client, name), name
     assert set(client._in_packet) == {"command", "have_remaining", "remaining_count", "remaining_mult",
                                       "remaining_length", "packet", "to_process", "pos"}
     assert isinstance(mqtt.MQTTMessage.__dict__["info"], types.MemberDescriptorType) and callable(client._packet_handle)
     assert mqtt.sockpair_data == b"0" and callable(mqtt.time_func) and mqtt.mqtt_ms_queued is not None
+    assert client._on_message_filtered._root._children == {}
     assert isinstance(_packet.DECODE_ERRORS, tuple) and _packet.PublishPacket._fields == (
         "dup", "qos", "retain", "topic", "mid", "properties", "payload")
     changed = {name: paho_source_digest(name) for name, digest in PAHO_SOURCES.items()
@@ -210,24 +226,150 @@ def test_whole_packets_are_taken_from_the_buffer_and_the_rest_left_to_paho() -> 
         assert buffered.pending() == 4 and buffered.recv(4) == b"\x40\x03\x00\x08"  # the part stays for paho
         buffered._data, buffered._position = b"\x30\xff\xff\xff\xff\x01" + b"x" * 10, 0  # 5 length bytes
         assert buffered.take_packet() is None and buffered.pending() == 16  # paho refuses it (protocol error)
+        assert buffered.fileno() == right.fileno() and buffered.send(b"z") == 1 and left.recv(1) == b"z"
+        tls_like = types.SimpleNamespace(send=None, fileno=None, pending=lambda: 5)
+        assert BufferedSocket(tls_like).pending() == 5  # what an SSLSocket holds counts too
     finally:
         left.close()
         right.close()
 
 
-def test_a_received_message_makes_its_info_only_when_asked() -> None:
-    message = ReceivedMessage(mid=9, topic=b"in/x")
+def test_a_lean_message_makes_its_info_only_when_asked() -> None:
+    message = LeanMessage(mid=9, topic=b"in/x")
     stock = mqtt.MQTTMessage(mid=9, topic=b"in/x")
     fields = ("timestamp", "state", "dup", "mid", "topic", "payload", "qos", "retain", "properties")
     assert [getattr(message, f) for f in fields] == [getattr(stock, f) for f in fields]
-    assert isinstance(message, mqtt.MQTTMessage) and message == ReceivedMessage(mid=9)
+    assert isinstance(message, mqtt.MQTTMessage) and message == LeanMessage(mid=9)
     assert not hasattr(message, "__dict__")
-    with pytest.raises(AttributeError):
-        mqtt.MQTTMessage.__dict__["info"].__get__(message, ReceivedMessage)  # not made yet
+    assert made_info(message) is None and made_info(stock) is stock.info  # not made yet
     info = message.info
     assert isinstance(info, mqtt.MQTTMessageInfo) and info.mid == 9 and message.info is info
+    assert made_info(message) is info
     message.info = mqtt.MQTTMessageInfo(10)
     assert message.info.mid == 10
+
+
+@pytest.mark.parametrize("length", [0, 1, 127, 128, 300, 16383, 16384, 2097151, 2097152, 268435455, 268435456])
+def test_remaining_length_is_paho_s(length: int) -> None:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2)
+    assert outcome(lambda: (remaining_length(length),)) == outcome(
+        lambda: (bytes(client._pack_remaining_length(bytearray(), length)),))
+
+
+class Queued:
+    """A client (flowd's or paho's) whose packets are kept, not written: as under
+    loop_start, a publish from another thread only queues."""
+
+    def __init__(self, cls: type[mqtt.Client], protocol: MQTTProtocolVersion, window: int = 20):
+        self.client = cls(CallbackAPIVersion.VERSION2, protocol=protocol)
+        self.client.max_inflight_messages_set(window)
+        self.ends = socket.socketpair()
+        self.client._sock = self.ends[0]
+        self.client._thread = threading.current_thread()  # type: ignore[assignment]
+
+    def packets(self) -> list[tuple[int, int, int, bytes]]:
+        queued = [(p["command"], p["mid"], p["qos"], bytes(p["packet"])) for p in self.client._out_packet]
+        self.client._out_packet.clear()
+        return queued
+
+    def messages(self) -> list[tuple[Any, ...]]:
+        return [(m.mid, m.topic, bytes(m.payload), m.qos, m.retain, m.dup, m.state, str(m.properties))
+                for m in self.client._out_messages.values()]
+
+    def close(self) -> None:
+        self.client._sock = None
+        for end in self.ends:
+            end.close()
+
+
+def correlation(value: bytes) -> Properties:
+    properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    properties.CorrelationData = value
+    return properties
+
+
+SENDS: list[tuple[str, bytes, int, bool, Properties | None]] = [
+    ("flow/7/status", b'{"state":"RUNNING"}', 1, False, None), ("flow/7/result", b"x" * 200, 1, True, None),
+    ("a/b", b"", 1, False, None), ("a/b", b"y" * 20000, 2, False, correlation(b"\x01\x02")),
+    ("t/\u00e9", b"p", 1, False, correlation(b"c")), ("a/+", b"p", 1, False, None), ("a/#", b"p", 1, False, None),
+    ("", b"p", 1, False, None), ("t" * 65536, b"p", 1, False, None), ("q0", b"p", 0, False, None),
+]
+
+
+@pytest.mark.parametrize("protocol", [V5, V311])
+def test_send_queues_what_publish_queues(protocol: MQTTProtocolVersion) -> None:
+    # The same packets, bookkeeping and refusals as paho's publish(); its info is made
+    # only when asked, and nothing at all in between.
+    outcomes = {}
+    for cls in (Client, mqtt.Client):
+        queued = Queued(cls, protocol, window=7)
+        try:
+            results = []
+            for topic, payload, qos, retain, properties in SENDS * 2:  # the second half past the window
+                if cls is Client:
+                    results.append(outcome(queued.client.send, topic, payload, qos, retain, properties))
+                else:
+                    results.append(outcome(lambda *a: tuple(queued.client.publish(*a)),  # noqa: B023
+                                           topic, payload, qos, retain, properties))
+            outcomes[cls] = (results, queued.packets(), queued.messages(), queued.client._inflight_messages)
+            if cls is Client:
+                assert all(made_info(m) is None for m in queued.client._out_messages.values())
+        finally:
+            queued.close()
+    assert outcomes[Client] == outcomes[mqtt.Client]
+    results, packets, messages, inflight = outcomes[Client]
+    assert "ValueError" in results and inflight == 7 and len(packets) == 9
+    assert len(messages) == (12 if protocol == V5 else 10)  # an empty topic is refused in 3.1.1 only
+
+
+@pytest.mark.parametrize("manual", [True, False])
+@pytest.mark.parametrize("with_log", [False, True])
+def test_acks_queue_paho_s_packets(manual: bool, with_log: bool) -> None:
+    made = {}
+    for cls in (Client, mqtt.Client):
+        queued = Queued(cls, V5)
+        queued.client._manual_ack = manual
+        if with_log:
+            queued.client.on_log = lambda *args: None
+        try:
+            rcs = [queued.client.ack(mid, qos) for mid in (1, 255, 256, 0x1234, 65535) for qos in (0, 1, 2)]
+            made[cls] = (rcs, queued.packets())
+        finally:
+            queued.close()
+    assert made[Client] == made[mqtt.Client]
+    assert len(made[Client][1]) == (10 if manual else 0)
+
+
+@pytest.mark.parametrize("protocol", [V5, V311])
+@pytest.mark.parametrize("with_log", [False, True])
+def test_publish_packets_are_paho_s(protocol: MQTTProtocolVersion, with_log: bool) -> None:
+    def send_all(client: mqtt.Client) -> list[Any]:
+        results = []
+        for topic, payload, qos, retain, properties in SENDS:
+            if len(topic) > 65535:
+                continue  # publish() refuses it first
+            for dup in (False, True):
+                results.append(outcome(lambda *a: (client._send_publish(*a),), 5, topic.encode(), payload, qos,
+                                       retain, dup, None, properties))
+        results.append(outcome(lambda: (client._send_publish(5, "str", b"p"),)))  # type: ignore[arg-type]
+        results.append(outcome(lambda: (client._send_publish(5, b"t", "str"),)))  # type: ignore[arg-type]
+        return results
+
+    made = {}
+    logged: dict[type, list[str]] = {Client: [], mqtt.Client: []}
+    for cls in (Client, mqtt.Client):
+        queued = Queued(cls, protocol)
+        if with_log:
+            queued.client.on_log = lambda c, u, level, text, cls=cls: logged[cls].append(text)
+        try:
+            made[cls] = (send_all(queued.client), queued.packets())
+            queued.client._sock = None
+            made[cls] += (outcome(lambda: (queued.client._send_publish(1, b"t", b"p", 1),)),)  # noqa: B023
+        finally:
+            queued.close()
+    assert made[Client] == made[mqtt.Client]
+    assert logged[Client] == logged[mqtt.Client] and len(logged[Client]) == (18 if with_log else 0)
+    assert made[Client][2] == [MQTTErrorCode.MQTT_ERR_NO_CONN]
 
 
 # ---------------------------------------------------------------------- with a real mosquitto
@@ -289,22 +431,26 @@ def test_pubacks_resolve_like_paho_s(acl_broker: Broker, protocol: MQTTProtocolV
     time.sleep(0.2)
     topics = ["open/watched/a", "open/nobody", "closed/x", "open/watched/b"] * 25
     results = {}
-    for cls in (Client, mqtt.Client):
+    for cls, way in ((Client, "publish"), (Client, "send"), (mqtt.Client, "publish")):
         recorder = Recorder(cls, acl_broker, protocol)
         try:
-            infos = recorder.publish_all(topics)
+            if way == "send":  # flowd's outbox: mids only, no info to wait on
+                mids = [recorder.client.send(topic, b"x", 1)[1] for topic in topics]
+            else:
+                infos = recorder.publish_all(topics)
+                assert all(info.is_published() for info in infos)
+                mids = [info.mid for info in infos]
             wait_for(lambda: len(recorder.published) == len(topics), 5, message="every on_publish")  # noqa: B023
-            assert all(info.is_published() for info in infos)
-            assert sorted(info.mid for info in infos) == [call[0] for call in recorder.calls()]
+            assert sorted(mids) == [call[0] for call in recorder.calls()]
             assert recorder.client._out_messages == {} and recorder.client._inflight_messages == 0
-            by_mid = {info.mid: topic for info, topic in zip(infos, topics, strict=True)}
-            results[cls] = sorted((by_mid[mid], *rest) for mid, *rest in recorder.calls())
+            by_mid = dict(zip(mids, topics, strict=True))
+            results[cls, way] = sorted((by_mid[mid], *rest) for mid, *rest in recorder.calls())
         finally:
             recorder.close()
     watcher.close()
-    assert results[Client] == results[mqtt.Client]
+    assert results[Client, "publish"] == results[Client, "send"] == results[mqtt.Client, "publish"]
     reasons = {(topic.split("/")[0] + "/" + topic.split("/")[1], value, failure)
-               for topic, value, _, failure, _ in results[Client]}
+               for topic, value, _, failure, _ in results[Client, "send"]}
     if protocol == V5:
         assert reasons == {("open/watched", 0, False), ("open/nobody", 0x10, False), ("closed/x", 0x87, True)}
     else:
@@ -314,6 +460,7 @@ def test_pubacks_resolve_like_paho_s(acl_broker: Broker, protocol: MQTTProtocolV
 @pytest.mark.parametrize("protocol", [V5, V311])
 def test_messages_in_arrive_as_paho_gives_them(broker: Broker, protocol: MQTTProtocolVersion) -> None:
     received: dict[type, list[tuple[Any, ...]]] = {Client: [], mqtt.Client: []}
+    logged: dict[type, list[str]] = {Client: [], mqtt.Client: []}
     clients = []
     for cls in (Client, mqtt.Client):
         client = cls(CallbackAPIVersion.VERSION2, protocol=protocol)
@@ -324,6 +471,8 @@ def test_messages_in_arrive_as_paho_gives_them(broker: Broker, protocol: MQTTPro
                                   properties.json() if properties is not None else None))
 
         client.on_message = on_message
+        client.on_log = lambda c, u, level, text, cls=cls: text.startswith("Received PUBLISH") and logged[cls].append(
+            text.split(", m")[0] + text.split(")", 1)[1])  # the mid differs between the two
         client.connect(broker.host, broker.port)
         client.subscribe("in/#", qos=2)
         client.loop_start()
@@ -343,9 +492,40 @@ def test_messages_in_arrive_as_paho_gives_them(broker: Broker, protocol: MQTTPro
         client.disconnect()
         client.loop_stop()
     assert sorted(received[Client], key=repr) == sorted(received[mqtt.Client], key=repr)
+    assert sorted(logged[Client]) == sorted(logged[mqtt.Client]) and len(logged[Client]) == len(sent)
     assert {row[0] for row in received[Client]} == {"in/a", "in/b", "in/c", "in/d", "in/e"}
     with_properties = [row for row in received[Client] if row[0] == "in/e"]
     assert with_properties[0][5] == ({"ResponseTopic": "reply/7", "CorrelationData": "07"} if protocol == V5 else None)
+
+
+def test_callbacks_added_for_a_topic_filter_are_paho_s(broker: Broker) -> None:
+    # flowd adds none, so its client skips the search for them; once one is added, each
+    # message goes where paho sends it.
+    got: dict[type, list[tuple[str, str]]] = {Client: [], mqtt.Client: []}
+    clients = []
+    for cls in (Client, mqtt.Client):
+        client = cls(CallbackAPIVersion.VERSION2, protocol=V5)
+        client.on_message = lambda c, u, m, cls=cls: got[cls].append(("any", m.topic))
+        client.connect(broker.host, broker.port)
+        client.subscribe("cb/#", qos=1)
+        client.loop_start()
+        clients.append(client)
+    sender = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=V5)
+    sender.connect(broker.host, broker.port)
+    sender.loop_start()
+    time.sleep(0.3)
+    sender.publish("cb/before", b"1", qos=1).wait_for_publish(5)
+    wait_for(lambda: all(len(g) == 1 for g in got.values()), 5, message="the first message")
+    for client, cls in zip(clients, (Client, mqtt.Client), strict=True):
+        client.message_callback_add("cb/f/+", lambda c, u, m, cls=cls: got[cls].append(("filtered", m.topic)))
+    for topic in ("cb/f/x", "cb/other", "cb/f/y/z"):
+        sender.publish(topic, b"2", qos=1).wait_for_publish(5)
+    wait_for(lambda: all(len(g) == 4 for g in got.values()), 5, message="every message")
+    for client in (*clients, sender):
+        client.disconnect()
+        client.loop_stop()
+    assert got[Client] == got[mqtt.Client] == [("any", "cb/before"), ("filtered", "cb/f/x"), ("any", "cb/other"),
+                                                ("any", "cb/f/y/z")]
 
 
 def test_bursts_from_other_threads_go_out_at_once_and_in_order(broker: Broker) -> None:

@@ -305,3 +305,26 @@ def test_a_routine_status_outside_steps_states_off_is_refused(db: Any) -> None:
 
     with pytest.raises(InputError, match=r"routine 'r': status 'verbose' is not one of steps, states, off"):
         catalog.save_routine("r", ["double"], status="verbose")
+
+
+def test_decode_statuses_refuses_what_it_cannot_read() -> None:
+    status = Status(7, "DONE", "flow/7/status", '{"routine":"é\u2028"}')
+    good = encode_statuses([status, status])[0]
+    assert decode_statuses(good) == [status, status]
+    for bad in (good + b"\x00x", good.replace(b"DONE", b"\xffONE"), b"x\x00a\x00b\x00c"):
+        with pytest.raises(ValueError):
+            decode_statuses(bad)
+
+
+def test_statuses_backed_up_keep_one_per_flow_until_they_can_go_again(tmp_path: Path) -> None:
+    inbox = StatusInbox(tmp_path / "status.sock")  # not started: put() and take() only
+    first = [Status(1, "RUNNING", "flow/1/status", str(n)) for n in range(3)]
+    inbox.put([*first, Status(2, "RUNNING", "flow/2/status", "a")])
+    inbox.set_backed_up(True)
+    later = [Status(1, "RUNNING", "flow/1/status", str(n)) for n in range(3, 5)]
+    inbox.put(later)
+    inbox.set_backed_up(True)  # still backed up: nothing more to coalesce
+    assert inbox.take(10) == [Status(1, "RUNNING", "flow/1/status", "4"), Status(2, "RUNNING", "flow/2/status", "a")]
+    inbox.set_backed_up(False)
+    inbox.put(first)
+    assert inbox.take(10) == first

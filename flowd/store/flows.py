@@ -131,7 +131,9 @@ def insert_flow(values: dict[str, Any]) -> int:
     params = list(values.values())
     for index, name in coded:
         value = params[index]
-        if name == "steps" and value is not None:
+        if value is None:
+            continue  # NULL as it is
+        if name == "steps":
             last = _last_steps  # one read: another thread may replace it, never half of it
             if last[0] is not value:
                 last = _last_steps = (value, encode(name, value))
