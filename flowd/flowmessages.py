@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flowd.models import FlowState, isoformat
+from flowd.models import WAITING, isoformat
 
 
 def flow_status_payload(flow: Any, child_id: int | None = None) -> dict[str, Any]:
@@ -19,9 +19,9 @@ def flow_status_payload(flow: Any, child_id: int | None = None) -> dict[str, Any
         "state": flow.state, "position": flow.position, "steps": len(steps), "task": task,
         "trigger": flow.trigger,
     }
-    if flow.state == FlowState.WAITING.value and flow.wait_topic:
+    if flow.state == WAITING and flow.wait_topic:
         payload["waiting_for"] = {"topic": flow.wait_topic, "match": flow.wait_match}
-    elif flow.state == FlowState.WAITING.value and child_id is not None:
+    elif flow.state == WAITING and child_id is not None:
         payload["waiting_for"] = {"flow": child_id}
     if flow.error:
         payload["error"] = flow.error

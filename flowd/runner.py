@@ -12,7 +12,6 @@ breadth-first, one step of each, and the outputs of a round are committed togeth
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import math
 import os
@@ -27,7 +26,7 @@ from flowd.config import Config
 from flowd.engine import CANCEL_SIGNAL, ClaimedStep, Engine
 from flowd.errors import FlowdError, StepError
 from flowd.loader import ScriptLoader
-from flowd.models import dumps, utcnow, write_transaction
+from flowd.models import dumps, loads, utcnow, write_transaction
 from flowd.payloads import has_surrogate
 from flowd.task import SubFlow, Task, Wait
 
@@ -289,7 +288,7 @@ def check_json(value: Any, label: str) -> str:
     try:
         text = dumps(value)
         text.encode("utf-8")
-        if json.loads(text) == value:
+        if loads(text) == value:
             return text
     except (TypeError, ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
         text = None

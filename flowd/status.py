@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from flowd.flowmessages import flow_status_payload
-from flowd.models import ENDED_STATES, FlowState, dumps
+from flowd.models import ENDED_STATES, INIT, WAITING, dumps
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def status_payload_text(flow: Any, child_id: int | None = None) -> str:
     """``dumps(flow_status_payload(flow, child_id))``, the same text: a worker sends one
     per step, and for a running flow (neither waiting nor failed) it is written out
     here directly, without the dict and the encoder's walk over it (~4x cheaper)."""
-    if flow.error or flow.state == FlowState.WAITING.value:
+    if flow.error or flow.state == WAITING:
         return dumps(flow_status_payload(flow, child_id))
     steps = flow.steps or []
     position = flow.position
@@ -347,7 +347,7 @@ class StatusInbox:
                 flow_id = status.flow_id
                 ended = self._ended.get(flow_id)
                 if ended is not None:
-                    if status.state != FlowState.INIT.value and now - ended < ENDED_MEMORY_S:
+                    if status.state != INIT and now - ended < ENDED_MEMORY_S:
                         self.dropped += 1  # late: the flow's result went out already
                         continue
                     del self._ended[flow_id]
@@ -403,7 +403,7 @@ class StatusInbox:
             return flow_id in self._live and not self._has_retry(flow_id)
 
     def _has_retry(self, flow_id: int) -> bool:
-        return any(s.state == FlowState.INIT.value for s in self._pending.get(flow_id, ()))
+        return any(s.state == INIT for s in self._pending.get(flow_id, ()))
 
     def take_before_result(self, flow_id: int, now: float | None = None) -> list[Status]:
         """The flow's result is being handed over: its pending statuses, to go just before

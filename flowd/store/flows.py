@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import peewee
 
 from flowd.errors import DuplicateRequest
-from flowd.models import ACTIVE_STATES, FlowState, StepState, database
+from flowd.models import ACTIVE_STATES, DONE, INIT, RUNNING, WAITING, database
 from flowd.store.rows import (
     BOOL_COLUMNS,
     CODED_COLUMNS,
@@ -163,8 +163,12 @@ def update_flow(flow: Row, *, texts: dict[str, str] | None = None, defer: FlowWr
     get the same values.
     """
     known = flow.__dict__
-    changes = {name: value for name, value in changes.items() if name not in known or known[name] != value
-               or type(known[name]) is not type(value)}
+    changed = {}
+    for name, value in changes.items():  # a loop, not a comprehension: most values are the very object held
+        old = known.get(name, _ABSENT)
+        if old is not value and (old != value or type(old) is not type(value)):
+            changed[name] = value
+    changes = changed
     if not changes:
         return
     if defer is not None:
@@ -184,6 +188,7 @@ def update_flow(flow: Row, *, texts: dict[str, str] | None = None, defer: FlowWr
 
 
 _update_sql: dict[tuple[str, ...], str] = {}
+_ABSENT = object()  # a column the row was read without
 
 
 class HasResultId(Protocol):
@@ -216,7 +221,7 @@ class FlowWrites:
                       worker_pid: int | None, started_at: dt.datetime, node_id: str | None) -> None:
         """:func:`insert_result` of a step's first attempt; its id is set on
         ``target.task_result_id`` by the flush."""
-        self._results.append((target, (flow_id, position, task, 1, StepState.RUNNING.value, input_json, worker_pid,
+        self._results.append((target, (flow_id, position, task, 1, RUNNING, input_json, worker_pid,
                                        encode("started_at", started_at), node_id)))
 
     def add(self, flow: Row, changes: dict[str, Any], texts: dict[str, str] | None = None) -> None:
@@ -309,7 +314,7 @@ def _insert_result_row(values: tuple[Any, ...]) -> int:
 
 def running_result(flow_id: int, position: int) -> Row | None:
     found = rows(execute(_RESULT_SELECT + " WHERE flow_id = ? AND position = ? AND state = ? "
-                          "ORDER BY attempt DESC LIMIT 1", (flow_id, position, StepState.RUNNING.value)),
+                          "ORDER BY attempt DESC LIMIT 1", (flow_id, position, RUNNING)),
                   RESULT_COLUMNS)
     return found[0] if found else None
 
@@ -325,7 +330,7 @@ def insert_result(flow_id: int, position: int, task: str, step_input: Any, worke
                       (flow_id, position)).fetchone()
         attempt = int(row[0])
     encoded = step_input if isinstance(step_input, str) else encode("input", step_input)
-    return _insert_result_row((flow_id, position, task, attempt, StepState.RUNNING.value, encoded, worker_pid,
+    return _insert_result_row((flow_id, position, task, attempt, RUNNING, encoded, worker_pid,
                                encode("started_at", started_at), node_id)), attempt
 
 
@@ -337,20 +342,20 @@ def update_result(result_id: int, **changes: Any) -> None:
 
 def end_running_results(flow_id: int, state: str, error: str | None, now: dt.datetime) -> None:
     execute("UPDATE task_result SET state = ?, error = ?, finished_at = ? WHERE flow_id = ? AND state = ?",
-            (state, error, encode("finished_at", now), flow_id, StepState.RUNNING.value))
+            (state, error, encode("finished_at", now), flow_id, RUNNING))
 
 
 def step_output(flow_id: int, position: int) -> Any:
     """The output of the latest DONE attempt of a step (None if there is none)."""
     row = execute("SELECT output FROM task_result WHERE flow_id = ? AND position = ? AND state = ? "
-                  "ORDER BY attempt DESC LIMIT 1", (flow_id, position, StepState.DONE.value)).fetchone()
+                  "ORDER BY attempt DESC LIMIT 1", (flow_id, position, DONE)).fetchone()
     return decode("output", row[0]) if row else None
 
 
 def done_outputs(flow_id: int, before: int) -> list[Any]:
     """Outputs of every finished step before ``before``, in order (``Task.results``)."""
     rows = execute("SELECT position, output FROM task_result WHERE flow_id = ? AND position < ? AND state = ? "
-                   "ORDER BY position, attempt", (flow_id, before, StepState.DONE.value)).fetchall()
+                   "ORDER BY position, attempt", (flow_id, before, DONE)).fetchall()
     by_position = {position: decode("output", output) for position, output in rows}
     return [by_position[p] for p in sorted(by_position)]
 
@@ -370,7 +375,7 @@ def active_flows(routine: str) -> list[Row]:
 
 def pending_flows(routine: str, limit: int = 1_000_000) -> list[Row]:
     return select_flows("routine = ? AND admitted = ? AND state = ?",
-                        (routine, sql_bool(False), FlowState.INIT.value), f"ORDER BY id LIMIT {int(limit)}")
+                        (routine, sql_bool(False), INIT), f"ORDER BY id LIMIT {int(limit)}")
 
 
 
@@ -378,7 +383,7 @@ def pending_flows(routine: str, limit: int = 1_000_000) -> list[Row]:
 def has_pending(routine: str) -> bool:
     """Whether some flow of ``routine`` waits for admission."""
     return execute("SELECT 1 FROM flow WHERE routine = ? AND admitted = ? AND state = ? LIMIT 1",
-                   (routine, sql_bool(False), FlowState.INIT.value)).fetchone() is not None
+                   (routine, sql_bool(False), INIT)).fetchone() is not None
 
 
 def flows_by_id(flow_ids: list[int]) -> dict[int, Row]:
@@ -407,9 +412,9 @@ def finish_held_result(result_id: int, output_json: str, now: dt.datetime, start
     fence: a node frozen past its lease commits nothing), and nothing was written."""
     # On PostgreSQL the flow row is locked (see _locking): a takeover under way is waited for.
     cursor = execute(_FINISH_HELD_SQLITE if is_sqlite() else _FINISH_HELD_POSTGRES,
-                     (StepState.DONE.value, output_json, encode("finished_at", now),
-                      encode("started_at", started_at), result_id, StepState.RUNNING.value, flow_id,
-                      FlowState.RUNNING.value, worker_pid, node_id, token))
+                     (DONE, output_json, encode("finished_at", now),
+                      encode("started_at", started_at), result_id, RUNNING, flow_id,
+                      RUNNING, worker_pid, node_id, token))
     return int(cursor.rowcount) == 1
 
 
@@ -456,7 +461,7 @@ def finish_held_results(steps: list[HeldStep], output_jsons: list[str], now: dt.
     if is_sqlite() and not _SQLITE_UPDATE_FROM:
         return {row[0] for row in finished if finish_held_result(row[0], row[1], now, row[2], row[3], worker_pid,
                                                                  row[4], node_id)}
-    done, running, stamp = StepState.DONE.value, StepState.RUNNING.value, encode("finished_at", now)
+    done, running, stamp = DONE, RUNNING, encode("finished_at", now)
     recorded: set[int] = set()
     for start in range(0, len(finished), 200):  # 5 parameters a row: far below any backend's limit
         chunk = finished[start:start + 200]
@@ -464,10 +469,10 @@ def finish_held_results(steps: list[HeldStep], output_jsons: list[str], now: dt.
                   for value in (result_id, text, encode("started_at", started_at), flow_id, token)]
         if is_sqlite():
             sql = _FINISH_MANY_SQLITE.format(marks=", ".join(["(?, ?, ?, ?, ?)"] * len(chunk)))
-            params = [done, stamp, *values, running, FlowState.RUNNING.value, worker_pid, node_id]
+            params = [done, stamp, *values, running, RUNNING, worker_pid, node_id]
         else:
             sql = _FINISH_MANY_POSTGRES.format(marks=", ".join([_POSTGRES_ROW] * len(chunk)))
-            params = [*values, FlowState.RUNNING.value, worker_pid, node_id, done, stamp, running]
+            params = [*values, RUNNING, worker_pid, node_id, done, stamp, running]
         recorded.update(int(row[0]) for row in execute(sql, params).fetchall())
     return recorded
 
@@ -482,37 +487,37 @@ def running_admitted(node_id: str | None) -> list[Row]:
     """Flows a worker of this node was running (or about to) when its daemon stopped
     (no node: held before schema v6)."""
     return select_flows("state = ? AND admitted = ? AND (node_id = ? OR node_id IS NULL)",
-                        (FlowState.RUNNING.value, sql_bool(True), node_id))
+                        (RUNNING, sql_bool(True), node_id))
 
 
 def admitted_not_ended(node_id: str | None) -> list[Row]:
     """Flows admitted and not finished (INIT or RUNNING), except those another node's
     worker holds: each needs a queue message."""
     return select_flows("admitted = ? AND state IN (?, ?) AND (worker_pid IS NULL OR node_id IS NULL OR node_id = ?)",
-                        (sql_bool(True), FlowState.INIT.value, FlowState.RUNNING.value, node_id))
+                        (sql_bool(True), INIT, RUNNING, node_id))
 
 
 def pending_routines() -> set[str]:
     """Routines with flows waiting for admission."""
     rows = execute("SELECT DISTINCT routine FROM flow WHERE admitted = ? AND state = ?",
-                   (sql_bool(False), FlowState.INIT.value)).fetchall()
+                   (sql_bool(False), INIT)).fetchall()
     return {row[0] for row in rows}
 
 
 def retry_waiting() -> list[Row]:
     """Admitted flows no worker holds that wait for a retry (``next_attempt_at``)."""
     return select_flows("state IN (?, ?) AND admitted = ? AND worker_pid IS NULL AND next_attempt_at IS NOT NULL",
-                        (FlowState.INIT.value, FlowState.RUNNING.value, sql_bool(True)))
+                        (INIT, RUNNING, sql_bool(True)))
 
 
 def waiting_flows() -> list[Row]:
     """Flows WAITING for an MQTT message."""
-    return select_flows("state = ? AND wait_topic IS NOT NULL", (FlowState.WAITING.value,))
+    return select_flows("state = ? AND wait_topic IS NOT NULL", (WAITING,))
 
 
 def waiting_topics() -> set[str]:
     rows = execute("SELECT DISTINCT wait_topic FROM flow WHERE state = ? AND wait_topic IS NOT NULL",
-                   (FlowState.WAITING.value,)).fetchall()
+                   (WAITING,)).fetchall()
     return {row[0] for row in rows}
 
 
@@ -522,11 +527,11 @@ def anything_expired(now: dt.datetime) -> bool:
     placeholders = ", ".join("?" * len(ACTIVE_STATES))
     return execute(f"SELECT 1 FROM flow WHERE (state = ? AND wait_until <= ?) OR (state IN ({placeholders}) "
                    "AND deadline <= ? AND worker_pid IS NULL) LIMIT 1",
-                   (FlowState.WAITING.value, stamp, *ACTIVE_STATES, stamp)).fetchone() is not None
+                   (WAITING, stamp, *ACTIVE_STATES, stamp)).fetchone() is not None
 
 
 def expired_waits(now: dt.datetime) -> list[Row]:
-    return select_flows("state = ? AND wait_until <= ?", (FlowState.WAITING.value, encode("wait_until", now)))
+    return select_flows("state = ? AND wait_until <= ?", (WAITING, encode("wait_until", now)))
 
 
 def overdue_unheld(now: dt.datetime) -> list[Row]:
@@ -546,7 +551,7 @@ def restamp_running(result_ids: list[int], now: dt.datetime) -> None:
     for start in range(0, len(result_ids), 500):
         chunk = result_ids[start:start + 500]
         execute(f"UPDATE task_result SET started_at = ? WHERE id IN ({', '.join('?' * len(chunk))}) AND state = ?",
-                (stamp, *chunk, StepState.RUNNING.value))
+                (stamp, *chunk, RUNNING))
 
 
 def held_tokens(flow_ids: list[int], worker_pid: int, node_id: str | None) -> dict[int, int]:
@@ -556,5 +561,5 @@ def held_tokens(flow_ids: list[int], worker_pid: int, node_id: str | None) -> di
     marks = ", ".join("?" * len(flow_ids))
     same = "IS" if is_sqlite() else "="
     rows = execute(f"SELECT id, dispatch_token FROM flow WHERE id IN ({marks}) AND state = ? AND worker_pid = ? "
-                   f"AND node_id {same} ?", (*flow_ids, FlowState.RUNNING.value, worker_pid, node_id)).fetchall()
+                   f"AND node_id {same} ?", (*flow_ids, RUNNING, worker_pid, node_id)).fetchall()
     return {int(flow_id): int(token) for flow_id, token in rows}

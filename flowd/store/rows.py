@@ -8,13 +8,12 @@ the placeholders the backend wants (SQLite ``?``, PostgreSQL ``%s``).
 from __future__ import annotations
 
 import datetime as dt
-import json
 from collections.abc import Iterable
 from typing import Any
 
 import peewee
 
-from flowd.models import ACTIVE_STATES, database, dumps
+from flowd.models import ACTIVE_STATES, database, dumps, loads
 
 FLOW_COLUMNS = (
     "id", "uid", "routine", "steps", "state", "position", "args", "kwargs", "request_id", "trigger", "reply_to",
@@ -55,7 +54,7 @@ def decode(name: str, value: Any) -> Any:
     if value is None:
         return None
     if name in _JSON:
-        return json.loads(value)
+        return loads(value)
     if name in _TIMES and isinstance(value, str):
         return dt.datetime.fromisoformat(value)
     if name in _BOOLS:
