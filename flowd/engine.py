@@ -22,7 +22,7 @@ from flowd.config import Config
 from flowd.errors import DuplicateRequest, FlowdError, InputError, NotFoundError
 
 # Re-exported: the MQTT bridge and the foreground runner import them from here.
-from flowd.flowmessages import flow_result_payload
+from flowd.flowmessages import flow_result_text
 from flowd.flowmessages import flow_status_payload as flow_status_payload
 from flowd.flowmessages import payload_matches as payload_matches
 from flowd.lease import is_shared_database
@@ -198,11 +198,11 @@ class Engine:
                 except OSError:
                     pass  # gone already, or not ours: the worker sees the state when its step ends
 
-    def _publish(self, topic: str, payload: dict[str, Any], effects: Effects, now: dt.datetime,
+    def _publish(self, topic: str, payload: str, effects: Effects, now: dt.datetime,
                  correlation_data: str | None = None, writes: store.FlowWrites | None = None) -> None:
-        """``writes``: where the row goes when its flow's end is deferred (rows keep their order)."""
+        """``payload``: its JSON text; ``writes``: where the row goes when its flow's end is deferred."""
         add = writes.add_outbox if writes is not None else store.add_outbox
-        add(topic, dumps(payload), correlation_data, now, self.node_id)
+        add(topic, payload, correlation_data, now, self.node_id)
         effects.published = True
 
     def _publish_status(self, flow: Row, effects: Effects, *, state_change: bool, child_id: int | None = None
@@ -227,9 +227,9 @@ class Engine:
             info = self.definitions.routines.get(routine)
         return info
 
-    def _publish_result(self, flow: Row, effects: Effects, now: dt.datetime, writes: store.FlowWrites | None
-                        ) -> None:
-        payload = flow_result_payload(flow)
+    def _publish_result(self, flow: Row, effects: Effects, now: dt.datetime, writes: store.FlowWrites | None,
+                        result_json: str | None) -> None:
+        payload = flow_result_text(flow, result_json)
         self._publish(self.config.topic(f"flow/{flow.id}/result"), payload, effects, now, writes=writes)
         if flow.reply_to:
             self._publish(flow.reply_to, payload, effects, now, flow.correlation_data, writes)
@@ -341,7 +341,7 @@ class Engine:
         values["id"] = store.insert_flow({k: v for k, v in values.items() if v is not None or k == "request_id"})
         flow = Row(values)
         if flow.reply_to:
-            self._publish(flow.reply_to, flow_status_payload(flow), effects, now, flow.correlation_data)
+            self._publish(flow.reply_to, status_payload_text(flow), effects, now, flow.correlation_data)
         if admit_now:
             effects.enqueue.append((flow.id, flow.dispatch_token, None))
         else:
@@ -435,7 +435,7 @@ class Engine:
         if state != FlowState.DONE:
             store.end_running_results(flow.id, CANCELLED if state == FlowState.CANCELLED else FAILED, error, now)
         self._publish_status(flow, effects, state_change=True)
-        self._publish_result(flow, effects, now, writes)
+        self._publish_result(flow, effects, now, writes, result_json)
         extra = {"FLOW_ID": flow.id, "ROUTINE": flow.routine}
         if state == FlowState.DONE:
             log.debug("flow %d (%s) ended DONE", flow.id, flow.routine, extra=extra)
@@ -593,8 +593,8 @@ class Engine:
         task = self.definitions.tasks.get(task_name)
         step = ClaimedStep(
             flow_id=flow.id, flow_uid=flow.uid, routine=flow.routine, token=flow.dispatch_token,
-            steps=list(flow.steps), position=flow.position, attempt=attempt, task_result_id=result_id,
-            task_name=task_name, script=task.script if task else None, options=dict(task.options) if task else {},
+            steps=flow.steps, position=flow.position, attempt=attempt, task_result_id=result_id,  # both only read
+            task_name=task_name, script=task.script if task else None, options=task.options if task else {},
             timeout=task.timeout if task else None, args=list(step_input.get("args", [])),
             kwargs=dict(step_input.get("kwargs", {})), results=results, deadline=flow.deadline, flow=flow)
         if not result_id and writes is not None:
