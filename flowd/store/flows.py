@@ -28,7 +28,9 @@ from flowd.store.rows import (
     encode,
     execute,
     is_sqlite,
+    padded,
     rows,
+    runs,
     sql_bool,
 )
 
@@ -241,13 +243,11 @@ class FlowWrites:
             for start in range(0, len(members), 100):  # far below any backend's parameter limit
                 _update_flows(names, members[start:start + 100])
         outbox_rows, self._outbox = self._outbox, []
-        for start in range(0, len(outbox_rows), 100):  # one multi-row INSERT: ids in the order added
-            chunk = outbox_rows[start:start + 100]
+        for chunk in runs(outbox_rows, 64):  # multi-row INSERTs, in the order added: ids in that order
             execute("INSERT INTO outbox (topic, payload, qos, retain, correlation_data, created_at, node_id) VALUES "
                     + ", ".join(["(?, ?, 1, ?, ?, ?, ?)"] * len(chunk)), [value for row in chunk for value in row])
         results, self._results = self._results, []
-        for start in range(0, len(results), 500):
-            chunk_results = results[start:start + 500]
+        for chunk_results in runs(results, 64):
             if is_sqlite() and not _SQLITE_RETURNING:
                 for target, values_row in chunk_results:
                     target.task_result_id = _insert_result_row(values_row)
@@ -272,18 +272,19 @@ def _update_flows(names: tuple[str, ...], members: list[tuple[int, dict[str, Any
             groups.setdefault(tuple(row[n] for n in varying), []).append(flow_id)
         columns += [f'"{name}" = ?' for name in varying]
         for values, flow_ids in groups.items():
+            flow_ids += flow_ids[-1:] * (padded(len(flow_ids)) - len(flow_ids))
             execute(f"UPDATE flow SET {', '.join(columns)} WHERE id IN ({', '.join('?' * len(flow_ids))})",
                     [*(first[n] for n in same), *values, *flow_ids])
         return
     columns += [f'"{name}" = v.column{index}' for index, name in enumerate(varying, 2)]
+    size = padded(len(members))  # rows of NULLs after the members: they join no flow
     if is_sqlite():
-        marks = ", ".join(["(" + ", ".join("?" * (len(varying) + 1)) + ")"] * len(members))
+        marks = ", ".join(["(" + ", ".join("?" * (len(varying) + 1)) + ")"] * size)
     else:  # PostgreSQL types a VALUES column from its values: parameters need their casts
-        marks = ", ".join(["(?::bigint, " + ", ".join(f"?::{_postgres_type(n)}" for n in varying) + ")"]
-                          * len(members))
+        marks = ", ".join(["(?::bigint, " + ", ".join(f"?::{_postgres_type(n)}" for n in varying) + ")"] * size)
     execute(f"UPDATE flow SET {', '.join(columns)} FROM (VALUES {marks}) AS v WHERE flow.id = v.column1",
             [*(first[n] for n in same), *(value for flow_id, row in members for value in (flow_id, *(
-                row[n] for n in varying)))])
+                row[n] for n in varying))), *[None] * ((size - len(members)) * (len(varying) + 1))])
 
 
 _INTEGER_COLUMNS = {"id", "position", "dispatch_token", "worker_pid", "step_attempt", "interruptions", "parent_id",
@@ -375,7 +376,7 @@ def active_flows(routine: str) -> list[Row]:
 
 def pending_flows(routine: str, limit: int = 1_000_000) -> list[Row]:
     return select_flows("routine = ? AND admitted = ? AND state = ?",
-                        (routine, sql_bool(False), INIT), f"ORDER BY id LIMIT {int(limit)}")
+                        (routine, sql_bool(False), INIT, int(limit)), "ORDER BY id LIMIT ?")  # one text
 
 
 
@@ -393,8 +394,8 @@ def flows_by_id(flow_ids: list[int]) -> dict[int, Row]:
     if len(flow_ids) == 1:
         found = get_flow(flow_ids[0])
         return {found.id: found} if found is not None else {}
-    marks = ", ".join("?" * len(flow_ids))
-    return {row.id: row for row in select_flows(f"id IN ({marks})", flow_ids)}
+    wanted = flow_ids + flow_ids[-1:] * (padded(len(flow_ids)) - len(flow_ids))  # an id repeated matches once
+    return {row.id: row for row in select_flows(f"id IN ({', '.join('?' * len(wanted))})", wanted)}
 
 
 _FINISH_HELD = ("UPDATE task_result SET state = ?, output = ?, finished_at = ?, started_at = COALESCE(?, started_at) "
@@ -463,12 +464,14 @@ def finish_held_results(steps: list[HeldStep], output_jsons: list[str], now: dt.
                                                                  row[4], node_id)}
     done, running, stamp = DONE, RUNNING, encode("finished_at", now)
     recorded: set[int] = set()
-    for start in range(0, len(finished), 200):  # 5 parameters a row: far below any backend's limit
-        chunk = finished[start:start + 200]
+    for start in range(0, len(finished), 128):  # 5 parameters a row: far below any backend's limit
+        chunk = finished[start:start + 128]
         values = [value for result_id, text, started_at, flow_id, token in chunk
                   for value in (result_id, text, encode("started_at", started_at), flow_id, token)]
-        if is_sqlite():
-            sql = _FINISH_MANY_SQLITE.format(marks=", ".join(["(?, ?, ?, ?, ?)"] * len(chunk)))
+        if is_sqlite():  # rows of NULLs after the steps: they match no attempt
+            size = padded(len(chunk))
+            values += [None] * (5 * (size - len(chunk)))
+            sql = _FINISH_MANY_SQLITE.format(marks=", ".join(["(?, ?, ?, ?, ?)"] * size))
             params = [done, stamp, *values, running, RUNNING, worker_pid, node_id]
         else:
             sql = _FINISH_MANY_POSTGRES.format(marks=", ".join([_POSTGRES_ROW] * len(chunk)))
