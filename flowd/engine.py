@@ -148,13 +148,6 @@ class ClaimedStep:
     output_json: str | None = field(default=None, repr=False, compare=False)
 
 
-def retry_delay(task: store.TaskInfo | None, failed: int) -> float:
-    """Seconds before the attempt after ``failed`` failed ones: ``retry_delay`` doubling
-    each time, up to ``retry_backoff_max``."""
-    base = task.retry_delay if task else 1.0
-    return float(min(base * (2 ** (failed - 1)), task.retry_backoff_max if task else base))
-
-
 class Engine:
     """Transitions of flows, shared by every process.
 
@@ -768,7 +761,7 @@ class Engine:
         timed_out = bool(flow.deadline and now >= flow.deadline)
         if attempts <= retries and not timed_out:
             resumed = flow.state != RUNNING  # a wait that timed out
-            delay = retry_delay(task, attempts)
+            delay = store.retry_delay(task, attempts)
             store.update_flow(flow, step_attempt=attempts, state=RUNNING,
                               next_attempt_at=now + dt.timedelta(seconds=delay), updated_at=now, **waits)
             log.info("flow %d %s attempt %d failed, retry in %.1fs: %s", flow.id, label, result.attempt, delay,
