@@ -22,14 +22,19 @@ from flowd.config import Config
 from flowd.errors import DuplicateRequest, FlowdError, InputError, NotFoundError
 
 # Re-exported: the MQTT bridge and the foreground runner import them from here.
-from flowd.flowmessages import flow_result_payload
+from flowd.flowmessages import flow_result_text
 from flowd.flowmessages import flow_status_payload as flow_status_payload
 from flowd.flowmessages import payload_matches as payload_matches
 from flowd.lease import is_shared_database
 from flowd.models import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    INIT,
+    RUNNING,
+    WAITING,
     FlowState,
     Routine,
-    StepState,
     dumps,
     make_step_durable,
     utcnow,
@@ -143,13 +148,6 @@ class ClaimedStep:
     output_json: str | None = field(default=None, repr=False, compare=False)
 
 
-def retry_delay(task: store.TaskInfo | None, failed: int) -> float:
-    """Seconds before the attempt after ``failed`` failed ones: ``retry_delay`` doubling
-    each time, up to ``retry_backoff_max``."""
-    base = task.retry_delay if task else 1.0
-    return float(min(base * (2 ** (failed - 1)), task.retry_backoff_max if task else base))
-
-
 class Engine:
     """Transitions of flows, shared by every process.
 
@@ -193,11 +191,11 @@ class Engine:
                 except OSError:
                     pass  # gone already, or not ours: the worker sees the state when its step ends
 
-    def _publish(self, topic: str, payload: dict[str, Any], effects: Effects, now: dt.datetime,
+    def _publish(self, topic: str, payload: str, effects: Effects, now: dt.datetime,
                  correlation_data: str | None = None, writes: store.FlowWrites | None = None) -> None:
-        """``writes``: where the row goes when its flow's end is deferred (rows keep their order)."""
+        """``payload``: its JSON text; ``writes``: where the row goes when its flow's end is deferred."""
         add = writes.add_outbox if writes is not None else store.add_outbox
-        add(topic, dumps(payload), correlation_data, now, self.node_id)
+        add(topic, payload, correlation_data, now, self.node_id)
         effects.published = True
 
     def _publish_status(self, flow: Row, effects: Effects, *, state_change: bool, child_id: int | None = None
@@ -222,9 +220,9 @@ class Engine:
             info = self.definitions.routines.get(routine)
         return info
 
-    def _publish_result(self, flow: Row, effects: Effects, now: dt.datetime, writes: store.FlowWrites | None
-                        ) -> None:
-        payload = flow_result_payload(flow)
+    def _publish_result(self, flow: Row, effects: Effects, now: dt.datetime, writes: store.FlowWrites | None,
+                        result_json: str | None) -> None:
+        payload = flow_result_text(flow, result_json)
         self._publish(self.config.topic(f"flow/{flow.id}/result"), payload, effects, now, writes=writes)
         if flow.reply_to:
             self._publish(flow.reply_to, payload, effects, now, flow.correlation_data, writes)
@@ -321,7 +319,7 @@ class Engine:
 
     def _create_flow(self, info: store.RoutineInfo, args: list[Any], kwargs: dict[str, Any], effects: Effects,
                      now: dt.datetime, **fields: Any) -> Row:
-        values = {"uid": store.new_uid(), "routine": info.name, "steps": info.steps, "state": FlowState.INIT.value,
+        values = {"uid": store.new_uid(), "routine": info.name, "steps": info.steps, "state": INIT,
                   "position": 0, "args": args, "kwargs": kwargs, "request_id": None, "trigger": "api",
                   "reply_to": None, "correlation_data": None, "admitted": False, "dispatch_token": 0,
                   "worker_pid": None, "step_attempt": 0, "interruptions": 0, "next_attempt_at": None,
@@ -336,7 +334,7 @@ class Engine:
         values["id"] = store.insert_flow(values)  # every column: a NULL bound is a NULL left out
         flow = Row(values)
         if flow.reply_to:
-            self._publish(flow.reply_to, flow_status_payload(flow), effects, now, flow.correlation_data)
+            self._publish(flow.reply_to, status_payload_text(flow), effects, now, flow.correlation_data)
         if admit_now:
             effects.enqueue.append((flow.id, flow.dispatch_token, None))
         else:
@@ -428,10 +426,9 @@ class Engine:
                           worker_pid=None, next_attempt_at=None, wait_topic=None, wait_match=None, wait_until=None,
                           texts={"result": result_json} if result_json is not None else None, defer=writes)
         if state != FlowState.DONE:
-            store.end_running_results(flow.id, StepState.CANCELLED.value if state == FlowState.CANCELLED
-                                      else StepState.FAILED.value, error, now)
+            store.end_running_results(flow.id, CANCELLED if state == FlowState.CANCELLED else FAILED, error, now)
         self._publish_status(flow, effects, state_change=True)
-        self._publish_result(flow, effects, now, writes)
+        self._publish_result(flow, effects, now, writes, result_json)
         extra = {"FLOW_ID": flow.id, "ROUTINE": flow.routine}
         if state == FlowState.DONE:
             log.debug("flow %d (%s) ended DONE", flow.id, flow.routine, extra=extra)
@@ -454,12 +451,12 @@ class Engine:
 
     def _child_ended(self, child: Row, effects: Effects, now: dt.datetime) -> None:
         parent = store.get_flow(child.parent_id)
-        if parent is None or parent.state != FlowState.WAITING.value or parent.wait_topic is not None:
+        if parent is None or parent.state != WAITING or parent.wait_topic is not None:
             return
         running = store.running_result(parent.id, parent.position)
         if running is None or (running.output or {}).get("child") != child.id:
             return
-        if child.state == FlowState.DONE.value:
+        if child.state == DONE:
             self._advance(parent, running, child.result, effects, now)
         else:
             why = child.error or child.state.lower()
@@ -497,13 +494,13 @@ class Engine:
         now = now or utcnow()
         with write_transaction():
             flow = self._get(flow_id)
-            if flow.state not in (FlowState.FAILED.value, FlowState.CANCELLED.value):
+            if flow.state not in (FAILED, CANCELLED):
                 raise InputError(f"flow {flow_id} is {flow.state}; only FAILED or CANCELLED flows can be retried")
             self.definitions.refresh()
             info = self.definitions.routines.get(flow.routine)
             if info is None:
                 raise NotFoundError("routine", flow.routine, "the flow's routine was removed")
-            store.update_flow(flow, state=FlowState.INIT.value, error=None, result=None, finished_at=None,
+            store.update_flow(flow, state=INIT, error=None, result=None, finished_at=None,
                               deadline=None, admitted=False, step_attempt=0, interruptions=0, updated_at=now)
             self._publish_status(flow, effects, state_change=True)
             self._admit_new(flow, info, effects, now)
@@ -548,7 +545,7 @@ class Engine:
         """``writes``: where the claim's own update goes (the claimed flow is not read again)."""
         step: ClaimedStep | None = None
         if (flow is None or flow.dispatch_token != token or not flow.admitted
-                or flow.state not in (FlowState.INIT.value, FlowState.RUNNING.value) or flow.worker_pid):
+                or flow.state not in (INIT, RUNNING) or flow.worker_pid):
             return None
         if flow.next_attempt_at and flow.next_attempt_at > now + dt.timedelta(seconds=0.05):
             effects.enqueue.append((flow.id, flow.dispatch_token, (flow.next_attempt_at - now).total_seconds()))
@@ -558,9 +555,9 @@ class Engine:
             changes: dict[str, Any] = {"worker_pid": pid, "node_id": self.node_id, "next_attempt_at": None,
                                        "updated_at": now}
             fresh = flow.started_at is None  # set with its first attempt, in the same transaction
-            if flow.state == FlowState.INIT.value:
+            if flow.state == INIT:
                 info = self.definitions.routines.get(flow.routine)
-                changes.update(state=FlowState.RUNNING.value, started_at=flow.started_at or now)
+                changes.update(state=RUNNING, started_at=flow.started_at or now)
                 if info is not None and info.timeout and flow.deadline is None:
                     changes["deadline"] = now + dt.timedelta(seconds=info.timeout)
                 store.update_flow(flow, defer=writes, **changes)
@@ -589,8 +586,8 @@ class Engine:
         task = self.definitions.tasks.get(task_name)
         step = ClaimedStep(
             flow_id=flow.id, flow_uid=flow.uid, routine=flow.routine, token=flow.dispatch_token,
-            steps=list(flow.steps), position=flow.position, attempt=attempt, task_result_id=result_id,
-            task_name=task_name, script=task.script if task else None, options=dict(task.options) if task else {},
+            steps=flow.steps, position=flow.position, attempt=attempt, task_result_id=result_id,  # both only read
+            task_name=task_name, script=task.script if task else None, options=task.options if task else {},
             timeout=task.timeout if task else None, args=list(step_input.get("args", [])),
             kwargs=dict(step_input.get("kwargs", {})), results=results, deadline=flow.deadline, flow=flow)
         if not result_id and writes is not None:
@@ -601,10 +598,10 @@ class Engine:
     def _held(self, step: ClaimedStep, pid: int) -> tuple[Row | None, Row | None]:
         """The flow and attempt, if this worker still holds them (not cancelled/taken over)."""
         flow, result = store.flow_and_result(step.flow_id, step.task_result_id)
-        if (flow is None or flow.state != FlowState.RUNNING.value or flow.worker_pid != pid
+        if (flow is None or flow.state != RUNNING or flow.worker_pid != pid
                 or flow.node_id != self.node_id or flow.dispatch_token != step.token):
             return None, None
-        if result is None or result.state != StepState.RUNNING.value:
+        if result is None or result.state != RUNNING:
             return None, None
         return flow, result
 
@@ -662,7 +659,7 @@ class Engine:
                  ) -> ClaimedStep | None:
         """Record ``output`` for the running attempt of a flow no worker holds (a wait or a
         sub-flow ended); queue its next step or end it DONE."""
-        store.update_result(result.id, state=StepState.DONE.value, output=output, finished_at=now)
+        store.update_result(result.id, state=DONE, output=output, finished_at=now)
         return self._next_step(flow, output, effects, now, pid=None, results=None)
 
     def _next_step(self, flow: Row, output: Any, effects: Effects, now: dt.datetime, *, pid: int | None,
@@ -677,9 +674,9 @@ class Engine:
             store.update_flow(flow, position=flow.position + 1)
             self._end(flow, FlowState.FAILED, effects, now, error=self.definitions.timeout_text(flow.routine))
             return None
-        resumed = flow.state != FlowState.RUNNING.value  # a wait or a sub-flow ended
+        resumed = flow.state != RUNNING  # a wait or a sub-flow ended
         store.update_flow(flow, position=flow.position + 1, step_attempt=0, interruptions=0,
-                          state=FlowState.RUNNING.value, wait_topic=None, wait_match=None, wait_until=None,
+                          state=RUNNING, wait_topic=None, wait_match=None, wait_until=None,
                           updated_at=now, worker_pid=pid, defer=writes if pid is not None else None)
         self._publish_status(flow, effects, state_change=resumed)
         if pid is None:
@@ -736,8 +733,7 @@ class Engine:
         self.definitions.refresh()
         with write_transaction(sync=False):
             flow, result = store.flow_and_result(flow_id, task_result_id)
-            if (flow is None or result is None or result.state != StepState.RUNNING.value
-                    or flow.state not in (FlowState.RUNNING.value, FlowState.WAITING.value)
+            if (flow is None or result is None or result.state != RUNNING or flow.state not in (RUNNING, WAITING)
                     or (pid is not None and (flow.worker_pid != pid or flow.node_id != self.node_id))):
                 return False
             self._record_failure(flow, result, error, effects, now, interrupted=interrupted)
@@ -746,7 +742,7 @@ class Engine:
 
     def _record_failure(self, flow: Row, result: Row, error: str, effects: Effects, now: dt.datetime,
                         interrupted: bool = False) -> None:
-        store.update_result(result.id, state=StepState.FAILED.value, error=error, finished_at=now)
+        store.update_result(result.id, state=FAILED, error=error, finished_at=now)
         summary = error.strip().splitlines()[-1] if error.strip() else "failed"
         label = f"step {flow.position + 1}/{len(flow.steps)} ({result.task})"
         waits = {"wait_topic": None, "wait_match": None, "wait_until": None}
@@ -756,7 +752,7 @@ class Engine:
                 self._end(flow, FlowState.FAILED, effects, now, error=(
                     f"{label} was interrupted {flow.interruptions} times (its worker keeps dying): {summary}"))
                 return
-            store.update_flow(flow, interruptions=flow.interruptions + 1, state=FlowState.RUNNING.value, **waits)
+            store.update_flow(flow, interruptions=flow.interruptions + 1, state=RUNNING, **waits)
             self._admit(flow, effects, now)
             return
         task = self.definitions.tasks.get(result.task)
@@ -764,9 +760,9 @@ class Engine:
         attempts = flow.step_attempt + 1
         timed_out = bool(flow.deadline and now >= flow.deadline)
         if attempts <= retries and not timed_out:
-            resumed = flow.state != FlowState.RUNNING.value  # a wait that timed out
-            delay = retry_delay(task, attempts)
-            store.update_flow(flow, step_attempt=attempts, state=FlowState.RUNNING.value,
+            resumed = flow.state != RUNNING  # a wait that timed out
+            delay = store.retry_delay(task, attempts)
+            store.update_flow(flow, step_attempt=attempts, state=RUNNING,
                               next_attempt_at=now + dt.timedelta(seconds=delay), updated_at=now, **waits)
             log.info("flow %d %s attempt %d failed, retry in %.1fs: %s", flow.id, label, result.attempt, delay,
                      summary, extra={"FLOW_ID": flow.id, "ROUTINE": flow.routine, "TASK": result.task})
@@ -837,7 +833,7 @@ class Engine:
         with write_transaction(sync=False):
             flow = store.get_flow(flow_id)
             if (flow is None or flow.dispatch_token != token or not flow.admitted or flow.worker_pid
-                    or flow.state not in (FlowState.INIT.value, FlowState.RUNNING.value)):
+                    or flow.state not in (INIT, RUNNING)):
                 return False
             delay = None
             if flow.next_attempt_at and flow.next_attempt_at > now:
@@ -871,8 +867,7 @@ class Engine:
                 return False
             store.update_result(result.id, worker_pid=None, output={
                 "args": step.args, "kwargs": step.kwargs, "wait": {"topic": topic, "match": match}})
-            store.update_flow(flow, state=FlowState.WAITING.value, worker_pid=None, wait_topic=topic,
-                              wait_match=match, updated_at=now,
+            store.update_flow(flow, state=WAITING, worker_pid=None, wait_topic=topic, wait_match=match, updated_at=now,
                               wait_until=now + dt.timedelta(seconds=timeout) if timeout else None)
             self._publish_status(flow, effects, state_change=True)
         self._apply(effects)
@@ -897,7 +892,7 @@ class Engine:
             info = self._routine_for_submit(routine, require_mqtt=False)
             self._refuse_waiting_on_itself(flow, info)
             store.update_result(result.id, worker_pid=None)
-            store.update_flow(flow, state=FlowState.WAITING.value, worker_pid=None, updated_at=now)
+            store.update_flow(flow, state=WAITING, worker_pid=None, updated_at=now)
             child = self._create_flow(info, list(args), dict(kwargs), effects, now, trigger="flow",
                                       parent_id=flow.id, depth=flow.depth + 1)
             store.update_result(result.id, output={"child": child.id})

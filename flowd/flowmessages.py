@@ -4,9 +4,10 @@ engine, the MQTT bridge and the foreground runner."""
 
 from __future__ import annotations
 
+from json.encoder import encode_basestring
 from typing import Any
 
-from flowd.models import FlowState, isoformat
+from flowd.models import WAITING, dumps, isoformat
 
 
 def flow_status_payload(flow: Any, child_id: int | None = None) -> dict[str, Any]:
@@ -19,9 +20,9 @@ def flow_status_payload(flow: Any, child_id: int | None = None) -> dict[str, Any
         "state": flow.state, "position": flow.position, "steps": len(steps), "task": task,
         "trigger": flow.trigger,
     }
-    if flow.state == FlowState.WAITING.value and flow.wait_topic:
+    if flow.state == WAITING and flow.wait_topic:
         payload["waiting_for"] = {"topic": flow.wait_topic, "match": flow.wait_match}
-    elif flow.state == FlowState.WAITING.value and child_id is not None:
+    elif flow.state == WAITING and child_id is not None:
         payload["waiting_for"] = {"flow": child_id}
     if flow.error:
         payload["error"] = flow.error
@@ -35,6 +36,23 @@ def flow_result_payload(flow: Any) -> dict[str, Any]:
         "state": flow.state, "result": flow.result, "error": flow.error, "trigger": flow.trigger,
         "started_at": isoformat(flow.started_at), "finished_at": isoformat(flow.finished_at),
     }
+
+
+def flow_result_text(flow: Any, result_json: str | None = None) -> str:
+    """``dumps(flow_result_payload(flow))``, the same text. ``result_json``: the result's
+    JSON text when the caller has it (a worker's last output, encoded once when it was
+    checked): written in as it is, not encoded a second time inside the payload."""
+    if result_json is None:
+        return dumps(flow_result_payload(flow))
+    return (f'{{"flow_id":{int(flow.id)},"uid":{quoted(flow.uid)},"routine":{quoted(flow.routine)},'
+            f'"request_id":{quoted(flow.request_id)},"state":{quoted(flow.state)},"result":{result_json},'
+            f'"error":{quoted(flow.error)},"trigger":{quoted(flow.trigger)},'
+            f'"started_at":{quoted(isoformat(flow.started_at))},"finished_at":{quoted(isoformat(flow.finished_at))}}}')
+
+
+def quoted(value: str | None) -> str:
+    """A text as ``dumps`` writes it (ensure_ascii off), None as null."""
+    return "null" if value is None else encode_basestring(value)
 
 
 def payload_matches(match: dict[str, Any] | None, payload: Any) -> bool:

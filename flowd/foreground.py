@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from flowd import store
-from flowd.engine import MAX_SUBFLOW_DEPTH, payload_matches, retry_delay
+from flowd.engine import MAX_SUBFLOW_DEPTH, payload_matches
 from flowd.errors import InputError, NotFoundError, StepError
 from flowd.loader import ScriptLoader
 from flowd.models import FlowState, isoformat, utcnow, write_transaction
@@ -43,7 +43,7 @@ from flowd.runner import (
     normalize_output,
     step_kwargs,
 )
-from flowd.store import RoutineInfo, TaskInfo
+from flowd.store import RoutineInfo, TaskInfo, retry_delay
 from flowd.task import SubFlow, Task, Wait
 
 DONE, FAILED, WAITING = "DONE", "FAILED", "WAITING"

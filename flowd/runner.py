@@ -12,7 +12,6 @@ breadth-first, one step of each, and the outputs of a round are committed togeth
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import math
 import os
@@ -27,7 +26,7 @@ from flowd.config import Config
 from flowd.engine import CANCEL_SIGNAL, ClaimedStep, Engine
 from flowd.errors import FlowdError, StepError
 from flowd.loader import ScriptLoader
-from flowd.models import dumps, utcnow, write_transaction
+from flowd.models import dumps, loads, utcnow, write_transaction
 from flowd.payloads import has_surrogate
 from flowd.task import SubFlow, Task, Wait
 
@@ -112,9 +111,7 @@ def run_flows(pairs: list[tuple[int, int]]) -> None:
 def run_step(rt: WorkerRuntime, step: ClaimedStep, pid: int) -> dict[str, Any] | None:
     """Run one step; returns its output, or None once a failure, a Wait or a SubFlow
     has been recorded (the flow leaves this worker)."""
-    where = f"step {step.position + 1}/{len(step.steps)} ({step.task_name})"
     label = "perform()"  # errors: the engine prefixes the step ("step 2/3 (fetch) failed: ...")
-    extra = {"FLOW_ID": step.flow_id, "ROUTINE": step.routine, "TASK": step.task_name}
     try:
         value = _perform(rt, step)
         if isinstance(value, Wait):
@@ -127,7 +124,7 @@ def run_step(rt: WorkerRuntime, step: ClaimedStep, pid: int) -> dict[str, Any] |
             return None
         output, step.output_json = shaped_output(value, step.args, step.kwargs, label)
     except StepCancelled:
-        log.info("flow %d %s: cancelled while running", step.flow_id, where, extra=extra)
+        log.info("flow %d %s: cancelled while running", step.flow_id, _where(step), extra=_extra(step))
         rt.engine.fail_step(step, "cancelled while running", pid, interrupted=True)
         return None
     except StepTimeout:
@@ -138,14 +135,23 @@ def run_step(rt: WorkerRuntime, step: ClaimedStep, pid: int) -> dict[str, Any] |
         rt.engine.fail_step(step, "interrupted: the worker was stopped", pid, interrupted=True)
         raise
     except FlowdError as exc:
-        log.warning("flow %d %s failed: %s", step.flow_id, where, exc, extra=extra)
+        log.warning("flow %d %s failed: %s", step.flow_id, _where(step), exc, extra=_extra(step))
         rt.engine.fail_step(step, storable(str(exc)), pid)
         return None
     except Exception as exc:
-        log.info("flow %d %s raised %s: %s", step.flow_id, where, type(exc).__name__, exc, extra=extra)
+        log.info("flow %d %s raised %s: %s", step.flow_id, _where(step), type(exc).__name__, exc, extra=_extra(step))
         rt.engine.fail_step(step, failure_text(exc), pid)
         return None
     return output
+
+
+def _where(step: ClaimedStep) -> str:
+    return f"step {step.position + 1}/{len(step.steps)} ({step.task_name})"
+
+
+def _extra(step: ClaimedStep) -> dict[str, Any]:
+    """A log line's journal fields (made for the lines logged: a step that succeeds logs none)."""
+    return {"FLOW_ID": step.flow_id, "ROUTINE": step.routine, "TASK": step.task_name}
 
 
 def storable(text: str) -> str:
@@ -289,7 +295,7 @@ def check_json(value: Any, label: str) -> str:
     try:
         text = dumps(value)
         text.encode("utf-8")
-        if json.loads(text) == value:
+        if loads(text) == value:
             return text
     except (TypeError, ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
         text = None

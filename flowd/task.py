@@ -39,7 +39,7 @@ class Task:
 
     def __init__(self) -> None:
         self.results = []
-        self.log = logging.LoggerAdapter(logging.getLogger("flowd.task"), {})
+        self.log = _PLAIN_LOG  # flowd sets one tagged with the flow before perform()
 
     def perform(self, *args: Any, **kwargs: Any) -> Any:
         """Do the work; return ``(args, kwargs)``, a dict, None, a Wait or a SubFlow."""
@@ -50,6 +50,9 @@ class Task:
         if self._publisher is None:
             raise RuntimeError("publish() is only available while flowd runs the task")
         self._publisher(topic, payload, qos, retain)
+
+
+_PLAIN_LOG = logging.LoggerAdapter(logging.getLogger("flowd.task"), {})  # holds nothing of a flow: shared
 
 
 @dataclass(frozen=True)

@@ -314,6 +314,48 @@ def test_deferred_flow_writes_with_values_of_their_own_are_one_statement_per_col
         ("DONE", n % 2 + 1, times[n], {"n": n}, False, 10 + n, "e") for n in range(4)]
 
 
+def test_rounds_of_any_size_write_only_their_own_rows_with_a_few_statement_texts(engine: Any) -> None:
+    # A worker's round holds 1 to ~80 steps. On SQLite every multi-row statement is written
+    # for a power of two rows (rows that change nothing added, INSERTs in runs: 19 = 16 + 2 + 1),
+    # so a handful of texts is prepared once each; on PostgreSQL the rows are as they come.
+    ids = [engine.submit("pair", [n], now=NOW)[0].id for n in range(25)]
+    later = NOW + dt.timedelta(seconds=1)
+    sqlite = isinstance(database.obj, peewee.SqliteDatabase)
+    assert [store.rows.padded(n) for n in (0, 1, 2, 3, 5, 19, 64, 65)] == (
+        [0, 1, 2, 4, 8, 32, 64, 128] if sqlite else [0, 1, 2, 3, 5, 19, 64, 65])
+    assert [len(run) for run in store.rows.runs(list(range(19)), 64)] == ([16, 2, 1] if sqlite else [19])
+    assert [len(run) for run in store.rows.runs(list(range(100)), 64)] == ([64, 32, 4] if sqlite else [64, 36])
+
+    class Target:
+        task_result_id = 0
+
+    done = 0
+    for size in (1, 3, 19):
+        chosen = ids[done:done + size]
+        targets = [Target() for _ in chosen]
+        before = Outbox.select().count()
+        with write_transaction():
+            flows = store.flows_by_id(chosen)
+            assert sorted(flows) == chosen
+            writes = store.FlowWrites()
+            for n, (flow_id, target) in enumerate(zip(chosen, targets, strict=True)):
+                store.update_flow(flows[flow_id], defer=writes, position=n % 2 + 1, updated_at=later)  # VALUES
+                store.update_flow(flows[flow_id], defer=writes, worker_pid=4242)  # all the same: IN (...)
+                writes.add_outbox(f"t/{flow_id}", "{}", None, NOW)
+                writes.insert_result(target, flow_id, 1, "plain", "{}", 4242, NOW, None)
+            writes.flush()
+        done += size
+        stored = {f.id: f for f in Flow.select()}
+        assert [(stored[i].position, stored[i].updated_at, stored[i].worker_pid) for i in chosen] == [
+            (n % 2 + 1, later, 4242) for n in range(size)]
+        assert all((stored[i].position, stored[i].worker_pid) == (0, None) for i in ids[done:])
+        topics = [r.topic for r in Outbox.select().order_by(Outbox.id)][before:]
+        assert topics == [f"t/{i}" for i in chosen]  # in the order added
+        results = {r.id: r for r in TaskResult.select()}
+        assert [(results[t.task_result_id].flow_id, results[t.task_result_id].position) for t in targets] == [
+            (i, 1) for i in chosen]
+
+
 def test_flows_ending_in_one_worker_round_free_their_slots_for_the_waiting_ones(engine: Any) -> None:
     # Their ends are written at the round's flush; admitting counts active flows in the database first.
     catalog.save_routine("two", ["plain"], max=2)

@@ -6,7 +6,7 @@ none of them writes SQL or peewee queries of its own. peewee stays for the schem
 migrations and the catalog (``models.py``, ``migrations.py``, ``catalog.py``).
 """
 
-from flowd.store.definitions import Definitions, RoutineInfo, TaskInfo
+from flowd.store.definitions import Definitions, RoutineInfo, TaskInfo, retry_delay
 from flowd.store.failures import unusable_reason
 from flowd.store.flows import (
     FlowWrites,
@@ -138,6 +138,7 @@ __all__ = [
     "pending_routines",
     "prune_ended_flows",
     "restamp_running",
+    "retry_delay",
     "retry_waiting",
     "running_admitted",
     "running_attempts",

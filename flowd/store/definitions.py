@@ -32,6 +32,13 @@ class TaskInfo:
     retry_backoff_max: float
 
 
+def retry_delay(task: TaskInfo | None, failed: int) -> float:
+    """Seconds before the attempt after ``failed`` failed ones: ``retry_delay`` doubling
+    each time, up to ``retry_backoff_max``."""
+    base = task.retry_delay if task else 1.0
+    return float(min(base * (2 ** (failed - 1)), task.retry_backoff_max if task else base))
+
+
 class Definitions:
     """Routines and tasks of this process, re-read only when the definitions version changes."""
 

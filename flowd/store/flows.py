@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import peewee
 
 from flowd.errors import DuplicateRequest
-from flowd.models import ACTIVE_STATES, FlowState, StepState, database
+from flowd.models import ACTIVE_STATES, DONE, INIT, RUNNING, WAITING, database
 from flowd.store.rows import (
     BOOL_COLUMNS,
     CODED_COLUMNS,
@@ -28,7 +28,9 @@ from flowd.store.rows import (
     encode,
     execute,
     is_sqlite,
+    padded,
     rows,
+    runs,
     sql_bool,
 )
 
@@ -165,8 +167,12 @@ def update_flow(flow: Row, *, texts: dict[str, str] | None = None, defer: FlowWr
     get the same values.
     """
     known = flow.__dict__
-    changes = {name: value for name, value in changes.items() if name not in known or known[name] != value
-               or type(known[name]) is not type(value)}
+    changed = {}
+    for name, value in changes.items():  # a loop, not a comprehension: most values are the very object held
+        old = known.get(name, _ABSENT)
+        if old is not value and (old != value or type(old) is not type(value)):
+            changed[name] = value
+    changes = changed
     if not changes:
         return
     if defer is not None:
@@ -186,6 +192,7 @@ def update_flow(flow: Row, *, texts: dict[str, str] | None = None, defer: FlowWr
 
 
 _update_sql: dict[tuple[str, ...], str] = {}
+_ABSENT = object()  # a column the row was read without
 
 
 class HasResultId(Protocol):
@@ -218,7 +225,7 @@ class FlowWrites:
                       worker_pid: int | None, started_at: dt.datetime, node_id: str | None) -> None:
         """:func:`insert_result` of a step's first attempt; its id is set on
         ``target.task_result_id`` by the flush."""
-        self._results.append((target, (flow_id, position, task, 1, StepState.RUNNING.value, input_json, worker_pid,
+        self._results.append((target, (flow_id, position, task, 1, RUNNING, input_json, worker_pid,
                                        encode("started_at", started_at), node_id)))
 
     def add(self, flow: Row, changes: dict[str, Any], texts: dict[str, str] | None = None) -> None:
@@ -238,13 +245,11 @@ class FlowWrites:
             for start in range(0, len(members), 100):  # far below any backend's parameter limit
                 _update_flows(names, members[start:start + 100])
         outbox_rows, self._outbox = self._outbox, []
-        for start in range(0, len(outbox_rows), 100):  # one multi-row INSERT: ids in the order added
-            chunk = outbox_rows[start:start + 100]
+        for chunk in runs(outbox_rows, 64):  # multi-row INSERTs, in the order added: ids in that order
             execute("INSERT INTO outbox (topic, payload, qos, retain, correlation_data, created_at, node_id) VALUES "
                     + ", ".join(["(?, ?, 1, ?, ?, ?, ?)"] * len(chunk)), [value for row in chunk for value in row])
         results, self._results = self._results, []
-        for start in range(0, len(results), 500):
-            chunk_results = results[start:start + 500]
+        for chunk_results in runs(results, 64):
             if is_sqlite() and not _SQLITE_RETURNING:
                 for target, values_row in chunk_results:
                     target.task_result_id = _insert_result_row(values_row)
@@ -269,18 +274,19 @@ def _update_flows(names: tuple[str, ...], members: list[tuple[int, dict[str, Any
             groups.setdefault(tuple(row[n] for n in varying), []).append(flow_id)
         columns += [f'"{name}" = ?' for name in varying]
         for values, flow_ids in groups.items():
+            flow_ids += flow_ids[-1:] * (padded(len(flow_ids)) - len(flow_ids))
             execute(f"UPDATE flow SET {', '.join(columns)} WHERE id IN ({', '.join('?' * len(flow_ids))})",
                     [*(first[n] for n in same), *values, *flow_ids])
         return
     columns += [f'"{name}" = v.column{index}' for index, name in enumerate(varying, 2)]
+    size = padded(len(members))  # rows of NULLs after the members: they join no flow
     if is_sqlite():
-        marks = ", ".join(["(" + ", ".join("?" * (len(varying) + 1)) + ")"] * len(members))
+        marks = ", ".join(["(" + ", ".join("?" * (len(varying) + 1)) + ")"] * size)
     else:  # PostgreSQL types a VALUES column from its values: parameters need their casts
-        marks = ", ".join(["(?::bigint, " + ", ".join(f"?::{_postgres_type(n)}" for n in varying) + ")"]
-                          * len(members))
+        marks = ", ".join(["(?::bigint, " + ", ".join(f"?::{_postgres_type(n)}" for n in varying) + ")"] * size)
     execute(f"UPDATE flow SET {', '.join(columns)} FROM (VALUES {marks}) AS v WHERE flow.id = v.column1",
             [*(first[n] for n in same), *(value for flow_id, row in members for value in (flow_id, *(
-                row[n] for n in varying)))])
+                row[n] for n in varying))), *[None] * ((size - len(members)) * (len(varying) + 1))])
 
 
 _INTEGER_COLUMNS = {"id", "position", "dispatch_token", "worker_pid", "step_attempt", "interruptions", "parent_id",
@@ -311,7 +317,7 @@ def _insert_result_row(values: tuple[Any, ...]) -> int:
 
 def running_result(flow_id: int, position: int) -> Row | None:
     found = rows(execute(_RESULT_SELECT + " WHERE flow_id = ? AND position = ? AND state = ? "
-                          "ORDER BY attempt DESC LIMIT 1", (flow_id, position, StepState.RUNNING.value)),
+                          "ORDER BY attempt DESC LIMIT 1", (flow_id, position, RUNNING)),
                   RESULT_COLUMNS)
     return found[0] if found else None
 
@@ -327,7 +333,7 @@ def insert_result(flow_id: int, position: int, task: str, step_input: Any, worke
                       (flow_id, position)).fetchone()
         attempt = int(row[0])
     encoded = step_input if isinstance(step_input, str) else encode("input", step_input)
-    return _insert_result_row((flow_id, position, task, attempt, StepState.RUNNING.value, encoded, worker_pid,
+    return _insert_result_row((flow_id, position, task, attempt, RUNNING, encoded, worker_pid,
                                encode("started_at", started_at), node_id)), attempt
 
 
@@ -339,20 +345,20 @@ def update_result(result_id: int, **changes: Any) -> None:
 
 def end_running_results(flow_id: int, state: str, error: str | None, now: dt.datetime) -> None:
     execute("UPDATE task_result SET state = ?, error = ?, finished_at = ? WHERE flow_id = ? AND state = ?",
-            (state, error, encode("finished_at", now), flow_id, StepState.RUNNING.value))
+            (state, error, encode("finished_at", now), flow_id, RUNNING))
 
 
 def step_output(flow_id: int, position: int) -> Any:
     """The output of the latest DONE attempt of a step (None if there is none)."""
     row = execute("SELECT output FROM task_result WHERE flow_id = ? AND position = ? AND state = ? "
-                  "ORDER BY attempt DESC LIMIT 1", (flow_id, position, StepState.DONE.value)).fetchone()
+                  "ORDER BY attempt DESC LIMIT 1", (flow_id, position, DONE)).fetchone()
     return decode("output", row[0]) if row else None
 
 
 def done_outputs(flow_id: int, before: int) -> list[Any]:
     """Outputs of every finished step before ``before``, in order (``Task.results``)."""
     rows = execute("SELECT position, output FROM task_result WHERE flow_id = ? AND position < ? AND state = ? "
-                   "ORDER BY position, attempt", (flow_id, before, StepState.DONE.value)).fetchall()
+                   "ORDER BY position, attempt", (flow_id, before, DONE)).fetchall()
     by_position = {position: decode("output", output) for position, output in rows}
     return [by_position[p] for p in sorted(by_position)]
 
@@ -372,7 +378,7 @@ def active_flows(routine: str) -> list[Row]:
 
 def pending_flows(routine: str, limit: int = 1_000_000) -> list[Row]:
     return select_flows("routine = ? AND admitted = ? AND state = ?",
-                        (routine, sql_bool(False), FlowState.INIT.value), f"ORDER BY id LIMIT {int(limit)}")
+                        (routine, sql_bool(False), INIT, int(limit)), "ORDER BY id LIMIT ?")  # one text
 
 
 
@@ -380,7 +386,7 @@ def pending_flows(routine: str, limit: int = 1_000_000) -> list[Row]:
 def has_pending(routine: str) -> bool:
     """Whether some flow of ``routine`` waits for admission."""
     return execute("SELECT 1 FROM flow WHERE routine = ? AND admitted = ? AND state = ? LIMIT 1",
-                   (routine, sql_bool(False), FlowState.INIT.value)).fetchone() is not None
+                   (routine, sql_bool(False), INIT)).fetchone() is not None
 
 
 def flows_by_id(flow_ids: list[int]) -> dict[int, Row]:
@@ -390,8 +396,8 @@ def flows_by_id(flow_ids: list[int]) -> dict[int, Row]:
     if len(flow_ids) == 1:
         found = get_flow(flow_ids[0])
         return {found.id: found} if found is not None else {}
-    marks = ", ".join("?" * len(flow_ids))
-    return {row.id: row for row in select_flows(f"id IN ({marks})", flow_ids)}
+    wanted = flow_ids + flow_ids[-1:] * (padded(len(flow_ids)) - len(flow_ids))  # an id repeated matches once
+    return {row.id: row for row in select_flows(f"id IN ({', '.join('?' * len(wanted))})", wanted)}
 
 
 _FINISH_HELD = ("UPDATE task_result SET state = ?, output = ?, finished_at = ?, started_at = COALESCE(?, started_at) "
@@ -409,9 +415,9 @@ def finish_held_result(result_id: int, output_json: str, now: dt.datetime, start
     fence: a node frozen past its lease commits nothing), and nothing was written."""
     # On PostgreSQL the flow row is locked (see _locking): a takeover under way is waited for.
     cursor = execute(_FINISH_HELD_SQLITE if is_sqlite() else _FINISH_HELD_POSTGRES,
-                     (StepState.DONE.value, output_json, encode("finished_at", now),
-                      encode("started_at", started_at), result_id, StepState.RUNNING.value, flow_id,
-                      FlowState.RUNNING.value, worker_pid, node_id, token))
+                     (DONE, output_json, encode("finished_at", now),
+                      encode("started_at", started_at), result_id, RUNNING, flow_id,
+                      RUNNING, worker_pid, node_id, token))
     return int(cursor.rowcount) == 1
 
 
@@ -458,18 +464,20 @@ def finish_held_results(steps: list[HeldStep], output_jsons: list[str], now: dt.
     if is_sqlite() and not _SQLITE_UPDATE_FROM:
         return {row[0] for row in finished if finish_held_result(row[0], row[1], now, row[2], row[3], worker_pid,
                                                                  row[4], node_id)}
-    done, running, stamp = StepState.DONE.value, StepState.RUNNING.value, encode("finished_at", now)
+    done, running, stamp = DONE, RUNNING, encode("finished_at", now)
     recorded: set[int] = set()
-    for start in range(0, len(finished), 200):  # 5 parameters a row: far below any backend's limit
-        chunk = finished[start:start + 200]
+    for start in range(0, len(finished), 128):  # 5 parameters a row: far below any backend's limit
+        chunk = finished[start:start + 128]
         values = [value for result_id, text, started_at, flow_id, token in chunk
                   for value in (result_id, text, encode("started_at", started_at), flow_id, token)]
-        if is_sqlite():
-            sql = _FINISH_MANY_SQLITE.format(marks=", ".join(["(?, ?, ?, ?, ?)"] * len(chunk)))
-            params = [done, stamp, *values, running, FlowState.RUNNING.value, worker_pid, node_id]
+        if is_sqlite():  # rows of NULLs after the steps: they match no attempt
+            size = padded(len(chunk))
+            values += [None] * (5 * (size - len(chunk)))
+            sql = _FINISH_MANY_SQLITE.format(marks=", ".join(["(?, ?, ?, ?, ?)"] * size))
+            params = [done, stamp, *values, running, RUNNING, worker_pid, node_id]
         else:
             sql = _FINISH_MANY_POSTGRES.format(marks=", ".join([_POSTGRES_ROW] * len(chunk)))
-            params = [*values, FlowState.RUNNING.value, worker_pid, node_id, done, stamp, running]
+            params = [*values, RUNNING, worker_pid, node_id, done, stamp, running]
         recorded.update(int(row[0]) for row in execute(sql, params).fetchall())
     return recorded
 
@@ -484,37 +492,37 @@ def running_admitted(node_id: str | None) -> list[Row]:
     """Flows a worker of this node was running (or about to) when its daemon stopped
     (no node: held before schema v6)."""
     return select_flows("state = ? AND admitted = ? AND (node_id = ? OR node_id IS NULL)",
-                        (FlowState.RUNNING.value, sql_bool(True), node_id))
+                        (RUNNING, sql_bool(True), node_id))
 
 
 def admitted_not_ended(node_id: str | None) -> list[Row]:
     """Flows admitted and not finished (INIT or RUNNING), except those another node's
     worker holds: each needs a queue message."""
     return select_flows("admitted = ? AND state IN (?, ?) AND (worker_pid IS NULL OR node_id IS NULL OR node_id = ?)",
-                        (sql_bool(True), FlowState.INIT.value, FlowState.RUNNING.value, node_id))
+                        (sql_bool(True), INIT, RUNNING, node_id))
 
 
 def pending_routines() -> set[str]:
     """Routines with flows waiting for admission."""
     rows = execute("SELECT DISTINCT routine FROM flow WHERE admitted = ? AND state = ?",
-                   (sql_bool(False), FlowState.INIT.value)).fetchall()
+                   (sql_bool(False), INIT)).fetchall()
     return {row[0] for row in rows}
 
 
 def retry_waiting() -> list[Row]:
     """Admitted flows no worker holds that wait for a retry (``next_attempt_at``)."""
     return select_flows("state IN (?, ?) AND admitted = ? AND worker_pid IS NULL AND next_attempt_at IS NOT NULL",
-                        (FlowState.INIT.value, FlowState.RUNNING.value, sql_bool(True)))
+                        (INIT, RUNNING, sql_bool(True)))
 
 
 def waiting_flows() -> list[Row]:
     """Flows WAITING for an MQTT message."""
-    return select_flows("state = ? AND wait_topic IS NOT NULL", (FlowState.WAITING.value,))
+    return select_flows("state = ? AND wait_topic IS NOT NULL", (WAITING,))
 
 
 def waiting_topics() -> set[str]:
     rows = execute("SELECT DISTINCT wait_topic FROM flow WHERE state = ? AND wait_topic IS NOT NULL",
-                   (FlowState.WAITING.value,)).fetchall()
+                   (WAITING,)).fetchall()
     return {row[0] for row in rows}
 
 
@@ -524,11 +532,11 @@ def anything_expired(now: dt.datetime) -> bool:
     placeholders = ", ".join("?" * len(ACTIVE_STATES))
     return execute(f"SELECT 1 FROM flow WHERE (state = ? AND wait_until <= ?) OR (state IN ({placeholders}) "
                    "AND deadline <= ? AND worker_pid IS NULL) LIMIT 1",
-                   (FlowState.WAITING.value, stamp, *ACTIVE_STATES, stamp)).fetchone() is not None
+                   (WAITING, stamp, *ACTIVE_STATES, stamp)).fetchone() is not None
 
 
 def expired_waits(now: dt.datetime) -> list[Row]:
-    return select_flows("state = ? AND wait_until <= ?", (FlowState.WAITING.value, encode("wait_until", now)))
+    return select_flows("state = ? AND wait_until <= ?", (WAITING, encode("wait_until", now)))
 
 
 def overdue_unheld(now: dt.datetime) -> list[Row]:
@@ -548,7 +556,7 @@ def restamp_running(result_ids: list[int], now: dt.datetime) -> None:
     for start in range(0, len(result_ids), 500):
         chunk = result_ids[start:start + 500]
         execute(f"UPDATE task_result SET started_at = ? WHERE id IN ({', '.join('?' * len(chunk))}) AND state = ?",
-                (stamp, *chunk, StepState.RUNNING.value))
+                (stamp, *chunk, RUNNING))
 
 
 def held_tokens(flow_ids: list[int], worker_pid: int, node_id: str | None) -> dict[int, int]:
@@ -558,5 +566,5 @@ def held_tokens(flow_ids: list[int], worker_pid: int, node_id: str | None) -> di
     marks = ", ".join("?" * len(flow_ids))
     same = "IS" if is_sqlite() else "="
     rows = execute(f"SELECT id, dispatch_token FROM flow WHERE id IN ({marks}) AND state = ? AND worker_pid = ? "
-                   f"AND node_id {same} ?", (*flow_ids, FlowState.RUNNING.value, worker_pid, node_id)).fetchall()
+                   f"AND node_id {same} ?", (*flow_ids, RUNNING, worker_pid, node_id)).fetchall()
     return {int(flow_id): int(token) for flow_id, token in rows}
