@@ -144,6 +144,20 @@ def test_the_outbox_operations(engine: Any) -> None:
     assert not store.has_messages() and store.message_id_span() is None and store.count_messages() == 0
 
 
+def test_deleting_messages_takes_those_named_and_no_other(engine: Any) -> None:
+    # 3 and 5 ids: on SQLite the statement is written for 4 and 8 (the last id repeated).
+    with write_transaction():
+        for n in range(9):
+            store.insert_message(f"t/{n}", "{}", 1, False, None, NOW)
+    ids = [r[0] for r in store.messages_after(0, 100)]
+    with write_transaction():
+        store.delete_messages([ids[0], ids[2], ids[5]])
+    assert [r[0] for r in store.messages_after(0, 100)] == [ids[1], ids[3], ids[4], ids[6], ids[7], ids[8]]
+    with write_transaction():
+        store.delete_messages([ids[1], ids[3], ids[4], ids[7], ids[8]])
+    assert [r[0] for r in store.messages_after(0, 100)] == [ids[6]]
+
+
 def test_node_heartbeats(engine: Any) -> None:
     later = NOW + dt.timedelta(seconds=30)
     with write_transaction():

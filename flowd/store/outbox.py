@@ -6,7 +6,7 @@ import datetime as dt
 from collections.abc import Collection
 
 from flowd.store.nodes import published_by
-from flowd.store.rows import encode, execute
+from flowd.store.rows import encode, execute, padded
 
 
 def add_outbox(topic: str, payload: str, correlation_data: str | None, now: dt.datetime,
@@ -40,8 +40,9 @@ def messages_after(after_id: int, limit: int, publisher: str | None = None
 def delete_messages(ids: Collection[int]) -> None:
     """Delete these messages (published and acknowledged), inside the caller's transaction."""
     ids = list(ids)
-    for start in range(0, len(ids), 500):
-        chunk = ids[start:start + 500]
+    for start in range(0, len(ids), 512):
+        chunk = ids[start:start + 512]
+        chunk += chunk[-1:] * (padded(len(chunk)) - len(chunk))  # an id repeated matches once
         execute(f"DELETE FROM outbox WHERE id IN ({', '.join('?' * len(chunk))})", chunk)
 
 
