@@ -457,6 +457,15 @@ def test_pubacks_resolve_like_paho_s(acl_broker: Broker, protocol: MQTTProtocolV
         assert reasons == {("open/watched", 0, False), ("open/nobody", 0, False), ("closed/x", 0, False)}
 
 
+def started_sender(broker: Broker) -> mqtt.Client:
+    """A stock paho client, connected, its loop running, the clients under test settled."""
+    sender = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=V5)
+    sender.connect(broker.host, broker.port)
+    sender.loop_start()
+    time.sleep(0.3)
+    return sender
+
+
 @pytest.mark.parametrize("protocol", [V5, V311])
 def test_messages_in_arrive_as_paho_gives_them(broker: Broker, protocol: MQTTProtocolVersion) -> None:
     received: dict[type, list[tuple[Any, ...]]] = {Client: [], mqtt.Client: []}
@@ -477,10 +486,7 @@ def test_messages_in_arrive_as_paho_gives_them(broker: Broker, protocol: MQTTPro
         client.subscribe("in/#", qos=2)
         client.loop_start()
         clients.append(client)
-    sender = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=V5)
-    sender.connect(broker.host, broker.port)
-    sender.loop_start()
-    time.sleep(0.3)
+    sender = started_sender(broker)
     reply = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     reply.ResponseTopic, reply.CorrelationData = "reply/7", b"\x07"
     sent = [("in/a", b"zero", 0, None), ("in/b", b'{"routine": "r"}', 1, None), ("in/c", b"two", 2, None),
@@ -510,10 +516,7 @@ def test_callbacks_added_for_a_topic_filter_are_paho_s(broker: Broker) -> None:
         client.subscribe("cb/#", qos=1)
         client.loop_start()
         clients.append(client)
-    sender = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=V5)
-    sender.connect(broker.host, broker.port)
-    sender.loop_start()
-    time.sleep(0.3)
+    sender = started_sender(broker)
     sender.publish("cb/before", b"1", qos=1).wait_for_publish(5)
     wait_for(lambda: all(len(g) == 1 for g in got.values()), 5, message="the first message")
     for client, cls in zip(clients, (Client, mqtt.Client), strict=True):
