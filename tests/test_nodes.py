@@ -265,7 +265,13 @@ def test_a_killed_node_s_flows_are_taken_over_and_it_recovers_only_its_own(
         results[result["flow_id"]] += 1
     three_ids = {fid for (fid,) in cluster.sql("SELECT id FROM flow WHERE routine = 'three'")}
     assert three_ids <= set(results)
-    assert max(results.values()) <= 2 and sum(results.values()) < 1.1 * len(results), sorted(results.values())[-5:]
+    # A result goes twice only from b's outbox (b killed after the PUBACK, before its delete
+    # committed; a or c then sends the row again): flows whose last step b ran. How many
+    # depends on what b had in flight at the kill, so no share is asserted.
+    last = {fid: (2 if fid in three_ids else 0) for fid in results}
+    ended_on_b = {r["flow"] for r in runs if r["node"] == "b" and r["position"] == last.get(r["flow"])}
+    twice = {fid for fid, n in results.items() if n > 1}
+    assert max(results.values()) <= 2 and twice <= ended_on_b, sorted(twice - ended_on_b)
     # Each slot of the @every 2s schedule ran once across the nodes, b down or not.
     slots = sorted(dt.datetime.strptime(rid, "schedule:tick:%Y-%m-%dT%H:%M:%SZ")
                    for (rid,) in cluster.sql("SELECT request_id FROM flow WHERE routine = 'tick'"))
