@@ -29,6 +29,7 @@ from flowd.store.rows import (
     execute,
     is_sqlite,
     padded,
+    padded_ids,
     rows,
     runs,
     sql_bool,
@@ -274,9 +275,9 @@ def _update_flows(names: tuple[str, ...], members: list[tuple[int, dict[str, Any
             groups.setdefault(tuple(row[n] for n in varying), []).append(flow_id)
         columns += [f'"{name}" = ?' for name in varying]
         for values, flow_ids in groups.items():
-            flow_ids += flow_ids[-1:] * (padded(len(flow_ids)) - len(flow_ids))
-            execute(f"UPDATE flow SET {', '.join(columns)} WHERE id IN ({', '.join('?' * len(flow_ids))})",
-                    [*(first[n] for n in same), *values, *flow_ids])
+            wanted = padded_ids(flow_ids)
+            execute(f"UPDATE flow SET {', '.join(columns)} WHERE id IN ({', '.join('?' * len(wanted))})",
+                    [*(first[n] for n in same), *values, *wanted])
         return
     columns += [f'"{name}" = v.column{index}' for index, name in enumerate(varying, 2)]
     size = padded(len(members))  # rows of NULLs after the members: they join no flow
@@ -396,7 +397,7 @@ def flows_by_id(flow_ids: list[int]) -> dict[int, Row]:
     if len(flow_ids) == 1:
         found = get_flow(flow_ids[0])
         return {found.id: found} if found is not None else {}
-    wanted = flow_ids + flow_ids[-1:] * (padded(len(flow_ids)) - len(flow_ids))  # an id repeated matches once
+    wanted = padded_ids(flow_ids)
     return {row.id: row for row in select_flows(f"id IN ({', '.join('?' * len(wanted))})", wanted)}
 
 

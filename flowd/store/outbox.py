@@ -6,7 +6,7 @@ import datetime as dt
 from collections.abc import Collection
 
 from flowd.store.nodes import published_by
-from flowd.store.rows import encode, execute, padded
+from flowd.store.rows import encode, execute, padded_ids
 
 
 def add_outbox(topic: str, payload: str, correlation_data: str | None, now: dt.datetime,
@@ -41,8 +41,7 @@ def delete_messages(ids: Collection[int]) -> None:
     """Delete these messages (published and acknowledged), inside the caller's transaction."""
     ids = list(ids)
     for start in range(0, len(ids), 512):
-        chunk = ids[start:start + 512]
-        chunk += chunk[-1:] * (padded(len(chunk)) - len(chunk))  # an id repeated matches once
+        chunk = padded_ids(ids[start:start + 512])
         execute(f"DELETE FROM outbox WHERE id IN ({', '.join('?' * len(chunk))})", chunk)
 
 

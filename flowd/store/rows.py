@@ -105,6 +105,11 @@ def padded(count: int) -> int:
     return 1 << (count - 1).bit_length()
 
 
+def padded_ids(ids: list[T]) -> list[T]:
+    """``ids`` for an ``IN`` list of :func:`padded` length: the last repeated (it matches once)."""
+    return ids + ids[-1:] * (padded(len(ids)) - len(ids))
+
+
 def runs(items: list[T], largest: int) -> Iterator[list[T]]:
     """``items`` in consecutive runs for multi-row INSERTs, whose rows cannot be padded:
     on SQLite runs of a power of two rows each, at most ``largest`` (19 rows: 16, 2, 1),
