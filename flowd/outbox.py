@@ -273,7 +273,7 @@ class OutboxPublisher:
             window_full = len(self._handed) >= MAX_HANDED
             rows = [] if window_full else store.messages_after(self._cursor, READ_BATCH, self._publish_for)
             if not rows and not statuses:
-                return window_full
+                return window_full or self._statuses_wait()
             # Durable before visible (SPEC 4.5): one fsync covers every row read and every
             # status taken (each was sent after its commit).
             make_durable()
@@ -298,7 +298,12 @@ class OutboxPublisher:
                         return True
                 self._cursor = row_id
             if len(rows) < READ_BATCH:
-                return False
+                return self._statuses_wait()
+
+    def _statuses_wait(self) -> bool:
+        """Statuses pending with room in their window: they wait for a newer one of their
+        flow (``StatusInbox.take``, behind); look again soon, not at the idle timeout."""
+        return len(self._status_inflight) < STATUS_INFLIGHT and self.statuses.has_pending()
 
     def _result_flow(self, topic: str) -> int | None:
         """The flow id of a ``flow/<id>/result`` topic, else None."""

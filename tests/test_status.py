@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from flowd import api, catalog, store
 from flowd.flowmessages import flow_status_payload
 from flowd.models import Flow, FlowState, Outbox, dumps
 from flowd.status import (
+    BEHIND_WAIT_S,
     STATUS_INFLIGHT,
     Status,
     StatusInbox,
@@ -234,7 +236,14 @@ def test_status_messages_on_the_wire_and_without_a_daemon(tmp_path: Path) -> Non
         again = [Status(1, state, "flow/1/status", "{}") for state in ("RUNNING", "WAITING", "DONE")]
         assert send_statuses(tmp_path, again) is True
         wait_for(lambda: inbox.received == 6, message="three more received")
-        assert inbox.take(10) == again[-1:]
+        # Behind, the flow's latest waits BEHIND_WAIT_S for a newer one, then goes alone.
+        assert inbox.take(10) == []
+        assert inbox.take(10, now=time.monotonic() + BEHIND_WAIT_S) == again[-1:]
+        # Caught up (nothing pending, not backed up), a status goes at once again.
+        inbox.set_backed_up(False)
+        assert send_statuses(tmp_path, statuses[3:4]) is True
+        wait_for(lambda: inbox.received == 7, message="one more received")
+        assert inbox.take(10) == statuses[3:4]
     finally:
         inbox.stop()
     assert not (tmp_path / "status.sock").exists()
@@ -324,7 +333,44 @@ def test_statuses_backed_up_keep_one_per_flow_until_they_can_go_again(tmp_path: 
     later = [Status(1, "RUNNING", "flow/1/status", str(n)) for n in range(3, 5)]
     inbox.put(later)
     inbox.set_backed_up(True)  # still backed up: nothing more to coalesce
-    assert inbox.take(10) == [Status(1, "RUNNING", "flow/1/status", "4"), Status(2, "RUNNING", "flow/2/status", "a")]
-    inbox.set_backed_up(False)
+    assert inbox.take(10) == []  # behind: each waits BEHIND_WAIT_S for a newer one of its flow
+    # Then in the order their latest came.
+    assert inbox.take(10, now=time.monotonic() + BEHIND_WAIT_S) == [Status(2, "RUNNING", "flow/2/status", "a"),
+                                                                   Status(1, "RUNNING", "flow/1/status", "4")]
+    inbox.set_backed_up(False)  # and nothing pending: caught up
     inbox.put(first)
     assert inbox.take(10) == first
+
+
+def test_behind_a_slow_flows_status_still_goes_while_its_step_runs(
+        broker: Broker, config_file: Callable[..., Path], flowd_proc: Any, session_client: Any, task_dir: Path,
+        routines: None) -> None:
+    # The broker is frozen while 150 flows run, so statuses back up; then it thaws with a
+    # flow whose second step sleeps 4 s just started. Behind, each flow's latest status
+    # waits BEHIND_WAIT_S for a newer one; the slow flow has none coming for 4 s, so its
+    # step-1 status must go out long before the step ends, not at the publisher's idle
+    # timeout or with the result.
+    catalog.save_task("long-nap", "mqtt_steps.Nap", options={"nap": 4}, task_paths=[str(task_dir)])
+    catalog.save_routine("slow-middle", ["double", "long-nap", "double"])
+    watcher = session_client(["flow/#", "flowd/#"])
+    start(flowd_proc, config_file(broker=broker), watcher)
+    assert broker.proc is not None
+    os.kill(broker.proc.pid, signal.SIGSTOP)
+    try:
+        fast = [api.submit_flow("triple", value=n).id for n in range(150)]
+        wait_for(lambda: all(Flow.get_by_id(f).state == FlowState.DONE.value for f in fast), timeout=30,
+                 message="flows DONE with a frozen broker")
+        slow = api.submit_flow("slow-middle").id
+        wait_for(lambda: Flow.get_by_id(slow).position == 1, timeout=10, message="the slow step to start")
+    finally:
+        os.kill(broker.proc.pid, signal.SIGCONT)
+    thawed = time.monotonic()
+    for flow_id in fast:
+        result_of(watcher, flow_id)
+    step_one = wait_for(lambda: [p for kind, p in messages_of(watcher, slow) if kind == "status" and p["position"] == 1],
+                        timeout=10, message="the slow flow's status after step 1")
+    seen_after = time.monotonic() - thawed
+    assert step_one[0]["state"] == "RUNNING"
+    assert not watcher.json_on(f"flow/{slow}/result") and seen_after < 2.5, seen_after  # its step still runs
+    assert [kind for kind, _ in messages_of(watcher, slow)][-1] == "status"
+    assert result_of(watcher, slow)["state"] == "DONE"
