@@ -9,6 +9,7 @@ subprocess, the SQLite file read back from this process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -68,6 +69,25 @@ def start(flowd_proc: Any, path: Path, watcher: Any) -> Any:
     proc = flowd_proc(path)
     wait_for(online(watcher, seen), timeout=20, message=f"flowd online; log:\n{proc.log_text()}")
     return proc
+
+
+@contextlib.contextmanager
+def frozen(broker: Broker) -> Iterator[None]:
+    """The broker stopped (SIGSTOP: its connections stay up, nothing is acknowledged)."""
+    assert broker.proc is not None
+    os.kill(broker.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(broker.proc.pid, signal.SIGCONT)
+
+
+def run_triples(count: int) -> list[int]:
+    """Submit ``count`` three-step flows through the API and wait until all are DONE."""
+    flows = [api.submit_flow("triple", value=n).id for n in range(count)]
+    wait_for(lambda: all(Flow.get_by_id(f).state == FlowState.DONE.value for f in flows), timeout=30,
+             message=f"{count} flows DONE")
+    return flows
 
 
 def result_of(watcher: Any, flow_id: int, timeout: float = 30) -> dict[str, Any]:
@@ -195,14 +215,8 @@ def test_a_frozen_broker_leaves_at_most_the_latest_status_per_flow(
     # result; far fewer statuses than transitions arrive.
     watcher = session_client(["flow/#", "flowd/#"])
     start(flowd_proc, config_file(broker=broker), watcher)
-    assert broker.proc is not None
-    os.kill(broker.proc.pid, signal.SIGSTOP)
-    try:
-        flows = [api.submit_flow("triple", value=n).id for n in range(40)]
-        wait_for(lambda: all(Flow.get_by_id(f).state == FlowState.DONE.value for f in flows), timeout=30,
-                 message="flows DONE with a frozen broker")
-    finally:
-        os.kill(broker.proc.pid, signal.SIGCONT)
+    with frozen(broker):
+        flows = run_triples(40)
     for flow_id in flows:
         result_of(watcher, flow_id)
     statuses = [(topic, json.loads(payload)) for topic, payload, _, _ in watcher.received("flow/+/status")]
@@ -354,20 +368,15 @@ def test_behind_a_slow_flows_status_still_goes_while_its_step_runs(
     catalog.save_routine("slow-middle", ["double", "long-nap", "double"])
     watcher = session_client(["flow/#", "flowd/#"])
     start(flowd_proc, config_file(broker=broker), watcher)
-    assert broker.proc is not None
-    os.kill(broker.proc.pid, signal.SIGSTOP)
-    try:
-        fast = [api.submit_flow("triple", value=n).id for n in range(150)]
-        wait_for(lambda: all(Flow.get_by_id(f).state == FlowState.DONE.value for f in fast), timeout=30,
-                 message="flows DONE with a frozen broker")
+    with frozen(broker):
+        fast = run_triples(150)
         slow = api.submit_flow("slow-middle").id
         wait_for(lambda: Flow.get_by_id(slow).position == 1, timeout=10, message="the slow step to start")
-    finally:
-        os.kill(broker.proc.pid, signal.SIGCONT)
     thawed = time.monotonic()
     for flow_id in fast:
         result_of(watcher, flow_id)
-    step_one = wait_for(lambda: [p for kind, p in messages_of(watcher, slow) if kind == "status" and p["position"] == 1],
+    step_one = wait_for(lambda: [p for kind, p in messages_of(watcher, slow)
+                                 if kind == "status" and p["position"] == 1],
                         timeout=10, message="the slow flow's status after step 1")
     seen_after = time.monotonic() - thawed
     assert step_one[0]["state"] == "RUNNING"
