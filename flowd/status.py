@@ -203,7 +203,6 @@ class StatusInbox:
         self._receive_lock = threading.Lock()  # reading a connection and queueing what it held: in order
         self._pending: OrderedDict[int, list[Status]] = OrderedDict()  # flow id -> not handed, in order
         self._count = 0                       # statuses in _pending
-        self._backed_up = False
         self._behind = False                  # backed up, and not caught up since
         self._since: dict[int, float] = {}    # flow id -> when its latest pending status came
         self._live: OrderedDict[int, None] = OrderedDict()        # final status still to come
@@ -339,8 +338,7 @@ class StatusInbox:
         from now until it caught up (it can, and none is pending), each flow keeps only
         its latest pending status, and that waits a little for a newer one (``take``)."""
         with self._lock:
-            was_backed_up, self._backed_up = self._backed_up, backed_up
-            if backed_up and not was_backed_up:  # while backed up, put() and restore() keep one per flow
+            if backed_up and not self._behind:  # while behind, put() and restore() keep one per flow
                 for waiting in self._pending.values():
                     if len(waiting) > 1:
                         self.dropped += len(waiting) - 1
@@ -468,4 +466,3 @@ class StatusInbox:
     def has_pending(self) -> bool:
         with self._lock:
             return bool(self._pending)
-
