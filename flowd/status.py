@@ -203,6 +203,7 @@ class StatusInbox:
         self._receive_lock = threading.Lock()  # reading a connection and queueing what it held: in order
         self._pending: OrderedDict[int, list[Status]] = OrderedDict()  # flow id -> not handed, in order
         self._count = 0                       # statuses in _pending
+        self._backed_up = False               # what the publisher said last: its window full, or the broker away
         self._behind = False                  # backed up, and not caught up since
         self._since: dict[int, float] = {}    # flow id -> when its latest pending status came
         self._live: OrderedDict[int, None] = OrderedDict()        # final status still to come
@@ -344,8 +345,15 @@ class StatusInbox:
                         self.dropped += len(waiting) - 1
                         self._count -= len(waiting) - 1
                         del waiting[:-1]
-            # Behind from now until caught up: able to send again, and nothing pending.
-            self._behind = backed_up or (self._behind and bool(self._pending))
+            self._backed_up = backed_up
+            self._behind = self._behind or backed_up
+            self._note_caught_up()
+
+    def _note_caught_up(self) -> None:
+        """Behind ends once caught up: able to send again, and nothing pending (however the
+        last went: taken, with its result, or dropped). Called with the lock held."""
+        if self._behind and not self._backed_up and not self._pending:
+            self._behind = False
 
     def put(self, statuses: Iterable[Status], now: float | None = None) -> None:
         """Queue statuses to go out (coalesced per flow while behind)."""
@@ -415,6 +423,7 @@ class StatusInbox:
                     del self._pending[flow_id]
                     self._since.pop(flow_id, None)
             self._count -= len(taken)
+            self._note_caught_up()
         return taken
 
     def is_awaited(self, flow_id: int) -> bool:
@@ -437,6 +446,7 @@ class StatusInbox:
             waiting = self._pending.pop(flow_id, [])
             self._since.pop(flow_id, None)
             self._count -= len(waiting)
+            self._note_caught_up()
             self._live.pop(flow_id, None)
             self._ended[flow_id] = now
             self._ended.move_to_end(flow_id)

@@ -383,3 +383,18 @@ def test_behind_a_slow_flows_status_still_goes_while_its_step_runs(
     assert not watcher.json_on(f"flow/{slow}/result") and seen_after < 2.5, seen_after  # its step still runs
     assert [kind for kind, _ in messages_of(watcher, slow)][-1] == "status"
     assert result_of(watcher, slow)["state"] == "DONE"
+
+
+def test_behind_ends_once_caught_up_however_the_last_status_went(tmp_path: Path) -> None:
+    # Behind, a flow's status waits for a newer one. Once the publisher can send again and
+    # the last pending status went with its flow's result, the inbox is caught up: a lone
+    # flow's statuses go at once and each of them, not coalesced to its latest.
+    inbox = StatusInbox(tmp_path / "status.sock")  # not started: put() and take() only
+    inbox.set_backed_up(True)
+    inbox.put([Status(1, "RUNNING", "flow/1/status", "a")])
+    inbox.set_backed_up(False)  # room again, but one status still pending: still behind
+    assert inbox.take(10) == []
+    assert inbox.take_before_result(1) == [Status(1, "RUNNING", "flow/1/status", "a")]
+    alone = [Status(2, "RUNNING", "flow/2/status", "b"), Status(2, "DONE", "flow/2/status", "c")]
+    inbox.put(alone)
+    assert inbox.take(10) == alone
