@@ -30,7 +30,8 @@ import json, sys, time
 def pss():
     with open('/proc/self/smaps_rollup') as f:
         return next(int(l.split()[1]) for l in f if l.startswith('Pss:'))
-import flowd.service, flowd.api, flowd.engine, flowd.mqtt_bridge, flowd.scheduler, flowd.queue, flowd.outbox
+import flowd.service.service, flowd.api, flowd.engine.engine, flowd.mqtt.bridge, flowd.schedule.scheduler
+import flowd.queue.queue, flowd.mqtt.outbox
 before, t0 = pss(), time.perf_counter()
 import flowd.web.server
 print(json.dumps({"import_ms": round(1000 * (time.perf_counter() - t0), 1),

@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                           f'workers = {a.workers}\nnode_id = "pss"\n\n[mqtt]\nhost = "127.0.0.1"\nport = {port}\n'
                           f'\n[web]\nenabled = {"false" if a.web == "off" else "true"}\n'
                           f'listen = "127.0.0.1:{web_port}"\n')
-        subprocess.run([sys.executable, "-m", "flowd.cli", "--config", str(config), "apply",
+        subprocess.run([sys.executable, "-m", "flowd.cli.cli", "--config", str(config), "apply",
                         str(BENCH / "bench3.toml")], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         log = open(work / "flowd.log", "wb")  # noqa: SIM115 - lives as long as the daemon
         entry = [a.daemon_wrapper] if a.daemon_wrapper else ["-m", "flowd"]

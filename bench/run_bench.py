@@ -360,7 +360,7 @@ class Bench:
             routines = self.work / "bench3.toml"
             routines.write_text(text)
         code, out, err = run_child(self.children, "flowctl apply",
-                                   [sys.executable, "-m", "flowd.cli", "--config", str(self.config), "apply",
+                                   [sys.executable, "-m", "flowd.cli.cli", "--config", str(self.config), "apply",
                                     str(routines)], 60, cwd=ROOT)
         if code != 0:
             raise BenchError(f"flowctl apply failed ({code}): {err.strip() or out.strip()}")
@@ -398,7 +398,7 @@ class Bench:
 
     def daemon_entry(self) -> list[str]:
         """``-m flowd``, or a wrapper script for experiments (--daemon-wrapper): it gets the same
-        arguments and is expected to end in ``flowd.service.main()``."""
+        arguments and is expected to end in ``flowd.service.service.main()``."""
         return [self.args.daemon_wrapper] if self.args.daemon_wrapper else ["-m", "flowd"]
 
     def tree(self) -> list[int]:

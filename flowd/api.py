@@ -21,12 +21,12 @@ from typing import Any
 from flowd import store
 from flowd.config import Config, DatabaseSection, load_config
 from flowd.errors import InputError, NotFoundError
-from flowd.models import FlowState, Routine, database, init_database, utcnow
 from flowd.store import Row
+from flowd.store.models import FlowState, Routine, database, init_database, utcnow
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from flowd.engine import Engine
+    from flowd.engine.engine import Engine
 
 _engine: Engine | None = None
 _database_open = False
@@ -40,8 +40,8 @@ def configure(config: Config | str | None = None, *, create: bool = False) -> En
     looked for, so a script run with the wrong configuration never makes an empty one.
     """
     global _engine
-    from flowd import queue
-    from flowd.engine import Engine
+    from flowd.engine.engine import Engine
+    from flowd.queue import queue
 
     cfg = config if isinstance(config, Config) else load_config(config)
     init_database(cfg.database, create=create)
@@ -80,7 +80,7 @@ def reset() -> None:
 
 def check_flow_input(args: Any, kwargs: dict[str, Any]) -> None:
     """Raise InputError when a flow's input cannot be stored as JSON (a set, NaN, a lone surrogate)."""
-    from flowd.runner import check_json
+    from flowd.engine.runner import check_json
 
     try:
         check_json({"args": list(args), "kwargs": kwargs}, "the flow's input")
@@ -128,8 +128,8 @@ def wait_flow(flow_id: int, timeout: float | None = None) -> Row:
     """Block until the flow ends (started anywhere: this process, flowctl, MQTT, another
     node); returns it. Raises FlowWaitTimeout (a TimeoutError) after ``timeout`` s, the
     flow going on. Woken by the flow's messages on the broker, with a slow check of the
-    database when the broker is away (see flowd.waiting)."""
-    from flowd.waiting import FlowWaiter
+    database when the broker is away (see flowd.engine.waiting)."""
+    from flowd.engine.waiting import FlowWaiter
 
     config = engine().config
     get_flow(flow_id)
@@ -173,7 +173,7 @@ def describe_flow(flow_id: int) -> dict[str, Any]:
     ``flowctl --json flow show`` prints it, but with its tasks' option values masked
     wherever they were passed on (SPEC 11: options may hold secrets)."""
     from flowd import catalog
-    from flowd.display import attempt_dict, flow_dict
+    from flowd.cli.display import attempt_dict, flow_dict
 
     data = {**flow_dict(get_flow(flow_id)), "trace": [attempt_dict(r) for r in flow_trace(flow_id)]}
     options = catalog.task_options(list(data["steps"]))
@@ -204,7 +204,7 @@ def _mask(value: Any, options: dict[str, Any], texts: list[str]) -> Any:
 def summarize_flows(state: str | None = None, routine: str | None = None, limit: int = 50,
                     before: int | None = None) -> list[dict[str, Any]]:
     """:func:`list_flows` as dicts: one line of a flow list each."""
-    from flowd.display import iso
+    from flowd.cli.display import iso
 
     return [{"id": f.id, "routine": f.routine, "state": f.state, "position": f.position,
              "steps": len(f.steps or []), "trigger": f.trigger, "request_id": f.request_id,
@@ -217,7 +217,7 @@ def describe_routines() -> list[dict[str, Any]]:
     """Every routine with its steps (never options) and, when scheduled and enabled, its
     next run (ISO UTC)."""
     from flowd import catalog
-    from flowd.display import iso, routine_dict
+    from flowd.cli.display import iso, routine_dict
 
     _reading()
     result = []
@@ -234,7 +234,7 @@ def describe_routines() -> list[dict[str, Any]]:
 
 
 def _next_run(routine: Routine) -> dt.datetime | None:
-    from flowd.scheduler import Scheduler, to_db
+    from flowd.schedule.scheduler import Scheduler, to_db
 
     first = Scheduler(engine().config, engine()).plan(routine).first_fire
     return to_db(first) if first is not None else None
@@ -252,8 +252,8 @@ def node_overview() -> dict[str, Any]:
     """This node at a glance: daemon and broker (from its heartbeat), queue depth, flows
     by state, outbox size, database size. Raises StoreUnavailable when the database
     cannot be read; a queue that cannot be read is reported in ``queue_error``."""
-    from flowd import queue
-    from flowd.display import iso
+    from flowd.cli.display import iso
+    from flowd.queue import queue
 
     cfg = engine().config
     node = next((n for n in store.node_statuses() if n.node_id == cfg.flowd.node_id), None)
@@ -275,7 +275,7 @@ def node_overview() -> dict[str, Any]:
 
 def database_bytes() -> int | None:
     """Bytes the SQLite database takes on disk (with its write-ahead log); None on PostgreSQL."""
-    from flowd.models import sqlite_path
+    from flowd.store.models import sqlite_path
 
     path = sqlite_path(engine().config.database.url)
     if path is None:

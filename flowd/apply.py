@@ -129,7 +129,7 @@ def check_document(doc: dict[str, Any], task_paths: Iterable[str], existing_task
                    *, prune: bool = False) -> tuple[list[TaskSpec], list[RoutineSpec], list[str]]:
     """Check a parsed apply file without touching the database; returns the tasks,
     the routines and the problems found (each naming its table and key)."""
-    from flowd.models import MODES, STATUS_MODES, Routine, Task
+    from flowd.store.models import MODES, STATUS_MODES, Routine, Task
 
     problems: list[str] = []
     paths = tuple(task_paths)
@@ -192,7 +192,7 @@ def check_document(doc: dict[str, Any], task_paths: Iterable[str], existing_task
                 problems.append(f"{where} tasks: task '{step}' does not exist; {hint}")
         timezone = _string(table, "timezone", where, problems)
         schedule = _string(table, "schedule", where, problems)
-        from flowd import cron
+        from flowd.schedule import cron
 
         if schedule is not None:
             try:
@@ -229,7 +229,7 @@ def apply_file(path: str | Path, task_paths: Iterable[str], prune: bool = False)
     The database must be open (``models.init_database``).
     """
     from flowd import catalog
-    from flowd.models import Routine, Task, bump_definitions_version, utcnow, write_transaction
+    from flowd.store.models import Routine, Task, bump_definitions_version, utcnow, write_transaction
 
     where = str(path)
     doc = read_file(path)

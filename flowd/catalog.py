@@ -14,7 +14,7 @@ from typing import Any
 
 from flowd.errors import InputError, NotFoundError, TaskScriptError
 from flowd.loader import check_reference
-from flowd.models import (
+from flowd.store.models import (
     MODES,
     STATUS_MODES,
     Routine,
@@ -62,7 +62,7 @@ def save_task(name: str, script: str, *, options: dict[str, Any] | None = None, 
     if options is not None and not isinstance(options, dict):
         raise InputError(f"task '{name}': options must be a table of key = value, not {options!r}")
     if options is not None:
-        from flowd.runner import check_json
+        from flowd.engine.runner import check_json
 
         try:
             check_json(options, f"task '{name}' options")
@@ -141,7 +141,7 @@ def save_routine(name: str, tasks: list[str], *, schedule: str | None = None, ti
     if schedule is not None:
         if not isinstance(schedule, str):
             raise InputError(f"routine '{name}': schedule must be a string like '*/5 * * * *' or '@every 30s'")
-        from flowd.cron import validate_schedule
+        from flowd.schedule.cron import validate_schedule
 
         validate_schedule(schedule, timezone)
     fields = {"schedule": schedule or None, "timezone": timezone, "jitter": jitter, "mqtt": mqtt, "mode": mode,

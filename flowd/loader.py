@@ -79,7 +79,7 @@ class ScriptLoader:
         self._round_classes: dict[str, type[Task]] = {}  # classes loaded this round, by reference
 
     def new_round(self) -> None:
-        """A worker starts a round of steps (flowd.batch): each script file is looked at
+        """A worker starts a round of steps (flowd.engine.batch): each script file is looked at
         once in it, not once per step. The round starts after its flows were claimed, so
         a file changed before a flow was submitted is always seen by its steps."""
         self._round = {}

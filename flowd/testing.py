@@ -1,7 +1,7 @@
 """Unit-test task scripts: run one task, or a whole routine, in the test's own process.
 
 No daemon, database or broker: steps run as a worker runs them (see
-:mod:`flowd.foreground`): the options merged under the kwargs, the output rules and
+:mod:`flowd.cli.foreground`): the options merged under the kwargs, the output rules and
 JSON checks, retries and timeouts. ``self.publish`` is recorded in ``published``,
 not sent. Example, in ``tests/test_greenhouse.py``::
 
@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from flowd.foreground import DONE, FAILED, WAITING, Definitions, ForegroundRunner, Published, Run
+from flowd.cli.foreground import DONE, FAILED, WAITING, Definitions, ForegroundRunner, Published, Run
 from flowd.loader import ScriptLoader
 from flowd.store import RoutineInfo, TaskInfo
 from flowd.task import Task

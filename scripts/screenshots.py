@@ -70,7 +70,7 @@ def wait_until(what: str, check: Any, timeout: float) -> Any:
 
 
 def flowctl(config: Path, *args: str) -> Any:
-    done = subprocess.run([sys.executable, "-m", "flowd.cli", "--config", str(config), "--json", *args],
+    done = subprocess.run([sys.executable, "-m", "flowd.cli.cli", "--config", str(config), "--json", *args],
                           capture_output=True, text=True, check=True, cwd=ROOT, timeout=60)
     return json.loads(done.stdout) if done.stdout.strip() else None
 

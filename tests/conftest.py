@@ -211,7 +211,7 @@ def db(config: Any) -> Iterator[Any]:
 @pytest.fixture
 def worker_pool(db: Any) -> Iterator[Any]:
     """The real worker processes for ``config`` (the engine fixture ``db``), forked from this one."""
-    from flowd.workers import WorkerPool
+    from flowd.queue.workers import WorkerPool
 
     pool = WorkerPool(db.config)
     pool.start()
@@ -328,12 +328,12 @@ def flowd_proc(tmp_path: Path) -> Iterator[Callable[..., FlowdProcess]]:
 
 @pytest.fixture
 def flowctl(config_file: Callable[..., Path]) -> Callable[..., subprocess.CompletedProcess[str]]:
-    """Run the real ``flowctl`` (``python -m flowd.cli``) against the test config."""
+    """Run the real ``flowctl`` (``python -m flowd.cli.cli``) against the test config."""
 
     def run(*args: str, config: Path | None = None, timeout: float = 60,
             input: str | None = None) -> subprocess.CompletedProcess[str]:
         path = config or config_file()
-        return subprocess.run([sys.executable, "-m", "flowd.cli", "--config", str(path), *args],
+        return subprocess.run([sys.executable, "-m", "flowd.cli.cli", "--config", str(path), *args],
                               capture_output=True, text=True, env=flowd_env(), timeout=timeout, cwd=str(ROOT),
                               input=input)
 
@@ -375,7 +375,7 @@ class MqttClient:
         info.wait_for_publish(5)
 
     def json_on(self, topic_filter: str) -> list[Any]:
-        from flowd.topics import topic_matches
+        from flowd.mqtt.topics import topic_matches
 
         with self.lock:
             return decode_payloads([p for t, p, _ in self.messages if topic_matches(topic_filter, t)])
@@ -449,7 +449,7 @@ class SessionClient:
         info.wait_for_publish(10)
 
     def received(self, topic_filter: str) -> list[tuple[str, bytes, Any, bool]]:
-        from flowd.topics import topic_matches
+        from flowd.mqtt.topics import topic_matches
 
         with self.lock:
             return [m for m in self.messages if topic_matches(topic_filter, m[0])]

@@ -11,7 +11,7 @@ import pytest
 
 from flowd.apply import ApplyError, apply_file
 from flowd.errors import InputError
-from flowd.models import Routine, Task, definitions_version
+from flowd.store.models import Routine, Task, definitions_version
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,7 +14,7 @@ from conftest import create_pg_database, drop_pg_database, wait_for
 
 from flowd import api, catalog
 from flowd.config import load_config
-from flowd.workers import WorkerPool
+from flowd.queue.workers import WorkerPool
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 

@@ -18,8 +18,8 @@ from conftest import wait_for
 
 from flowd import catalog
 from flowd.errors import InputError
-from flowd.models import Flow, Outbox, TaskResult
-from flowd.payloads import MAX_JSON_DEPTH, SubmitRefused, is_nested_deeper, parse_json_payload, parse_submit
+from flowd.mqtt.payloads import MAX_JSON_DEPTH, SubmitRefused, is_nested_deeper, parse_json_payload, parse_submit
+from flowd.store.models import Flow, Outbox, TaskResult
 
 MAX_PAYLOAD = 64 * 1024
 
@@ -209,13 +209,13 @@ def test_the_shared_json_decoder_reads_and_refuses_as_json_loads(text: str) -> N
 @pytest.mark.parametrize("value", [[], {}, [[]], {"a": {}}, "", 0, None, False, (), "[]", [1, "é"]])
 def test_dumps_writes_what_json_dumps_writes(value: Any) -> None:
     # Empty lists and objects skip the encoder; everything reads back the same.
-    from flowd.models import dumps
+    from flowd.store.models import dumps
 
     assert dumps(value) == json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def test_dumps_refuses_what_json_refuses() -> None:
-    from flowd.models import dumps
+    from flowd.store.models import dumps
 
     for value in (float("nan"), {1j}, object()):
         with pytest.raises((ValueError, TypeError)):

@@ -9,12 +9,13 @@ from typing import Any
 
 from conftest import wait_for
 
-from flowd import api, catalog, models
-from flowd.batch import _watchdog, run_batch
-from flowd.engine import Engine, Submission
+from flowd import api, catalog
+from flowd.engine.batch import _watchdog, run_batch
+from flowd.engine.engine import Engine, Submission
+from flowd.engine.runner import WorkerRuntime
 from flowd.loader import ScriptLoader
-from flowd.models import Flow, TaskResult
-from flowd.runner import WorkerRuntime
+from flowd.store import models
+from flowd.store.models import Flow, TaskResult
 
 ENDED = ("DONE", "FAILED", "CANCELLED")
 
@@ -109,7 +110,7 @@ def test_messages_with_several_flows_are_seen_by_the_lost_message_check(db: Any)
     # message that carries several flows names each of them. A worker that takes one
     # message merges those already waiting (never waits for more). A retry that is not
     # due is no message at all: the retry timer queues it from Flow.next_attempt_at.
-    from flowd import queue
+    from flowd.queue import queue
 
     queue.flush_queue()
     queue.enqueue_flows([(1, 5), (2, 6)])

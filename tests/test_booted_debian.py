@@ -160,7 +160,8 @@ def test_reload_succeeds_is_logged_and_a_broken_file_fails_it(
                           and any("log_level changed from 'info' to 'debug'" in m for m in said) and said,
                           10, "the reload and the changed key in the journal")
         assert f"flowd reload: /etc/flowd/flowd.toml is valid; asked flowd (pid {pid}) to reload it" in logged
-        assert "flowd.service: reloading (SIGHUP)" in logged  # the daemon's own line (logger flowd.service)
+        # the daemon's own line (logger flowd.service.service)
+        assert "flowd.service.service: reloading (SIGHUP)" in logged
         assert machine.unit("flowd.service", "MainPID", "ActiveState") == {"MainPID": pid, "ActiveState": "active"}
 
         mark = machine.mark()

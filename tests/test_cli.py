@@ -88,7 +88,7 @@ def test_help_and_reading_flows_import_no_mqtt_scheduler_or_queue(cli: Run, conf
              "    heavy = sorted({m.split('.')[0] for m in sys.modules} & {'paho', 'apscheduler', 'huey'})\n"
              "    print('HEAVY', heavy, file=sys.stderr)\n"
              "atexit.register(report)\n"
-             "from flowd.cli import main\n"
+             "from flowd.cli.cli import main\n"
              "sys.exit(main(sys.argv[1:]))\n")
     for args in (["--help"], ["flows"], ["task", "list"], ["routine", "list"], ["flow", "show", "1"]):
         proc = subprocess.run([sys.executable, "-c", probe, "--config", str(config_file()), *args],
@@ -153,7 +153,7 @@ def test_config_found_through_flowd_config(cli: Run, config_file: Callable[..., 
     # SPEC 8: without --config, $FLOWD_CONFIG names the file.
     path = config_file()
     ok(cli("task", "add", "echo", "example.Echo"))
-    proc = subprocess.run([sys.executable, "-m", "flowd.cli", "--json", "task", "list"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "flowd.cli.cli", "--json", "task", "list"], capture_output=True,
                           text=True, env=flowd_env({"FLOWD_CONFIG": str(path)}), cwd=str(tmp_path), timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert [t["name"] for t in json.loads(proc.stdout)] == ["echo"]
@@ -431,7 +431,7 @@ def test_wait_timeout_stops_waiting_not_the_flow(cli: Run, with_routine: Run) ->
 @pytest.mark.parametrize("sigint", [signal.SIG_DFL, signal.SIG_IGN], ids=["sigint-default", "sigint-ignored"])
 def test_ctrl_c_stops_waiting_not_the_flow(with_routine: Run, config_file: Callable[..., Path], sigint: Any) -> None:
     # Also when flowctl starts with SIGINT ignored (nohup, `&` in a script, CI runners).
-    proc = subprocess.Popen([sys.executable, "-m", "flowd.cli", "--config", str(config_file()), "submit", "sum",
+    proc = subprocess.Popen([sys.executable, "-m", "flowd.cli.cli", "--config", str(config_file()), "submit", "sum",
                              "--wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=flowd_env(),
                             cwd=str(ROOT), preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
     try:
@@ -524,7 +524,7 @@ def test_wait_redraws_one_line_on_a_terminal(with_routine: Run, worker_pool: Any
     ok(with_routine("task", "add", "nap", "t.Sleep", "--option", "seconds=0.6"))
     ok(with_routine("routine", "add", "naps", "nap", "nap"))
     controller, terminal = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "flowd.cli", "--config", str(config_file()), "submit", "naps",
+    proc = subprocess.Popen([sys.executable, "-m", "flowd.cli.cli", "--config", str(config_file()), "submit", "naps",
                              "--wait"], stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal,
                             env=flowd_env({"COLUMNS": "80"}), cwd=str(ROOT))
     os.close(terminal)
@@ -568,7 +568,7 @@ def test_status_without_and_with_a_daemon_heartbeat(cli: Run, with_routine: Run,
     assert max(len(line) for line in text.splitlines() if not line.startswith(("database", "config"))) <= 80
 
     # What the daemon writes about itself: this test process stands in for its pid.
-    from flowd.models import utcnow
+    from flowd.store.models import utcnow
 
     conn = sqlite3.connect(db_path(config_file))
     now = utcnow().isoformat(sep=" ")

@@ -10,8 +10,8 @@ from zoneinfo import ZoneInfo
 import pytest
 from conftest import ROOT
 
-from flowd import cron
 from flowd.errors import InputError
+from flowd.schedule import cron
 
 UTC = dt.UTC
 
@@ -137,7 +137,7 @@ def test_interval_start_date_anchors_the_slots() -> None:
 
 
 def test_importing_cron_does_not_import_apscheduler() -> None:
-    code = ("import sys, flowd.cron as c; c.validate_schedule('*/5 * * * *', 'Europe/Oslo'); "
+    code = ("import sys, flowd.schedule.cron as c; c.validate_schedule('*/5 * * * *', 'Europe/Oslo'); "
             "print('apscheduler' in ' '.join(sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT), check=True)
     assert out.stdout.strip() == "False"

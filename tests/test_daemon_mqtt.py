@@ -20,7 +20,7 @@ import pytest
 from conftest import free_port, wait_for
 
 from flowd import catalog
-from flowd.models import Flow, Outbox
+from flowd.store.models import Flow, Outbox
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import pytest
 from conftest import ROOT, flowd_env, wait_for
 
 from flowd import api, catalog
-from flowd.models import Flow, FlowState
+from flowd.store.models import Flow, FlowState
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
 PAGE = 4096
@@ -329,7 +329,7 @@ def test_damaged_queue_file_is_set_aside_and_rebuilt_at_start(
     ids = [api.submit_flow("sum", i).id for i in range(20)]
     queue_file = Path(db.config.queue.path)
     api.reset()
-    from flowd import queue as flowd_queue
+    from flowd.queue import queue as flowd_queue
 
     flowd_queue.get_huey().storage.close()
     checkpoint(queue_file)
@@ -408,7 +408,7 @@ def test_flowctl_db_needs_sqlite_and_an_existing_file(cli: Run, config_file: Cal
     refused = cli("db", "recover", config=pg)
     assert refused.returncode == 2 and "SQLite" in refused.stderr and "s3cret" not in refused.stderr
     env = flowd_env()
-    helped = subprocess.run([sys.executable, "-m", "flowd.cli", "db", "--help"], capture_output=True, text=True,
+    helped = subprocess.run([sys.executable, "-m", "flowd.cli.cli", "db", "--help"], capture_output=True, text=True,
                             env=env, cwd=str(ROOT), timeout=30)
     assert helped.returncode == 0 and "check" in helped.stdout and "recover" in helped.stdout
 
@@ -422,7 +422,7 @@ def test_page_reader_reads_what_sqlite_reads(tmp_path: Path, page_size: int, aut
     # open, so nothing is checkpointed).
     import random
 
-    from flowd import salvage
+    from flowd.store import salvage
 
     rng = random.Random(page_size)
 

@@ -298,7 +298,7 @@ def test_unit_matches_the_daemon_contract() -> None:
     assert "mosquitto.service" in s["Wants"][0] and "mosquitto.service" in s["After"][0]
     assert "Requires" not in s and "BindsTo" not in s   # flowd outlives a broker restart
     assert s["Restart"] == ["on-failure"] and s["WatchdogSec"] == ["30"]
-    from flowd.service import EXIT_DATABASE_DAMAGED
+    from flowd.service.service import EXIT_DATABASE_DAMAGED
 
     assert s["RestartPreventExitStatus"] == [str(EXIT_DATABASE_DAMAGED)]  # damaged database: no restart loop
     assert s["OOMPolicy"] == ["continue"]                # a worker killed for memory is replaced, not fatal
@@ -318,7 +318,7 @@ try:
 except PermissionError:
     pass
 import paho.mqtt.client, huey, peewee, apscheduler.schedulers.background
-import flowd.config, flowd.models, flowd.engine, flowd.loader, flowd.queue
+import flowd.config, flowd.store.models, flowd.engine.engine, flowd.loader, flowd.queue.queue
 sqlite3.connect(":memory:").execute("select 1")
 ssl.create_default_context()
 child = multiprocessing.get_context("fork").Process(target=sqlite3.connect, args=(":memory:",))

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from flowd import store
-from flowd.flowmessages import flow_result_payload, flow_result_text
-from flowd.models import dumps, isoformat, loads, utcnow
-from flowd.status import MAX_MESSAGE, Status, decode_statuses, encode_statuses
+from flowd.engine.flowmessages import flow_result_payload, flow_result_text
+from flowd.mqtt.status import MAX_MESSAGE, Status, decode_statuses, encode_statuses
+from flowd.store.models import dumps, isoformat, loads, utcnow
 from flowd.task import Task
 
 ODD = {"a": [1, 2.5, -0.0, 10**30, None, True, False], "é\u2028": "\"\\\t\x00😀", "": {"k": []}}

@@ -18,7 +18,7 @@ from conftest import ROOT, flowd_env, wait_for
 
 from flowd import api, catalog
 from flowd.errors import InputError, NotFoundError
-from flowd.models import Flow, Outbox, TaskResult
+from flowd.store.models import Flow, Outbox, TaskResult
 
 ENDED = ("DONE", "FAILED", "CANCELLED")
 
@@ -87,7 +87,7 @@ def test_failing_steps_give_a_clear_error_and_never_stop_a_worker(
     if script.startswith("broken."):
         # catalog refuses scripts it cannot read; a script that breaks at import is
         # only found out when it runs, so store it directly.
-        from flowd.models import Task, bump_definitions_version, write_transaction
+        from flowd.store.models import Task, bump_definitions_version, write_transaction
 
         with write_transaction():
             Task.create(name="bad", script=script)
@@ -295,7 +295,7 @@ def test_submit_from_another_process_without_daemon(db: Any, paths: tuple[str, .
                          env=flowd_env(), cwd=str(ROOT), timeout=60, check=True)
     flow = api.get_flow(int(out.stdout))
     assert (flow.state, flow.args, flow.kwargs, flow.trigger) == ("INIT", [7], {"total": 1}, "api")
-    from flowd.workers import WorkerPool
+    from flowd.queue.workers import WorkerPool
 
     pool = WorkerPool(db.config)
     pool.start()
@@ -307,7 +307,7 @@ def test_submit_from_another_process_without_daemon(db: Any, paths: tuple[str, .
 
 def test_killed_worker_is_replaced_and_its_step_runs_again(
         paths: tuple[str, ...], worker_pool: Any, db: Any, tmp_path: Path) -> None:
-    from flowd.reaper import Reaper
+    from flowd.engine.reaper import Reaper
 
     counter = tmp_path / "count"
     add("sleep", "t.Sleep", paths, options={"seconds": 30})
@@ -329,7 +329,7 @@ def test_killed_worker_is_replaced_and_its_step_runs_again(
 
 def test_reaper_kills_a_step_that_blocks_the_timer(
         paths: tuple[str, ...], worker_pool: Any, db: Any, tmp_path: Path) -> None:
-    from flowd.reaper import Reaper
+    from flowd.engine.reaper import Reaper
 
     script = Path(paths[0]) / "task_deaf.py"
     script.write_text("import signal, time\nfrom flowd.task import Task\n\n\nclass Deaf(Task):\n"
@@ -350,7 +350,7 @@ def test_reaper_kills_a_step_that_blocks_the_timer(
 
 
 def test_recovery_requeues_interrupted_flows_exactly_once(paths: tuple[str, ...], db: Any) -> None:
-    from flowd.recovery import recover
+    from flowd.engine.recovery import recover
 
     add("add", "t.Add", paths)
     catalog.save_routine("rec", ["add", "add"])
@@ -362,7 +362,7 @@ def test_recovery_requeues_interrupted_flows_exactly_once(paths: tuple[str, ...]
     assert recover(db.config, db) == 2
     assert attempts(flows[0].id) == [(0, 1, "FAILED")]
     assert api.get_flow(flows[0].id).interruptions == 1
-    from flowd.queue import queued_flow_ids
+    from flowd.queue.queue import queued_flow_ids
 
     queued = queued_flow_ids()
     assert {(f.id, api.get_flow(f.id).dispatch_token) for f in flows[:2]} == queued
@@ -450,7 +450,7 @@ def test_prune_deletes_old_ended_flows_only(paths: tuple[str, ...], db: Any) -> 
 def test_the_reaper_asks_once_per_worker_whether_it_lives(monkeypatch: pytest.MonkeyPatch) -> None:
     # A few workers hold every running step: one liveness check each per pass, and the
     # steps of the dead one are all failed as interrupted.
-    from flowd import reaper as reaper_module
+    from flowd.engine import reaper as reaper_module
     from flowd.store import Row
 
     now = dt.datetime(2026, 1, 1)

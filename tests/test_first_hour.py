@@ -21,7 +21,7 @@ Run = Callable[..., subprocess.CompletedProcess[str]]
 
 def flowctl_in(folder: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """The real flowctl, run from ``folder``."""
-    return subprocess.run([sys.executable, "-m", "flowd.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "flowd.cli.cli", *args], capture_output=True, text=True,
                           env=flowd_env(env), cwd=str(folder), timeout=60)
 
 
@@ -241,7 +241,8 @@ def test_the_shipped_examples_are_safe_and_a_failed_flow_is_a_warning(
     [line] = (state_dir / "readings.jsonl").read_text().splitlines()
     assert json.loads(line)["data"] == {"t": 21}
     assert api.get_flow(failed.id).state == "FAILED"
-    wait_for(lambda: f"WARNING flowd.engine: flow {failed.id} (boom) ended FAILED" in proc.log_text(), timeout=10,
+    wait_for(lambda: f"WARNING flowd.engine.engine: flow {failed.id} (boom) ended FAILED" in proc.log_text(),
+             timeout=10,
              message=f"the FAILED flow in the log at WARNING:\n{proc.log_text()[-2000:]}")
     assert api.list_flows(routine="read-sensor") == [] and api.list_flows(routine="heartbeat") == []
     api.reset()

@@ -19,11 +19,11 @@ from typing import Any
 from conftest import wait_for
 
 from flowd import catalog
-from flowd.models import Flow, Outbox, TaskResult
+from flowd.store.models import Flow, Outbox, TaskResult
 
 SEED = 20261201
 COUNT = 3000
-FORGED_LINE = "\n2026-12-01 10:00:00,000 ERROR   flowd.engine: FORGED"
+FORGED_LINE = "\n2026-12-01 10:00:00,000 ERROR   flowd.engine.engine: FORGED"
 # A real record starts with flowd's stderr prefix: time, level, logger.
 RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) +[\w.]+: ")
 RAW_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")
@@ -97,7 +97,7 @@ def log_problems(text: str) -> list[str]:
 
 
 def test_the_log_checker_catches_what_it_looks_for() -> None:
-    good = "2026-12-01 10:00:00,000 WARNING flowd.mqtt_bridge: refused: 'ok\\x0a2026 FORGED'\n"
+    good = "2026-12-01 10:00:00,000 WARNING flowd.mqtt.bridge: refused: 'ok\\x0a2026 FORGED'\n"
     assert log_problems(good) == []
     assert log_problems(good + FORGED_LINE.lstrip("\n") + "\n") != []
     assert log_problems(good.replace("\\x0a", "\n")) != []
@@ -109,7 +109,7 @@ def test_the_log_checker_catches_what_it_looks_for() -> None:
 
 def test_generator_is_seeded_and_every_payload_is_refused_alone() -> None:
     from flowd.errors import InputError
-    from flowd.payloads import parse_submit
+    from flowd.mqtt.payloads import parse_submit
 
     first = [generate(random.Random(SEED)) for _ in range(3)]
     assert first == [generate(random.Random(SEED)) for _ in range(3)]

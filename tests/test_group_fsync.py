@@ -1,4 +1,4 @@
-"""The durability point shared across processes (flowd.durability), on the power-cut
+"""The durability point shared across processes (flowd.store.durability), on the power-cut
 filesystem: a fsync from any process covers every commit made before it, one skipped
 because another process synced never loses a commit, one with nothing new to cover
 costs nothing, and making something durable never drops the SQLite locks its own
@@ -36,7 +36,7 @@ WRITER = textwrap.dedent("""
 SYNCER = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from flowd.durability import Durability
+    from flowd.store.durability import Durability
     point = Durability()
     point.configure(Path(sys.argv[1]), "normal")
     point.sync()
@@ -48,7 +48,7 @@ SYNCER = textwrap.dedent("""
 READER = textwrap.dedent("""
     import os, sqlite3, sys
     from pathlib import Path
-    from flowd.durability import Durability
+    from flowd.store.durability import Durability
     conn = sqlite3.connect(sys.argv[1], isolation_level=None)
     conn.execute("BEGIN")
     conn.execute("SELECT count(*) FROM t").fetchone()   # the read lock on the snapshot

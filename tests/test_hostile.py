@@ -16,15 +16,16 @@ from typing import Any
 import pytest
 from conftest import create_pg_database, drop_pg_database, wait_for
 
-from flowd import api, catalog, loader, outbox
+from flowd import api, catalog, loader
 from flowd.config import redact_url
+from flowd.engine.runner import check_json
 from flowd.errors import InputError, StepError
-from flowd.logs import escape, setup_logging
-from flowd.models import Flow, Outbox, TaskResult, write_transaction
-from flowd.payloads import parse_submit
-from flowd.runner import check_json
+from flowd.mqtt import outbox
+from flowd.mqtt.payloads import parse_submit
+from flowd.service.logs import escape, setup_logging
+from flowd.store.models import Flow, Outbox, TaskResult, write_transaction
 
-FORGED = "\n2026-12-01 10:00:00,000 ERROR   flowd.engine: FORGED"
+FORGED = "\n2026-12-01 10:00:00,000 ERROR   flowd.engine.engine: FORGED"
 
 
 # ---------------------------------------------------------------------- surrogates
@@ -140,15 +141,16 @@ def test_log_lines_escape_the_message_the_fields_and_exception_messages(
     assert "[routine=r\\x0a2026-12-01" in lines[0] and "task=t\\x0d]" in lines[0] and "\\x00" in lines[0]
     assert "\x00" not in err and "\r" not in err
     assert not [line for line in lines if "FORGED" in line and line.startswith("2026-12-01 10:00:00")]
-    assert "ValueError: outer\\x0a2026-12-01 10:00:00,000 ERROR   flowd.engine: FORGED\\x00" in lines
-    assert "KeyError: 'inner\\n2026-12-01 10:00:00,000 ERROR   flowd.engine: FORGED'" in lines  # repr of KeyError
+    assert "ValueError: outer\\x0a2026-12-01 10:00:00,000 ERROR   flowd.engine.engine: FORGED\\x00" in lines
+    # repr of KeyError
+    assert "KeyError: 'inner\\n2026-12-01 10:00:00,000 ERROR   flowd.engine.engine: FORGED'" in lines
     assert "The above exception was the direct cause of the following exception:" in lines
     assert sum(line.startswith("Traceback (most recent call last):") for line in lines) == 2
 
 
 def test_journal_fields_and_message_are_escaped(restore_root_logger: None) -> None:
     pytest.importorskip("systemd.journal")
-    from flowd.logs import _journal_handler
+    from flowd.service.logs import _journal_handler
 
     handler = _journal_handler()
     assert handler is not None
@@ -157,7 +159,7 @@ def test_journal_fields_and_message_are_escaped(restore_root_logger: None) -> No
     record.TASK = "t\x00"
     assert handler.filter(record)
     assert "\n" not in handler.format(record)
-    assert record.ROUTINE == "r\\x0a2026-12-01 10:00:00,000 ERROR   flowd.engine: FORGED"
+    assert record.ROUTINE == "r\\x0a2026-12-01 10:00:00,000 ERROR   flowd.engine.engine: FORGED"
     assert record.TASK == "t\\x00"
 
 

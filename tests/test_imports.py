@@ -1,4 +1,4 @@
-"""flowd.imports.defer_import: a deferred module runs its code at its first use, once,
+"""flowd.service.imports.defer_import: a deferred module runs its code at its first use, once,
 even when several threads use it at the same moment, and is then a plain module.
 
 Each case runs in a fresh interpreter, so the modules of the test process stay as they are.
@@ -31,7 +31,7 @@ def run_python(code: str, tmp_path: Path) -> str:
 def test_a_deferred_module_runs_at_its_first_use_not_at_import(tmp_path: Path) -> None:
     out = run_python("""
         import sys
-        from flowd.imports import defer_import, is_deferred
+        from flowd.service.imports import defer_import, is_deferred
         defer_import(("slowmod", "urllib.request"))
         import slowmod, urllib.request
         import urllib.request as request
@@ -46,7 +46,7 @@ def test_a_deferred_module_runs_at_its_first_use_not_at_import(tmp_path: Path) -
 
 THREADS = """
     import sys, threading
-    from flowd.imports import defer_import
+    from flowd.service.imports import defer_import
     {make}
     slowmod = sys.modules["slowmod"]  # not "import slowmod": that runs a LazyLoader's module at once
     seen, failed = [], []
@@ -82,7 +82,7 @@ def test_the_thread_check_catches_a_module_seen_half_run(tmp_path: Path) -> None
 def test_a_deferred_module_that_fails_is_not_left_imported(tmp_path: Path) -> None:
     out = run_python("""
         import sys
-        from flowd.imports import defer_import
+        from flowd.service.imports import defer_import
         defer_import(("brokenmod",))
         import brokenmod
         try:
@@ -97,7 +97,7 @@ def test_a_deferred_module_that_fails_is_not_left_imported(tmp_path: Path) -> No
 def test_an_imported_module_is_left_as_it_is(tmp_path: Path) -> None:
     out = run_python("""
         import ssl
-        from flowd.imports import defer_import, is_deferred
+        from flowd.service.imports import defer_import, is_deferred
         defer_import(("ssl",))
         import sys
         print(sys.modules["ssl"] is ssl, is_deferred("ssl"))

@@ -12,7 +12,7 @@ from typing import Any
 from conftest import wait_for
 
 from flowd import catalog
-from flowd.models import Flow
+from flowd.store.models import Flow
 
 
 def test_submits_that_arrive_together_share_a_commit_and_are_acknowledged_only_after_it(
@@ -21,7 +21,7 @@ def test_submits_that_arrive_together_share_a_commit_and_are_acknowledged_only_a
     from paho.mqtt.enums import CallbackAPIVersion
 
     from flowd.config import load_config
-    from flowd.mqtt_bridge import MqttBridge
+    from flowd.mqtt.bridge import MqttBridge
 
     catalog.save_task("double", "mqtt_steps.Double", task_paths=[str(task_dir)])
     catalog.save_routine("ok", ["double"])
@@ -93,7 +93,7 @@ def test_a_message_put_while_the_intake_waits_or_works_is_never_left_waiting() -
     import random
     import threading
 
-    from flowd.intake import Intake, Received
+    from flowd.mqtt.intake import Intake, Received
 
     handler = _Events()
     intake = Intake(handler, ack=lambda message: None)

@@ -1,4 +1,4 @@
-"""flowd.journal: the journal's native protocol, received by a real AF_UNIX datagram socket.
+"""flowd.service.journal: the journal's native protocol, received by a real AF_UNIX datagram socket.
 
 The receiving end below decodes what journald would (systemd.io/JOURNAL_NATIVE_PROTOCOL),
 including an entry passed as a sealed memfd. tests/test_booted_debian.py shows the same
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from flowd.journal import JournalHandler, JournalSender, encode_entry, is_field_name, priority_of
+from flowd.service.journal import JournalHandler, JournalSender, encode_entry, is_field_name, priority_of
 
 
 def decode_entry(data: bytes) -> dict[str, bytes]:
@@ -161,9 +161,9 @@ def test_journal_stream_without_python_systemd_or_journald_logs_to_stderr(
         tmp_path: Path, restore_root_logger: None) -> None:
     # Without python-systemd flowd uses its own handler, but only where journald's socket
     # is: a handler with nobody listening would lose every line.
-    from flowd import journal
     from flowd.config import build_config
-    from flowd.logs import setup_logging
+    from flowd.service import journal
+    from flowd.service.logs import setup_logging
 
     hidden = sys.modules.get("systemd.journal", False)
     sys.modules["systemd.journal"] = None  # type: ignore[assignment]  # what "import" takes for "not installed"
@@ -185,7 +185,7 @@ def test_flowds_native_journal_handler_escapes_text_from_outside(
         journal_socket: JournalSocket, monkeypatch: pytest.MonkeyPatch) -> None:
     # The handler setup_logging installs without python-systemd: a newline in a routine
     # name or a message (a payload's text) must not start a forged line in MESSAGE or a field.
-    from flowd import journal, logs
+    from flowd.service import journal, logs
 
     monkeypatch.setattr(journal, "JOURNAL_SOCKET", journal_socket.path)
     monkeypatch.setattr(journal.JournalHandler, "__init__", _pointing_at(journal_socket.path))

@@ -1,4 +1,4 @@
-"""flowd.libc: the heap handed back to the kernel, and only once per busy spell."""
+"""flowd.service.libc: the heap handed back to the kernel, and only once per busy spell."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import subprocess
 import sys
 import time
 
-from flowd import libc
+from flowd.service import libc
 
 HOLES = """
 import sys
-from flowd import libc
+from flowd.service.service import libc
 
 def rss_kib():
     with open("/proc/self/status") as status:

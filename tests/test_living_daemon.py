@@ -16,14 +16,14 @@ from typing import Any
 from conftest import ROOT, flowd_env, wait_for, write_config
 
 from flowd import api, catalog
-from flowd.models import Flow
+from flowd.store.models import Flow
 
 WAITER = textwrap.dedent('''
     """api.wait_flow in a process of its own, counting the reads of the flow table."""
     import json, sys, time
     from flowd import api
     from flowd.errors import FlowWaitTimeout
-    from flowd.models import database
+    from flowd.store.models import database
 
     api.configure(sys.argv[1])
     reads = []
@@ -92,7 +92,7 @@ def test_wait_flow_and_flow_wait_from_another_process_and_folder(
     assert Flow.get_by_id(long_id).state == "RUNNING"  # waiting never touches the flow
 
     def flowctl(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "flowd.cli", "--config", str(config_path), *args],
+        return subprocess.run([sys.executable, "-m", "flowd.cli.cli", "--config", str(config_path), *args],
                               capture_output=True, text=True, cwd=str(elsewhere), env=flowd_env(), timeout=60)
 
     ok_id = api.submit_flow("slow-ok").id
@@ -131,7 +131,7 @@ def test_nodes_lists_two_daemons_on_one_broker(broker: Any, config_file: Callabl
         "mqtt": {"host": "127.0.0.1", "port": broker.port}})
 
     def flowctl(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "flowd.cli", "--config", str(config), *args],
+        return subprocess.run([sys.executable, "-m", "flowd.cli.cli", "--config", str(config), *args],
                               capture_output=True, text=True, cwd=str(ROOT), env=flowd_env(), timeout=60)
 
     assert flowctl(alpha, "task", "add", "fail", "t.Fail").returncode == 0
@@ -267,7 +267,7 @@ def test_discovery_ids_keep_to_home_assistants_characters(config: Any) -> None:
     # must still be two entities, each under a topic Home Assistant accepts.
     import re
 
-    from flowd.homeassistant import discovery_id, entity_configs
+    from flowd.mqtt.homeassistant import discovery_id, entity_configs
 
     assert discovery_id("greenhouse") == "greenhouse"
     assert discovery_id("a.b") != discovery_id("a_b") == "a_b"

@@ -1,9 +1,9 @@
-"""flowd.mqtt_client against paho-mqtt itself: same decoding, same callbacks, same
+"""flowd.mqtt.client against paho-mqtt itself: same decoding, same callbacks, same
 bookkeeping, through a real mosquitto at MQTT 5 and 3.1.1.
 
 The overrides rest on paho 2.2.0's private methods; the first test names them and
 fingerprints the ones whose lines were copied or replaced, so an upgrade of paho
-fails here until someone has re-read them against flowd/mqtt_client.py.
+fails here until someone has re-read them against flowd/mqtt/client.py.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from flowd.mqtt_client import (
+from flowd.mqtt.client import (
     BufferedSocket,
     Client,
     LeanMessage,
@@ -42,7 +42,7 @@ from flowd.mqtt_client import (
 
 V5, V311 = MQTTProtocolVersion.MQTTv5, MQTTProtocolVersion.MQTTv311
 
-# sha256 of the source of each paho function flowd.mqtt_client copies or stands in for.
+# sha256 of the source of each paho function flowd.mqtt.client copies or stands in for.
 PAHO_SOURCES = {
     "Client._handle_pubackcomp": "04d39ba283b1f3be",
     "Client._handle_publish": "1bbaa3ef0e3afc6d",
@@ -97,7 +97,7 @@ def test_the_paho_internals_relied_on_are_those_of_2_2_0() -> None:
         "dup", "qos", "retain", "topic", "mid", "properties", "payload")
     changed = {name: paho_source_digest(name) for name, digest in PAHO_SOURCES.items()
                if paho_source_digest(name) != digest}
-    assert not changed, f"paho changed: re-read these against flowd/mqtt_client.py, then update PAHO_SOURCES: {changed}"
+    assert not changed, f"paho changed: re-read these against flowd/mqtt/client.py, then update PAHO_SOURCES: {changed}"
 
 
 # ---------------------------------------------------------------------- decoding, against paho's decoders

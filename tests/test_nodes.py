@@ -210,7 +210,7 @@ def test_a_killed_node_s_flows_are_taken_over_and_it_recovers_only_its_own(
         left = cluster.sql("SELECT id, state, node_id, worker_pid, position FROM flow WHERE state <> 'DONE' LIMIT 5")
         raise AssertionError(f"{exc}: {cluster.states()}, {cluster.sql('SELECT COUNT(*) FROM flow')}, {left}") from None
     done_without_b = time.time()
-    status = subprocess.run([sys.executable, "-m", "flowd.cli", "--config", str(cluster.config_path("a")), "--json",
+    status = subprocess.run([sys.executable, "-m", "flowd.cli.cli", "--config", str(cluster.config_path("a")), "--json",
                              "status"], capture_output=True, text=True, env=flowd_env(), timeout=30)
     assert status.returncode == 0, status.stderr
     shown = {n["node_id"]: n for n in json.loads(status.stdout)["nodes"]}
@@ -553,14 +553,14 @@ def test_a_session_the_server_ended_is_replaced_at_the_next_transaction(config_f
     (so its locks hold no takeover back); awake, it connects again instead of failing forever."""
     from flowd import api
     from flowd.config import load_config
-    from flowd.models import Meta, write_transaction
+    from flowd.store.models import Meta, write_transaction
 
     dbname = create_pg_database("flowd_nodes")
     admin = psycopg2.connect(PG_ADMIN)  # to end the daemon's session under it
     admin.autocommit = True
     try:
         api.configure(load_config(config_file(database={"url": f"postgresql://postgres@127.0.0.1:5432/{dbname}"})))
-        from flowd.models import database
+        from flowd.store.models import database
 
         options = database.obj.connect_params["options"]
         assert "idle_in_transaction_session_timeout=5000" in options

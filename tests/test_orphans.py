@@ -157,7 +157,7 @@ def test_killed_workers_are_replaced_and_the_new_ones_die_with_the_daemon(
 def test_a_stop_right_after_the_start_works_with_sigint_ignored(db: Any) -> None:
     # Started with SIGINT ignored, the pool is told to stop at once, before its workers
     # have set anything up: they stop gracefully, well within the grace, and leave nothing.
-    from flowd.workers import WorkerPool
+    from flowd.queue.workers import WorkerPool
 
     mine = set(children(os.getpid()))
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -15,7 +15,7 @@ import pytest
 from conftest import Broker, free_port, wait_for
 
 from flowd import api, catalog
-from flowd.models import Flow, FlowState, Outbox, database, get_meta
+from flowd.store.models import Flow, FlowState, Outbox, database, get_meta
 
 
 @pytest.fixture
@@ -220,10 +220,10 @@ def test_publisher_sends_rows_whose_ids_sqlite_reuses(broker: Any, db: Any, sess
                                                       config_file: Callable[..., Path]) -> None:
     # SQLite gives a new row max(id) + 1, so once the outbox is drained the next message
     # gets id 1 again. The publisher must still send it (no high-water mark on ids).
-    from flowd import outbox
     from flowd.config import load_config
-    from flowd.models import write_transaction
-    from flowd.mqtt_bridge import MqttBridge
+    from flowd.mqtt import outbox
+    from flowd.mqtt.bridge import MqttBridge
+    from flowd.store.models import write_transaction
 
     config = load_config(config_file(broker=broker))
     watcher = session_client(["app/#"])

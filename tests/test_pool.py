@@ -11,9 +11,10 @@ from typing import Any
 
 from conftest import Broker, wait_for
 
-from flowd import api, catalog, queue
+from flowd import api, catalog
 from flowd.config import load_config
-from flowd.models import utcnow
+from flowd.queue import queue
+from flowd.store.models import utcnow
 
 
 def children(pid: int) -> list[int]:
@@ -123,7 +124,7 @@ def test_the_daemon_on_sqlite(broker: Broker, config_file: Callable[..., Path], 
     daemon = flowd_proc(path)
     wait_for(lambda: "ready" in daemon.log_text(), 30, message="flowd ready")
 
-    # paho's TLS and proxy modules wait for a first use (flowd.imports.defer_import), then work.
+    # paho's TLS and proxy modules wait for a first use (flowd.service.imports.defer_import), then work.
     seen = done(api.submit_flow("drivers-r").id).result["kwargs"]
     assert {k: seen[k] for k in ("loaded_before", "deferred_before", "url", "tls")} == {
         "loaded_before": [], "deferred_before": ["ssl", "urllib.request"], "url": "/a%20b",

@@ -18,7 +18,7 @@ import pytest
 from conftest import wait_for
 
 from flowd import catalog
-from flowd.models import Flow, FlowState, Routine, write_transaction
+from flowd.store.models import Flow, FlowState, Routine, write_transaction
 
 UTC = dt.UTC
 

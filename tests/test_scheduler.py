@@ -15,9 +15,10 @@ from zoneinfo import ZoneInfo
 import pytest
 from conftest import wait_for
 
-from flowd import catalog, cron
-from flowd.models import Flow, FlowState, Routine, write_transaction
-from flowd.scheduler import UTC, Scheduler, SlotTrigger, to_db
+from flowd import catalog
+from flowd.schedule import cron
+from flowd.schedule.scheduler import UTC, Scheduler, SlotTrigger, to_db
+from flowd.store.models import Flow, FlowState, Routine, write_transaction
 
 BERLIN = ZoneInfo("Europe/Berlin")
 

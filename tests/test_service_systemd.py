@@ -21,8 +21,8 @@ import pytest
 from conftest import ROOT, flowd_env, wait_for
 
 from flowd import catalog
-from flowd.models import Flow, FlowState, NodeStatus
-from flowd.sdnotify import Notifier, send_notify
+from flowd.service.sdnotify import Notifier, send_notify
+from flowd.store.models import Flow, FlowState, NodeStatus
 
 
 class NotifySocket:
@@ -288,7 +288,7 @@ def test_stderr_logging_shows_the_journal_fields_and_level_from_config(
     import logging
 
     from flowd.config import build_config
-    from flowd.logs import setup_logging
+    from flowd.service.logs import setup_logging
 
     config = build_config({"flowd": {"log_level": "warning"}}, env={})
     assert setup_logging(config, env={"JOURNAL_STREAM": ""}) == "stderr"
@@ -304,6 +304,6 @@ def test_stderr_logging_shows_the_journal_fields_and_level_from_config(
 def test_journal_stream_with_python_systemd_uses_the_journal(restore_root_logger: None) -> None:
     pytest.importorskip("systemd.journal")
     from flowd.config import build_config
-    from flowd.logs import setup_logging
+    from flowd.service.logs import setup_logging
 
     assert setup_logging(build_config({}, env={}), env={"JOURNAL_STREAM": "8:1"}) == "journal"

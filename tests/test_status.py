@@ -25,9 +25,8 @@ import pytest
 from conftest import Broker, flowd_env, free_port, wait_for
 
 from flowd import api, catalog, store
-from flowd.flowmessages import flow_status_payload
-from flowd.models import Flow, FlowState, Outbox, dumps
-from flowd.status import (
+from flowd.engine.flowmessages import flow_status_payload
+from flowd.mqtt.status import (
     BEHIND_WAIT_S,
     STATUS_INFLIGHT,
     Status,
@@ -37,6 +36,7 @@ from flowd.status import (
     send_statuses,
     status_payload_text,
 )
+from flowd.store.models import Flow, FlowState, Outbox, dumps
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -103,7 +103,7 @@ def messages_of(watcher: Any, flow_id: int) -> list[tuple[str, dict[str, Any]]]:
 
 
 def flowctl(config: Path, *args: str) -> Any:
-    done = subprocess.run([sys.executable, "-m", "flowd.cli", "--config", str(config), *args], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "flowd.cli.cli", "--config", str(config), *args], capture_output=True,
                           text=True, env=flowd_env(), timeout=60)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout) if args[0] == "--json" else done.stdout
@@ -150,7 +150,7 @@ def test_no_status_row_is_ever_written_to_the_outbox(broker: Broker, config_file
     stop = threading.Event()
 
     def sample() -> None:
-        from flowd.models import database
+        from flowd.store.models import database
 
         while not stop.is_set():
             seen.update(row[0] for row in database.obj.execute_sql("SELECT topic FROM outbox").fetchall())
@@ -288,10 +288,10 @@ def test_a_result_waits_for_its_flows_last_status_and_nothing_follows_it(
     # result until its DONE status is there and sends it after it. Flow 8's final status
     # never comes: its result goes anyway, within HOLD_S, and a status of flow 8 that
     # turns up after its result is dropped.
-    from flowd import outbox
     from flowd.config import load_config
-    from flowd.models import write_transaction
-    from flowd.mqtt_bridge import MqttBridge
+    from flowd.mqtt import outbox
+    from flowd.mqtt.bridge import MqttBridge
+    from flowd.store.models import write_transaction
 
     def status(flow_id: int, state: str) -> Status:
         return Status(flow_id, state, f"flow/{flow_id}/status", json.dumps({"flow_id": flow_id, "state": state}))

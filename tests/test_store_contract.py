@@ -21,7 +21,7 @@ from conftest import create_pg_database, drop_pg_database
 from flowd import api, catalog, store
 from flowd.config import load_config
 from flowd.errors import InputError
-from flowd.models import Flow, Outbox, TaskResult, database, write_transaction
+from flowd.store.models import Flow, Outbox, TaskResult, database, write_transaction
 
 NOW = dt.datetime(2026, 5, 1, 12, 0, 0, 250000)
 

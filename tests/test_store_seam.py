@@ -19,14 +19,15 @@ from pathlib import Path
 
 import peewee
 
-from flowd import models
+from flowd.store import models
 
 FLOWD = Path(__file__).resolve().parent.parent / "flowd"
 
 # Where SQL and peewee queries belong: the store itself, the schema and its upkeep
 # (models, migrations, integrity checks, salvage and recovery of damaged files), and the
 # catalog of tasks and routines with the file that feeds it.
-ALLOWED = {"models.py", "migrations.py", "catalog.py", "apply.py", "integrity.py", "dbrecover.py", "salvage.py"}
+ALLOWED = {"store/models.py", "store/migrations.py", "catalog.py", "apply.py", "store/integrity.py",
+           "store/dbrecover.py", "store/salvage.py"}
 
 MODEL_NAMES = {name for name, value in vars(models).items()
                if isinstance(value, type) and issubclass(value, peewee.Model) and value is not models.BaseModel}
@@ -56,15 +57,15 @@ def store_violations(source: str, where: str) -> list[str]:
     """Every SQL text or peewee query in ``source``, as 'where:line: what'."""
     tree = ast.parse(source)
     models_here: set[str] = set()      # names bound to a peewee model in this module
-    module_aliases: set[str] = set()   # names bound to flowd.models itself
+    module_aliases: set[str] = set()   # names bound to flowd.store.models itself
     problems: list[str] = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module == "flowd.models":
+        if isinstance(node, ast.ImportFrom) and node.module == "flowd.store.models":
             models_here.update(a.asname or a.name for a in node.names if a.name in MODEL_NAMES)
-        elif isinstance(node, ast.ImportFrom) and node.module == "flowd":
+        elif isinstance(node, ast.ImportFrom) and node.module == "flowd.store":
             module_aliases.update(a.asname or a.name for a in node.names if a.name == "models")
         elif isinstance(node, ast.Import):
-            module_aliases.update(a.asname or a.name for a in node.names if a.name == "flowd.models")
+            module_aliases.update(a.asname or a.name for a in node.names if a.name == "flowd.store.models")
         if isinstance(node, ast.ImportFrom) and node.module in ("peewee", "playhouse.shortcuts"):
             for alias in node.names:
                 if alias.name in PEEWEE_QUERY_NAMES:
@@ -104,8 +105,10 @@ def scanned_modules() -> list[Path]:
 def test_no_sql_or_peewee_query_outside_the_store() -> None:
     modules = scanned_modules()
     names = {p.relative_to(FLOWD).as_posix() for p in modules}
-    assert {"api.py", "cli.py", "engine.py", "reaper.py", "service.py", "outbox.py", "display.py", "scheduler.py",
-            "batch.py", "runner.py", "mqtt_bridge.py", "waiting.py", "foreground.py", "hints.py"} <= names
+    assert {"api.py", "cli/cli.py", "engine/engine.py", "engine/reaper.py", "service/service.py", "mqtt/outbox.py",
+            "cli/display.py", "schedule/scheduler.py",
+            "engine/batch.py", "engine/runner.py", "mqtt/bridge.py", "engine/waiting.py", "cli/foreground.py",
+            "cli/hints.py"} <= names
     problems = [v for p in modules for v in store_violations(p.read_text(), p.relative_to(FLOWD).as_posix())]
     assert problems == [], "SQL or peewee queries outside flowd/store/:\n" + "\n".join(problems)
 
@@ -113,7 +116,7 @@ def test_no_sql_or_peewee_query_outside_the_store() -> None:
 # Pieces of flowd before the seam (commit 95128f6), one per kind of thing the scan must catch.
 BEFORE = {
     "api.py": '''
-from flowd.models import ENDED_STATES, Flow, TaskResult, database
+from flowd.store.models import ENDED_STATES, Flow, TaskResult, database
 
 def get_flow(flow_id):
     """The flow with its current state: SELECT * FROM flow WHERE id = ?, in peewee."""
@@ -124,16 +127,16 @@ def prune(cutoff):
     TaskResult.delete().where(TaskResult.flow.in_(ended)).execute()
     database.obj.execute_sql("PRAGMA incremental_vacuum")
 ''',
-    "cli.py": '''
+    "cli/cli.py": '''
 def cmd_status(ctx):
     from peewee import fn
 
-    from flowd import models
+    from flowd.store import models
 
     rows = models.Flow.select(models.Flow.state, fn.COUNT(models.Flow.id)).group_by(models.Flow.state).tuples()
     return rows
 ''',
-    "outbox.py": '''
+    "mqtt/outbox.py": '''
 import select
 
 def _select_sql(table, param):
@@ -150,8 +153,8 @@ def store_failure(exc):
 
     return isinstance(exc, (sqlite3.OperationalError, peewee.OperationalError))
 ''',
-    "reaper.py": '''
-from flowd.models import Flow as F
+    "engine/reaper.py": '''
+from flowd.store.models import Flow as F
 
 def lost(cursor, ids, store):
     cursor.execute("DELETE FROM outbox WHERE id = ?", ids)
@@ -168,13 +171,13 @@ def test_the_scan_catches_the_code_before_the_seam() -> None:
                  "SQL text 'PRAGMA incremental_vacuum'"):
         assert what in api_found, (what, found["api.py"])
     assert "SELECT * FROM" not in api_found, "a docstring is prose, not SQL"
-    cli_found = "\n".join(found["cli.py"])
+    cli_found = "\n".join(found["cli/cli.py"])
     assert "imports peewee's fn" in cli_found and "models.Flow.select" in cli_found and ".tuples()" in cli_found
     errors_found = "\n".join(found["cli.py (errors)"])
     assert "imports sqlite3" in errors_found and "imports peewee" in errors_found
-    assert [p for p in found["outbox.py"] if "SQL text 'SELECT id, topic" in p], found["outbox.py"]
-    assert not any(".select()" in p or ":5:" in p for p in found["outbox.py"]), found["outbox.py"]
-    reaper_found = "\n".join(found["reaper.py"])
+    assert [p for p in found["mqtt/outbox.py"] if "SQL text 'SELECT id, topic" in p], found["mqtt/outbox.py"]
+    assert not any(".select()" in p or ":5:" in p for p in found["mqtt/outbox.py"]), found["mqtt/outbox.py"]
+    reaper_found = "\n".join(found["engine/reaper.py"])
     assert "SQL text 'DELETE FROM outbox" in reaper_found and "F.update" in reaper_found
     assert "SQL text 'admitted = ? AND worker_pid IS NULL'" in reaper_found
     # Clean code passes: a str.join, a select() call on the select module, SQL words in prose.

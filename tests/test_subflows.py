@@ -18,8 +18,8 @@ from conftest import Broker, FlowdProcess, wait_for
 from test_waits import Site, show
 
 from flowd import api
-from flowd.engine import MAX_SUBFLOW_DEPTH
-from flowd.models import Flow, TaskResult
+from flowd.engine.engine import MAX_SUBFLOW_DEPTH
+from flowd.store.models import Flow, TaskResult
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
 

@@ -18,7 +18,7 @@ import pytest
 from conftest import Broker, free_port, wait_for
 
 from flowd import catalog
-from flowd.models import Flow
+from flowd.store.models import Flow
 
 PASSWORD = "s3cret-Pa55"
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
@@ -144,7 +144,7 @@ def test_untrusted_certificate_keeps_running_and_says_why_once(
     proc = flowd_proc(tls_config(config_file, tls_broker, {"ca": str(pki.other_ca)}, username="flowd",
                                       password=PASSWORD))
     wait_for(lambda: broker_log_count(tls_broker, "unknown ca") >= 3, timeout=30, message="three attempts")
-    reasons = [line for line in proc.log_text().splitlines() if "flowd.mqtt_bridge: MQTT: TLS" in line]
+    reasons = [line for line in proc.log_text().splitlines() if "flowd.mqtt.bridge: MQTT: TLS" in line]
     assert len(reasons) == 1, proc.log_text()
     assert "ERROR" in reasons[0] and "certificate" in reasons[0] and "not accepted" in reasons[0]
     assert proc.proc.poll() is None

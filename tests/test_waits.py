@@ -19,10 +19,11 @@ from typing import Any
 import pytest
 from conftest import Broker, FlowdProcess, wait_for
 
-from flowd import api, catalog, queue
+from flowd import api, catalog
 from flowd.config import Config, load_config
-from flowd.engine import Engine, payload_matches
-from flowd.models import Flow, Routine, TaskResult, utcnow
+from flowd.engine.engine import Engine, payload_matches
+from flowd.queue import queue
+from flowd.store.models import Flow, Routine, TaskResult, utcnow
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -399,7 +400,7 @@ def test_wait_topic_stays_subscribed_when_two_refreshes_overlap(
     # reads "nobody waits on x/door"; before it acts, flow B parks on x/door and the
     # publisher's refresh runs for it; then the loop's refresh goes on. x/door must still
     # be subscribed: the device answers B as soon as it sees B's WAITING status.
-    from flowd.mqtt_bridge import MqttBridge
+    from flowd.mqtt.bridge import MqttBridge
 
     config = load_config(config_file(broker))
     api.configure(config, create=True)

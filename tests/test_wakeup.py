@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from flowd.wakeup import WakeSocket, send_wakeup
+from flowd.service.wakeup import WakeSocket, send_wakeup
 
 
 def test_a_wait_ends_on_a_wakeup_and_drain_takes_every_one_without_waiting(tmp_path: Path) -> None:

@@ -46,7 +46,7 @@ def start_ready(flowd_proc: Any, config: Path) -> Any:
 def apply_routines(config: Path, tmp_path: Path) -> None:
     routines = tmp_path / "routines.toml"
     routines.write_text(APPLY.format(marker=tmp_path / "marker", secret="s"))
-    subprocess.run([sys.executable, "-m", "flowd.cli", "--config", str(config), "apply", str(routines)],
+    subprocess.run([sys.executable, "-m", "flowd.cli.cli", "--config", str(config), "apply", str(routines)],
                    check=True, capture_output=True, env=flowd_env(), timeout=60, cwd=str(ROOT))
 
 
@@ -103,7 +103,7 @@ def test_the_first_scrape_counts_what_ran_before_the_console_loaded(tmp_path: Pa
     apply_routines(config, tmp_path)
     daemon = start_ready(flowd_proc, config)
     for routine in ("leaky", "leaky", "fragile"):
-        done = subprocess.run([sys.executable, "-m", "flowd.cli", "--config", str(config), "submit", routine,
+        done = subprocess.run([sys.executable, "-m", "flowd.cli.cli", "--config", str(config), "submit", routine,
                                "--wait", "--timeout", "30"], capture_output=True, text=True, env=flowd_env(),
                               timeout=60, cwd=str(ROOT))
         assert done.returncode in (0, 1), done.stderr

@@ -73,7 +73,7 @@ def call(app: Any, path: str) -> tuple[str, Any]:
 
 def test_healthz_is_503_when_the_database_cannot_be_read(db: Any) -> None:
     # The console's app in this process, on a real SQLite file that then turns to garbage.
-    from flowd.models import database, sqlite_path
+    from flowd.store.models import database, sqlite_path
     from flowd.web.app import ConsoleApp
 
     app = ConsoleApp(db.config, None).wsgi
@@ -93,7 +93,7 @@ def test_healthz_is_503_when_the_database_cannot_be_read(db: Any) -> None:
 def fill_database(config: Any, flows: int) -> None:
     """``flows`` ended flows with three attempts each, written straight into the file."""
     from flowd import api
-    from flowd.models import Flow, TaskResult, utcnow, write_transaction
+    from flowd.store.models import Flow, TaskResult, utcnow, write_transaction
 
     api.configure(config, create=True)  # as the daemon's first start would
     now = utcnow()

@@ -87,7 +87,7 @@ def test_console_stops_with_the_daemon_and_a_busy_port_leaves_flows_running(
         wait_for(lambda: " ready: " in again.log_text(), timeout=30, message="flowd ready")
         log = again.log_text()
         assert "key 'web.listen'" in log and "cannot listen on 127.0.0.1:" in log and "without the console" in log
-        done = subprocess.run([sys.executable, "-m", "flowd.cli", "--config", str(daemon.config), "submit", "leaky",
+        done = subprocess.run([sys.executable, "-m", "flowd.cli.cli", "--config", str(daemon.config), "submit", "leaky",
                                "--wait", "--timeout", "30"], capture_output=True, text=True, env=flowd_env(),
                               timeout=60, cwd=str(ROOT))
         assert done.returncode == 0, done.stderr

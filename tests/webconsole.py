@@ -132,7 +132,7 @@ class ConsoleDaemon:
         return Http(self.port)
 
     def flowctl(self, *args: str) -> Any:
-        result = subprocess.run([sys.executable, "-m", "flowd.cli", "--config", str(self.config), "--json", *args],
+        result = subprocess.run([sys.executable, "-m", "flowd.cli.cli", "--config", str(self.config), "--json", *args],
                                 capture_output=True, text=True, env=flowd_env(), timeout=60, cwd=str(ROOT))
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout) if result.stdout.strip() else None
@@ -157,7 +157,7 @@ def start_console_daemon(tmp_path: Path, broker: Any, config_file: Callable[...,
     config = config_file(broker=broker, web={"listen": f"127.0.0.1:{port}", **(web or {})})
     apply = tmp_path / "routines.toml"
     apply.write_text(APPLY.format(marker=marker, secret=SECRET))
-    subprocess.run([sys.executable, "-m", "flowd.cli", "--config", str(config), "apply", str(apply)],
+    subprocess.run([sys.executable, "-m", "flowd.cli.cli", "--config", str(config), "apply", str(apply)],
                    check=True, capture_output=True, env=flowd_env(), timeout=60, cwd=str(ROOT))
     proc = flowd_proc(config)
     daemon = ConsoleDaemon(proc, config, port, marker)

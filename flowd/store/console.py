@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from flowd.models import ENDED_STATES
+from flowd.store.models import ENDED_STATES
 from flowd.store.rows import execute, is_sqlite
 
 _CHUNK = 500

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import peewee
 
 from flowd.errors import DuplicateRequest
-from flowd.models import ACTIVE_STATES, DONE, INIT, RUNNING, WAITING, database
+from flowd.store.models import ACTIVE_STATES, DONE, INIT, RUNNING, WAITING, database
 from flowd.store.rows import (
     BOOL_COLUMNS,
     CODED_COLUMNS,

@@ -12,8 +12,8 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from flowd.models import FlowState, utcnow
 from flowd.store.flows import select_flows
+from flowd.store.models import FlowState, utcnow
 from flowd.store.rows import Row, decode, decode_time, encode, encode_time, execute, is_sqlite
 
 _COLUMNS = ("node_id", "pid", "version", "started_at", "heartbeat_at", "broker_connected", "stopped_at")

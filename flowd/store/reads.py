@@ -10,8 +10,8 @@ import datetime as dt
 from collections.abc import Iterable
 from typing import Any
 
-from flowd.models import FlowState, StepState
 from flowd.store.flows import select_flows
+from flowd.store.models import FlowState, StepState
 from flowd.store.rows import RESULT_COLUMNS, Row, decode, encode_time, execute, is_sqlite, rows, sql_bool
 
 _RESULT_SELECT = "SELECT " + ", ".join(f'"{c}"' for c in RESULT_COLUMNS) + " FROM task_result"

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import peewee
 
-from flowd.models import ACTIVE_STATES, database, dumps, loads
+from flowd.store.models import ACTIVE_STATES, database, dumps, loads
 
 FLOW_COLUMNS = (
     "id", "uid", "routine", "steps", "state", "position", "args", "kwargs", "request_id", "trigger", "reply_to",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from flowd.models import ENDED_STATES, write_transaction
+from flowd.store.models import ENDED_STATES, write_transaction
 from flowd.store.rows import encode_time, execute, is_sqlite
 
 _ENDED_BEFORE = f"state IN ({', '.join('?' * len(ENDED_STATES))}) AND finished_at < ?"

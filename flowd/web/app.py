@@ -21,10 +21,10 @@ from urllib.parse import urlencode
 import bottle
 
 from flowd import __version__, api
+from flowd.cli.display import human_duration, human_size, local_time, parse_iso, script_frame, span
 from flowd.config import Config, is_loopback_host
-from flowd.display import human_duration, human_size, local_time, parse_iso, script_frame, span
 from flowd.errors import FlowdError, InputError, NotFoundError, StoreUnavailable
-from flowd.models import ACTIVE_STATES, ENDED_STATES, FlowState
+from flowd.store.models import ACTIVE_STATES, ENDED_STATES, FlowState
 from flowd.web.auth import LoginThrottle, PasswordHash, Session, Sessions
 from flowd.web.changes import Changes
 from flowd.web.metrics import CONTENT_TYPE, Metrics

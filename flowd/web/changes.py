@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, field
 
 from flowd import api
-from flowd.models import ENDED_STATES
+from flowd.store.models import ENDED_STATES
 
 
 @dataclass

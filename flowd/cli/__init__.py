@@ -1,0 +1,1 @@
+"""flowctl: the command line, its output and its hints, and ``flowctl run``."""

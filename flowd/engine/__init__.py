@@ -1,0 +1,1 @@
+"""The flow state machine and what drives it: runner, batches, recovery, reaper, waits, leases."""

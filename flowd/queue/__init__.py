@@ -1,0 +1,1 @@
+"""The huey queue that hands flows to worker processes, and the worker processes."""

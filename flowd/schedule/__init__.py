@@ -1,0 +1,1 @@
+"""APScheduler, built only once a routine has a schedule, and the schedule expressions."""
