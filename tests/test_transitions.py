@@ -132,9 +132,9 @@ def test_a_move_outside_the_table_is_refused_and_writes_nothing(walk: Walk) -> N
     engine.finish_step(step, OUTPUT, PID)
     done = store.get_flow(flow_id)
     assert done is not None and done.state == "DONE"
-    with pytest.raises(IllegalTransition, match=f"flow {flow_id} cannot move from DONE to RUNNING"):
-        with write_transaction():
-            engine._set_state(done, FlowState.RUNNING, position=0)
+    refused = f"flow {flow_id} cannot move from DONE to RUNNING"
+    with pytest.raises(IllegalTransition, match=refused), write_transaction():
+        engine._set_state(done, FlowState.RUNNING, position=0)
     after = api.get_flow(flow_id)
     assert (after.state, after.position) == ("DONE", 0)
 
