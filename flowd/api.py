@@ -22,7 +22,8 @@ from flowd import store
 from flowd.config import Config, DatabaseSection, load_config
 from flowd.errors import InputError, NotFoundError
 from flowd.store import Row
-from flowd.store.models import FlowState, Routine, database, init_database, utcnow
+from flowd.store.migrations import init_database
+from flowd.store.models import FlowState, Routine, database, utcnow
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

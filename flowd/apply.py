@@ -226,7 +226,7 @@ def apply_file(path: str | Path, task_paths: Iterable[str], prune: bool = False)
     """Create or update the file's tasks and routines, all or nothing.
 
     Raises InputError (ApplyError listing every problem) before writing anything.
-    The database must be open (``models.init_database``).
+    The database must be open (``migrations.init_database``).
     """
     from flowd import catalog
     from flowd.store.models import Routine, Task, bump_definitions_version, utcnow, write_transaction

@@ -14,7 +14,8 @@ from conftest import Broker, wait_for
 from flowd import api, catalog
 from flowd.config import DatabaseSection, load_config
 from flowd.store import migrations
-from flowd.store.models import Flow, Routine, TaskResult, init_database
+from flowd.store.migrations import init_database
+from flowd.store.models import Flow, Routine, TaskResult
 
 
 def test_kill_9_mid_run_then_restart_finishes_every_flow_once(

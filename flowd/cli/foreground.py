@@ -197,7 +197,7 @@ class Definitions:
 
     @classmethod
     def from_database(cls) -> Definitions:
-        """What the daemon would run; the database must be open (``models.init_database``)."""
+        """What the daemon would run; the database must be open (``migrations.init_database``)."""
         from flowd import store
 
         found = store.Definitions()

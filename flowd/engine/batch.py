@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flowd import store
 from flowd.engine.engine import ClaimedStep, Engine
+from flowd.engine.runner import WorkerRuntime, run_step, runtime
 from flowd.store.models import utcnow, write_transaction
-
-if TYPE_CHECKING:
-    from flowd.engine.runner import WorkerRuntime
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +101,13 @@ class Batch:
             return True
 
 
+def run_flows(pairs: list[tuple[int, int]]) -> None:
+    """Run the flows of one queue message until each ends, waits, or fails (the queue's task)."""
+    run_batch(runtime(), pairs, os.getpid())
+
+
 def run_batch(rt: WorkerRuntime, pairs: list[tuple[int, int]], pid: int) -> None:
     """Claim the flows of one message and run them breadth-first (see the module)."""
-    from flowd.engine.runner import run_step
-
     steps = rt.engine.claim_many(pairs, pid)
     if not steps:
         return
@@ -198,8 +200,6 @@ class Watchdog:
                 old.cond.notify_all()
 
     def _run(self) -> None:
-        import os
-
         pid = os.getpid()
         while True:
             self.changed.wait()
@@ -257,8 +257,6 @@ _watchdogs: dict[int, Watchdog] = {}
 
 def _watchdog(rt: WorkerRuntime) -> Watchdog:
     """This process's watchdog (started on first use: after the fork, in the worker)."""
-    import os
-
     found = _watchdogs.get(os.getpid())
     if found is None:
         found = _watchdogs[os.getpid()] = Watchdog(rt)

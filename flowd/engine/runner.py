@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from flowd.config import Config
+from flowd.engine.effects import Enqueue, EnqueueMany
 from flowd.engine.engine import CANCEL_SIGNAL, ClaimedStep, Engine
 from flowd.errors import FlowdError, StepError
 from flowd.loader import ScriptLoader
@@ -65,13 +66,13 @@ class WorkerRuntime:
 _runtime: WorkerRuntime | None = None
 
 
-def init_worker(config: Config, stop_flag: Any = None) -> WorkerRuntime:
-    """Set up this worker process (called once, right after huey forks it)."""
+def init_worker(config: Config, stop_flag: Any, *, enqueue: Enqueue, enqueue_many: EnqueueMany,
+                take_waiting: Callable[[int], list[tuple[int, int]]]) -> WorkerRuntime:
+    """Set up this worker process (called once, right after it is forked or started);
+    ``enqueue``, ``enqueue_many`` and ``take_waiting``: the queue's, from the caller."""
     global _runtime
-    from flowd.queue import queue
-
-    _runtime = WorkerRuntime(config, Engine(config, enqueue=queue.enqueue_flow, enqueue_many=queue.enqueue_flows),
-                             ScriptLoader(config.flowd.task_paths), stop_flag, take_waiting=queue.take_waiting_flows)
+    _runtime = WorkerRuntime(config, Engine(config, enqueue=enqueue, enqueue_many=enqueue_many),
+                             ScriptLoader(config.flowd.task_paths), stop_flag, take_waiting=take_waiting)
     signal.signal(CANCEL_SIGNAL, _on_cancel_signal)
     # A relative path in a task's options lands in the state folder: under systemd the
     # rest of the file system is read-only, and the daemon's own folder is anybody's guess.
@@ -93,19 +94,11 @@ def _on_alarm(signum: int, frame: Any) -> None:
         raise StepTimeout()
 
 
-def run_flow(flow_id: int, token: int) -> None:
-    """Run flow ``flow_id`` from its current step until it ends, waits, or fails."""
-    run_flows([(flow_id, token)])
-
-
-def run_flows(pairs: list[tuple[int, int]]) -> None:
-    """Run the flows of one queue message until each ends, waits, or fails."""
-    from flowd.engine.batch import run_batch
-
-    rt = _runtime
-    if rt is None:
+def runtime() -> WorkerRuntime:
+    """This worker process's runtime (:func:`init_worker`)."""
+    if _runtime is None:
         raise RuntimeError("runner.init_worker() was not called in this worker")
-    run_batch(rt, pairs, os.getpid())
+    return _runtime
 
 
 def run_step(rt: WorkerRuntime, step: ClaimedStep, pid: int) -> dict[str, Any] | None:

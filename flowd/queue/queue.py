@@ -127,15 +127,15 @@ def get_huey() -> Huey:
 
 
 def _run_flow(flow_id: int, token: int) -> None:
-    from flowd.engine import runner
+    from flowd.engine import batch  # in a worker only: the daemon never runs a step
 
-    runner.run_flows(_take_waiting([(flow_id, token)]))
+    batch.run_flows(_take_waiting([(flow_id, token)]))
 
 
 def _run_flows(pairs: list[list[int]]) -> None:
-    from flowd.engine import runner
+    from flowd.engine import batch
 
-    runner.run_flows(_take_waiting([(int(flow_id), int(token)) for flow_id, token in pairs]))
+    batch.run_flows(_take_waiting([(int(flow_id), int(token)) for flow_id, token in pairs]))
 
 
 def _flows_of(task: Any) -> list[tuple[int, int]] | None:

@@ -307,7 +307,8 @@ def serve(config: Config, stop: StopFlag, wake: WakeSocket | None) -> int:
     # huey's own set-up of a process worker: SIGINT (a terminal's Ctrl-C) and SIGHUP are
     # the daemon's; SIGTERM interrupts a running task (KeyboardInterrupt), or is ignored.
     ProcessEnvironment().init_child(worker)
-    runner.init_worker(config, stop)
+    runner.init_worker(config, stop, enqueue=queue.enqueue_flow, enqueue_many=queue.enqueue_flows,
+                       take_waiting=queue.take_waiting_flows)
     libc.trim_heap()  # what the start-up freed
     try:
         while not stop.is_set():
@@ -334,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     import_for(config)
     setup_logging(config)
     from flowd.queue.queue import WAKE_SOCKET_NAME
-    from flowd.store.models import init_database
+    from flowd.store.migrations import init_database
 
     init_database(config.database)
     wake = WakeSocket.adopt(config.state_dir / WAKE_SOCKET_NAME, args[3]) if len(args) > 3 else None

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import peewee
 
+from flowd.config import DatabaseSection
 from flowd.service.imports import import_without
 from flowd.store import models
 
@@ -122,6 +123,18 @@ def create_v1_schema(db: peewee.Database) -> None:
     """Lay down the frozen v1 schema (SQLite), as an old flowd left it."""
     for statement in filter(None, (s.strip() for s in SCHEMA_V1.split(";\n"))):
         db.execute_sql(statement.rstrip(";"))  # type: ignore[no-untyped-call]
+
+
+def init_database(section: DatabaseSection, *, create: bool = True,
+                  busy_timeout: float = models.BUSY_TIMEOUT_S) -> peewee.Database:
+    """Open the database for this process and bring its schema up to date
+    (``models.connect_database``, then :func:`upgrade_schema`)."""
+    db = models.connect_database(section, create=create, busy_timeout=busy_timeout)
+    try:
+        upgrade_schema(db)
+    except models.DATABASE_ERRORS as exc:
+        raise models.unusable(section, exc) from exc
+    return db
 
 
 def upgrade_schema(db: peewee.Database) -> int:

@@ -2,7 +2,7 @@
 
 flowd's own tables are the source of truth for every flow: the huey queue only says
 "look at flow N". Every process (daemon, workers, flowctl, scripts using ``flowd.api``)
-calls :func:`init_database` once and then uses these models.
+calls ``migrations.init_database`` once and then uses these models.
 """
 
 from __future__ import annotations
@@ -340,9 +340,9 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-def init_database(section: DatabaseSection, *, create: bool = True,
-                  busy_timeout: float = BUSY_TIMEOUT_S) -> peewee.Database:
-    """Open the database for this process and bring its schema up to date.
+def connect_database(section: DatabaseSection, *, create: bool = True,
+                     busy_timeout: float = BUSY_TIMEOUT_S) -> peewee.Database:
+    """Open the database for this process (its schema: ``migrations.init_database``).
 
     ``create=False`` refuses to create a missing SQLite file (flowctl reading a
     database that is not there yet); ``busy_timeout`` is how long a write waits for
@@ -392,13 +392,18 @@ def init_database(section: DatabaseSection, *, create: bool = True,
             db.connect(reuse_if_open=True)
         finally:
             os.umask(old_umask)
-        from flowd.store.migrations import upgrade_schema
-
-        upgrade_schema(db)
-    except (peewee.DatabaseError, sqlite3.DatabaseError, peewee.InterfaceError, peewee.ImproperlyConfigured) as exc:
-        where = path or redact_url(section.url)
-        raise StoreUnavailable(f"the database {where} cannot be used: {_one_line(exc)}") from exc
+    except DATABASE_ERRORS as exc:
+        raise unusable(section, exc) from exc
     return db
+
+
+DATABASE_ERRORS = (peewee.DatabaseError, sqlite3.DatabaseError, peewee.InterfaceError, peewee.ImproperlyConfigured)
+
+
+def unusable(section: DatabaseSection, exc: BaseException) -> StoreUnavailable:
+    """The error for a database the driver refused to open or to read."""
+    where = sqlite_path(section.url) or redact_url(section.url)
+    return StoreUnavailable(f"the database {where} cannot be used: {_one_line(exc)}")
 
 
 def reconnect_after_fork() -> None:
