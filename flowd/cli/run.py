@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import time
 
-from flowd.cli.cli import (
+from flowd.cli.common import (
     EXIT_FLOW_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -155,7 +155,7 @@ def follow_flow(ctx: Context, flow_id: int, timeout: float | None) -> int:
     """Live progress of a flow until it ends: one line redrawn on a terminal, a line per
     change otherwise. Woken by the flow's messages on the broker (flowd.engine.waiting), not by
     reading the database in a loop. Ctrl-C or ``timeout`` stop the waiting, never the flow."""
-    from flowd.cli.cli import any_daemon_alive
+    from flowd.cli.common import any_daemon_alive
     from flowd.cli.display import compact, flow_dict, human_duration, progress_line, shorten, span, terminal_width
     from flowd.engine.waiting import FlowWaiter, Progress, read_progress
     from flowd.errors import FlowWaitTimeout

@@ -1,0 +1,247 @@
+"""What every flowctl command shares: exit codes, argument types, the context (config,
+database, output) and the sentences for a database that cannot be used.
+
+Like the rest of flowctl, nothing heavy is imported before a command needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from flowd.errors import InputError
+
+# typing, json, datetime, shutil and sqlite3 cost ~20 ms together on a PC, several
+# times that on a Pi: --help needs none of them, so they are imported where used.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import datetime as dt
+    from collections.abc import Sequence
+    from typing import Any
+
+    from flowd.config import Config
+    from flowd.engine.engine import Engine
+
+EXIT_OK, EXIT_FLOW_FAILED, EXIT_USAGE, EXIT_STORE = 0, 1, 2, 3
+EXIT_WAIT_TIMEOUT, EXIT_INTERRUPTED = 124, 130
+HEARTBEAT_STALE_S = 90.0
+STATES = ("INIT", "RUNNING", "WAITING", "DONE", "FAILED", "CANCELLED")
+
+
+class UsageError(InputError):
+    """The command line itself is wrong (argparse's complaints end up here)."""
+
+
+# --------------------------------------------------------------------------- parsing helpers
+def parse_value(text: str) -> Any:
+    """A ``k=v`` value or a positional argument: JSON when it parses, else the string.
+
+    NaN and Infinity stay strings: they cannot travel as JSON.
+    """
+    def refuse(constant: str) -> Any:
+        raise ValueError(constant)
+
+    import json
+
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except ValueError:
+        return text
+
+
+def parse_pairs(pairs: Sequence[str] | None, option: str) -> dict[str, Any]:
+    """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}``; raises UsageError for a pair without '='."""
+    result: dict[str, Any] = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"{option} {pair!r} is not key=value; write it like {option} city=Oslo "
+                             f"or {option} 'limits={{\"max\": 3}}'")
+        result[key.strip()] = parse_value(value)
+    return result
+
+
+def duration_arg(text: str) -> float:
+    from flowd.config import parse_duration
+
+    try:
+        return parse_duration(parse_value(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def count_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, not {value}")
+    return value
+
+
+def positive_arg(text: str) -> int:
+    value = count_arg(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def flow_id_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a flow id is a whole number (see 'flowctl flows'), not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a flow id is a positive number, not {value}")
+    return value
+
+
+def state_arg(text: str) -> str:
+    if text.upper() not in STATES:
+        raise argparse.ArgumentTypeError(f"unknown state {text!r}; states are {', '.join(STATES)}")
+    return text.upper()
+
+
+# --------------------------------------------------------------------------- context
+class Context:
+    """What every command needs: the parsed arguments, the config, the database."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.json: bool = bool(args.json)
+        self._config: Config | None = None
+        self.fresh = False  # no database yet: reads show an empty one
+        self.created: Any = None  # the database this command made (a Path)
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            from flowd.config import load_config
+
+            self._config = load_config(self.args.config)
+        return self._config
+
+    def open_database(self, *, create: bool = False) -> None:
+        """Open the database without the queue (reads; catalog changes).
+
+        A SQLite file that is not there yet (flowd never ran with this configuration) is
+        never made silently: ``create`` (a command that stores a task or routine) makes it
+        and says so on stderr; a read answers from an empty database in memory, so there
+        is simply nothing to list (``self.fresh``).
+        """
+        from flowd import api
+        from flowd.store.models import sqlite_path
+
+        path = sqlite_path(self.config.database.url)
+        if path is not None and not path.exists():
+            if not create:
+                from flowd.config import DatabaseSection
+
+                self.fresh = True
+                api.open_database(DatabaseSection(url="sqlite:///:memory:"), create=True)
+                return
+            self.created = path
+        api.open_database(self.config.database, create=create)
+
+    def finish(self, succeeded: bool) -> None:
+        """Say that the command made the database, or take back the one it made for nothing."""
+        if self.created is None:
+            return
+        if succeeded:
+            print(f"flowctl: note: created the database {self.created} (flowd has not run with this "
+                  "configuration yet)", file=sys.stderr)
+            return
+        from flowd.store.models import database
+
+        if database.obj is not None:
+            database.obj.close()
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.unlink(f"{self.created}{suffix}")
+            except FileNotFoundError:
+                pass
+
+    def engine(self) -> Engine:
+        """Open the database and the queue (submitting, cancelling, retrying)."""
+        from flowd import api
+
+        return api.configure(self.config)
+
+    def emit(self, data: Any, text: str) -> None:
+        if self.json:
+            import json
+
+            print(json.dumps(data, ensure_ascii=False, indent=2))
+        elif text:
+            print(text)
+
+
+# --------------------------------------------------------------------------- daemons
+def any_daemon_alive(local_node_id: str) -> bool:
+    """True when some flowd writes fresh heartbeats into this database."""
+    from flowd import store
+    from flowd.store.models import utcnow
+
+    now = utcnow()
+    return any(is_node_alive(node, now, local_node_id) for node in store.node_statuses())
+
+
+def is_node_alive(node: Any, now: dt.datetime, local_node_id: str, lease_valid: bool | None = None) -> bool:
+    """A daemon is alive when it has not stopped, its heartbeat is recent and, on this
+    machine, its pid still exists. On a shared database its lease decides (renewed every
+    few seconds, judged by the database's clock), never a process id."""
+    if node.stopped_at is not None:
+        return False
+    if lease_valid is not None:
+        return lease_valid
+    if (now - node.heartbeat_at).total_seconds() > HEARTBEAT_STALE_S:
+        return False
+    if node.node_id == local_node_id:
+        try:
+            os.kill(node.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True  # exists, owned by another user
+    return True
+
+
+# --------------------------------------------------------------------------- failures
+def redact(url: str) -> str:
+    """A database URL without its password (``postgresql://u:***@host/db``)."""
+    from flowd.config import redact_url
+
+    return redact_url(url)
+
+
+def store_failure(exc: BaseException, database: str = "the database") -> str | None:
+    """A sentence, when ``exc`` says the database or the queue cannot be used (locked,
+    read-only, not a database, driver missing, Redis away); None for anything else (a
+    bug, which keeps its traceback)."""
+    from flowd.store import unusable_reason
+    from flowd.store.integrity import is_damage
+
+    if is_damage(exc):
+        return damage_hint(exc, f"{database} cannot be used: {exc}")
+    reason = unusable_reason(exc, database)
+    if reason is not None:
+        return reason
+    redis = sys.modules.get("redis.exceptions")
+    if redis is not None and isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        return f"the queue (Redis) cannot be reached: {exc}"
+    huey = sys.modules.get("huey.exceptions")
+    if huey is not None and isinstance(exc, huey.ConfigurationError):  # e.g. no redis module installed
+        return f"the queue cannot be used: {exc}"
+    return None
+
+
+def damage_hint(exc: BaseException, message: str) -> str:
+    """``message``, with what to do added when ``exc`` says a file is damaged."""
+    from flowd.errors import DatabaseDamaged
+    from flowd.store.integrity import is_damage
+
+    if isinstance(exc, DatabaseDamaged) or not is_damage(exc):
+        return message  # DatabaseDamaged's own sentence says it already
+    return f"{message}; the file is damaged: see 'flowctl db check', then, with flowd stopped, 'flowctl db recover'"
