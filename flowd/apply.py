@@ -141,10 +141,8 @@ def check_document(doc: dict[str, Any], task_paths: Iterable[str], existing_task
 
     tasks: list[TaskSpec] = []
     for name, table in task_tables.items():
-        where = f"[tasks.{name}]"
         before = len(problems)
-        _check_name("task", name, where, problems)
-        _check_keys(table, TASK_KEYS, where, problems)
+        where = _check_entry("task", name, table, TASK_KEYS, problems)
         script = table.get("script")
         if script is None:
             problems.append(f"{where} script: missing; write it as module.Class, e.g. script = \"example.VeryLong\"")
@@ -176,10 +174,8 @@ def check_document(doc: dict[str, Any], task_paths: Iterable[str], existing_task
     known_tasks = set(task_tables) if prune else set(task_tables) | set(existing_tasks)
     routines: list[RoutineSpec] = []
     for name, table in routine_tables.items():
-        where = f"[routines.{name}]"
         before = len(problems)
-        _check_name("routine", name, where, problems)
-        _check_keys(table, ROUTINE_KEYS, where, problems)
+        where = _check_entry("routine", name, table, ROUTINE_KEYS, problems)
         steps = table.get("tasks")
         if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
             problems.append(f"{where} tasks: {'missing' if steps is None else f'{steps!r} is not valid'}; write "
@@ -295,19 +291,19 @@ def _tables(doc: dict[str, Any], kind: str, problems: list[str]) -> dict[str, di
     return tables
 
 
-def _check_name(kind: str, name: str, where: str, problems: list[str]) -> None:
+def _check_entry(kind: str, name: str, table: dict[str, Any], known: tuple[str, ...], problems: list[str]) -> str:
+    """Check a ``[tasks.NAME]`` or ``[routines.NAME]`` table's name and keys; its label."""
     from flowd.catalog import check_name
 
+    where = f"[{kind}s.{name}]"
     try:
         check_name(kind, name)
     except InputError as exc:
         problems.append(f"{where}: {exc}")
-
-
-def _check_keys(table: dict[str, Any], known: tuple[str, ...], where: str, problems: list[str]) -> None:
     for key in table:
         if key not in known:
             problems.append(f"{where} {key}: unknown key; allowed keys are {', '.join(known)}")
+    return where
 
 
 def _whole(table: dict[str, Any], key: str, where: str, problems: list[str], *, default: int,

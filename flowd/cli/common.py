@@ -71,14 +71,20 @@ def duration_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def count_arg(text: str) -> int:
+def _whole(text: str, not_whole: str, minimum: int, too_small: str) -> int:
+    """``text`` as an int of at least ``minimum``, or argparse's error (``too_small`` may
+    name the ``{value}``)."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, not {value}")
+        raise argparse.ArgumentTypeError(not_whole) from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(too_small.format(value=value))
     return value
+
+
+def count_arg(text: str) -> int:
+    return _whole(text, f"must be a whole number, not {text!r}", 0, "must not be negative, not {value}")
 
 
 def positive_arg(text: str) -> int:
@@ -89,13 +95,8 @@ def positive_arg(text: str) -> int:
 
 
 def flow_id_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a flow id is a whole number (see 'flowctl flows'), not {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"a flow id is a positive number, not {value}")
-    return value
+    return _whole(text, f"a flow id is a whole number (see 'flowctl flows'), not {text!r}", 1,
+                  "a flow id is a positive number, not {value}")
 
 
 def state_arg(text: str) -> str:

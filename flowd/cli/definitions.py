@@ -9,6 +9,7 @@ from flowd.errors import TaskScriptError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 
@@ -74,16 +75,14 @@ def cmd_task_add(ctx: Context) -> int:
 
 def cmd_task_list(ctx: Context) -> int:
     from flowd import catalog
-    from flowd.cli.display import human_duration, table, task_dict
+    from flowd.cli.display import human_duration, task_dict
 
     ctx.open_database()
     tasks = [task_dict(t) for t in catalog.list_tasks()]
     rows = [(t["name"], t["script"], t["retries"], human_duration(t["timeout"]), ", ".join(t["routines"]))
             for t in tasks]
-    text = table(("NAME", "SCRIPT", "RETRIES", "TIMEOUT", "USED BY"), rows, flex=4) if tasks else \
-        "no tasks; add one with 'flowctl task add NAME SCRIPT' or 'flowctl apply FILE.toml'"
-    ctx.emit(tasks, text)
-    return EXIT_OK
+    return _listing(ctx, tasks, ("NAME", "SCRIPT", "RETRIES", "TIMEOUT", "USED BY"), rows,
+                    "no tasks; add one with 'flowctl task add NAME SCRIPT' or 'flowctl apply FILE.toml'")
 
 
 def cmd_task_show(ctx: Context) -> int:
@@ -93,25 +92,41 @@ def cmd_task_show(ctx: Context) -> int:
     ctx.open_database()
     t = task_dict(catalog.get_task(ctx.args.name))
     width = terminal_width() - 15
-    lines = [f"task {t['name']}",
-             f"  script       {t['script']}",
-             f"  options      {compact(t['options'], width)}",
-             f"  retries      {t['retries']} (delay {t['retry_delay']:g}s, doubling up to "
-             f"{t['retry_backoff_max']:g}s)",
-             f"  timeout      {human_duration(t['timeout']) if t['timeout'] else 'none'}",
-             f"  used by      {', '.join(t['routines']) or 'no routine'}",
-             f"  updated      {local_time(parse_iso(t['updated_at']))}"]
-    ctx.emit(t, "\n".join(lines))
+    ctx.emit(t, card(f"task {t['name']}", [
+        ("script", t["script"]),
+        ("options", compact(t["options"], width)),
+        ("retries", f"{t['retries']} (delay {t['retry_delay']:g}s, doubling up to {t['retry_backoff_max']:g}s)"),
+        ("timeout", human_duration(t["timeout"]) if t["timeout"] else "none"),
+        ("used by", ", ".join(t["routines"]) or "no routine"),
+        ("updated", local_time(parse_iso(t["updated_at"])))]))
+    return EXIT_OK
+
+
+def _listing(ctx: Context, data: list[dict[str, Any]], headers: tuple[str, ...], rows: list[tuple[Any, ...]],
+             empty: str) -> int:
+    """A ``list`` command's output: a table whose last column takes the spare width, or ``empty``."""
+    from flowd.cli.display import table
+
+    ctx.emit(data, table(headers, rows, flex=len(headers) - 1) if data else empty)
+    return EXIT_OK
+
+
+def card(title: str, fields: list[tuple[str, str]]) -> str:
+    """A ``show`` command's text: the title, then one indented ``label  value`` line each."""
+    return "\n".join([title, *(f"  {label:<12} {value}" for label, value in fields)])
+
+
+def _remove(ctx: Context, kind: str, remove: Callable[[str], None]) -> int:
+    ctx.open_database()
+    remove(ctx.args.name)
+    ctx.emit({"action": "removed", kind: ctx.args.name}, f"{kind} {ctx.args.name} removed")
     return EXIT_OK
 
 
 def cmd_task_remove(ctx: Context) -> int:
     from flowd import catalog
 
-    ctx.open_database()
-    catalog.remove_task(ctx.args.name)
-    ctx.emit({"action": "removed", "task": ctx.args.name}, f"task {ctx.args.name} removed")
-    return EXIT_OK
+    return _remove(ctx, "task", catalog.remove_task)
 
 
 def cmd_routine_add(ctx: Context) -> int:
@@ -136,16 +151,14 @@ def cmd_routine_add(ctx: Context) -> int:
 
 def cmd_routine_list(ctx: Context) -> int:
     from flowd import catalog
-    from flowd.cli.display import routine_dict, table
+    from flowd.cli.display import routine_dict
 
     ctx.open_database()
     routines = [routine_dict(r) for r in catalog.list_routines()]
     rows = [(r["name"], "yes" if r["enabled"] else "no", r["mode"], r["status"], r["schedule"],
              " -> ".join(r["tasks"])) for r in routines]
-    text = table(("NAME", "ENABLED", "MODE", "STATUS", "SCHEDULE", "TASKS"), rows, flex=5) if routines else \
-        "no routines; add one with 'flowctl routine add NAME TASK...' or 'flowctl apply FILE.toml'"
-    ctx.emit(routines, text)
-    return EXIT_OK
+    return _listing(ctx, routines, ("NAME", "ENABLED", "MODE", "STATUS", "SCHEDULE", "TASKS"), rows,
+                    "no routines; add one with 'flowctl routine add NAME TASK...' or 'flowctl apply FILE.toml'")
 
 
 def cmd_routine_show(ctx: Context) -> int:
@@ -157,26 +170,22 @@ def cmd_routine_show(ctx: Context) -> int:
     schedule = r["schedule"] or "none (started by MQTT or flowctl only)"
     if r["schedule"]:
         schedule += f" ({r['timezone'] or 'system time zone'})" + (f", jitter {r['jitter']:g}s" if r["jitter"] else "")
-    lines = [f"routine {r['name']} ({'enabled' if r['enabled'] else 'DISABLED'})",
-             f"  tasks        {' -> '.join(r['tasks'])}",
-             f"  schedule     {schedule}",
-             f"  mode         {r['mode']} (max {r['max']})",
-             f"  mqtt         {'may start it' if r['mqtt'] else 'may not start it'}",
-             f"  timeout      {human_duration(r['timeout']) if r['timeout'] else 'none'}",
-             f"  status       {STATUS_TEXT.get(r['status'], r['status'])}",
-             f"  last run     {local_time(parse_iso(r['last_scheduled_run']))} (schedule)",
-             f"  updated      {local_time(parse_iso(r['updated_at']))}"]
-    ctx.emit(r, "\n".join(lines))
+    ctx.emit(r, card(f"routine {r['name']} ({'enabled' if r['enabled'] else 'DISABLED'})", [
+        ("tasks", " -> ".join(r["tasks"])),
+        ("schedule", schedule),
+        ("mode", f"{r['mode']} (max {r['max']})"),
+        ("mqtt", "may start it" if r["mqtt"] else "may not start it"),
+        ("timeout", human_duration(r["timeout"]) if r["timeout"] else "none"),
+        ("status", STATUS_TEXT.get(r["status"], r["status"])),
+        ("last run", f"{local_time(parse_iso(r['last_scheduled_run']))} (schedule)"),
+        ("updated", local_time(parse_iso(r["updated_at"])))]))
     return EXIT_OK
 
 
 def cmd_routine_remove(ctx: Context) -> int:
     from flowd import catalog
 
-    ctx.open_database()
-    catalog.remove_routine(ctx.args.name)
-    ctx.emit({"action": "removed", "routine": ctx.args.name}, f"routine {ctx.args.name} removed")
-    return EXIT_OK
+    return _remove(ctx, "routine", catalog.remove_routine)
 
 
 def cmd_routine_enable(ctx: Context) -> int:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 from flowd import store
 from flowd.engine.core import CANCEL_SIGNAL as CANCEL_SIGNAL
@@ -43,6 +43,7 @@ from flowd.store.models import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Engine(EngineCore):
@@ -404,19 +405,15 @@ class Engine(EngineCore):
     def wait_step(self, step: ClaimedStep, pid: int, topic: str, match: dict[str, Any] | None,
                   timeout: float | None, now: dt.datetime | None = None) -> bool:
         """Park the flow WAITING for an MQTT message; frees the worker. False if not held."""
-        effects = Effects()
-        now = now or utcnow()
-        with write_transaction(sync=False):
-            flow, result = self._held(step, pid)
-            if flow is None or result is None:
-                return False
+        def park(flow: Row, result: Row, effects: Effects, now: dt.datetime) -> bool:
             store.update_result(result.id, worker_pid=None, output={
                 "args": step.args, "kwargs": step.kwargs, "wait": {"topic": topic, "match": match}})
             self._set_state(flow, WAITING, worker_pid=None, wait_topic=topic, wait_match=match, updated_at=now,
-                              wait_until=now + dt.timedelta(seconds=timeout) if timeout else None)
+                            wait_until=now + dt.timedelta(seconds=timeout) if timeout else None)
             self._publish_status(flow, effects, state_change=True)
-        self._apply(effects)
-        return True
+            return True
+
+        return self._while_held(step, pid, now, park) is not None
 
     def spawn_subflow(self, step: ClaimedStep, pid: int, routine: str, args: list[Any], kwargs: dict[str, Any],
                       now: dt.datetime | None = None) -> int | None:
@@ -424,12 +421,7 @@ class Engine(EngineCore):
 
         Raises InputError for an unknown routine or past the depth limit (the caller
         fails the step with it)."""
-        effects = Effects()
-        now = now or utcnow()
-        with write_transaction(sync=False):
-            flow, result = self._held(step, pid)
-            if flow is None or result is None:
-                return None
+        def start_child(flow: Row, result: Row, effects: Effects, now: dt.datetime) -> int:
             if flow.depth + 1 > MAX_SUBFLOW_DEPTH:
                 raise InputError(f"sub-flow depth limit reached: flow {flow.id} would start a flow "
                                  f"{flow.depth + 1} levels deep (the limit is {MAX_SUBFLOW_DEPTH}); does routine "
@@ -444,8 +436,23 @@ class Engine(EngineCore):
             self._publish_status(flow, effects, state_change=True, child_id=child.id)
             if child.is_ended:  # refused by its routine's mode
                 self._child_ended(child, effects, now)
+            return int(child.id)
+
+        return self._while_held(step, pid, now, start_child)
+
+    def _while_held(self, step: ClaimedStep, pid: int, now: dt.datetime | None,
+                    change: Callable[[Row, Row, Effects, dt.datetime], T]) -> T | None:
+        """``change`` the flow and attempt of a step this worker still holds, in one
+        transaction; its value, or None (and nothing done) when the step is no longer held."""
+        effects = Effects()
+        now = now or utcnow()
+        with write_transaction(sync=False):
+            flow, result = self._held(step, pid)
+            if flow is None or result is None:
+                return None
+            value = change(flow, result, effects, now)
         self._apply(effects)
-        return int(child.id)
+        return value
 
     def deliver_event(self, topic: str, payload: Any, now: dt.datetime | None = None) -> list[int]:
         """Resume every flow waiting on ``topic`` whose ``match`` the payload satisfies."""

@@ -28,7 +28,7 @@ from flowd.engine.lease import is_shared_database
 from flowd.errors import InputError
 from flowd.mqtt.payloads import has_surrogate, shown
 from flowd.mqtt.status import HOLD_S, SOCKET_NAME, STATUS_INFLIGHT, Status, StatusInbox
-from flowd.service.wakeup import WakeSocket, send_wakeup
+from flowd.service.wakeup import WakeSocket, drain, send_wakeup
 from flowd.store import integrity
 from flowd.store.models import dumps, get_meta, make_durable, set_meta, utcnow, write_transaction
 
@@ -43,6 +43,7 @@ DELETE_BATCH = 100        # delete acknowledged rows once this many are waiting.
 DELETE_AFTER_S = 0.5      # ...or once the oldest has waited this long
 CAP_CHECK_EVERY_S = 5.0
 IDLE_WAIT_S = 5.0         # longest idle sleep: new rows, (re)connects and stop wake it at once
+NOT_NOW, NEVER = 0, -1     # what _send returns instead of a mid: the client is busy or away; refused for good
 
 
 def add_message(topic: str, payload: Any, *, qos: int = 1, retain: bool = False,
@@ -256,11 +257,7 @@ class OutboxPublisher:
             self._sleeping = False
             self._poked = False  # the pass that follows sees what every poke so far announced
         if self._poke_r in readable:
-            try:
-                while self._poke_r.recv(64):
-                    pass
-            except OSError:
-                pass
+            drain(self._poke_r)
         if self._wake.sock in readable:
             self._wake.drain()  # select said so: no second select to ask again
 
@@ -343,24 +340,32 @@ class OutboxPublisher:
                 self._hand_status(status)  # beyond the statuses' window: they go with their result
         return True
 
+    def _send(self, topic: str, payload: str, qos: int, retain: bool, properties: Any, kind: str, ident: int) -> int:
+        """Hand one message to the client: its mid; NOT_NOW when the client cannot take it
+        now, NEVER when it never can (logged, naming it by ``kind`` and ``ident``)."""
+        try:
+            mid = self.sender.send(topic, payload.encode("utf-8"), qos, retain, properties)
+        except ValueError as exc:
+            log.error("outbox: %s %d to '%s' can never be sent (%s); dropping it", kind, ident, topic, exc)
+            return NEVER
+        return NOT_NOW if mid is None else int(mid)
+
+    def _given_back(self, mid: int) -> bool:
+        """(With the lock.) Whether paho gave ``mid`` back: the connection dropped under us."""
+        if mid in self._taken_back:
+            self._taken_back.discard(mid)
+            return True
+        return False
+
     def _hand_status(self, status: Status) -> bool:
         """Hand one status to the client; False when it cannot take it now."""
-        try:
-            mid = self.sender.send(status.topic, status.payload.encode("utf-8"), 1, False, None)
-        except ValueError as exc:
-            log.error("outbox: status of flow %d to '%s' can never be sent (%s); dropping it", status.flow_id,
-                      status.topic, exc)
-            return True
-        if mid is None:
-            return False
+        mid = self._send(status.topic, status.payload, 1, False, None, "status of flow", status.flow_id)
+        if mid in (NEVER, NOT_NOW):
+            return mid == NEVER
         with self._lock:
-            if mid in self._taken_back:  # the connection dropped under us: paho gave it back
-                self._taken_back.discard(mid)
-                restore = True
-            else:
-                restore = False
-                if self._early_acks.pop(mid, None) is None:
-                    self._status_inflight[mid] = status
+            restore = self._given_back(mid)
+            if not restore and self._early_acks.pop(mid, None) is None:
+                self._status_inflight[mid] = status
         if restore:
             self.statuses.restore([status])
             return False
@@ -368,19 +373,16 @@ class OutboxPublisher:
 
     def _hand_over(self, row_id: int, topic: str, payload: str, qos: int, retain: bool,
                    correlation: str | None) -> bool:
-        try:
-            mid = self.sender.send(topic, payload.encode("utf-8"), qos, retain, _correlation_bytes(correlation))
-        except ValueError as exc:
-            log.error("outbox: message %d to '%s' can never be sent (%s); dropping it", row_id, topic, exc)
+        mid = self._send(topic, payload, qos, retain, _correlation_bytes(correlation), "message", row_id)
+        if mid == NOT_NOW:
+            return False
+        if mid == NEVER:
             self._handed.add(row_id)
             with self._lock:
                 self._ack_row(row_id, True)
             return True
-        if mid is None:
-            return False
         with self._lock:
-            if mid in self._taken_back:  # the connection dropped under us: paho gave it back
-                self._taken_back.discard(mid)
+            if self._given_back(mid):
                 return False
             self._handed.add(row_id)
             if mid in self._early_acks:

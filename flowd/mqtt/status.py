@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from flowd.engine.flowmessages import flow_status_payload, quoted
+from flowd.service.wakeup import drain
 from flowd.store.models import ENDED_STATES, INIT, WAITING, dumps
 
 log = logging.getLogger(__name__)
@@ -269,11 +270,7 @@ class StatusInbox:
             if self._stop_r in readable:
                 return
             if self._refresh_r in readable:
-                try:
-                    while self._refresh_r.recv(64):
-                        pass
-                except OSError:
-                    pass
+                drain(self._refresh_r)
             try:
                 with self._receive_lock:
                     if self._listener in readable:

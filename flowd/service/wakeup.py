@@ -32,6 +32,19 @@ def send_wakeup(path: str | os.PathLike[str]) -> bool:
         return False
 
 
+def drain(sock: socket.socket) -> bool:
+    """Read everything waiting on the non-blocking ``sock`` (wake-ups: their bytes mean
+    nothing); True if there was something."""
+    woken = False
+    while True:
+        try:
+            if not sock.recv(64):
+                return woken  # a stream socket whose peer closed
+            woken = True
+        except OSError:  # BlockingIOError: nothing more; InterruptedError, or the socket is gone
+            return woken
+
+
 class WakeSocket:
     """The reading end: ``wait(timeout)`` returns early when a wake-up arrives.
 
@@ -72,15 +85,7 @@ class WakeSocket:
 
     def drain(self) -> bool:
         """Read every pending datagram without waiting; True if there was one."""
-        woken = False
-        while True:
-            try:
-                self.sock.recv(64)
-                woken = True
-            except (BlockingIOError, InterruptedError):
-                return woken
-            except OSError:
-                return woken
+        return drain(self.sock)
 
     def fileno(self) -> int:
         return self.sock.fileno()

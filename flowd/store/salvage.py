@@ -312,9 +312,12 @@ class _Reader:
             except BadPage as exc:
                 self.bad.setdefault(pgno, f"{label}: a cell: {exc}")
 
-    def walk_table(self, root: int, label: str) -> Iterator[tuple[int, list[Any]]]:
-        """Every readable row of the table whose b-tree starts at ``root``."""
-        stack = [(root, 0)]
+    def _pages(self, root: int, label: str, stack: list[tuple[int, int]]
+               ) -> Iterator[tuple[int, int, bytes, int, int, list[int]]]:
+        """(page number, depth, data, kind, header base, cell offsets) of every readable page
+        of the b-tree at ``root`` not used yet, depth first; the caller pushes the children
+        of an interior page onto ``stack``. An unreadable page is recorded in ``bad``."""
+        stack.append((root, 0))
         while stack:
             pgno, depth = stack.pop()
             if pgno in self.used or depth > MAX_DEPTH:
@@ -324,6 +327,12 @@ class _Reader:
             except BadPage as exc:
                 self.bad[pgno] = f"{label}: {exc}"
                 continue
+            yield pgno, depth, data, kind, base, offsets
+
+    def walk_table(self, root: int, label: str) -> Iterator[tuple[int, list[Any]]]:
+        """Every readable row of the table whose b-tree starts at ``root``."""
+        stack: list[tuple[int, int]] = []
+        for pgno, depth, data, kind, base, offsets in self._pages(root, label, stack):
             self.used.add(pgno)
             if kind == TABLE_LEAF:
                 yield from self.table_leaf(pgno, label)
@@ -336,16 +345,8 @@ class _Reader:
 
     def walk_index(self, root: int, label: str) -> Iterator[list[Any]]:
         """Every readable entry (values, rowid last) of the index starting at ``root``."""
-        stack = [(root, 0)]
-        while stack:
-            pgno, depth = stack.pop()
-            if pgno in self.used or depth > MAX_DEPTH:
-                continue
-            try:
-                data, kind, base, offsets = self._header(pgno)
-            except BadPage as exc:
-                self.bad[pgno] = f"{label}: {exc}"
-                continue
+        stack: list[tuple[int, int]] = []
+        for pgno, depth, data, kind, base, offsets in self._pages(root, label, stack):
             if kind not in (INDEX_LEAF, INDEX_INTERIOR):
                 self.bad[pgno] = f"{label}: a table page inside an index"
                 continue
