@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from flowd import store
@@ -312,3 +313,149 @@ def attempt_changes(after_id: int | None, watched: Iterable[int] = ()
     _reading()
     _, newest = console.newest_ids()
     return console.attempt_changes(after_id, watched), newest
+
+
+# --------------------------------------------------------------------------- daemons (flowctl status, run, nodes)
+HEARTBEAT_STALE_S = 90.0
+
+
+def now() -> dt.datetime:
+    """The time as flowd stores it (naive UTC)."""
+    return utcnow()
+
+
+def is_node_alive(node: Any, at: dt.datetime, local_node_id: str, lease_valid: bool | None = None) -> bool:
+    """A daemon is alive when it has not stopped, its heartbeat is recent and, on this
+    machine, its pid still exists. On a shared database its lease decides (renewed every
+    few seconds, judged by the database's clock), never a process id."""
+    if node.stopped_at is not None:
+        return False
+    if lease_valid is not None:
+        return lease_valid
+    if (at - node.heartbeat_at).total_seconds() > HEARTBEAT_STALE_S:
+        return False
+    return node.node_id != local_node_id or is_process_alive(node.pid)
+
+
+def is_process_alive(pid: int) -> bool:
+    """A process with this id runs on this machine (perhaps another user's; not a zombie)."""
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def any_daemon_alive(local_node_id: str) -> bool:
+    """True when some flowd writes fresh heartbeats into this database."""
+    at = utcnow()
+    return any(is_node_alive(node, at, local_node_id) for node in store.node_statuses())
+
+
+def status_report(config: Config, *, fresh: bool) -> dict[str, Any]:
+    """What ``flowctl status`` shows (the database open): every node with whether it
+    runs, flows by state, outbox size, queue depth (or why the queue cannot be read;
+    ``fresh``: no database yet, so no queue either)."""
+    from flowd.cli.display import iso, span
+    from flowd.errors import StoreUnavailable
+    from flowd.store.nodes import list_nodes
+
+    at = utcnow()
+    nodes: list[dict[str, Any]] = []
+    leases = {lease.node_id: lease for lease in list_nodes()}  # several nodes on one database (SPEC 10)
+    for node in store.node_statuses():
+        lease = leases.get(node.node_id)
+        alive = is_node_alive(node, at, config.flowd.node_id, lease.online if lease else None)
+        nodes.append({
+            "node_id": node.node_id, "running": alive, "pid": node.pid, "version": node.version,
+            "started_at": iso(node.started_at), "heartbeat_at": iso(node.heartbeat_at),
+            "stopped_at": iso(node.stopped_at), "broker_connected": bool(node.broker_connected) if alive else None,
+            "heartbeat_age": span(node.heartbeat_at, at),
+            "last_seen": iso(lease.renewed_at) if lease else None,
+            "running_steps": lease.running if lease else None,
+        })
+    depth, queue_error = None, None
+    try:
+        from flowd.queue import queue
+
+        if not fresh:
+            queue.configure_queue(config)
+        depth = queue.queue_depth() if not fresh else 0
+    except Exception as exc:
+        # status is how people diagnose: report the queue's trouble and show the rest.
+        queue_error = str(exc) if isinstance(exc, (StoreUnavailable, OSError)) else failure_reason(exc, "the queue")
+        if queue_error is None:
+            raise
+    return {"node_id": config.flowd.node_id, "nodes": nodes,
+            "daemon_running": any(n["running"] for n in nodes if n["node_id"] == config.flowd.node_id),
+            "queue_depth": depth, "queue_error": queue_error, "flows": counts_by_state(),
+            "outbox": store.count_messages()}
+
+
+# --------------------------------------------------------------------------- the database files
+def database_file(section: DatabaseSection) -> Path | None:
+    """The SQLite file of ``section``; None on PostgreSQL."""
+    from flowd.store.models import sqlite_path
+
+    return sqlite_path(section.url)
+
+
+def close_database() -> None:
+    """Close this process's connection (flowctl, before removing a file it made for nothing)."""
+    if database.obj is not None:
+        database.obj.close()
+
+
+def check_database(config: Config, *, full: bool = False) -> list[Any]:
+    """SQLite's quick_check (``full``: integrity_check) of the database and the queue file."""
+    from flowd.store import integrity
+
+    return integrity.check_files(config, full=full)
+
+
+def recover_database(config: Config, *, force: bool = False) -> Any:
+    """Salvage a damaged database into a new file, the damaged one kept beside it (flowd stopped)."""
+    from flowd.store import dbrecover
+
+    return dbrecover.recover_database(config, force=force)
+
+
+def failure_reason(exc: BaseException, database: str = "the database") -> str | None:
+    """A sentence, when ``exc`` says the database or the queue cannot be used (locked,
+    read-only, not a database, damaged, driver missing, Redis away); None for anything
+    else (a bug, which keeps its traceback)."""
+    import sys
+
+    from flowd.store import unusable_reason
+    from flowd.store.integrity import is_damage
+
+    if is_damage(exc):
+        return damage_hint(exc, f"{database} cannot be used: {exc}")
+    reason = unusable_reason(exc, database)
+    if reason is not None:
+        return reason
+    redis = sys.modules.get("redis.exceptions")
+    if redis is not None and isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        return f"the queue (Redis) cannot be reached: {exc}"
+    huey = sys.modules.get("huey.exceptions")
+    if huey is not None and isinstance(exc, huey.ConfigurationError):  # e.g. no redis module installed
+        return f"the queue cannot be used: {exc}"
+    return None
+
+
+def damage_hint(exc: BaseException, message: str) -> str:
+    """``message``, with what to do added when ``exc`` says a file is damaged."""
+    from flowd.errors import DatabaseDamaged
+    from flowd.store.integrity import is_damage
+
+    if isinstance(exc, DatabaseDamaged) or not is_damage(exc):
+        return message  # DatabaseDamaged's own sentence says it already
+    return f"{message}; the file is damaged: see 'flowctl db check', then, with flowd stopped, 'flowctl db recover'"

@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from flowd import loader
 from flowd.errors import InputError, NotFoundError, TaskScriptError
 from flowd.loader import check_reference
 from flowd.store.models import (
@@ -283,3 +284,9 @@ def task_options(names: list[str]) -> dict[str, Any]:
     for task in Task.select(Task.options).where(Task.name.in_(sorted(set(names)))):
         options.update(task.options or {})
     return options
+
+
+def list_scripts(task_paths: Iterable[str]) -> list[loader.ScriptInfo]:
+    """Every Task class in the task folders (read, not run), with each file that cannot
+    be read listed in its place with its error: what ``flowctl scripts`` shows."""
+    return loader.list_scripts(task_paths, broken=True)

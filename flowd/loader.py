@@ -33,6 +33,7 @@ class ScriptInfo:
     reference: str
     path: str
     doc: str
+    error: str | None = None  # a file that cannot be read (reference and doc empty)
 
 
 def parse_reference(reference: str) -> tuple[str, str]:
@@ -166,11 +167,13 @@ def _innermost_line(exc: BaseException, filename: str) -> int | None:
     return line
 
 
-def list_scripts(task_paths: Iterable[str], errors: list[str] | None = None) -> list[ScriptInfo]:
+def list_scripts(task_paths: Iterable[str], errors: list[str] | None = None, *,
+                 broken: bool = False) -> list[ScriptInfo]:
     """Every Task class in the task folders, found by reading (not running) the files.
 
-    A file that cannot be read or parsed raises TaskScriptError, or, when ``errors``
-    is a list, is skipped with its message appended there.
+    A file that cannot be read or parsed raises TaskScriptError; when ``errors`` is a
+    list it is skipped with its message appended there; with ``broken`` it is listed in
+    its place, with its ``error``.
     """
     task_paths = tuple(task_paths)
     found: list[ScriptInfo] = []
@@ -189,9 +192,12 @@ def list_scripts(task_paths: Iterable[str], errors: list[str] | None = None) -> 
                 check_inside(path, task_paths)
                 classes = _task_classes(path)
             except TaskScriptError as exc:
-                if errors is None:
+                if broken:
+                    found.append(ScriptInfo("", str(path), "", str(exc)))
+                elif errors is None:
                     raise
-                errors.append(str(exc))
+                else:
+                    errors.append(str(exc))
                 continue
             for class_name, doc in classes:
                 reference = f"{module}.{class_name}"

@@ -34,9 +34,7 @@ from flowd.cli.common import (
     EXIT_STORE,
     EXIT_USAGE,
     Context,
-    damage_hint,
     redact,
-    store_failure,
 )
 from flowd.cli.parser import parse_arguments
 from flowd.errors import ConfigError, InputError, StoreUnavailable, TaskScriptError
@@ -68,7 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoreUnavailable as exc:
         if ctx is not None:
             ctx.finish(succeeded=False)
-        return _fail(damage_hint(exc, str(exc)), EXIT_STORE, want_json)
+        from flowd import api
+
+        return _fail(api.damage_hint(exc, str(exc)), EXIT_STORE, want_json)
     except KeyboardInterrupt:
         print("flowctl: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -78,7 +78,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     except Exception as exc:
         where = redact(ctx.config.database.url) if ctx is not None and ctx._config is not None else "the database"
-        reason = store_failure(exc, where) if "peewee" in sys.modules else None
+        reason = None
+        if "peewee" in sys.modules:  # the database was touched: its failures have a sentence
+            from flowd import api
+
+            reason = api.failure_reason(exc, where)
         if reason is None:
             raise
         return _fail(reason, EXIT_STORE, want_json)

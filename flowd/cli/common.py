@@ -16,7 +16,6 @@ from flowd.errors import InputError
 # times that on a Pi: --help needs none of them, so they are imported where used.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import datetime as dt
     from collections.abc import Sequence
     from typing import Any
 
@@ -25,7 +24,6 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_FLOW_FAILED, EXIT_USAGE, EXIT_STORE = 0, 1, 2, 3
 EXIT_WAIT_TIMEOUT, EXIT_INTERRUPTED = 124, 130
-HEARTBEAT_STALE_S = 90.0
 STATES = ("INIT", "RUNNING", "WAITING", "DONE", "FAILED", "CANCELLED")
 
 
@@ -133,9 +131,8 @@ class Context:
         is simply nothing to list (``self.fresh``).
         """
         from flowd import api
-        from flowd.store.models import sqlite_path
 
-        path = sqlite_path(self.config.database.url)
+        path = api.database_file(self.config.database)
         if path is not None and not path.exists():
             if not create:
                 from flowd.config import DatabaseSection
@@ -154,10 +151,9 @@ class Context:
             print(f"flowctl: note: created the database {self.created} (flowd has not run with this "
                   "configuration yet)", file=sys.stderr)
             return
-        from flowd.store.models import database
+        from flowd import api
 
-        if database.obj is not None:
-            database.obj.close()
+        api.close_database()
         for suffix in ("", "-wal", "-shm"):
             try:
                 os.unlink(f"{self.created}{suffix}")
@@ -179,70 +175,9 @@ class Context:
             print(text)
 
 
-# --------------------------------------------------------------------------- daemons
-def any_daemon_alive(local_node_id: str) -> bool:
-    """True when some flowd writes fresh heartbeats into this database."""
-    from flowd import store
-    from flowd.store.models import utcnow
-
-    now = utcnow()
-    return any(is_node_alive(node, now, local_node_id) for node in store.node_statuses())
-
-
-def is_node_alive(node: Any, now: dt.datetime, local_node_id: str, lease_valid: bool | None = None) -> bool:
-    """A daemon is alive when it has not stopped, its heartbeat is recent and, on this
-    machine, its pid still exists. On a shared database its lease decides (renewed every
-    few seconds, judged by the database's clock), never a process id."""
-    if node.stopped_at is not None:
-        return False
-    if lease_valid is not None:
-        return lease_valid
-    if (now - node.heartbeat_at).total_seconds() > HEARTBEAT_STALE_S:
-        return False
-    if node.node_id == local_node_id:
-        try:
-            os.kill(node.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True  # exists, owned by another user
-    return True
-
-
 # --------------------------------------------------------------------------- failures
 def redact(url: str) -> str:
     """A database URL without its password (``postgresql://u:***@host/db``)."""
     from flowd.config import redact_url
 
     return redact_url(url)
-
-
-def store_failure(exc: BaseException, database: str = "the database") -> str | None:
-    """A sentence, when ``exc`` says the database or the queue cannot be used (locked,
-    read-only, not a database, driver missing, Redis away); None for anything else (a
-    bug, which keeps its traceback)."""
-    from flowd.store import unusable_reason
-    from flowd.store.integrity import is_damage
-
-    if is_damage(exc):
-        return damage_hint(exc, f"{database} cannot be used: {exc}")
-    reason = unusable_reason(exc, database)
-    if reason is not None:
-        return reason
-    redis = sys.modules.get("redis.exceptions")
-    if redis is not None and isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
-        return f"the queue (Redis) cannot be reached: {exc}"
-    huey = sys.modules.get("huey.exceptions")
-    if huey is not None and isinstance(exc, huey.ConfigurationError):  # e.g. no redis module installed
-        return f"the queue cannot be used: {exc}"
-    return None
-
-
-def damage_hint(exc: BaseException, message: str) -> str:
-    """``message``, with what to do added when ``exc`` says a file is damaged."""
-    from flowd.errors import DatabaseDamaged
-    from flowd.store.integrity import is_damage
-
-    if isinstance(exc, DatabaseDamaged) or not is_damage(exc):
-        return message  # DatabaseDamaged's own sentence says it already
-    return f"{message}; the file is damaged: see 'flowctl db check', then, with flowd stopped, 'flowctl db recover'"

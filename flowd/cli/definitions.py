@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 from flowd.cli.common import EXIT_OK, Context, UsageError, parse_pairs
-from flowd.errors import TaskScriptError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -16,32 +15,12 @@ if TYPE_CHECKING:
 
 def cmd_scripts(ctx: Context) -> int:
     """Every Task class in the task folders; a file that cannot be read is listed with its error."""
-    from pathlib import Path
-
-    from flowd import loader
+    from flowd import catalog
     from flowd.cli.display import table
 
-    data: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for folder in ctx.config.flowd.task_paths:
-        try:
-            names = sorted(n for n in os.listdir(folder) if n.startswith("task_") and n.endswith(".py"))
-        except OSError:
-            continue
-        for name in names:
-            path = os.path.join(folder, name)
-            try:
-                # list_scripts stops at the first broken file; one file at a time keeps the others listed.
-                loader.check_inside(Path(path), ctx.config.flowd.task_paths)
-                classes = loader._task_classes(Path(path))
-            except TaskScriptError as exc:
-                data.append({"script": None, "path": path, "doc": "", "error": str(exc)})
-                continue
-            for class_name, doc in classes:
-                reference = f"{name[len('task_'):-3]}.{class_name}"
-                if reference not in seen:
-                    seen.add(reference)
-                    data.append({"script": reference, "path": path, "doc": doc, "error": None})
+    data: list[dict[str, Any]] = [
+        {"script": s.reference or None, "path": s.path, "doc": s.doc, "error": s.error}
+        for s in catalog.list_scripts(ctx.config.flowd.task_paths)]
     if not data:
         text = f"no task scripts (task_*.py) in {', '.join(ctx.config.flowd.task_paths)}"
     else:

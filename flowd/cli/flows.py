@@ -10,62 +10,31 @@ from flowd.cli.common import (
     STATES,
     Context,
     UsageError,
-    is_node_alive,
     parse_pairs,
     parse_value,
     redact,
-    store_failure,
 )
-from flowd.errors import StoreUnavailable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
+    pass
 
 
 
 # --------------------------------------------------------------------------- commands
 def cmd_status(ctx: Context) -> int:
     """Daemon, broker, queue depth, flows by state, outbox size."""
-    from flowd import api, store
+    from flowd import api
     from flowd.cli import hints
-    from flowd.cli.display import human_duration, iso, local_time, parse_iso, span
-    from flowd.store.models import utcnow
-    from flowd.store.nodes import list_nodes
+    from flowd.cli.display import human_duration, local_time, parse_iso, span
 
     ctx.open_database()
-    now = utcnow()
-    nodes: list[dict[str, Any]] = []
-    leases = {lease.node_id: lease for lease in list_nodes()}  # several nodes on one database (SPEC 10)
-    for node in store.node_statuses():
-        lease = leases.get(node.node_id)
-        alive = is_node_alive(node, now, ctx.config.flowd.node_id, lease.online if lease else None)
-        nodes.append({
-            "node_id": node.node_id, "running": alive, "pid": node.pid, "version": node.version,
-            "started_at": iso(node.started_at), "heartbeat_at": iso(node.heartbeat_at),
-            "stopped_at": iso(node.stopped_at), "broker_connected": bool(node.broker_connected) if alive else None,
-            "heartbeat_age": span(node.heartbeat_at, now),
-            "last_seen": iso(lease.renewed_at) if lease else None,
-            "running_steps": lease.running if lease else None,
-        })
-    counts = api.counts_by_state()
-    outbox = store.count_messages()
-    depth, queue_error = None, None
-    try:
-        from flowd.queue import queue
-
-        if not ctx.fresh:  # no database: no queue either, and none is made here
-            queue.configure_queue(ctx.config)
-        depth = queue.queue_depth() if not ctx.fresh else 0
-    except Exception as exc:
-        # status is how people diagnose: report the queue's trouble and show the rest.
-        queue_error = str(exc) if isinstance(exc, (StoreUnavailable, OSError)) else store_failure(exc, "the queue")
-        if queue_error is None:
-            raise
-    data = {"node_id": ctx.config.flowd.node_id, "nodes": nodes,
-            "daemon_running": any(n["running"] for n in nodes if n["node_id"] == ctx.config.flowd.node_id),
-            "queue_depth": depth, "queue_error": queue_error, "flows": counts, "outbox": outbox,
-            "database": redact(ctx.config.database.url), "database_exists": not ctx.fresh, "config": ctx.config.path}
+    now = api.now()
+    report = api.status_report(ctx.config, fresh=ctx.fresh)
+    nodes, queue_error, depth = report["nodes"], report["queue_error"], report["queue_depth"]
+    counts, outbox = report["flows"], report["outbox"]
+    data = {**report, "database": redact(ctx.config.database.url), "database_exists": not ctx.fresh,
+            "config": ctx.config.path}
     lines = []
     if not nodes:
         lines.append(f"{'daemon':<9} not running (never started with this database)")
@@ -129,12 +98,11 @@ def wait_for_flow(ctx: Context, flow_id: int, timeout: float | None) -> int:
 def cmd_flows(ctx: Context) -> int:
     from flowd import api
     from flowd.cli.display import human_duration, iso, local_time, span, table
-    from flowd.store.models import utcnow
 
     a = ctx.args
     ctx.open_database()
     flows = api.list_flows(a.state, a.routine, a.limit)
-    now = utcnow()
+    now = api.now()
     data = [{"id": f.id, "routine": f.routine, "state": f.state, "position": f.position, "steps": len(f.steps or []),
              "trigger": f.trigger, "request_id": f.request_id, "created_at": iso(f.created_at),
              "started_at": iso(f.started_at), "finished_at": iso(f.finished_at), "error": f.error} for f in flows]
@@ -199,10 +167,10 @@ def cmd_prune(ctx: Context) -> int:
 
 def cmd_db_check(ctx: Context) -> int:
     """SQLite's quick_check (integrity_check with --full) of the database and the queue file."""
+    from flowd import api
     from flowd.cli.display import db_check_text
-    from flowd.store import integrity
 
-    results = integrity.check_files(ctx.config, full=ctx.args.full)
+    results = api.check_database(ctx.config, full=ctx.args.full)
     damaged = any(r.ok is False for r in results)
     ctx.emit({"ok": not damaged, "files": [r.as_dict() for r in results]}, db_check_text(results))
     return EXIT_STORE if damaged else EXIT_OK
@@ -210,10 +178,10 @@ def cmd_db_check(ctx: Context) -> int:
 
 def cmd_db_recover(ctx: Context) -> int:
     """Salvage a damaged database into a new file; the damaged one is kept beside it."""
+    from flowd import api
     from flowd.cli.display import recovery_text
-    from flowd.store import dbrecover
 
-    report = dbrecover.recover_database(ctx.config, force=ctx.args.force)
+    report = api.recover_database(ctx.config, force=ctx.args.force)
     ctx.emit(report.as_dict(), recovery_text(report))
     return EXIT_OK
 

@@ -155,11 +155,11 @@ def follow_flow(ctx: Context, flow_id: int, timeout: float | None) -> int:
     """Live progress of a flow until it ends: one line redrawn on a terminal, a line per
     change otherwise. Woken by the flow's messages on the broker (flowd.engine.waiting), not by
     reading the database in a loop. Ctrl-C or ``timeout`` stop the waiting, never the flow."""
-    from flowd.cli.common import any_daemon_alive
+    from flowd import api
+    from flowd.api import any_daemon_alive
     from flowd.cli.display import compact, flow_dict, human_duration, progress_line, shorten, span, terminal_width
     from flowd.engine.waiting import FlowWaiter, Progress, read_progress
     from flowd.errors import FlowWaitTimeout
-    from flowd.store.models import utcnow
 
     stream = sys.stderr if ctx.json else sys.stdout
     live = stream.isatty()
@@ -175,7 +175,7 @@ def follow_flow(ctx: Context, flow_id: int, timeout: float | None) -> int:
         line = progress_line(progress.flow, progress.task, progress.attempt, progress.attempt_state,
                              progress.retries)
         if live:
-            elapsed = human_duration(span(progress.flow.created_at, None, utcnow()))
+            elapsed = human_duration(span(progress.flow.created_at, None, api.now()))
             stream.write("\r" + shorten(f"{line}  {elapsed}", terminal_width() - 1) + "\x1b[K")
             stream.flush()
         elif line != last_line[0] and not quiet:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 
 from flowd import api, store
+from flowd.api import is_process_alive
 from flowd.config import Config
 from flowd.engine.engine import Engine
 from flowd.engine.lease import is_shared_database
@@ -33,20 +34,6 @@ KILL_GRACE_S = 2.0
 LOST_MESSAGE_AGE_S = 30.0
 ORPHAN_CHECK_EVERY_S = 30.0
 PRUNE_EVERY_S = 3600.0
-
-
-def is_process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 class Reaper:
