@@ -15,7 +15,7 @@ from typing import Any
 
 from conftest import ROOT, flowd_env, wait_for
 
-from flowd.service.service import LOCK_FILE, daemon_pid
+from flowd.service.statelock import LOCK_FILE, daemon_pid
 
 
 def flowd_reload(*args: str) -> subprocess.CompletedProcess[str]:

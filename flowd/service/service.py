@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import fcntl
 import importlib.util
 import logging
 import os
@@ -23,7 +22,6 @@ import signal
 import socket
 import sys
 import time
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -34,6 +32,7 @@ from flowd.service import libc
 from flowd.service.imports import import_for
 from flowd.service.logs import set_level, setup_logging
 from flowd.service.sdnotify import Notifier
+from flowd.service.statelock import daemon_pid, lock_state_dir, unlock_state_dir
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,6 @@ LOOP_INTERVAL_S = 1.0
 SCHEDULE_CHECK_EVERY_S = 2.0
 HEARTBEAT_EVERY_S = 30.0
 STOP_DRAIN_S = 5.0
-LOCK_FILE = "flowd.pid"
 # A damaged database file (SPEC 7): restarting cannot help, so flowd.service names this
 # code in RestartPreventExitStatus= and a person runs flowctl db check / db recover.
 EXIT_DATABASE_DAMAGED = 4
@@ -503,53 +501,6 @@ def node_counts(now: dt.datetime | None = None) -> dict[str, int]:
             "failed_last_hour": failed}
 
 
-def lock_state_dir(folder: Path, purpose: str | None = None) -> int:
-    """Take the state folder's lock (one daemon per folder; ``flowctl db recover`` takes it too).
-
-    A POSIX lock: forked children do not inherit it, and the kernel drops it when this
-    process dies. Raises FlowdError when someone holds it (StoreUnavailable naming the
-    daemon when ``purpose`` says what flowctl wanted to do).
-    """
-    try:
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise StoreUnavailable(f"cannot use the state folder {folder}: {exc.strerror}") from None
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        if purpose:
-            raise StoreUnavailable(f"flowd (pid {other}) is running with state_dir {folder}; stop it first "
-                                   f"(systemctl stop flowd), then {purpose}") from None
-        raise FlowdError(f"another flowd (pid {other}) is already running with state_dir {folder}") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
-def daemon_pid(folder: Path) -> int | None:
-    """The pid of the daemon holding ``folder``'s lock, or None when none runs there.
-
-    The pid written in the lock file is believed only while its lock is held: after a
-    kill -9 the file still names a pid that may now be another process.
-    """
-    try:
-        fd = os.open(folder / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            return int(text) if text.isdigit() else None
-        return None  # we got the lock: nobody holds it
-    finally:
-        os.close(fd)
-
-
 def request_reload(config: Config, pid: int | None = None) -> int:
     """``flowd reload`` (ExecReload=): SIGHUP to the daemon, sent by Python itself.
 
@@ -573,11 +524,3 @@ def request_reload(config: Config, pid: int | None = None) -> int:
         return 1
     print(f"flowd reload: {where} is valid; asked flowd (pid {pid}) to reload it")
     return 0
-
-
-def unlock_state_dir(fd: int) -> None:
-    """Release :func:`lock_state_dir`'s lock."""
-    try:
-        os.ftruncate(fd, 0)
-    finally:
-        os.close(fd)

@@ -83,7 +83,7 @@ def recover_database(config: Config, *, force: bool = False, now: dt.datetime | 
     Refuses while a daemon holds the state folder. Raises InputError for PostgreSQL,
     StoreUnavailable when the file is missing, busy or nothing at all could be read.
     """
-    from flowd.service.service import lock_state_dir, unlock_state_dir
+    from flowd.service.statelock import lock_state_dir, unlock_state_dir
 
     path = database_file(config)
     if path is None:
