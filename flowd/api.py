@@ -82,12 +82,9 @@ def reset() -> None:
 
 def check_flow_input(args: Any, kwargs: dict[str, Any]) -> None:
     """Raise InputError when a flow's input cannot be stored as JSON (a set, NaN, a lone surrogate)."""
-    from flowd.engine.runner import check_json
+    from flowd.jsontext import check_json
 
-    try:
-        check_json({"args": list(args), "kwargs": kwargs}, "the flow's input")
-    except Exception as exc:
-        raise InputError(str(exc).replace(" returned", " contains")) from None
+    check_json({"args": list(args), "kwargs": kwargs}, "the flow's input", verb="contains", error=InputError)
 
 
 def submit_flow(routine: str | Routine, *args: Any, request_id: str | None = None, reply_to: str | None = None,

@@ -63,12 +63,9 @@ def save_task(name: str, script: str, *, options: dict[str, Any] | None = None, 
     if options is not None and not isinstance(options, dict):
         raise InputError(f"task '{name}': options must be a table of key = value, not {options!r}")
     if options is not None:
-        from flowd.engine.runner import check_json
+        from flowd.jsontext import check_json
 
-        try:
-            check_json(options, f"task '{name}' options")
-        except Exception as exc:
-            raise InputError(str(exc).replace(" returned", " contain")) from None
+        check_json(options, f"task '{name}' options", verb="contain", error=InputError)
     fields: dict[str, Any] = {
         "script": script,
         "options": options,

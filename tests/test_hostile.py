@@ -18,8 +18,8 @@ from conftest import create_pg_database, drop_pg_database, wait_for
 
 from flowd import api, catalog, loader
 from flowd.config import redact_url
-from flowd.engine.runner import check_json
 from flowd.errors import InputError, StepError
+from flowd.jsontext import check_json
 from flowd.mqtt import outbox
 from flowd.mqtt.payloads import parse_submit
 from flowd.service.logs import escape, setup_logging

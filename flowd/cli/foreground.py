@@ -32,7 +32,6 @@ from flowd import store
 from flowd.engine.engine import MAX_SUBFLOW_DEPTH, payload_matches
 from flowd.engine.runner import (
     StepTimeout,
-    check_json,
     check_publish,
     check_wait,
     failure_text,
@@ -41,6 +40,7 @@ from flowd.engine.runner import (
     step_kwargs,
 )
 from flowd.errors import InputError, NotFoundError, StepError
+from flowd.jsontext import check_json
 from flowd.loader import ScriptLoader
 from flowd.store import RoutineInfo, TaskInfo, retry_delay
 from flowd.store.models import FlowState, isoformat, utcnow, write_transaction

@@ -24,8 +24,9 @@ from flowd.api import is_process_alive
 from flowd.config import Config
 from flowd.engine.engine import Engine
 from flowd.engine.lease import is_shared_database
+from flowd.engine.transitions import time_limit
 from flowd.queue import queue
-from flowd.store import Row, nodes
+from flowd.store import nodes
 from flowd.store.models import utcnow, write_transaction
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class Reaper:
         alive: dict[int, bool] = {}  # per worker, not per attempt: a few workers hold every running step
         for attempt in store.running_attempts(self.engine.node_id):
             pid = attempt.worker_pid or 0
-            limit = self._time_limit(attempt)
+            limit = time_limit(attempt.timeout, attempt.deadline, attempt.started_at)
             if pid not in alive:
                 alive[pid] = is_process_alive(pid)
             if not alive[pid]:
@@ -91,16 +92,6 @@ class Reaper:
                                                     f"timed out after {limit:g}s (the worker was stopped)", None,
                                                     now=now)
         return touched
-
-    @staticmethod
-    def _time_limit(attempt: Row) -> float | None:
-        """Seconds the attempt may run: its task's timeout, cut by its flow's deadline."""
-        limits = []
-        if attempt.timeout:
-            limits.append(float(attempt.timeout))
-        if attempt.deadline is not None:
-            limits.append(max((attempt.deadline - attempt.started_at).total_seconds(), 0.0))
-        return min(limits) if limits else None
 
     def take_over_expired(self, now: dt.datetime) -> int:
         """Take over the flows of every other node whose lease has expired; returns how many."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import math
 import os
 import signal
 import traceback
@@ -24,11 +23,13 @@ from typing import TYPE_CHECKING, Any
 from flowd.config import Config
 from flowd.engine.effects import Enqueue, EnqueueMany
 from flowd.engine.engine import CANCEL_SIGNAL, ClaimedStep, Engine
+from flowd.engine.transitions import time_limit
 from flowd.errors import FlowdError, StepError
+from flowd.jsontext import check_json
 from flowd.loader import ScriptLoader
 from flowd.mqtt import outbox
 from flowd.mqtt.payloads import has_surrogate
-from flowd.store.models import dumps, loads, utcnow, write_transaction
+from flowd.store.models import write_transaction
 from flowd.task import SubFlow, Task, Wait
 
 if TYPE_CHECKING:
@@ -161,12 +162,8 @@ def failure_text(exc: BaseException) -> str:
 
 
 def _effective_timeout(step: ClaimedStep, now: dt.datetime | None = None) -> float | None:
-    limits = []
-    if step.timeout:
-        limits.append(float(step.timeout))
-    if step.deadline is not None:
-        limits.append(max((step.deadline - (now or utcnow())).total_seconds(), 0.001))
-    return min(limits) if limits else None
+    """The step's time limit from now (at least 1 ms: an alarm of 0 would never ring)."""
+    return time_limit(step.timeout, step.deadline, now, floor=0.001)
 
 
 def _perform(rt: WorkerRuntime, step: ClaimedStep) -> Any:
@@ -273,68 +270,6 @@ def shaped_output(value: Any, args: list[Any], kwargs: dict[str, Any], label: st
         if not isinstance(key, str):
             raise StepError(f"{label} returned a kwargs key {key!r} that is not a string")
     return output, check_json(output, label)
-
-
-def check_json(value: Any, label: str) -> str:
-    """The value as stored (``models.dumps``); raise StepError naming the first value
-    that JSON cannot carry, by its path.
-
-    The common case costs one encode and one decode in C: a value that reads back equal
-    to itself is plain JSON. Only a value that does not (NaN, a lone surrogate, a key
-    that is not a string, a tuple, an object JSON cannot carry) is walked in Python,
-    to name the problem or to find there is none.
-    """
-    text: str | None = None
-    try:
-        text = dumps(value)
-        text.encode("utf-8")
-        if loads(text) == value:
-            return text
-    except (TypeError, ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
-        text = None
-    problem = _first_non_json(value, "")
-    if problem is not None:
-        path, bad = problem
-        if isinstance(bad, str):
-            raise StepError(f"{label} returned a string with a lone surrogate (\\ud800-\\udfff, not UTF-8) "
-                            f"at '{path.lstrip('.') or '(the value itself)'}': {_short(bad)}")
-        raise StepError(f"{label} returned a value that is not JSON-serialisable at '{path.lstrip('.')}': "
-                        f"{type(bad).__name__} {_short(bad)}")
-    if text is not None:
-        return text  # plain JSON that reads back otherwise: tuples, say, as arrays
-    try:
-        return dumps(value)
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise StepError(f"{label} returned a value that cannot be stored as JSON: {exc}") from None
-
-
-def _first_non_json(value: Any, path: str) -> tuple[str, Any] | None:
-    if isinstance(value, str):
-        return (path, value) if has_surrogate(value) else None
-    if value is None or isinstance(value, (bool, int)):
-        return None
-    if isinstance(value, float):
-        return None if math.isfinite(value) else (path, value)
-    if isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            found = _first_non_json(item, f"{path}[{index}]")
-            if found:
-                return found
-        return None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str) or has_surrogate(key):
-                return (f"{path}.{key!r}", key)
-            found = _first_non_json(item, f"{path}.{key}")
-            if found:
-                return found
-        return None
-    return (path, value)
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def check_wait(wait: Wait, label: str) -> None:

@@ -13,7 +13,7 @@ import datetime as dt
 
 from flowd.errors import FlowdError
 from flowd.store import Row
-from flowd.store.models import FlowState
+from flowd.store.models import FlowState, utcnow
 
 INIT, RUNNING, WAITING = FlowState.INIT, FlowState.RUNNING, FlowState.WAITING
 DONE, FAILED, CANCELLED = FlowState.DONE, FlowState.FAILED, FlowState.CANCELLED
@@ -60,3 +60,13 @@ def retry_wait(flow: Row, now: dt.datetime) -> float | None:
     if flow.next_attempt_at and flow.next_attempt_at > now:
         return float((flow.next_attempt_at - now).total_seconds())
     return None
+
+
+def time_limit(timeout: float | None, deadline: dt.datetime | None, since: dt.datetime | None = None, *,
+               floor: float = 0.0) -> float | None:
+    """Seconds an attempt started at ``since`` (default: now) may run: its task's
+    ``timeout``, cut by its flow's ``deadline`` (never below ``floor``); None: no limit."""
+    limits = [float(timeout)] if timeout else []
+    if deadline is not None:
+        limits.append(max((deadline - (since or utcnow())).total_seconds(), floor))
+    return min(limits) if limits else None

@@ -35,9 +35,10 @@ from flowd.mqtt import intake, outbox
 from flowd.mqtt.client import Client
 from flowd.mqtt.intake import Intake, Received
 from flowd.mqtt.payloads import SubmitRefused, SubmitRequest, is_reply_topic, parse_json_payload, parse_submit
+from flowd.mqtt.status import Status
 from flowd.mqtt.topics import is_valid_filter, topic_matches
 from flowd.store import nodes
-from flowd.store.models import isoformat, utcnow, write_transaction
+from flowd.store.models import WAITING, isoformat, utcnow, write_transaction
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class MqttBridge:
         self._wait_lock = threading.Lock()
         self._wait_filters: set[str] = set()
         self._bad_filters: set[str] = set()
-        self.publisher = outbox.OutboxPublisher(config, self, before_send=self.check_rows)
+        self.publisher = outbox.OutboxPublisher(config, self, before_send=self.check_statuses)
         self.intake = Intake(self, ack=self.ack)
         self._connection = 0  # counts connections: a packet id is only valid on its own
         self._since: str | None = None  # when the current connection began: the status's "since"
@@ -311,11 +312,10 @@ class MqttBridge:
         else:
             self.client.subscribe([(t, 1) for t in topics])
 
-    def check_rows(self, rows: list[tuple[Any, ...]]) -> None:
+    def check_statuses(self, statuses: list[Status]) -> None:
         """Before a flow's WAITING status goes out, subscribe what it waits for, so an
-        answer sent on seeing that status cannot arrive before the subscription.
-        ``rows`` are (id, topic, payload, ...): outbox rows, and statuses with id None."""
-        if any('"WAITING"' in row[2] for row in rows):
+        answer sent on seeing that status cannot arrive before the subscription."""
+        if any(status.state == WAITING for status in statuses):
             self.refresh_wait_topics()
 
     def refresh_wait_topics(self) -> None:

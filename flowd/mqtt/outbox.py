@@ -96,12 +96,12 @@ class OutboxPublisher:
     A row is identified by the set of ids handed over, not by a high-water mark:
     SQLite reuses the highest ids once they are deleted.
 
-    >>> publisher = OutboxPublisher(config, bridge, before_send=bridge.check_rows)
+    >>> publisher = OutboxPublisher(config, bridge, before_send=bridge.check_statuses)
     >>> publisher.start(); ...; publisher.drain(3.0); publisher.stop()
     """
 
     def __init__(self, config: Config, sender: Sender,
-                 before_send: Callable[[list[tuple[Any, ...]]], None] | None = None):
+                 before_send: Callable[[list[Status]], None] | None = None):
         self.config = config
         self.sender = sender
         self.before_send = before_send
@@ -275,8 +275,8 @@ class OutboxPublisher:
             # Durable before visible (SPEC 4.5): one fsync covers every row read and every
             # status taken (each was sent after its commit).
             make_durable()
-            if self.before_send is not None:
-                self.before_send([(None, s.topic, s.payload) for s in statuses] + rows)
+            if self.before_send is not None and statuses:
+                self.before_send(statuses)
             for index, status in enumerate(statuses):
                 if not self._hand_status(status):
                     self.statuses.restore(statuses[index:])

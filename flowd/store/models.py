@@ -8,15 +8,12 @@ calls ``migrations.init_database`` once and then uses these models.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
-from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
-from json.scanner import c_make_scanner  # type: ignore[attr-defined]
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +34,8 @@ from peewee import (
 
 from flowd.config import DatabaseSection, redact_url
 from flowd.errors import StoreUnavailable
+from flowd.jsontext import dumps as dumps
+from flowd.jsontext import loads as loads
 from flowd.store.durability import durability, writer_lock
 from flowd.store.durability import make_durable as make_durable  # the durability point, here for every caller
 from flowd.store.durability import make_step_durable as make_step_durable
@@ -97,46 +96,6 @@ def isoformat(value: dt.datetime | None) -> str | None:
     if value.tzinfo is not None:  # rare: every stored time is naive, and replace() is not cheap
         value = value.replace(tzinfo=None)
     return value.isoformat(timespec="milliseconds") + "Z"
-
-
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-# JSONEncoder.encode builds a C encoder at every call; this one is built once. Without
-# the circular-reference check (markers None: a shared dict would be shared by threads),
-# a value that contains itself fails as one nested too deep does, with RecursionError.
-_C_ENCODE = (c_make_encoder(None, _ENCODER.default, encode_basestring, None, ":", ",", False, False, False)
-             if c_make_encoder is not None else None)
-
-
-def dumps(value: Any) -> str:
-    """Compact JSON, the one encoding used in the database and on MQTT.
-
-    One encoder for the process: ``json.dumps`` with these options builds a new
-    JSONEncoder at every call, which cost more than encoding a step's output. An empty
-    list or object (a submit's usual args) is written out without the encoder."""
-    kind = type(value)
-    if (kind is list or kind is dict) and not value:
-        return "[]" if kind is list else "{}"
-    if _C_ENCODE is None:
-        return _ENCODER.encode(value)
-    return "".join(_C_ENCODE(value, 0))
-
-
-_C_SCAN = c_make_scanner(json.JSONDecoder()) if c_make_scanner is not None else None
-
-
-def loads(text: str) -> Any:
-    """``json.loads`` of a JSON text as flowd writes it (nothing around the value): the C
-    scanner at once, without the wrapper's checks and whitespace matches (half the cost
-    of a step's output). Anything else goes to ``json.loads``, with its errors."""
-    if _C_SCAN is not None:
-        try:
-            value, end = _C_SCAN(text, 0)
-        except StopIteration:
-            pass
-        else:
-            if end == len(text):
-                return value
-    return json.loads(text)
 
 
 class JSONField(TextField):
