@@ -11,6 +11,7 @@ import os
 import sys
 
 from flowd.errors import InputError
+from flowd.states import STATES
 
 # typing, json, datetime, shutil and sqlite3 cost ~20 ms together on a PC, several
 # times that on a Pi: --help needs none of them, so they are imported where used.
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_FLOW_FAILED, EXIT_USAGE, EXIT_STORE = 0, 1, 2, 3
 EXIT_WAIT_TIMEOUT, EXIT_INTERRUPTED = 124, 130
-STATES = ("INIT", "RUNNING", "WAITING", "DONE", "FAILED", "CANCELLED")
 
 
 class UsageError(InputError):

@@ -7,13 +7,13 @@ from __future__ import annotations
 from flowd.cli.common import (
     EXIT_OK,
     EXIT_STORE,
-    STATES,
     Context,
     UsageError,
     parse_pairs,
     parse_value,
     redact,
 )
+from flowd.states import STATES
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from flowd.cli.common import STATES, UsageError, count_arg, duration_arg, flow_id_arg, positive_arg, state_arg
+from flowd.cli.common import UsageError, count_arg, duration_arg, flow_id_arg, positive_arg, state_arg
 from flowd.cli.definitions import (
     cmd_apply,
     cmd_routine_add,
@@ -30,6 +30,7 @@ from flowd.cli.flows import (
     cmd_status,
     cmd_submit,
 )
+from flowd.states import MODES, PARALLEL, STATES, STATUS_MODES
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -193,10 +194,10 @@ def _add_routine_parsers(routine_cmds: Any, add: Any) -> None:
     p.add_argument("--timezone", metavar="TZ", help="IANA zone of the schedule (default: the system's)")
     p.add_argument("--jitter", type=duration_arg, metavar="S", help="spread scheduled runs by up to S seconds")
     p.add_argument("--no-mqtt", action="store_true", help="MQTT may not start this routine")
-    p.add_argument("--mode", choices=("parallel", "queued", "single", "restart"), default="parallel")
+    p.add_argument("--mode", choices=MODES, default=PARALLEL)
     p.add_argument("--max", type=positive_arg, default=10, metavar="N", help="concurrency limit of the mode")
     p.add_argument("--timeout", type=duration_arg, metavar="S", help="seconds the whole flow may take")
-    p.add_argument("--status", choices=("steps", "states", "off"), default="steps",
+    p.add_argument("--status", choices=STATUS_MODES, default=STATUS_MODES[0],
                    help="flow/<id>/status messages: each state change and finished step (steps, the default), "
                         "state changes only (states), or none (off)")
     add(routine_cmds, "list", cmd_routine_list, "list routines")

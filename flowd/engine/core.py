@@ -23,6 +23,7 @@ from flowd.engine.transitions import check_transition, is_held_by
 from flowd.errors import InputError, NotFoundError
 from flowd.mqtt import outbox
 from flowd.mqtt.status import Status, send_statuses, status_payload_text
+from flowd.states import PARALLEL, QUEUED, RESTART, SINGLE
 from flowd.store import Row
 from flowd.store.models import (
     CANCELLED,
@@ -136,7 +137,7 @@ class EngineCore:
                   "finished_at": None, "updated_at": now, "parent_id": None, "depth": 0, "wait_topic": None,
                   "wait_match": None, "wait_until": None, "node_id": None}
         values.update(fields)
-        admit_now = info.mode == "parallel" and self._parallel_slot_free(info, effects)
+        admit_now = info.mode == PARALLEL and self._parallel_slot_free(info, effects)
         if admit_now:  # admitted as it is stored: one statement, not two
             values.update(admitted=True, dispatch_token=1)
             effects.slots.admitted(info.name)
@@ -167,7 +168,7 @@ class EngineCore:
     # ------------------------------------------------------------------ admission (SPEC 1 modes)
     def _admit_new(self, flow: Row, info: store.RoutineInfo, effects: Effects, now: dt.datetime) -> None:
         mode, limit = info.mode, max(info.max, 1)
-        if mode == "parallel":  # a flow stored already (a retry): it is one of the pending ones itself
+        if mode == PARALLEL:  # a flow stored already (a retry): it is one of the pending ones itself
             if (effects.slots.count_active(info.name) < limit
                     and not [f for f in store.pending_flows(info.name, 2) if f.id != flow.id]):
                 self._admit(flow, effects, now)
@@ -176,15 +177,15 @@ class EngineCore:
                 effects.slots.left_pending(info.name)
             return
         active = [f for f in store.active_flows(info.name) if f.id != flow.id]
-        if mode == "single" and active:
+        if mode == SINGLE and active:
             self._end(flow, FlowState.CANCELLED, effects, now, error=(
                 f"routine '{info.name}' runs in mode single and flow {active[0].id} is still running"))
-        elif mode == "restart":
+        elif mode == RESTART:
             for old in active:
                 self._cancel_tree(old, effects, now, f"restarted: routine '{info.name}' runs in mode "
                                   f"restart and flow {flow.id} replaced it")
             self._admit(flow, effects, now)
-        elif mode == "queued":
+        elif mode == QUEUED:
             pending = [f for f in store.pending_flows(info.name) if f.id != flow.id]
             if not active and not pending:
                 self._admit(flow, effects, now)
@@ -215,7 +216,7 @@ class EngineCore:
             return
         self.definitions.refresh()
         info = self.definitions.routines.get(routine_name)
-        limit = 1 if info is None or info.mode in ("queued", "single") else max(info.max, 1)
+        limit = 1 if info is None or info.mode in (QUEUED, SINGLE) else max(info.max, 1)
         free = max(limit - effects.slots.count_active(routine_name), 0)
         if not free:
             return
@@ -232,9 +233,11 @@ class EngineCore:
 
     # ------------------------------------------------------------------ ending
     def _end(self, flow: Row, state: FlowState, effects: Effects, now: dt.datetime, *, result: Any = None,
-             error: str | None = None, result_json: str | None = None, writes: store.FlowWrites | None = None) -> None:
+             error: str | None = None, result_json: str | None = None, writes: store.FlowWrites | None = None,
+             tell_parent: bool = True) -> None:
         """``result_json``: the result's JSON text, when the caller has it (a worker's last step);
-        ``writes``: where its update and messages go, when this worker held the flow (not read again)."""
+        ``writes``: where its update and messages go, when this worker held the flow (not read again);
+        ``tell_parent``: false in a cascade, where the parent is ending too and must not resume."""
         was_admitted = flow.admitted and not flow.is_ended
         self._set_state(flow, state, result=result, error=error, finished_at=now, updated_at=now,
                         worker_pid=None, next_attempt_at=None, wait_topic=None, wait_match=None, wait_until=None,
@@ -258,7 +261,7 @@ class EngineCore:
             if writes is not None and effects.slots.has_pending(flow.routine):
                 writes.flush()  # admitting counts the active flows in the database
             self._admit_pending(flow.routine, effects, now)
-        if flow.parent_id:
+        if flow.parent_id and tell_parent:
             if writes is not None:
                 writes.flush()  # the parent's writes and messages come after the child's
             self._child_ended(flow, effects, now)
@@ -281,10 +284,7 @@ class EngineCore:
         running = store.running_result(flow.id, flow.position)
         if running is not None and running.worker_pid and running.node_id == self.node_id:
             effects.signal_pids.append(running.worker_pid)  # a pid means something on its own node only
-        # _end cancels the children too.
-        parent_id, flow.parent_id = flow.parent_id, None  # a cascade must not resume the parent
-        self._end(flow, FlowState.CANCELLED, effects, now, error=reason)
-        flow.parent_id = parent_id
+        self._end(flow, FlowState.CANCELLED, effects, now, error=reason, tell_parent=False)  # and its children
 
     @staticmethod
     def _get(flow_id: int) -> Row:
@@ -404,10 +404,10 @@ class EngineCore:
         if not holders:
             return
         holder = holders[0]
-        if info.mode in ("queued", "single"):
+        if info.mode in (QUEUED, SINGLE):
             why = (f"it runs in mode {info.mode} and flow {holder.id}, an ancestor, holds it: the child would "
                    "wait for it")
-        elif info.mode == "restart":
+        elif info.mode == RESTART:
             why = f"it runs in mode restart: starting it would cancel flow {holder.id}, an ancestor"
         elif store.count_active(info.name) >= max(info.max, 1):
             why = (f"all {info.max} parallel slots are taken, flow {holder.id} (an ancestor) among them: the child "

@@ -36,6 +36,17 @@ from flowd.config import DatabaseSection, redact_url
 from flowd.errors import StoreUnavailable
 from flowd.jsontext import dumps as dumps
 from flowd.jsontext import loads as loads
+from flowd.states import ACTIVE_STATES as ACTIVE_STATES
+from flowd.states import CANCELLED as CANCELLED
+from flowd.states import DONE as DONE
+from flowd.states import ENDED_STATES as ENDED_STATES
+from flowd.states import FAILED as FAILED
+from flowd.states import INIT as INIT
+from flowd.states import MODES as MODES
+from flowd.states import RUNNING as RUNNING
+from flowd.states import STATUS_MODES as STATUS_MODES
+from flowd.states import TRIGGERS as TRIGGERS
+from flowd.states import WAITING as WAITING
 from flowd.store.durability import durability, writer_lock
 from flowd.store.durability import make_durable as make_durable  # the durability point, here for every caller
 from flowd.store.durability import make_step_durable as make_step_durable
@@ -46,35 +57,23 @@ IDLE_IN_TRANSACTION_S = 5  # PostgreSQL ends a transaction left idle this long (
 
 
 class FlowState(StrEnum):
-    """States of a flow (SPEC 1)."""
+    """States of a flow (SPEC 1; their text: :mod:`flowd.states`)."""
 
-    INIT = "INIT"
-    RUNNING = "RUNNING"
-    WAITING = "WAITING"
-    DONE = "DONE"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
+    INIT = INIT
+    RUNNING = RUNNING
+    WAITING = WAITING
+    DONE = DONE
+    FAILED = FAILED
+    CANCELLED = CANCELLED
 
 
 class StepState(StrEnum):
     """States of one attempt of one step (a TaskResult)."""
 
-    RUNNING = "RUNNING"
-    DONE = "DONE"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-
-
-# The states as plain text, as stored: a member's ``.value`` is a Python property (~0.7 µs
-# here), and the per-step path names a dozen states per flow.
-INIT, RUNNING, WAITING, DONE, FAILED, CANCELLED = (state.value for state in FlowState)
-ENDED_STATES = (DONE, FAILED, CANCELLED)
-ACTIVE_STATES = (INIT, RUNNING, WAITING)
-MODES = ("parallel", "queued", "single", "restart")
-# Which flow/<id>/status messages a routine sends (SPEC 4.4): every state change and
-# every finished step, state changes only, or none (the result is still published).
-STATUS_MODES = ("steps", "states", "off")
-TRIGGERS = ("mqtt", "schedule", "cli", "api", "flow")
+    RUNNING = RUNNING
+    DONE = DONE
+    FAILED = FAILED
+    CANCELLED = CANCELLED
 
 
 _EPOCH = dt.datetime(1970, 1, 1)
