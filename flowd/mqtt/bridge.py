@@ -168,9 +168,15 @@ class MqttBridge:
         when they changed)."""
         if not self.is_connected():
             return
+        self._queue([(self.status_topic, self._status_payload("online"), None, True)])
+
+    def _queue(self, messages: list[tuple[str, Any, str | None, bool]]) -> None:
+        """Put (topic, payload (text or JSON value), correlation data, retain) messages in the outbox, in one
+        transaction, and wake the publisher (its own thread: it syncs before it sends)."""
         with write_transaction(sync=False):
-            outbox.add_message(self.status_topic, self._status_payload("online"), retain=True,
-                               node_id=self.config.flowd.node_id)
+            for topic, payload, correlation_hex, retain in messages:
+                outbox.add_message(topic, payload, correlation_data=correlation_hex, retain=retain,
+                                   node_id=self.config.flowd.node_id)
         self.publisher.poke()
 
     def start(self) -> None:
@@ -219,10 +225,7 @@ class MqttBridge:
 
     def publish_offline(self) -> None:
         """Queue the retained ``offline`` status (a clean disconnect sends no Last Will)."""
-        with write_transaction(sync=False):
-            outbox.add_message(self.status_topic, self._status_payload("offline"), retain=True,
-                               node_id=self.config.flowd.node_id)
-        self.publisher.poke()
+        self._queue([(self.status_topic, self._status_payload("offline"), None, True)])
 
     def stop(self, drain: float = 3.0) -> bool:
         """Send what the outbox holds for up to ``drain`` s, then disconnect; True if it all went."""
@@ -281,10 +284,7 @@ class MqttBridge:
                 self._wait_filters.clear()
             self.refresh_wait_topics()
             self._since = isoformat(utcnow())
-            with write_transaction(sync=False):
-                outbox.add_message(self.status_topic, self._status_payload("online"), retain=True,
-                                   node_id=self.config.flowd.node_id)
-            self.publisher.poke()
+            self._queue([(self.status_topic, self._status_payload("online"), None, True)])
             if self.on_connected is not None:
                 self.on_connected()
         except Exception:
@@ -489,11 +489,7 @@ class MqttBridge:
                             flow_status_payload(flow), correlation_hex))
         if answers:
             answers.sort(key=lambda answer: answer[0])
-            with write_transaction(sync=False):
-                for _, topic, payload, correlation_hex in answers:
-                    outbox.add_message(topic, payload, correlation_data=correlation_hex,
-                                       node_id=self.config.flowd.node_id)
-            self.publisher.poke()
+            self._queue([(topic, payload, correlation_hex, False) for _, topic, payload, correlation_hex in answers])
 
     def _refusal(self, topic: str, error: str, request_id: str | None, reply_to: str | None,
                  correlation_hex: str | None) -> list[tuple[str, dict[str, Any], str | None]]:
