@@ -10,8 +10,9 @@ circles among flowd modules: with module-level imports only (what Python runs at
 time; an import of ``flowd.a.b`` also runs ``flowd/a/__init__.py``, except from inside
 ``flowd.a``, whose ``__init__`` is then already running), and the circles that
 only the imports inside functions close ("hidden"). Imports under ``if TYPE_CHECKING:``
-are left out of both (they never run). Exit status 1 when a family has more than one
-home or a module-level circle exists, else 0.
+are left out of both (they never run). Then the modules over 600 lines. Exit status 1
+when a family has more than one home, a circle of either kind exists or a module is too
+long, else 0 (``tests/test_layout.py`` runs it).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ FAMILIES = {
     "huey": ("huey",),
     "systemd": ("systemd",),
 }
+MAX_LINES = 600
 DYNAMIC = {"import_module", "__import__", "find_spec", "defer_import", "import_for"}
 
 
@@ -185,6 +187,8 @@ def a_cycle(edges: dict[str, set[str]], comp: list[str]) -> list[str]:
 def main() -> int:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else ".").resolve()
     modules, known = scan(root)
+    lines = {module_name(root, path): len(path.read_text().splitlines())
+             for path in sorted((root / "flowd").rglob("*.py")) if "__pycache__" not in path.parts}
     bad = False
     print(f"flowd modules: {len(known)} in {root / 'flowd'}")
     print("\nLibrary homes ('top': module level, 'fn': inside a function, 'by name': importlib/defer_import):")
@@ -214,6 +218,10 @@ def main() -> int:
     print("Import circles hidden by imports inside functions:", "none" if not hidden else len(hidden))
     for comp in hidden:
         print(f"  {' -> '.join(a_cycle(full, comp))}   (component of {len(comp)}: {', '.join(comp)})")
+    bad |= bool(hidden)
+    long = {m: n for m, n in lines.items() if n > MAX_LINES}
+    print(f"Modules over {MAX_LINES} lines:", "none" if not long else ", ".join(f"{m} ({n})" for m, n in long.items()))
+    bad |= bool(long)
     fn_count = sum(1 for found in modules.values() for name, where, _ in found
                    if where == "fn" and name.split(".")[0] == "flowd")
     print(f"\nImports of flowd modules inside functions: {fn_count}")
