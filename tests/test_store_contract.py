@@ -310,7 +310,7 @@ def test_deferred_flow_writes_with_values_of_their_own_are_one_statement_per_col
         flows = store.flows_by_id(ids)
         writes = store.FlowWrites()
         for n, flow_id in enumerate(ids):  # the same columns, some with values of their own
-            store.update_flow(flows[flow_id], defer=writes, state="DONE", position=n % 2 + 1, updated_at=times[n],
+            store.update_flow(flows[flow_id], defer=writes, state="FAILED", position=n % 2 + 1, updated_at=times[n],
                               result={"n": n}, admitted=False, worker_pid=10 + n, error="e",
                               texts={"result": f'{{"n":{n}}}'} if n < 2 else None)
         assert Flow.get_by_id(ids[0]).state == "INIT"  # the database at the flush
@@ -325,7 +325,7 @@ def test_deferred_flow_writes_with_values_of_their_own_are_one_statement_per_col
     stored = {f.id: f for f in Flow.select().where(Flow.id.in_(ids))}
     assert [(stored[i].state, stored[i].position, stored[i].updated_at, stored[i].result, stored[i].admitted,
              stored[i].worker_pid, stored[i].error) for i in ids] == [
-        ("DONE", n % 2 + 1, times[n], {"n": n}, False, 10 + n, "e") for n in range(4)]
+        ("FAILED", n % 2 + 1, times[n], {"n": n}, False, 10 + n, "e") for n in range(4)]
 
 
 def test_rounds_of_any_size_write_only_their_own_rows_with_a_few_statement_texts(engine: Any) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from flowd import api, catalog, store
-from flowd.engine.transitions import TRANSITIONS, IllegalTransition, check_transition
+from flowd.states import TRANSITIONS, IllegalTransition, check_transition
 from flowd.store.models import FlowState, utcnow, write_transaction
 
 PID = os.getpid()  # the engine never signals its own process: a cancel here interrupts nothing
@@ -134,7 +134,7 @@ def test_a_move_outside_the_table_is_refused_and_writes_nothing(walk: Walk) -> N
     assert done is not None and done.state == "DONE"
     refused = f"flow {flow_id} cannot move from DONE to RUNNING"
     with pytest.raises(IllegalTransition, match=refused), write_transaction():
-        engine._set_state(done, FlowState.RUNNING, position=0)
+        store.update_flow(done, state="RUNNING", position=0)
     after = api.get_flow(flow_id)
     assert (after.state, after.position) == ("DONE", 0)
 
@@ -142,4 +142,4 @@ def test_a_move_outside_the_table_is_refused_and_writes_nothing(walk: Walk) -> N
     assert len(forbidden) == 36 - sum(len(news) for news in TRANSITIONS.values())
     for old, new in forbidden:
         with pytest.raises(IllegalTransition):
-            check_transition(store.Row({"id": 1, "state": str(old)}), str(new))
+            check_transition(1, str(old), str(new))

@@ -2,8 +2,8 @@
 start and next step, a failed attempt. :class:`flowd.engine.engine.Engine` builds its
 public operations (each one transaction) from these.
 
-Every change of a flow's state goes through :meth:`EngineCore._set_state`, which checks
-it against :data:`flowd.engine.transitions.TRANSITIONS`.
+Every change of a flow's state is written by ``store.update_flow``, which checks it
+against the table of transitions (:data:`flowd.states.TRANSITIONS`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from flowd.config import Config
 from flowd.engine.effects import ClaimedStep, Effects, Enqueue, EnqueueMany
 from flowd.engine.flowmessages import flow_result_text
 from flowd.engine.lease import is_shared_database
-from flowd.engine.transitions import check_transition, is_held_by
+from flowd.engine.transitions import is_held_by
 from flowd.errors import InputError, NotFoundError
 from flowd.mqtt import outbox
 from flowd.mqtt.status import Status, send_statuses, status_payload_text
@@ -226,11 +226,6 @@ class EngineCore:
             self._admit(flow, effects, now)
             effects.slots.admitted(routine_name)
 
-    def _set_state(self, flow: Row, state: str, *, defer: store.FlowWrites | None = None, **changes: Any) -> None:
-        """Move ``flow`` to ``state`` with ``changes``, if the table of transitions allows it."""
-        check_transition(flow, state)
-        store.update_flow(flow, state=str(state), defer=defer, **changes)
-
     # ------------------------------------------------------------------ ending
     def _end(self, flow: Row, state: FlowState, effects: Effects, now: dt.datetime, *, result: Any = None,
              error: str | None = None, result_json: str | None = None, writes: store.FlowWrites | None = None,
@@ -239,9 +234,9 @@ class EngineCore:
         ``writes``: where its update and messages go, when this worker held the flow (not read again);
         ``tell_parent``: false in a cascade, where the parent is ending too and must not resume."""
         was_admitted = flow.admitted and not flow.is_ended
-        self._set_state(flow, state, result=result, error=error, finished_at=now, updated_at=now,
-                        worker_pid=None, next_attempt_at=None, wait_topic=None, wait_match=None, wait_until=None,
-                        texts={"result": result_json} if result_json is not None else None, defer=writes)
+        store.update_flow(flow, state=state.value, result=result, error=error, finished_at=now, updated_at=now,
+                          worker_pid=None, next_attempt_at=None, wait_topic=None, wait_match=None, wait_until=None,
+                          texts={"result": result_json} if result_json is not None else None, defer=writes)
         if state != FlowState.DONE:
             store.end_running_results(flow.id, CANCELLED if state == FlowState.CANCELLED else FAILED, error, now)
         self._publish_status(flow, effects, state_change=True)
@@ -343,8 +338,8 @@ class EngineCore:
             self._end(flow, FlowState.FAILED, effects, now, error=self.definitions.timeout_text(flow.routine))
             return None
         resumed = flow.state != RUNNING  # a wait or a sub-flow ended
-        self._set_state(flow, RUNNING, position=flow.position + 1, step_attempt=0, interruptions=0,
-                        wait_topic=None, wait_match=None, wait_until=None,
+        store.update_flow(flow, state=RUNNING, position=flow.position + 1, step_attempt=0, interruptions=0,
+                          wait_topic=None, wait_match=None, wait_until=None,
                           updated_at=now, worker_pid=pid, defer=writes if pid is not None else None)
         self._publish_status(flow, effects, state_change=resumed)
         if pid is None:
@@ -367,7 +362,7 @@ class EngineCore:
                 self._end(flow, FlowState.FAILED, effects, now, error=(
                     f"{label} was interrupted {flow.interruptions} times (its worker keeps dying): {summary}"))
                 return
-            self._set_state(flow, RUNNING, interruptions=flow.interruptions + 1, **waits)
+            store.update_flow(flow, state=RUNNING, interruptions=flow.interruptions + 1, **waits)
             self._admit(flow, effects, now)
             return
         task = self.definitions.tasks.get(result.task)
@@ -377,7 +372,7 @@ class EngineCore:
         if attempts <= retries and not timed_out:
             resumed = flow.state != RUNNING  # a wait that timed out
             delay = store.retry_delay(task, attempts)
-            self._set_state(flow, RUNNING, step_attempt=attempts,
+            store.update_flow(flow, state=RUNNING, step_attempt=attempts,
                               next_attempt_at=now + dt.timedelta(seconds=delay), updated_at=now, **waits)
             log.info("flow %d %s attempt %d failed, retry in %.1fs: %s", flow.id, label, result.attempt, delay,
                      summary, extra={"FLOW_ID": flow.id, "ROUTINE": flow.routine, "TASK": result.task})

@@ -162,7 +162,7 @@ class Engine(EngineCore):
             info = self.definitions.routines.get(flow.routine)
             if info is None:
                 raise NotFoundError("routine", flow.routine, "the flow's routine was removed")
-            self._set_state(flow, INIT, error=None, result=None, finished_at=None,
+            store.update_flow(flow, state=INIT, error=None, result=None, finished_at=None,
                               deadline=None, admitted=False, step_attempt=0, interruptions=0, updated_at=now)
             self._publish_status(flow, effects, state_change=True)
             self._admit_new(flow, info, effects, now)
@@ -214,7 +214,7 @@ class Engine(EngineCore):
                 changes["started_at"] = flow.started_at or now
                 if info is not None and info.timeout and flow.deadline is None:
                     changes["deadline"] = now + dt.timedelta(seconds=info.timeout)
-                self._set_state(flow, RUNNING, defer=writes, **changes)
+                store.update_flow(flow, state=RUNNING, defer=writes, **changes)
                 self._publish_status(flow, effects, state_change=True)
             else:
                 store.update_flow(flow, defer=writes, **changes)
@@ -408,8 +408,8 @@ class Engine(EngineCore):
         def park(flow: Row, result: Row, effects: Effects, now: dt.datetime) -> bool:
             store.update_result(result.id, worker_pid=None, output={
                 "args": step.args, "kwargs": step.kwargs, "wait": {"topic": topic, "match": match}})
-            self._set_state(flow, WAITING, worker_pid=None, wait_topic=topic, wait_match=match, updated_at=now,
-                            wait_until=now + dt.timedelta(seconds=timeout) if timeout else None)
+            store.update_flow(flow, state=WAITING, worker_pid=None, wait_topic=topic, wait_match=match,
+                              updated_at=now, wait_until=now + dt.timedelta(seconds=timeout) if timeout else None)
             self._publish_status(flow, effects, state_change=True)
             return True
 
@@ -429,7 +429,7 @@ class Engine(EngineCore):
             info = self._routine_for_submit(routine, require_mqtt=False)
             self._refuse_waiting_on_itself(flow, info)
             store.update_result(result.id, worker_pid=None)
-            self._set_state(flow, WAITING, worker_pid=None, updated_at=now)
+            store.update_flow(flow, state=WAITING, worker_pid=None, updated_at=now)
             child = self._create_flow(info, list(args), dict(kwargs), effects, now, trigger="flow",
                                       parent_id=flow.id, depth=flow.depth + 1)
             store.update_result(result.id, output={"child": child.id})

@@ -1,44 +1,20 @@
-"""The states a flow may move between (SPEC 1), in one table, and the named checks on a flow.
-
-Every change of ``Flow.state`` the engine makes goes through :func:`check_transition`;
-a move the table does not list is a bug, refused before anything is written. A new
-flow starts in INIT (an insert, not a move). RUNNING -> RUNNING is the next step, a
-retry or an interrupted attempt queued again; WAITING -> DONE is a last step whose wait
-or sub-flow ended; FAILED or CANCELLED -> INIT is ``flowctl retry``.
-"""
+"""The engine's named checks on a flow: claimable, held by, the retry wait, the time
+limit; and the table of the moves its state may make (``flowd.states.TRANSITIONS``,
+re-exported: the store checks every state it writes against it)."""
 
 from __future__ import annotations
 
 import datetime as dt
 
-from flowd.errors import FlowdError
+from flowd.states import CANCELLED, DONE, FAILED, INIT, RUNNING
+from flowd.states import TRANSITIONS as TRANSITIONS
+from flowd.states import IllegalTransition as IllegalTransition
+from flowd.states import check_transition as check_transition
 from flowd.store import Row
-from flowd.store.models import FlowState, utcnow
+from flowd.store.models import utcnow
 
-INIT, RUNNING, WAITING = FlowState.INIT, FlowState.RUNNING, FlowState.WAITING
-DONE, FAILED, CANCELLED = FlowState.DONE, FlowState.FAILED, FlowState.CANCELLED
-
-TRANSITIONS: dict[FlowState, frozenset[FlowState]] = {
-    INIT: frozenset({RUNNING, FAILED, CANCELLED}),
-    RUNNING: frozenset({RUNNING, WAITING, DONE, FAILED, CANCELLED}),
-    WAITING: frozenset({RUNNING, DONE, FAILED, CANCELLED}),
-    DONE: frozenset(),
-    FAILED: frozenset({INIT}),
-    CANCELLED: frozenset({INIT}),
-}
 ENDED = frozenset({DONE, FAILED, CANCELLED})
 RUNNABLE = frozenset({INIT, RUNNING})  # what a queue message may start a step of
-
-
-class IllegalTransition(FlowdError):
-    """The engine tried a move the table does not allow (a bug, not a user's mistake)."""
-
-
-def check_transition(flow: Row, new: str) -> None:
-    """Refuse ``flow``'s move to ``new`` unless the table allows it."""
-    old = flow.state
-    if new not in TRANSITIONS[FlowState(old)]:
-        raise IllegalTransition(f"flow {flow.id} cannot move from {old} to {new}")
 
 
 def is_claimable(flow: Row | None, token: int) -> bool:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import peewee
 
 from flowd.errors import DuplicateRequest
+from flowd.states import check_transition
 from flowd.store.models import ACTIVE_STATES, DONE, INIT, RUNNING, WAITING, database
 from flowd.store.rows import (
     BOOL_COLUMNS,
@@ -176,6 +177,8 @@ def update_flow(flow: Row, *, texts: dict[str, str] | None = None, defer: FlowWr
     changes = changed
     if not changes:
         return
+    if "state" in changes:  # the one place a flow's state is written: checked against the table
+        check_transition(flow.id, flow.state, changes["state"])
     if defer is not None:
         defer.add(flow, changes, texts)
         known.update(changes)
