@@ -89,7 +89,7 @@ def cmd_submit(ctx: Context) -> int:
 
 
 def wait_for_flow(ctx: Context, flow_id: int, timeout: float | None) -> int:
-    """Follow a flow until it ends; the exit code is its outcome (see cli_run.follow_flow)."""
+    """Follow a flow until it ends; the exit code is its outcome (see ``flowd.cli.run.follow_flow``)."""
     from flowd.cli.run import follow_flow
 
     return follow_flow(ctx, flow_id, timeout)

@@ -44,7 +44,7 @@ class Received(NamedTuple):
 
 
 class Handler(Protocol):
-    """What the intake calls (``mqtt_bridge.MqttBridge``)."""
+    """What the intake calls (``flowd.mqtt.bridge.MqttBridge``)."""
 
     def is_submit(self, topic: str) -> bool: ...
 

@@ -66,7 +66,7 @@ def notify(state_dir: str | Path) -> None:
 
 
 class Sender(Protocol):
-    """The MQTT side the publisher hands rows to (``mqtt_bridge.MqttBridge``)."""
+    """The MQTT side the publisher hands rows to (``flowd.mqtt.bridge.MqttBridge``)."""
 
     def is_connected(self) -> bool: ...
 
