@@ -1,19 +1,15 @@
 """The engine's named checks on a flow: claimable, held by, the retry wait, the time
-limit; and the table of the moves its state may make (``flowd.states.TRANSITIONS``,
-re-exported: the store checks every state it writes against it)."""
+limit. The table of the moves its state may make is ``flowd.states.TRANSITIONS``; the
+store checks every state it writes against it."""
 
 from __future__ import annotations
 
 import datetime as dt
 
-from flowd.states import CANCELLED, DONE, FAILED, INIT, RUNNING
-from flowd.states import TRANSITIONS as TRANSITIONS
-from flowd.states import IllegalTransition as IllegalTransition
-from flowd.states import check_transition as check_transition
+from flowd.states import INIT, RUNNING
 from flowd.store import Row
 from flowd.store.models import utcnow
 
-ENDED = frozenset({DONE, FAILED, CANCELLED})
 RUNNABLE = frozenset({INIT, RUNNING})  # what a queue message may start a step of
 
 
