@@ -15,6 +15,7 @@ lookup; call :func:`configure` first to choose the file or pass a Config.
 from __future__ import annotations
 
 import datetime as dt
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -336,8 +337,6 @@ def is_node_alive(node: Any, at: dt.datetime, local_node_id: str, lease_valid: b
 
 def is_process_alive(pid: int) -> bool:
     """A process with this id runs on this machine (perhaps another user's; not a zombie)."""
-    import os
-
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
